@@ -1,0 +1,1 @@
+"""The compiled hot path (Cython). Everything here except protocol is sans-I/O."""

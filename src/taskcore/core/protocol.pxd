@@ -1,0 +1,45 @@
+# Framed, batched message protocol over an asyncio stream transport (see protocol.pyx).
+from taskcore.core.wire cimport FrameDecoder, Limits
+
+cdef class LoopFlusher:
+    cdef int depth      # nesting of I/O callbacks running on this loop
+    cdef list dirty     # comms whose outbox is flushed when depth returns to 0
+    cdef inline void enter(self)
+    cdef void leave(self)
+
+cdef class StreamProtocol:
+    cdef object loop
+    cdef LoopFlusher flusher          # this loop's "inside an I/O callback" record
+    cdef readonly object transport
+    cdef FrameDecoder decoder
+    cdef readonly Limits limits
+    cdef list outbox                  # messages sent since the last flush
+    cdef bint flush_scheduled         # invariant: True iff a flush is pending for outbox
+    cdef bint paused                  # transport above its high-water mark
+    cdef public bint closed
+    cdef object drain_waiter          # future resolved by resume_writing/close
+    cdef object flushed               # future resolved when the pending outbox is flushed
+    cdef object inbox                 # deque of received messages (no handler set)
+    cdef Py_ssize_t inbox_bytes       # wire bytes behind the messages in inbox (approx.)
+    cdef bint reading_paused          # socket reads paused until the inbox drains
+    cdef object read_waiter
+    cdef public object on_message     # fast path: handler(msg) called from buffer_updated
+    cdef public object on_close       # callback(comm) when the connection is lost
+    cdef public object exc            # why the comm closed
+    cdef public bint compression      # lz4 negotiated in the handshake
+    cdef Py_ssize_t high_water
+    cdef readonly object connected    # future: connection_made happened
+    cdef readonly object lost         # future: connection_lost happened
+    cdef public object local_address
+    cdef public object peer_address
+    cdef public object handshake_info # the peer's handshake message
+    cdef readonly long long bytes_read
+    cdef readonly long long bytes_written
+
+    cdef int _deliver(self, tuple item) except -1
+    cdef void _protocol_error(self, exc)
+    cdef void _wake_all(self)
+    cpdef send(self, msg)
+    cdef int _flush(self) except -1
+    cdef object _dumps_each(self, list batch)
+    cdef int _write_frames(self, list frames) except -1

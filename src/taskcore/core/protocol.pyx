@@ -1,0 +1,414 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The stream protocol: framed, batched messages over an asyncio stream transport.
+
+This is the one module of the compiled core that touches I/O. Like asyncpg's
+`CoreProtocol`, the Cython class owns the transport and all per-message work,
+and a thin Python class mixes in `asyncio.BufferedProtocol` (see
+`taskcore.transports.tcp`).
+
+Reading
+    uvloop calls `get_buffer`/`buffer_updated`; the `FrameDecoder` hands out
+    buffers (a shared scratch for small data, a final-size buffer for large
+    frames) and returns the messages each read completed. Every wire message is
+    one *batch*: a list of messages serialized together, so one `loads` call
+    serves every message the peer sent in one tick.
+
+Writing
+    `send(msg)` only appends to an outbox. The outbox is flushed as one wire
+    message (one `dumps`, one `writelines`):
+      * at the end of the I/O callback that is running, if any, on this loop
+        (a reply to a request goes out in the same loop iteration: no extra
+        ~10 µs wake-up per hop), or else
+      * via `loop.call_soon`, once per tick however many messages were sent.
+    That batches per event-loop tick rather than on a timer (ARCHITECTURE §9).
+
+Backpressure
+    The transport calls `pause_writing` when its buffer passes the high-water
+    mark; `await write(msg)` then waits for `resume_writing`, so a slow reader
+    never makes the sender buffer without bound.
+
+Errors
+    A `ProtocolError` from the decoder or the deserializer aborts this one
+    connection; `read()` then raises it, naming the fault.
+"""
+cimport cython
+from taskcore.core.wire cimport FrameDecoder, Limits, encode_header, frame_nbytes
+
+import collections
+import logging
+import socket
+import weakref
+
+from taskcore.core.serialize import dumps, loads, compress_frames, decompress_frames
+from taskcore.errors import CommClosedError, ProtocolError
+
+logger = logging.getLogger("taskcore.protocol")
+
+cdef object _deque = collections.deque
+cdef object _ProtocolError = ProtocolError
+cdef object _CommClosedError = CommClosedError
+
+# Messages smaller than this go out as one contiguous write (header + frames
+# joined); larger ones use writelines so big frames are never copied.
+cdef Py_ssize_t SMALL_WRITE = 64 * 1024
+
+
+@cython.final
+cdef class LoopFlusher:
+    """Per-event-loop record of comms with queued output inside I/O callbacks."""
+
+    def __cinit__(self):
+        self.depth = 0
+        self.dirty = []
+
+    cdef inline void enter(self):
+        self.depth += 1
+
+    cdef void leave(self):
+        cdef StreamProtocol p
+        cdef list dirty
+        self.depth -= 1
+        if self.depth == 0 and self.dirty:
+            dirty = self.dirty
+            self.dirty = []
+            for p in dirty:
+                p._flush()
+
+
+cdef object _flushers = weakref.WeakKeyDictionary()
+
+
+cdef LoopFlusher _flusher_for(object loop):
+    f = _flushers.get(loop)
+    if f is None:
+        f = LoopFlusher()
+        _flushers[loop] = f
+    return <LoopFlusher>f
+
+
+cdef class StreamProtocol:
+    """Framed message protocol core. Subclass together with asyncio.BufferedProtocol."""
+
+    def __init__(self, loop, Limits limits=None, bint compression=False,
+                 Py_ssize_t high_water=4 * 1024 * 1024):
+        self.loop = loop
+        self.flusher = _flusher_for(loop)
+        self.decoder = FrameDecoder(limits)
+        self.limits = self.decoder.limits
+        self.outbox = []
+        self.flush_scheduled = False
+        self.paused = False
+        self.closed = False
+        self.drain_waiter = None
+        self.flushed = None
+        self.inbox = _deque()
+        self.inbox_bytes = 0
+        self.reading_paused = False
+        self.read_waiter = None
+        self.on_message = None
+        self.on_close = None
+        self.exc = None
+        self.compression = compression
+        self.high_water = high_water
+        self.transport = None
+        self.connected = loop.create_future()
+        self.lost = loop.create_future()
+        self.local_address = None
+        self.peer_address = None
+        self.handshake_info = None
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # -- asyncio protocol callbacks -------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:  # pragma: no cover - some platforms/socket kinds refuse
+                pass
+        transport.set_write_buffer_limits(high=self.high_water)
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def get_buffer(self, Py_ssize_t sizehint):
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, Py_ssize_t nbytes):
+        cdef list done
+        cdef tuple item
+        cdef LoopFlusher fl = self.flusher
+        self.bytes_read += nbytes
+        fl.enter()
+        try:
+            try:
+                done = self.decoder.buffer_updated(nbytes)
+                for item in done:
+                    self._deliver(item)
+            except _ProtocolError as e:
+                self._protocol_error(e)
+            except Exception as e:
+                # A decode fault we did not anticipate is still the peer's fault
+                # as far as this connection goes: contain it here.
+                self._protocol_error(_ProtocolError(f"could not decode message: {e!r}"))
+        finally:
+            fl.leave()
+
+    def eof_received(self):
+        return False  # close the transport
+
+    def connection_lost(self, exc):
+        self.closed = True
+        if self.exc is None:
+            self.exc = _CommClosedError(
+                f"connection to {self.peer_address} closed" + (f": {exc}" if exc else ""))
+        self._wake_all()
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if not self.connected.done():
+            self.connected.set_exception(self.exc)
+        cb = self.on_close
+        if cb is not None:
+            self.on_close = None
+            cb(self)
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        w = self.drain_waiter
+        if w is not None:
+            self.drain_waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    # -- receiving ------------------------------------------------------------------
+
+    cdef int _deliver(self, tuple item) except -1:
+        frames, flags = item
+        if flags is not None:
+            frames = decompress_frames(frames, flags, self.limits.max_frame_size)
+        batch = loads(frames)
+        if type(batch) is not list:
+            raise _ProtocolError(f"a wire message must carry a list of messages, "
+                                 f"got {type(batch).__name__}")
+        handler = self.on_message
+        if handler is not None:
+            for msg in <list>batch:
+                if self.closed:
+                    break
+                handler(msg)
+        else:
+            self.inbox.extend(<list>batch)
+            # Receive-side flow control: if the application does not read, stop
+            # reading from the socket so TCP pushes back on the sender.
+            for f in frames:
+                self.inbox_bytes += frame_nbytes(f)
+            if (not self.reading_paused and self.transport is not None and
+                    (self.inbox_bytes > self.high_water or len(self.inbox) > 100_000)):
+                self.reading_paused = True
+                self.transport.pause_reading()
+            w = self.read_waiter
+            if w is not None:
+                self.read_waiter = None
+                if not w.done():
+                    w.set_result(None)
+        return 0
+
+    cdef void _protocol_error(self, exc):
+        logger.warning("closing connection from %s: %s", self.peer_address, exc)
+        self.exc = exc
+        self.closed = True
+        self._wake_all()
+        if self.transport is not None:
+            self.transport.abort()
+
+    cdef void _wake_all(self):
+        w = self.flushed
+        if w is not None:
+            self.flushed = None
+            if not w.done():
+                w.set_result(None)
+        w = self.read_waiter
+        if w is not None:
+            self.read_waiter = None
+            if not w.done():
+                w.set_result(None)
+        w = self.drain_waiter
+        if w is not None:
+            self.drain_waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    async def read(self):
+        """The next message. Raises CommClosedError/ProtocolError once closed and drained."""
+        while True:
+            if self.inbox:
+                msg = self.inbox.popleft()
+                if not self.inbox:
+                    self.inbox_bytes = 0
+                    if self.reading_paused:
+                        self.reading_paused = False
+                        if not self.closed:
+                            self.transport.resume_reading()
+                return msg
+            if self.closed:
+                raise self.exc
+            if self.on_message is not None:
+                raise RuntimeError("read() is not available while a message handler is set")
+            self.read_waiter = self.loop.create_future()
+            await self.read_waiter
+
+    def set_message_handler(self, handler):
+        """Deliver messages by calling `handler(msg)` from the I/O callback (fast path).
+
+        Messages already received are delivered immediately.
+        """
+        self.on_message = handler
+        if handler is not None:
+            while self.inbox and not self.closed:
+                handler(self.inbox.popleft())
+            self.inbox_bytes = 0
+            if self.reading_paused and not self.closed:
+                self.reading_paused = False
+                self.transport.resume_reading()
+
+    # -- sending --------------------------------------------------------------------
+
+    cpdef send(self, msg):
+        """Queue `msg`; it goes out, batched, at the end of this callback or tick."""
+        if self.closed:
+            raise self.exc if self.exc is not None else _CommClosedError("comm closed")
+        self.outbox.append(msg)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            if self.flusher.depth > 0:
+                self.flusher.dirty.append(self)
+            else:
+                self.loop.call_soon(self._flush_cb)
+
+    async def write(self, msg):
+        """Queue `msg`; return once it was handed to the transport and the transport is
+        below its high-water mark.
+
+        Writers in the same tick still share one flush (they all wait on the same
+        future), but a writer that never yields cannot pile up an unbounded outbox.
+        """
+        self.send(msg)
+        if self.flush_scheduled:
+            if self.flushed is None:
+                self.flushed = self.loop.create_future()
+            await self.flushed
+        if self.paused and not self.closed:
+            if self.drain_waiter is None:
+                self.drain_waiter = self.loop.create_future()
+            await self.drain_waiter
+        if self.closed and self.exc is not None and not isinstance(self.exc, _CommClosedError):
+            raise self.exc
+
+    def _flush_cb(self):
+        self._flush()
+
+    cdef int _flush(self) except -1:
+        cdef list batch
+        self.flush_scheduled = False
+        w = self.flushed
+        if w is not None:
+            self.flushed = None
+            if not w.done():
+                w.set_result(None)
+        if not self.outbox or self.transport is None:
+            return 0
+        if self.closed or self.transport.is_closing():
+            self.outbox = []
+            return 0
+        batch = self.outbox
+        self.outbox = []
+        try:
+            frames = dumps(batch)
+        except Exception:
+            frames = self._dumps_each(batch)
+            if frames is None:
+                return 0
+        self._write_frames(frames)
+        return 0
+
+    cdef object _dumps_each(self, list batch):
+        # One message in the batch could not be serialized: send the others,
+        # log the one that failed. The damage stays with that message.
+        cdef list good = []
+        for msg in batch:
+            try:
+                dumps([msg])
+                good.append(msg)
+            except Exception as e:
+                logger.error("dropping a message to %s that cannot be serialized: %r",
+                             self.peer_address, e)
+        if not good:
+            return None
+        return dumps(good)
+
+    cdef int _write_frames(self, list frames) except -1:
+        cdef Py_ssize_t total = 0, n
+        flags = None
+        if self.compression:
+            frames, flags = compress_frames(frames)
+        header = encode_header(frames, flags)
+        for f in frames:
+            total += frame_nbytes(f)
+        self.bytes_written += total + len(header)
+        if total < SMALL_WRITE:
+            if len(frames) == 1 and type(frames[0]) is bytes:
+                self.transport.write(header + <bytes>frames[0])
+            else:
+                self.transport.write(b"".join([header] + frames))
+        else:
+            self.transport.writelines([header] + frames)
+        return 0
+
+    # -- closing --------------------------------------------------------------------
+
+    async def close(self):
+        """Flush queued messages, close gracefully and wait until the connection is gone."""
+        if self.transport is None:
+            self.closed = True
+            return
+        if not self.closed:
+            self._flush()
+            self.closed = True
+            if self.exc is None:
+                self.exc = _CommClosedError(f"comm to {self.peer_address} was closed locally")
+            self._wake_all()
+            self.transport.close()
+        await self.lost
+
+    def abort(self):
+        """Close at once, discarding anything not yet written."""
+        self.outbox = []
+        if not self.closed:
+            self.closed = True
+            if self.exc is None:
+                self.exc = _CommClosedError(f"comm to {self.peer_address} was aborted locally")
+            self._wake_all()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def set_limits(self, Limits limits):
+        """Swap the input limits (strict during the handshake, configured after it)."""
+        self.limits = limits
+        self.decoder.limits = limits
+
+    @property
+    def is_closed(self):
+        return self.closed
+
+    @property
+    def pending_output(self):
+        """Bytes queued in the transport (not yet accepted by the kernel)."""
+        if self.transport is None:
+            return 0
+        return self.transport.get_write_buffer_size()

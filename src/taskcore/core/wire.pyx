@@ -1,0 +1,319 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Frame header encoding and an incremental, allocation-bounded frame decoder.
+
+Wire format (all integers little-endian)::
+
+    u64 nframes | nframes x u64 length | nframes x u8 compression flag | frames
+
+Theory of operation (decoder)
+-----------------------------
+The decoder is sans-I/O: a protocol asks it for a buffer (`get_buffer`),
+lets the OS fill it, then reports how many bytes arrived (`buffer_updated`),
+which returns the messages completed by those bytes.
+
+* Small data lands in one reusable scratch buffer, so a single read can carry
+  many small messages and they are parsed without another syscall. Small
+  frames are copied out of the scratch (cheap) because the scratch is reused.
+* A frame larger than `direct_threshold` gets its own bytearray, allocated
+  once at its final size; what is already buffered is copied in, and from
+  then on `get_buffer` hands out a view of that bytearray's unfilled tail, so
+  the kernel writes the payload straight into its final place: large frames
+  are never concatenated or copied again.
+* Every length is checked against `Limits` *before* anything is allocated, so
+  a hostile length field can never trigger an unbounded allocation. A
+  violation raises `ProtocolError` naming the fault; the caller closes that
+  one connection.
+"""
+cimport cython
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from libc.stdint cimport uint64_t, uint8_t
+from libc.string cimport memcpy, memmove
+
+from taskcore.errors import ProtocolError
+
+DEF_SCRATCH = 256 * 1024
+
+# Format constants exposed to Python (tests, docs).
+HEADER_PREFIX_SIZE = 8
+FLAG_NONE = 0
+FLAG_LZ4 = 1
+KNOWN_FLAGS = frozenset((FLAG_NONE, FLAG_LZ4))
+
+cdef enum DecoderState:
+    ST_PREFIX = 0    # waiting for the 8-byte frame count
+    ST_TABLE = 1     # waiting for the length and flag tables
+    ST_FRAMES = 2    # reading frames through the scratch buffer
+    ST_DIRECT = 3    # reading one large frame straight into its own buffer
+    ST_BROKEN = 4    # a ProtocolError was raised; no further input accepted
+
+
+@cython.final
+cdef class Limits:
+    """Bounds on untrusted input. All are checked before allocating."""
+
+    def __init__(self, Py_ssize_t max_frames=1_000_000,
+                 Py_ssize_t max_frame_size=4 * 1024 ** 3,
+                 Py_ssize_t max_message_size=8 * 1024 ** 3):
+        if max_frames < 1 or max_frame_size < 0 or max_message_size < 0:
+            raise ValueError("limits must be positive")
+        self.max_frames = max_frames
+        self.max_frame_size = max_frame_size
+        self.max_message_size = max_message_size
+
+    def __repr__(self):
+        return (f"Limits(max_frames={self.max_frames}, max_frame_size={self.max_frame_size}, "
+                f"max_message_size={self.max_message_size})")
+
+
+cdef inline uint64_t _read_u64(const char* p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)  # x86-64 and aarch64 are little-endian: no byte swap needed
+    return v
+
+
+cdef inline void _write_u64(char* p, uint64_t v) noexcept nogil:
+    memcpy(p, &v, 8)
+
+
+cpdef Py_ssize_t frame_nbytes(object frame) except -1:
+    """Length in bytes of a bytes-like frame (any contiguous buffer)."""
+    cdef Py_buffer view
+    if type(frame) is bytes:
+        return len(<bytes>frame)
+    PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+    try:
+        return view.len
+    finally:
+        PyBuffer_Release(&view)
+
+
+cpdef bytes encode_header(list frames, object flags=None):
+    """The header that precedes `frames` on the wire.
+
+    `flags` is None (no compression) or a sequence of per-frame flags.
+    """
+    cdef Py_ssize_t n = len(frames), i
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 8 + 9 * n)
+    cdef char* p = PyBytes_AS_STRING(out)
+    _write_u64(p, <uint64_t>n)
+    for i in range(n):
+        _write_u64(p + 8 + 8 * i, <uint64_t>frame_nbytes(frames[i]))
+    if flags is None:
+        for i in range(n):
+            p[8 + 8 * n + i] = 0
+    else:
+        if len(flags) != n:
+            raise ValueError("one compression flag per frame is required")
+        for i in range(n):
+            p[8 + 8 * n + i] = <char><uint8_t>flags[i]
+    return out
+
+
+cpdef list encode(list frames, object flags=None):
+    """Header plus frames, as a list suitable for `transport.writelines`."""
+    cdef list out = [encode_header(frames, flags)]
+    out.extend(frames)
+    return out
+
+
+@cython.final
+cdef class FrameDecoder:
+    """Incremental decoder; see the module docstring for the theory."""
+
+    def __init__(self, Limits limits=None, Py_ssize_t scratch_size=DEF_SCRATCH,
+                 Py_ssize_t direct_threshold=64 * 1024):
+        self.limits = limits if limits is not None else Limits()
+        if scratch_size < 64:
+            raise ValueError("scratch_size too small")
+        self.scratch = bytearray(scratch_size)
+        self.scratch_view = memoryview(self.scratch)
+        self.start = 0
+        self.end = 0
+        self.direct_threshold = min(direct_threshold, scratch_size // 2)
+        self.state = ST_PREFIX
+        self.nframes = 0
+        self.frame_index = 0
+        self.frames = None
+        self.flags = None
+        self.lengths = None
+        self.direct = None
+        self.direct_view = None
+        self.direct_filled = 0
+        self.direct_len = 0
+
+    # -- buffer protocol for asyncio.BufferedProtocol -------------------------------
+
+    cpdef object get_buffer(self, Py_ssize_t sizehint=-1):
+        """A writable view the next read should fill."""
+        if self.state == ST_DIRECT:
+            return self.direct_view[self.direct_filled:]
+        if self.state == ST_BROKEN:
+            raise ProtocolError("decoder is broken after an earlier protocol error")
+        cdef Py_ssize_t cap = len(self.scratch)
+        if self.end == cap:
+            # Scratch is full of an incomplete item: move it to the front.
+            self._compact()
+            if self.end == cap:
+                # Only a header table can be this large (frames go direct);
+                # it was already validated against max_frames, so growing is bounded.
+                self._grow(cap * 2)
+        return self.scratch_view[self.end:]
+
+    cpdef list buffer_updated(self, Py_ssize_t nbytes):
+        """Account for `nbytes` written into the last buffer; return completed messages.
+
+        Each completed message is a tuple `(frames, flags)`; `flags` is None when no
+        frame is compressed (the common case, kept allocation-free).
+        """
+        cdef list out = []
+        if self.state == ST_DIRECT:
+            self.direct_filled += nbytes
+            if self.direct_filled < self.direct_len:
+                return out
+            self.frames.append(self.direct)
+            self.direct = None
+            self.direct_view = None
+            self.direct_filled = 0
+            self.direct_len = 0
+            self.frame_index += 1
+            self.state = ST_FRAMES
+        else:
+            self.end += nbytes
+        self._parse(out)
+        return out
+
+    # -- convenience for tests and non-buffered transports --------------------------
+
+    def feed(self, data):
+        """Feed arbitrary bytes (any chunking); return completed messages."""
+        cdef list out = []
+        cdef Py_ssize_t pos = 0, n = len(data), k
+        mv = memoryview(data).cast("B")
+        while pos < n:
+            buf = self.get_buffer(-1)
+            k = min(len(buf), n - pos)
+            buf[:k] = mv[pos:pos + k]
+            pos += k
+            out.extend(self.buffer_updated(k))
+        return out
+
+    @property
+    def buffered(self):
+        """Bytes received but not yet part of a completed message."""
+        return (self.end - self.start) + self.direct_filled
+
+    # -- internals ------------------------------------------------------------------
+
+    cdef void _compact(self):
+        cdef char* base
+        cdef Py_ssize_t n = self.end - self.start
+        if self.start == 0:
+            return
+        base = self.scratch  # bytearray -> char*
+        if n:
+            memmove(base, base + self.start, n)
+        self.start = 0
+        self.end = n
+
+    cdef int _grow(self, Py_ssize_t new_size) except -1:
+        # Release the old memoryview before resizing the bytearray.
+        self.scratch_view.release()
+        self.scratch.extend(bytes(new_size - len(self.scratch)))
+        self.scratch_view = memoryview(self.scratch)
+        return 0
+
+    cdef int _fail(self, str why) except -1:
+        self.state = ST_BROKEN
+        raise ProtocolError(why)
+
+    cdef int _parse(self, list out) except -1:
+        cdef char* base
+        cdef Py_ssize_t avail, i, need, L
+        cdef uint64_t n64, len64, total
+        cdef uint8_t flag
+        cdef bint any_flag
+        cdef Limits lim = self.limits
+        while True:
+            base = self.scratch
+            avail = self.end - self.start
+            if self.state == ST_PREFIX:
+                if avail < 8:
+                    break
+                n64 = _read_u64(base + self.start)
+                if n64 == 0:
+                    self._fail("message header declares 0 frames")
+                if n64 > <uint64_t>lim.max_frames:
+                    self._fail(f"message header declares {n64} frames, above the limit of "
+                               f"{lim.max_frames} (max_frames)")
+                self.nframes = <Py_ssize_t>n64
+                self.state = ST_TABLE
+                continue
+            elif self.state == ST_TABLE:
+                need = 8 + 9 * self.nframes
+                if avail < need:
+                    break
+                self.lengths = []
+                self.flags = None
+                total = 0
+                any_flag = False
+                for i in range(self.nframes):
+                    len64 = _read_u64(base + self.start + 8 + 8 * i)
+                    if len64 > <uint64_t>lim.max_frame_size:
+                        self._fail(f"frame {i} declares {len64} bytes, above the limit of "
+                                   f"{lim.max_frame_size} (max_frame_size)")
+                    total += len64
+                    if total > <uint64_t>lim.max_message_size:
+                        self._fail(f"message declares more than {lim.max_message_size} bytes "
+                                   f"(max_message_size)")
+                    self.lengths.append(<Py_ssize_t>len64)
+                for i in range(self.nframes):
+                    flag = <uint8_t>base[self.start + 8 + 8 * self.nframes + i]
+                    if flag != 0:
+                        any_flag = True
+                        if flag != FLAG_LZ4:
+                            self._fail(f"unknown compression flag {flag} on frame {i}")
+                if any_flag:
+                    self.flags = [<uint8_t>base[self.start + 8 + 8 * self.nframes + i]
+                                  for i in range(self.nframes)]
+                self.start += need
+                self.frames = []
+                self.frame_index = 0
+                self.state = ST_FRAMES
+                continue
+            elif self.state == ST_FRAMES:
+                if self.frame_index == self.nframes:
+                    out.append((self.frames, self.flags))
+                    self.frames = None
+                    self.flags = None
+                    self.lengths = None
+                    self.state = ST_PREFIX
+                    continue
+                L = <Py_ssize_t>self.lengths[self.frame_index]
+                if avail >= L:
+                    self.frames.append(PyBytes_FromStringAndSize(base + self.start, L))
+                    self.start += L
+                    self.frame_index += 1
+                    continue
+                if L >= self.direct_threshold:
+                    # Large frame: allocate once at final size, then read straight into it.
+                    self.direct = bytearray(L)
+                    if avail:
+                        memcpy(<char*>self.direct, base + self.start, avail)
+                    self.direct_view = memoryview(self.direct)
+                    self.direct_filled = avail
+                    self.direct_len = L
+                    self.start = 0
+                    self.end = 0
+                    self.state = ST_DIRECT
+                    break
+                # Small frame not complete yet: make room at the end of the scratch.
+                if self.start + L > len(self.scratch):
+                    self._compact()
+                break
+            else:
+                break
+        if self.start == self.end:
+            self.start = 0
+            self.end = 0
+        return 0

@@ -1,0 +1,51 @@
+"""Task payloads as the worker sees them.
+
+A run spec is opaque to the scheduler (it never unpickles user code). The
+client builds it, the worker executes it:
+
+    ["call", func, args, kwargs]
+        func is a Serialized function (shared by every task of a map, so it is
+        pickled once), args is a list of msgpack-native values or a Serialized
+        (args, kwargs) tuple in which dependencies appear as TaskRef(key).
+    ["dask", node]
+        node is a Serialized dask task-spec node (`dask._task_spec`); it is
+        called with a {key: value} mapping of its dependencies.
+"""
+from __future__ import annotations
+
+
+class TaskRef:
+    """Placeholder for the value of another key inside a task's arguments."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def __reduce__(self):
+        return (TaskRef, (self.key,))
+
+    def __repr__(self):
+        return f"TaskRef({self.key!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, TaskRef) and other.key == self.key
+
+    def __hash__(self):
+        return hash(("TaskRef", self.key))
+
+
+def substitute(obj, data):
+    """Replace every TaskRef in obj (nested lists, tuples, dicts, sets) by data[key]."""
+    t = type(obj)
+    if t is TaskRef:
+        return data[obj.key]
+    if t is list:
+        return [substitute(x, data) for x in obj]
+    if t is tuple:
+        return tuple(substitute(x, data) for x in obj)
+    if t is dict:
+        return {k: substitute(v, data) for k, v in obj.items()}
+    if t in (set, frozenset):
+        return t(substitute(x, data) for x in obj)
+    return obj
