@@ -89,12 +89,19 @@ cdef LoopFlusher _flusher_for(object loop):
 cdef class StreamProtocol:
     """Framed message protocol core. Subclass together with asyncio.BufferedProtocol."""
 
-    def __init__(self, loop, Limits limits=None, bint compression=False,
-                 Py_ssize_t high_water=4 * 1024 * 1024):
+    def __init__(self, loop, Limits limits=None, Limits handshake_limits=None,
+                 bint compression=False, Py_ssize_t high_water=4 * 1024 * 1024):
+        """`handshake_limits`, if given, bound the first message only (the handshake,
+        read before the peer is authenticated); `limits` bound everything after it."""
         self.loop = loop
         self.flusher = _flusher_for(loop)
-        self.decoder = FrameDecoder(limits)
-        self.limits = self.decoder.limits
+        if limits is None:
+            limits = Limits()
+        if handshake_limits is not None:
+            self.decoder = FrameDecoder(handshake_limits, next_limits=limits)
+        else:
+            self.decoder = FrameDecoder(limits)
+        self.limits = limits
         self.outbox = []
         self.flush_scheduled = False
         self.paused = False
@@ -396,11 +403,6 @@ cdef class StreamProtocol:
             self._wake_all()
         if self.transport is not None:
             self.transport.abort()
-
-    def set_limits(self, Limits limits):
-        """Swap the input limits (strict during the handshake, configured after it)."""
-        self.limits = limits
-        self.decoder.limits = limits
 
     @property
     def is_closed(self):

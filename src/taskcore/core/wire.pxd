@@ -11,7 +11,8 @@ cpdef bytes encode_header(list frames, object flags=*)
 cpdef list encode(list frames, object flags=*)
 
 cdef class FrameDecoder:
-    cdef public Limits limits          # swapped after the handshake (strict before it)
+    cdef public Limits limits          # limits for the message being decoded
+    cdef public Limits next_limits     # if set: replaces limits after the first message
     # Scratch buffer: bytes [start, end) are received but not yet consumed.
     # Invariant: 0 <= start <= end <= len(scratch).
     cdef bytearray scratch

@@ -16,9 +16,9 @@ Right after connecting, each side sends one message
 "pickle_protocol": 5, "token": ...}``. The listening side checks the protocol
 version and the auth token and answers with its own handshake, or with
 ``{"op": "handshake-refused", "reason": ...}`` before closing; the connecting
-side raises `HandshakeError` with that reason. Until the handshake succeeds a
-comm accepts only small messages (`HANDSHAKE_LIMITS`), so an unauthenticated
-peer cannot make us allocate large buffers.
+side raises `HandshakeError` with that reason. A comm's first message (the
+handshake) is read under small limits (`HANDSHAKE_LIMITS`); the decoder switches
+to the configured limits exactly at the end of that message.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def _negotiate(comm, ours, theirs):
     comm.compression = bool("lz4" in offer and not same_host)
 
 
-async def client_handshake(comm, role, token=None, compression=True, limits=None, timeout=10):
+async def client_handshake(comm, role, token=None, compression=True, timeout=10):
     ours = _local_handshake(role, token, compression)
     try:
         await comm.write(ours)
@@ -142,11 +142,10 @@ async def client_handshake(comm, role, token=None, compression=True, limits=None
         comm.abort()
         raise HandshakeError(f"handshake with {comm.peer_address} failed: {reason}")
     _negotiate(comm, ours, theirs)
-    comm.set_limits(limits or DEFAULT_LIMITS)
     return theirs
 
 
-async def server_handshake(comm, role, token=None, compression=True, limits=None, timeout=10):
+async def server_handshake(comm, role, token=None, compression=True, timeout=10):
     """Returns the peer's handshake, or None after refusing (the comm is then closed)."""
     try:
         theirs = await asyncio.wait_for(comm.read(), timeout)
@@ -166,7 +165,6 @@ async def server_handshake(comm, role, token=None, compression=True, limits=None
     ours = _local_handshake(role, None, compression)
     _negotiate(comm, ours, theirs)
     await comm.write(ours)
-    comm.set_limits(limits or DEFAULT_LIMITS)
     return theirs
 
 
@@ -183,7 +181,7 @@ async def connect(address, timeout=10.0, *, role="client", token=None, compressi
         remaining = deadline - time.monotonic()
         try:
             comm = await asyncio.wait_for(
-                backend.connect(loc, limits=None if handshake else (limits or DEFAULT_LIMITS),
+                backend.connect(loc, limits=limits or DEFAULT_LIMITS, handshake=handshake,
                                 **options),
                 max(remaining, 0.001))
             break
@@ -198,7 +196,7 @@ async def connect(address, timeout=10.0, *, role="client", token=None, compressi
             await asyncio.sleep(min(remaining, delay * random.uniform(0.5, 1.5)))
             delay = min(delay * 2, 1.0)
     if handshake:
-        await client_handshake(comm, role, token=token, compression=compression, limits=limits,
+        await client_handshake(comm, role, token=token, compression=compression,
                                timeout=max(deadline - time.monotonic(), 1.0))
     return comm
 
@@ -212,7 +210,7 @@ async def listen(address, handler, *, role="server", token=None, compression=Tru
     async def on_comm(comm):
         if handshake:
             peer = await server_handshake(comm, role, token=token, compression=compression,
-                                          limits=limits, timeout=handshake_timeout)
+                                          timeout=handshake_timeout)
             if peer is None:
                 return
         try:
@@ -224,5 +222,5 @@ async def listen(address, handler, *, role="server", token=None, compression=Tru
             comm.abort()
 
     listener = await backend.listen(
-        loc, on_comm, limits=None if handshake else (limits or DEFAULT_LIMITS), **options)
+        loc, on_comm, limits=limits or DEFAULT_LIMITS, handshake=handshake, **options)
     return listener

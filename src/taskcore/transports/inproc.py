@@ -49,9 +49,6 @@ class InprocComm:
     def __repr__(self):
         return f"<InprocComm {self.local_address} -> {self.peer_address}>"
 
-    def set_limits(self, limits):
-        """No byte framing here, so there is nothing to bound."""
-
     # -- receiving ----------------------------------------------------------------
     def _receive(self, frames):
         if self.closed:
@@ -189,7 +186,7 @@ class InprocListener(Listener):
 class InprocBackend(Backend):
     scheme = "inproc"
 
-    async def connect(self, loc, limits=None, **options):
+    async def connect(self, loc, limits=None, handshake=True, **options):
         address = f"inproc://{loc}"
         with _lock:
             listener = _listeners.get(address)
@@ -206,6 +203,6 @@ class InprocBackend(Backend):
             raise ConnectionRefusedError(f"inproc listener at {address} is gone") from None
         return ours
 
-    async def listen(self, loc, on_comm, limits=None, **options):
+    async def listen(self, loc, on_comm, limits=None, handshake=True, **options):
         address = f"inproc://{loc}" if loc else new_address()
         return await InprocListener(address, on_comm).start()

@@ -47,19 +47,20 @@ def _set_addresses(comm, scheme):
 
 
 class TCPListener(Listener):
-    def __init__(self, scheme, loc, on_comm, ssl_context=None, limits=None, **options):
+    def __init__(self, scheme, loc, on_comm, ssl_context=None, limits=None, handshake=True):
         self.scheme = scheme
         self.host, self.port = parse_host_port(loc, 0)
         self.on_comm = on_comm
         self.ssl_context = ssl_context
-        self.limits = limits or HANDSHAKE_LIMITS
+        self.limits = limits
+        self.handshake_limits = HANDSHAKE_LIMITS if handshake else None
         self.server = None
         self._tasks = set()
         self.comms = set()
 
     def _factory(self):
         loop = asyncio.get_running_loop()
-        comm = TCPComm(loop, self.limits)
+        comm = TCPComm(loop, self.limits, self.handshake_limits)
         comm.on_close = self._forget
         comm.on_accept = self._accepted
         return comm
@@ -111,7 +112,7 @@ class TCPBackend(Backend):
     def _ssl(self, options, server_side):
         return None
 
-    async def connect(self, loc, limits=None, **options):
+    async def connect(self, loc, limits=None, handshake=True, **options):
         host, port = parse_host_port(loc)
         loop = asyncio.get_running_loop()
         ctx = self._ssl(options, server_side=False)
@@ -119,14 +120,15 @@ class TCPBackend(Backend):
         if ctx and kw["server_hostname"] is None:
             kw.pop("server_hostname")
         transport, comm = await loop.create_connection(
-            lambda: TCPComm(loop, HANDSHAKE_LIMITS if limits is None else limits),
+            lambda: TCPComm(loop, limits, HANDSHAKE_LIMITS if handshake else None),
             host, port, **kw)
         _set_addresses(comm, self.scheme)
         return comm
 
-    async def listen(self, loc, on_comm, limits=None, **options):
+    async def listen(self, loc, on_comm, limits=None, handshake=True, **options):
         ctx = self._ssl(options, server_side=True)
-        listener = TCPListener(self.scheme, loc, on_comm, ssl_context=ctx, limits=limits)
+        listener = TCPListener(self.scheme, loc, on_comm, ssl_context=ctx, limits=limits,
+                               handshake=handshake)
         return await listener.start()
 
 

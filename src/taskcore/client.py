@@ -1,0 +1,857 @@
+"""The Client: the dask.distributed user API on top of taskcore's scheduler.
+
+Threads and loops
+    A synchronous Client runs its comm on a background uvloop thread
+    (`LoopRunner`) and blocks the caller in `sync()`. An asynchronous Client
+    (`asynchronous=True`) uses the caller's running loop and every method
+    returns an awaitable.
+
+Hot path
+    `submit`/`map` build task records in the caller's thread and hand them to
+    the loop in one batch per tick (`_send_threadsafe` wakes the loop only when
+    its outbox goes from empty to non-empty). Small results come back inline
+    with the scheduler's `key-in-memory` message, so `result()` usually needs
+    no second round trip; large ones are fetched straight from the worker that
+    holds them.
+
+Messages (client -> scheduler)
+    register-client, update-graph, release-keys, want-keys, fire-and-forget,
+    retry, close-client, rpc {reqid, method, args}
+Messages (scheduler -> client)
+    key-in-memory {key, type, data?}, task-erred {key, exception, traceback},
+    key-cancelled {keys}, key-lost {keys}, reply {reqid, result | error}
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Iterator
+
+import msgpack
+
+from taskcore.core.serialize import Serialized, serialize_obj
+from taskcore.errors import CommClosedError
+from taskcore.futures import (ERROR, FINISHED, PENDING, Future, FutureState, RemoteTraceback,
+                              _futures_in)
+from taskcore.graph import TaskRef
+from taskcore.transports import connect
+from taskcore.utils import LoopRunner
+
+logger = logging.getLogger("taskcore.client")
+
+_default_client = None
+_default_lock = threading.Lock()
+_NATIVE = (int, float, str, bytes, bool, type(None))
+
+
+def default_client(c=None):
+    """The current default Client (the last one created with set_as_default=True)."""
+    if c is not None:
+        return c
+    if _default_client is None or _default_client.status == "closed":
+        raise ValueError("No clients found. Start a Client first: Client(LocalCluster()) "
+                         "or Client('tcp://scheduler:port')")
+    return _default_client
+
+
+def _funcname(func):
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+_func_tokens: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _func_token(func):
+    try:
+        return _func_tokens[func]
+    except (KeyError, TypeError):
+        pass
+    qual = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
+    if "<lambda>" in qual or "<locals>" in qual or getattr(func, "__module__", "") == "__main__":
+        # Two lambdas share a qualname: the pickled bytes tell them apart.
+        import cloudpickle
+        try:
+            qual += hashlib.md5(cloudpickle.dumps(func)).hexdigest()
+        except Exception:
+            qual += uuid.uuid4().hex
+    tok = hashlib.md5(qual.encode()).hexdigest()[:16]
+    try:
+        _func_tokens[func] = tok
+    except TypeError:
+        pass
+    return tok
+
+
+def _tokenize(func_tok, args, kwargs):
+    h = hashlib.md5(func_tok.encode())
+    try:
+        h.update(msgpack.packb((args, kwargs or None), use_bin_type=True))
+    except Exception:
+        import cloudpickle
+        try:
+            h.update(cloudpickle.dumps((args, kwargs), protocol=5))
+        except Exception:
+            return uuid.uuid4().hex
+    return h.hexdigest()
+
+
+def _replace_futures(obj, deps):
+    """Copy of `obj` with every Future replaced by a TaskRef; their keys go to deps."""
+    t = type(obj)
+    if t is Future:
+        deps.append(obj.key)
+        return TaskRef(obj.key)
+    if t in (list, tuple):
+        out = [_replace_futures(x, deps) for x in obj]
+        return out if t is list else tuple(out)
+    if t is dict:
+        return {k: _replace_futures(v, deps) for k, v in obj.items()}
+    if t in (set, frozenset):
+        return t(_replace_futures(x, deps) for x in obj)
+    return obj
+
+
+def _is_native_flat(args):
+    for a in args:
+        if type(a) not in _NATIVE:
+            return False
+    return True
+
+
+class Client:
+    """Connect to a taskcore scheduler and run work on its cluster.
+
+    `Client(address | cluster | scheduler_file=..., asynchronous=False, timeout=10,
+    name=None, security=None, set_as_default=True)`
+    """
+
+    def __init__(self, address=None, loop=None, timeout=10, set_as_default=True,
+                 scheduler_file=None, security=None, asynchronous=False, name=None,
+                 direct_to_workers=None, connection_limit=512, **kwargs):
+        self.asynchronous = asynchronous
+        self.timeout = timeout
+        self.security = security
+        self.name = name
+        self.id = f"{name or 'Client'}-{uuid.uuid4()}"
+        self.status = "newly-created"
+        self.cluster = None
+        self._set_as_default = set_as_default
+        if address is not None and not isinstance(address, str):
+            self.cluster = address
+            address = address.scheduler_address
+            if security is None:
+                self.security = getattr(self.cluster, "security", None)
+        if address is None and scheduler_file is not None:
+            address = self._read_scheduler_file(scheduler_file, timeout)
+        if address is None:
+            raise ValueError("Client needs a scheduler address, a cluster, or scheduler_file=")
+        self.address = address
+        self.comm = None
+        self._states: dict = {}
+        self._refcount: dict = {}
+        self._lock = threading.Lock()
+        self._outbox: list = []
+        self._outbox_scheduled = False
+        self._release_pending: list = []
+        self._reqids = itertools.count(1)
+        self._replies: dict = {}
+        self._worker_comms: dict = {}
+        self._worker_locks: dict = {}
+        self._func_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self.scheduler_info_cache = {}
+        self._previous_dask_scheduler = None
+        self._runner = None
+        if asynchronous:
+            self.loop = loop
+            self._started = None
+        else:
+            self._runner = LoopRunner.shared()
+            self.loop = self._runner.loop
+            try:
+                self._runner.run_sync(self._start, timeout=timeout + 5)
+            except BaseException:
+                self._runner.release()
+                self._runner = None
+                raise
+
+    @staticmethod
+    def _read_scheduler_file(path, timeout):
+        import json
+        import os
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(path) as f:
+                    return json.load(f)["address"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"scheduler file {path} did not appear within {timeout} s "
+                                       f"(exists: {os.path.exists(path)})")
+                time.sleep(0.05)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def __await__(self):
+        async def start():
+            if self.status != "running":
+                self.loop = asyncio.get_running_loop()
+                await self._start()
+            return self
+
+        return start().__await__()
+
+    async def _start(self):
+        global _default_client
+        self.loop = asyncio.get_running_loop()
+        opts = {"security": self.security} if self.security is not None else {}
+        self.comm = await connect(self.address, timeout=self.timeout, role="client", **opts)
+        self.comm.send({"op": "register-client", "client": self.id})
+        reply = await asyncio.wait_for(self.comm.read(), self.timeout)
+        if not isinstance(reply, dict) or reply.get("op") != "registered":
+            raise ConnectionError(f"scheduler {self.address} refused the client: {reply!r}")
+        self.scheduler_info_cache = reply.get("info", {})
+        self.comm.set_message_handler(self._handle)
+        self.comm.on_close = self._on_comm_closed
+        self.status = "running"
+        if self._set_as_default:
+            with _default_lock:
+                _default_client = self
+            self._install_dask_scheduler()
+        return self
+
+    def _install_dask_scheduler(self):
+        try:
+            import dask
+        except ImportError:
+            return
+        self._previous_dask_scheduler = dask.config.get("scheduler", None)
+        dask.config.set(scheduler=self.get)
+
+    def _restore_dask_scheduler(self):
+        if self._previous_dask_scheduler is False:
+            return
+        try:
+            import dask
+        except ImportError:
+            return
+        if dask.config.get("scheduler", None) == self.get:
+            dask.config.set(scheduler=self._previous_dask_scheduler)
+        self._previous_dask_scheduler = False
+
+    def _on_comm_closed(self, comm):
+        if self.status in ("closing", "closed"):
+            return
+        logger.warning("lost connection to scheduler %s", self.address)
+        self.status = "disconnected"
+        exc = CommClosedError(f"lost connection to the scheduler at {self.address}")
+        for fut in list(self._replies.values()):
+            if not fut.done():
+                fut.set_exception(exc)
+        for st in list(self._states.values()):
+            if st.status == PENDING:
+                st.set_error(exc, None)
+
+    def sync(self, fn, *args, timeout=None, **kwargs):
+        """Run coroutine function `fn` on the client's loop; return an awaitable if asynchronous."""
+        if self.asynchronous:
+            return fn(*args, **kwargs)
+        if self._runner is None:
+            raise RuntimeError("this client is closed")
+        return self._runner.run_sync(fn, *args, timeout=timeout, **kwargs)
+
+    def close(self, timeout=None):
+        if self.asynchronous:
+            return self._close()
+        if self._runner is None:
+            return
+        try:
+            self._runner.run_sync(self._close, timeout=timeout or self.timeout)
+        finally:
+            self._runner.release()
+            self._runner = None
+
+    async def _close(self, fast=False):
+        global _default_client
+        if self.status == "closed":
+            return
+        self.status = "closing"
+        for comm in self._worker_comms.values():
+            comm.abort()
+        self._worker_comms.clear()
+        if self.comm is not None and not self.comm.closed:
+            try:
+                self.comm.send({"op": "close-client"})
+                await asyncio.wait_for(self.comm.close(), 5)
+            except Exception:
+                self.comm.abort()
+        self.status = "closed"
+        with _default_lock:
+            if _default_client is self:
+                _default_client = None
+        self._restore_dask_scheduler()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    async def __aenter__(self):
+        if self.status != "running":
+            await self
+        return self
+
+    async def __aexit__(self, *exc):
+        await self._close()
+
+    def __del__(self):
+        if self.status == "running" and self._runner is not None:
+            try:
+                self.close(timeout=2)
+            except Exception:
+                pass
+
+    def __repr__(self):
+        return f"<Client: {self.address!r} status={self.status}>"
+
+    def _repr_html_(self):
+        return (f"<div><b>taskcore Client</b> {self.id}<br>scheduler: {self.address}<br>"
+                f"status: {self.status}</div>")
+
+    # -- sending from any thread -----------------------------------------------------
+    def _send_threadsafe(self, msg):
+        if self.status == "closed":
+            raise RuntimeError("this client is closed")
+        with self._lock:
+            self._outbox.append(msg)
+            if self._outbox_scheduled:
+                return
+            self._outbox_scheduled = True
+        if self._in_loop():
+            self.loop.call_soon(self._flush_outbox)
+        else:
+            self.loop.call_soon_threadsafe(self._flush_outbox)
+
+    def _in_loop(self):
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    def _flush_outbox(self):
+        with self._lock:
+            msgs, self._outbox = self._outbox, []
+            release, self._release_pending = self._release_pending, []
+            self._outbox_scheduled = False
+        if release:
+            # Keys re-referenced since their release was queued are kept.
+            with self._lock:
+                release = [k for k in release if not self._refcount.get(k)]
+                for k in release:
+                    self._states.pop(k, None)
+            if release:
+                msgs.append({"op": "release-keys", "keys": release})
+        if self.comm is None or self.comm.closed:
+            return
+        for m in msgs:
+            self.comm.send(m)
+
+    # -- reference counting ----------------------------------------------------------
+    def _inc_ref(self, key):
+        with self._lock:
+            self._refcount[key] = self._refcount.get(key, 0) + 1
+            st = self._states.get(key)
+            if st is None:
+                st = self._states[key] = FutureState(key, self.loop)
+            return st
+
+    def _dec_ref(self, key):
+        with self._lock:
+            n = self._refcount.get(key, 0) - 1
+            if n > 0:
+                self._refcount[key] = n
+                return
+            self._refcount.pop(key, None)
+            if self.status != "running":
+                self._states.pop(key, None)
+                return
+            self._release_pending.append(key)
+            if self._outbox_scheduled:
+                return
+            self._outbox_scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush_outbox)
+        except RuntimeError:  # loop closed during interpreter shutdown
+            pass
+
+    # -- incoming messages (on the loop) -------------------------------------------
+    def _handle(self, msg):
+        op = msg.get("op")
+        if op == "key-in-memory":
+            st = self._states.get(msg["key"])
+            if st is not None:
+                st.finish(msg.get("data"), "data" in msg, msg.get("type"))
+        elif op == "task-erred":
+            st = self._states.get(msg["key"])
+            if st is not None:
+                st.set_error(msg.get("exception"), msg.get("traceback"))
+        elif op == "reply":
+            fut = self._replies.pop(msg["reqid"], None)
+            if fut is not None and not fut.done():
+                if "error" in msg:
+                    fut.set_exception(self._as_exception(msg["error"]))
+                else:
+                    fut.set_result(msg.get("result"))
+        elif op == "key-cancelled":
+            for k in msg["keys"]:
+                st = self._states.get(k)
+                if st is not None:
+                    st.cancel(msg.get("reason"))
+        elif op == "key-lost":
+            for k in msg["keys"]:
+                st = self._states.get(k)
+                if st is not None and st.status == FINISHED:
+                    st.reset()
+        elif op == "scheduler-closing":
+            logger.info("scheduler %s is closing", self.address)
+        else:
+            logger.warning("client received unknown message op %r", op)
+
+    @staticmethod
+    def _as_exception(err):
+        if isinstance(err, Serialized):
+            err = err.deserialize()
+        if isinstance(err, BaseException):
+            return err
+        return RuntimeError(str(err))
+
+    def _materialize_exception(self, st):
+        exc = st.exception
+        if isinstance(exc, Serialized):
+            try:
+                exc = exc.deserialize()
+            except Exception as e:
+                exc = RuntimeError(f"task {st.key!r} failed, and its exception could not be "
+                                   f"deserialized here: {e!r}")
+            st.exception = exc
+        if not isinstance(exc, BaseException):
+            exc = RuntimeError(str(exc))
+            st.exception = exc
+        tb = getattr(exc, "__taskcore_traceback__", None) or st.traceback
+        if isinstance(tb, str) and exc.__cause__ is None:
+            exc.__cause__ = RemoteTraceback(tb)
+            exc.__taskcore_traceback__ = tb
+        return exc
+
+    async def _rpc(self, method, **args):
+        if self.comm is None or self.comm.closed:
+            raise CommClosedError(f"not connected to the scheduler at {self.address}")
+        reqid = next(self._reqids)
+        fut = self.loop.create_future()
+        self._replies[reqid] = fut
+        self.comm.send({"op": "rpc", "reqid": reqid, "method": method, "args": args})
+        return await fut
+
+    # -- building tasks --------------------------------------------------------------
+    def _serialized_function(self, func):
+        try:
+            return self._func_cache[func]
+        except (KeyError, TypeError):
+            pass
+        s = serialize_obj(func)
+        try:
+            self._func_cache[func] = s
+        except TypeError:
+            pass
+        return s
+
+    def _make_task(self, func, args, kwargs, key, pure, fser=None, ftok=None):
+        """One task record: [key, run_spec, dependency keys, options]."""
+        if key is None:
+            ftok = ftok or _func_token(func)
+            tok = _tokenize(ftok, args, kwargs) if pure else uuid.uuid4().hex
+            key = f"{_funcname(func)}-{tok}"
+        fser = fser or self._serialized_function(func)
+        if not kwargs and _is_native_flat(args):
+            return key, ["call", fser, list(args), None], []
+        deps = []
+        args2 = _replace_futures(args, deps)
+        kwargs2 = _replace_futures(kwargs, deps) if kwargs else None
+        return key, ["call", fser, serialize_obj((args2, kwargs2)), None], deps
+
+    @staticmethod
+    def _task_options(workers, resources, retries, priority, allow_other_workers, annotations=None):
+        opts = {}
+        if workers is not None:
+            opts["workers"] = [workers] if isinstance(workers, str) else list(workers)
+            opts["allow_other_workers"] = bool(allow_other_workers)
+        if resources:
+            opts["resources"] = dict(resources)
+        if retries:
+            opts["retries"] = int(retries)
+        if priority:
+            opts["priority"] = priority
+        if annotations:
+            opts["annotations"] = annotations
+        return opts or None
+
+    def _submit_tasks(self, records, wanted_keys):
+        """Send task records; return futures for wanted_keys (refs taken first)."""
+        futures = [Future(k, self) for k in wanted_keys]
+        self._send_threadsafe({"op": "update-graph", "tasks": records, "wanted": list(wanted_keys)})
+        return futures
+
+    # -- public API: submitting --------------------------------------------------------
+    def submit(self, func, *args, key=None, workers=None, resources=None, retries=None,
+               priority=0, fifo_timeout="100 ms", allow_other_workers=False, actor=False,
+               actors=False, pure=True, **kwargs):
+        """Run func(*args, **kwargs) on the cluster; returns a Future."""
+        if not callable(func):
+            raise TypeError(f"First argument to submit must be callable, got {func!r}")
+        if actor or actors:
+            raise NotImplementedError("actors are not supported by taskcore")
+        key, spec, deps = self._make_task(func, args, kwargs, key, pure)
+        with self._lock:
+            existing = key in self._states
+        if existing:
+            return Future(key, self)
+        opts = self._task_options(workers, resources, retries, priority, allow_other_workers)
+        return self._submit_tasks([[key, spec, deps, opts]], [key])[0]
+
+    def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
+            priority=0, allow_other_workers=False, fifo_timeout="100 ms", actor=False,
+            actors=False, pure=True, batch_size=None, **kwargs):
+        """Map func over iterables; returns a list of Futures."""
+        if not callable(func):
+            raise TypeError(f"First argument to map must be callable, got {func!r}")
+        if actor or actors:
+            raise NotImplementedError("actors are not supported by taskcore")
+        if not iterables:
+            raise TypeError("map needs at least one iterable")
+        arglists = list(zip(*iterables))
+        if isinstance(key, (list, tuple)):
+            keys = list(key)
+            if len(keys) != len(arglists):
+                raise ValueError("map: key list must match the number of inputs")
+        else:
+            keys = [None] * len(arglists)
+        prefix = key if isinstance(key, str) else _funcname(func)
+        fser = self._serialized_function(func)
+        ftok = _func_token(func)
+        opts = self._task_options(workers, resources, retries, priority, allow_other_workers)
+        records = []
+        out_keys = []
+        seen = set()
+        for args, k in zip(arglists, keys):
+            if k is None:
+                tok = _tokenize(ftok, args, kwargs) if pure else uuid.uuid4().hex
+                k = f"{prefix}-{tok}"
+            k, spec, deps = self._make_task(func, args, kwargs, k, pure, fser, ftok)
+            out_keys.append(k)
+            if k not in seen:
+                seen.add(k)
+                records.append([k, spec, deps, opts])
+        return self._submit_tasks(records, out_keys)
+
+    # -- public API: collecting --------------------------------------------------------
+    def gather(self, futures, errors="raise", direct=None, asynchronous=None):
+        """Results of futures, in the same nested structure (lists, tuples, dicts)."""
+        if errors not in ("raise", "skip"):
+            raise ValueError("errors must be 'raise' or 'skip'")
+        if self.asynchronous or asynchronous:
+            return self._gather_struct(futures, errors)
+        return self.sync(self._gather_struct, futures, errors)
+
+    async def _gather_struct(self, obj, errors="raise"):
+        fs = list(dict.fromkeys(_futures_in(obj)))
+        values = await self._gather(fs, errors)
+        table = {f.key: v for f, v in zip(fs, values)}
+        skipped = object()
+
+        def rebuild(x):
+            t = type(x)
+            if t is Future:
+                return table.get(x.key, skipped)
+            if t in (list, tuple):
+                out = [y for y in (rebuild(v) for v in x) if y is not skipped]
+                return out if t is list else tuple(out)
+            if t is dict:
+                return {k: v for k, v in ((k, rebuild(v)) for k, v in x.items()) if v is not skipped}
+            if t in (set, frozenset):
+                return t(y for y in (rebuild(v) for v in x) if y is not skipped)
+            if hasattr(x, "__iter__") and not isinstance(x, (str, bytes)) and isinstance(x, Iterator):
+                return [rebuild(v) for v in x]
+            return x
+
+        if isinstance(obj, Future):
+            v = table.get(obj.key, skipped)
+            if v is skipped:
+                raise KeyError(obj.key)
+            return v
+        return rebuild(obj)
+
+    async def _gather(self, futures, errors="raise"):
+        """Values for a flat list of futures (skipped ones are left out when errors='skip')."""
+        for f in futures:
+            if f._state.status == PENDING:
+                await f._state.wait()
+        out = {}
+        need = []
+        for f in futures:
+            st = f._state
+            if st.status == ERROR or st.exception is not None and st.status != FINISHED:
+                if errors == "raise":
+                    if st.status == ERROR:
+                        raise self._materialize_exception(st)
+                    raise st.exception
+                continue
+            if st.has_data:
+                d = st.data
+                if isinstance(d, Serialized):
+                    d = d.deserialize()
+                    st.data = d
+                out[f.key] = d
+            else:
+                need.append(f)
+        if need:
+            fetched = await self._fetch([f.key for f in need])
+            for f in need:
+                if f.key in fetched:
+                    out[f.key] = fetched[f.key]
+                elif errors == "raise":
+                    raise KeyError(f"could not gather {f.key!r}")
+        return [out[f.key] for f in futures if f.key in out]
+
+    async def _fetch(self, keys, attempts=5):
+        """Get values for keys straight from the workers holding them."""
+        result = {}
+        missing = list(keys)
+        for attempt in range(attempts):
+            who_has = await self._rpc("who_has", keys=missing)
+            by_worker = {}
+            lost = []
+            for k in missing:
+                holders = who_has.get(k) or []
+                if not holders:
+                    lost.append(k)
+                else:
+                    by_worker.setdefault(holders[attempt % len(holders)], []).append(k)
+            await asyncio.gather(*[self._get_from_worker(w, ks, result)
+                                   for w, ks in by_worker.items()])
+            missing = [k for k in missing if k not in result]
+            if not missing:
+                return result
+            # Data lost with a worker is recomputed by the scheduler; wait for it.
+            for k in missing:
+                st = self._states.get(k)
+                if st is not None and st.status == PENDING:
+                    await st.wait()
+            await asyncio.sleep(0.05 * (attempt + 1))
+        return result
+
+    async def _worker_comm(self, address):
+        comm = self._worker_comms.get(address)
+        if comm is None or comm.closed:
+            opts = {"security": self.security} if self.security is not None else {}
+            comm = await connect(address, timeout=self.timeout, role="client", **opts)
+            self._worker_comms[address] = comm
+        return comm
+
+    async def _get_from_worker(self, address, keys, result):
+        lock = self._worker_locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            try:
+                comm = await self._worker_comm(address)
+                await comm.write({"op": "get-data", "keys": keys, "who": self.id})
+                reply = await comm.read()
+            except (OSError, CommClosedError) as e:
+                logger.info("gather from %s failed: %s", address, e)
+                c = self._worker_comms.pop(address, None)
+                if c is not None:
+                    c.abort()
+                return
+        data = reply.get("data", {})
+        for k, v in data.items():
+            if isinstance(v, Serialized):
+                v = v.deserialize()
+            result[k] = v
+
+    # -- public API: data ----------------------------------------------------------------
+    def scatter(self, data, workers=None, broadcast=False, direct=None, hash=True, timeout=None):
+        """Move local data into the cluster; returns futures of the same shape."""
+        return self.sync(self._scatter, data, workers, broadcast, hash)
+
+    async def _scatter(self, data, workers=None, broadcast=False, hash=True):
+        if isinstance(data, dict):
+            items = list(data.items())
+            keyed = True
+        elif isinstance(data, (list, tuple, set, frozenset)):
+            items = [(None, v) for v in data]
+            keyed = False
+        else:
+            items = [(None, data)]
+            keyed = None
+        payload = {}
+        keys = []
+        for k, v in items:
+            s = serialize_obj(v)
+            if k is None:
+                if hash:
+                    h = hashlib.md5()
+                    for frame in s.frames:
+                        h.update(frame)
+                    k = f"{type(v).__name__}-{h.hexdigest()}"
+                else:
+                    k = f"{type(v).__name__}-{uuid.uuid4().hex}"
+            payload[k] = s
+            keys.append(k)
+        if isinstance(workers, str):
+            workers = [workers]
+        nbytes = await self._rpc("scatter", data=payload, client=self.id,
+                                 workers=list(workers) if workers else None,
+                                 broadcast=bool(broadcast))
+        futures = []
+        for k in keys:
+            f = Future(k, self)
+            if f._state.status == PENDING:
+                f._state.finish(None, False, None)
+            futures.append(f)
+        if keyed:
+            return dict(zip([k for k, _ in items], futures))
+        if keyed is None:
+            return futures[0]
+        return type(data)(futures) if not isinstance(data, (set, frozenset)) else futures
+
+    def cancel(self, futures, asynchronous=None, force=False):
+        """Stop computing these futures and release them (on every client with force=True)."""
+        return self.sync(self._cancel, futures, force)
+
+    async def _cancel(self, futures, force=False):
+        fs = _futures_in(futures)
+        keys = [f.key for f in fs]
+        await self._rpc("cancel", keys=keys, client=self.id, force=bool(force))
+        for f in fs:
+            if not f.done() or f.status == FINISHED:
+                f._state.cancel()
+
+    def retry(self, futures, asynchronous=None):
+        """Rerun erred futures."""
+        return self.sync(self._retry, futures)
+
+    async def _retry(self, futures):
+        fs = _futures_in(futures)
+        for f in fs:
+            if f._state.status == ERROR:
+                f._state.reset()
+        await self._rpc("retry", keys=[f.key for f in fs], client=self.id)
+
+    # -- public API: cluster ---------------------------------------------------------------
+    def who_has(self, futures=None):
+        keys = None if futures is None else [f.key for f in _futures_in(futures)]
+        return self.sync(self._rpc, "who_has", keys=keys)
+
+    def has_what(self, workers=None):
+        return self.sync(self._rpc, "has_what", workers=workers)
+
+    def nthreads(self, workers=None):
+        return self.sync(self._rpc, "nthreads", workers=workers)
+
+    ncores = nthreads
+
+    def scheduler_info(self):
+        return self.sync(self._rpc, "scheduler_info")
+
+    def wait_for_workers(self, n_workers=1, timeout=None):
+        return self.sync(self._rpc, "wait_for_workers", n=n_workers, timeout=timeout)
+
+    def run(self, function, *args, workers=None, wait=True, nanny=False, on_error="raise",
+            **kwargs):
+        """Run function(*args, **kwargs) on every worker (or `workers`); {address: result}."""
+        return self.sync(self._run, function, args, kwargs, workers, on_error)
+
+    async def _run(self, function, args, kwargs, workers, on_error):
+        if isinstance(workers, str):
+            workers = [workers]
+        results = await self._rpc("run", func=serialize_obj((function, args, kwargs)),
+                                  workers=workers)
+        out = {}
+        for addr, (status, value) in results.items():
+            if isinstance(value, Serialized):
+                value = value.deserialize()
+            if status == "error":
+                if on_error == "raise":
+                    raise value
+                if on_error == "ignore":
+                    continue
+            out[addr] = value
+        return out
+
+    def run_on_scheduler(self, function, *args, **kwargs):
+        """Run function on the scheduler process; `scheduler=` is passed if it accepts one."""
+        return self.sync(self._run_on_scheduler, function, args, kwargs)
+
+    async def _run_on_scheduler(self, function, args, kwargs):
+        res = await self._rpc("run_on_scheduler", func=serialize_obj((function, args, kwargs)))
+        status, value = res
+        if isinstance(value, Serialized):
+            value = value.deserialize()
+        if status == "error":
+            raise value
+        return value
+
+    def restart(self, timeout=60, wait_for_workers=True):
+        """Restart every worker (through its nanny); all futures are cancelled."""
+        return self.sync(self._restart, timeout, wait_for_workers)
+
+    async def _restart(self, timeout=60, wait_for_workers=True):
+        n = await self._rpc("restart", timeout=timeout)
+        for st in list(self._states.values()):
+            if st.status in (PENDING, FINISHED):
+                st.cancel("the cluster was restarted")
+        if wait_for_workers and n:
+            await self._rpc("wait_for_workers", n=n, timeout=timeout)
+        return self
+
+    def shutdown(self):
+        """Shut down the scheduler and its workers, then close this client."""
+        return self.sync(self._shutdown) if self.asynchronous else self._shutdown_sync()
+
+    def _shutdown_sync(self):
+        try:
+            self.sync(self._shutdown)
+        finally:
+            self.close()
+
+    async def _shutdown(self):
+        try:
+            await self._rpc("shutdown")
+        except CommClosedError:
+            pass
+        if self.asynchronous:
+            await self._close()
+
+    # -- dask integration (the dask scheduler protocol) -------------------------------
+    def get(self, dsk, keys, **kwargs):
+        from taskcore.dask_integration import client_get
+
+        return client_get(self, dsk, keys, **kwargs)
+
+    def compute(self, collections, sync=False, optimize_graph=True, progress=False, **kwargs):
+        from taskcore.dask_integration import client_compute
+
+        return client_compute(self, collections, sync=sync, optimize_graph=optimize_graph,
+                              progress=progress, **kwargs)
+
+    def persist(self, collections, optimize_graph=True, progress=False, **kwargs):
+        from taskcore.dask_integration import client_persist
+
+        return client_persist(self, collections, optimize_graph=optimize_graph,
+                              progress=progress, **kwargs)
+

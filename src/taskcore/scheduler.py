@@ -1,0 +1,716 @@
+"""The scheduler server: routes comm messages into SchedulerState, executes its instructions.
+
+The compiled `SchedulerState` holds every decision; this module only does I/O.
+Each received message becomes one stimulus; the instructions that come back
+are turned into messages and `send()`-queued on the right comms, which flush
+them in one batch at the end of the current read callback (see
+`core/protocol.pyx`), so a task-finished that releases ten dependents costs
+one write per worker.
+
+Peers say who they are in their first message:
+    register-client  -> client messages   (see client.py for the list)
+    register-worker  -> worker messages:  task-finished, task-erred, add-keys,
+                        release-worker-data, missing-data, steal-response,
+                        heartbeat, reply, closing
+    register-nanny   -> nanny messages:   worker-died, worker-restarted, reply
+    anything else    -> a one-shot request ({"op": "rpc", ...}) answered then closed
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import json
+import logging
+import os
+import time
+import uuid
+
+from taskcore.core.scheduler_state import (AcquireReplicas, AddKeys, AddWorker, BalanceTick,
+                                           Cancel, ClientReleasesKeys, ClientRemoved,
+                                           ClientWantsKeys, ComputeTask, FreeKeys, KeyForgotten,
+                                           KeyInMemory, KeyLost, MissingData,
+                                           ReleaseWorkerData, RemoveWorker, Retry,
+                                           RetireWorkers, SchedulerState, StealRequest,
+                                           StealResponse, TaskCancelled, TaskErred,
+                                           TaskErredReport, TaskRetried, UpdateData,
+                                           UpdateGraph, WorkerHeartbeat, WorkersRetiring)
+from taskcore.core.serialize import Serialized, serialize_obj
+from taskcore.errors import CommClosedError
+from taskcore.transports import listen
+from taskcore.transports.addressing import parse_address, unparse_host_port
+
+logger = logging.getLogger("taskcore.scheduler")
+
+FIRE_AND_FORGET = "fire-and-forget"
+
+
+class _Peer:
+    """A connected worker, client or nanny, and its pending requests."""
+
+    __slots__ = ("comm", "kind", "id", "replies", "info", "closing")
+
+    def __init__(self, comm, kind, id, info=None):
+        self.comm = comm
+        self.kind = kind
+        self.id = id
+        self.replies = {}
+        self.info = info or {}
+        self.closing = False
+
+
+class Scheduler:
+    """`Scheduler(host, port, protocol, security, idle_timeout, scheduler_file, ...)`.
+
+    `await Scheduler(...).start()`, then `address`; `await close()`; `await finished()`.
+    """
+
+    def __init__(self, host="127.0.0.1", port=0, protocol="tcp", security=None,
+                 idle_timeout=None, scheduler_file=None, listen_addresses=None,
+                 worker_ttl=60.0, heartbeat_interval=0.5, balance_interval=0.1,
+                 allowed_failures=3, validate=False, worker_saturation=1.1, token=None,
+                 inline_result_bytes=16_384, name=None, **kwargs):
+        if listen_addresses is None:
+            if protocol == "inproc":
+                listen_addresses = ["inproc://"]
+            else:
+                listen_addresses = [f"{protocol}://{unparse_host_port(host or '', port or 0)}"]
+        for a in listen_addresses:
+            parse_address(a)
+        self.listen_addresses = listen_addresses
+        self.security = security
+        self.idle_timeout = idle_timeout
+        self.scheduler_file = scheduler_file
+        self.worker_ttl = worker_ttl
+        self.heartbeat_interval = heartbeat_interval
+        self.balance_interval = balance_interval
+        self.token = token
+        self.name = name
+        self.id = f"Scheduler-{uuid.uuid4()}"
+        self.state = SchedulerState(validate=validate, allowed_failures=allowed_failures,
+                                    worker_saturation=worker_saturation)
+        self.listeners = []
+        self.workers: dict = {}       # address -> _Peer
+        self.clients: dict = {}       # client id -> _Peer
+        self.nannies: dict = {}       # worker address -> _Peer
+        self.status = "created"
+        self._reqids = itertools.count(1)
+        self._inline: dict = {}       # task id -> Serialized result in transit to clients
+        self._worker_event = None
+        self._closed = None
+        self._tasks = set()
+        self._last_activity = time.monotonic()
+        self._stim = itertools.count(1)
+        self.start_time = time.time()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    @property
+    def address(self):
+        return self.listeners[0].contact_address if self.listeners else None
+
+    @property
+    def addresses(self):
+        return [lst.contact_address for lst in self.listeners]
+
+    def __await__(self):
+        return self.start().__await__()
+
+    async def __aenter__(self):
+        if self.status != "running":
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def start(self):
+        if self.status == "running":
+            return self
+        loop = asyncio.get_running_loop()
+        self._closed = loop.create_future()
+        self._worker_event = asyncio.Event()
+        opts = {"security": self.security} if self.security is not None else {}
+        for addr in self.listen_addresses:
+            lst = await listen(addr, self._handle_comm, role="scheduler", token=self.token, **opts)
+            self.listeners.append(lst)
+        self.status = "running"
+        self._spawn(self._periodic())
+        if self.scheduler_file:
+            write_scheduler_file(self.scheduler_file, self.address)
+        logger.info("scheduler at %s", ", ".join(self.addresses))
+        return self
+
+    def _spawn(self, coro):
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def finished(self):
+        await asyncio.shield(self._closed)
+
+    async def close(self, reason="scheduler-close"):
+        if self.status in ("closing", "closed"):
+            if self._closed is not None:
+                await asyncio.shield(self._closed)
+            return
+        self.status = "closing"
+        logger.info("closing scheduler: %s", reason)
+        for peer in list(self.clients.values()):
+            self._send(peer, {"op": "scheduler-closing"})
+        for peer in list(self.workers.values()):
+            self._send(peer, {"op": "close", "reason": reason})
+        for peer in list(self.nannies.values()):
+            self._send(peer, {"op": "close"})
+        await asyncio.sleep(0.05)  # let the close messages flush
+        for lst in self.listeners:
+            await lst.stop()
+        for peer in [*self.clients.values(), *self.workers.values(), *self.nannies.values()]:
+            peer.comm.abort()
+        for t in list(self._tasks):
+            t.cancel()
+        if self.scheduler_file:
+            try:
+                os.remove(self.scheduler_file)
+            except OSError:
+                pass
+        self.status = "closed"
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    # -- periodic work ----------------------------------------------------------------------
+    async def _periodic(self):
+        last_ttl = time.monotonic()
+        while self.status == "running":
+            await asyncio.sleep(self.balance_interval)
+            now = time.time()
+            if self.state.work_stealing and len(self.workers) > 1:
+                self._handle(BalanceTick(now, stimulus_id=f"balance-{now}"))
+            mono = time.monotonic()
+            if mono - last_ttl > 1.0:
+                last_ttl = mono
+                for addr in self.state.stale_workers(now, self.worker_ttl):
+                    logger.warning("worker %s missed heartbeats for %s s; removing it",
+                                   addr, self.worker_ttl)
+                    self._remove_worker(addr, safe=False, reason="ttl")
+            if self.idle_timeout:
+                busy = self.clients or any(self.state.processing().values())
+                if busy:
+                    self._last_activity = mono
+                elif mono - self._last_activity > self.idle_timeout:
+                    logger.info("idle for %s s; closing", self.idle_timeout)
+                    self._spawn(self.close(reason="idle-timeout"))
+                    return
+
+    # -- executing instructions --------------------------------------------------------------
+    def _send(self, peer, msg):
+        try:
+            peer.comm.send(msg)
+        except CommClosedError:
+            pass
+
+    def _handle(self, *stimuli):
+        self._execute(self.state.handle_stimulus(*stimuli))
+
+    def _execute(self, instructions):
+        workers = self.workers
+        clients = self.clients
+        for ins in instructions:
+            t = type(ins)
+            if t is ComputeTask:
+                peer = workers.get(ins.worker)
+                if peer is not None:
+                    self._send(peer, {"op": "compute-task", "id": ins.task_id, "key": ins.key,
+                                      "spec": ins.run_spec, "priority": ins.priority,
+                                      "deps": ins.dependencies, "resources": ins.resources,
+                                      "annotations": ins.annotations,
+                                      "duration": ins.duration})
+            elif t is KeyInMemory:
+                msg = {"op": "key-in-memory", "key": ins.key, "type": ins.typename}
+                data = self._inline.get(ins.task_id)
+                if data is not None:
+                    msg["data"] = data
+                for c in ins.clients:
+                    peer = clients.get(c)
+                    if peer is not None:
+                        self._send(peer, msg)
+            elif t is FreeKeys:
+                peer = workers.get(ins.worker)
+                if peer is not None:
+                    self._send(peer, {"op": "free-keys", "ids": ins.task_ids, "keys": ins.keys})
+            elif t is TaskErredReport:
+                msg = {"op": "task-erred", "key": ins.key, "exception": ins.exception,
+                       "traceback": ins.traceback}
+                for c in ins.clients:
+                    peer = clients.get(c)
+                    if peer is not None:
+                        self._send(peer, msg)
+            elif t is StealRequest:
+                peer = workers.get(ins.worker)
+                if peer is not None:
+                    self._send(peer, {"op": "steal-request", "id": ins.task_id, "key": ins.key})
+            elif t is AcquireReplicas:
+                peer = workers.get(ins.worker)
+                if peer is not None:
+                    self._send(peer, {"op": "acquire-replicas", "who_has": ins.who_has})
+            elif t is KeyLost:
+                self._to_clients(ins.clients, {"op": "key-lost", "keys": [ins.key]})
+            elif t is TaskCancelled or t is KeyForgotten:
+                self._to_clients(ins.clients, {"op": "key-cancelled", "keys": [ins.key]})
+            elif t is TaskRetried:
+                pass  # the retrying client already reset its futures
+            elif t is WorkersRetiring:
+                self._spawn(self._finish_retirement(list(ins.workers)))
+            else:
+                logger.error("unhandled instruction %r", ins)
+
+    def _to_clients(self, clients, msg):
+        for c in clients:
+            peer = self.clients.get(c)
+            if peer is not None:
+                self._send(peer, msg)
+
+    # -- connections ---------------------------------------------------------------------------
+    async def _handle_comm(self, comm):
+        try:
+            msg = await comm.read()
+        except CommClosedError:
+            return
+        op = msg.get("op") if isinstance(msg, dict) else None
+        if op == "register-client":
+            await self._serve_client(comm, msg)
+        elif op == "register-worker":
+            await self._serve_worker(comm, msg)
+        elif op == "register-nanny":
+            await self._serve_nanny(comm, msg)
+        elif op == "rpc":
+            peer = _Peer(comm, "oneshot", None)
+            self._client_rpc(peer, msg)
+            await comm.lost
+        else:
+            logger.warning("closing connection from %s: unexpected first message %r",
+                           comm.peer_address, str(msg)[:100])
+            try:
+                await comm.write({"op": "error", "message": f"unexpected first message op {op!r}"})
+            finally:
+                await comm.close()
+
+    async def _serve_client(self, comm, msg):
+        cid = msg.get("client")
+        if not isinstance(cid, str) or cid in self.clients:
+            await comm.write({"op": "error", "message": f"invalid or duplicate client id {cid!r}"})
+            await comm.close()
+            return
+        peer = _Peer(comm, "client", cid)
+        self.clients[cid] = peer
+        self._last_activity = time.monotonic()
+        comm.send({"op": "registered", "info": self._info()})
+        comm.set_message_handler(lambda m: self._client_msg(peer, m))
+        try:
+            await comm.lost
+        finally:
+            self.clients.pop(cid, None)
+            self._last_activity = time.monotonic()
+            if self.status == "running":
+                self._handle(ClientRemoved(cid, stimulus_id=f"client-removed-{cid}"))
+
+    async def _serve_worker(self, comm, msg):
+        addr = msg.get("address")
+        name = msg.get("name", addr)
+        try:
+            if not isinstance(addr, str):
+                raise ValueError(f"worker registration without an address: {msg!r}")
+            if addr in self.workers:
+                raise ValueError(f"a worker at {addr} is already registered")
+            if name is not None and any(p.info.get("name") == name for p in self.workers.values()):
+                raise ValueError(f"a worker named {name!r} is already registered")
+            resources = {str(k): float(v) for k, v in (msg.get("resources") or {}).items()}
+            stimulus = AddWorker(addr, int(msg.get("nthreads", 1)),
+                                 int(msg.get("memory_limit") or 0), resources, name,
+                                 time.time(), stimulus_id=f"add-worker-{addr}")
+        except (ValueError, TypeError) as e:
+            logger.warning("refusing worker from %s: %s", comm.peer_address, e)
+            await comm.write({"op": "error", "message": str(e)})
+            await comm.close()
+            return
+        peer = _Peer(comm, "worker", addr, info=dict(msg))
+        self.workers[addr] = peer
+        comm.send({"op": "registered", "address": addr, "scheduler": self.address})
+        comm.set_message_handler(lambda m: self._worker_msg(peer, m))
+        self._handle(stimulus)
+        self._worker_event.set()
+        logger.info("registered worker %s (%s threads)", addr, msg.get("nthreads"))
+        try:
+            await comm.lost
+        finally:
+            if self.status == "running":
+                self._remove_worker(addr, safe=peer.closing, reason="connection closed")
+
+    async def _serve_nanny(self, comm, msg):
+        worker = msg.get("worker")
+        peer = _Peer(comm, "nanny", worker, info=dict(msg))
+        self.nannies[worker] = peer
+        comm.set_message_handler(lambda m: self._nanny_msg(peer, m))
+        try:
+            await comm.lost
+        finally:
+            if self.nannies.get(peer.id) is peer:
+                del self.nannies[peer.id]
+            for fut in peer.replies.values():
+                if not fut.done():
+                    fut.set_exception(CommClosedError("nanny disconnected"))
+
+    def _remove_worker(self, addr, safe, reason):
+        peer = self.workers.pop(addr, None)
+        if peer is None:
+            return
+        logger.info("removing worker %s (%s)", addr, reason)
+        for fut in peer.replies.values():
+            if not fut.done():
+                fut.set_exception(CommClosedError(f"worker {addr} left: {reason}"))
+        peer.comm.abort()
+        self._handle(RemoveWorker(addr, safe=safe, now=time.time(),
+                                  stimulus_id=f"remove-worker-{addr}-{reason}"))
+
+    # -- worker messages ---------------------------------------------------------------------------
+    def _worker_msg(self, peer, msg):
+        try:
+            op = msg["op"]
+            if op == "task-finished":
+                tid = msg["id"]
+                data = msg.get("data")
+                if data is not None:
+                    self._inline[tid] = data
+                try:
+                    self._execute(self.state.task_finished(
+                        peer.id, tid, msg.get("nbytes", 0), msg.get("type"),
+                        msg.get("duration", -1.0), msg.get("stimulus_id", "task-finished")))
+                finally:
+                    if data is not None:
+                        self._inline.pop(tid, None)
+            elif op == "task-erred":
+                self._execute(self.state.task_erred(
+                    peer.id, msg["id"], msg.get("exception"), msg.get("traceback"),
+                    msg.get("stimulus_id", "task-erred")))
+            elif op == "heartbeat":
+                self._handle(WorkerHeartbeat(peer.id, msg.get("metrics"), time.time(),
+                                             stimulus_id="heartbeat"))
+            elif op == "add-keys":
+                self._handle(AddKeys(peer.id, list(msg["keys"]), stimulus_id="add-keys"))
+            elif op == "release-worker-data":
+                self._handle(ReleaseWorkerData(peer.id, list(msg["keys"]),
+                                               stimulus_id="release-worker-data"))
+            elif op == "missing-data":
+                self._handle(MissingData(msg["key"], msg["holder"], peer.id,
+                                         stimulus_id="missing-data"))
+            elif op == "steal-response":
+                self._handle(StealResponse(peer.id, msg.get("id", -1), msg.get("state"),
+                                           stimulus_id="steal-response", key=msg.get("key")))
+            elif op == "reply":
+                fut = peer.replies.pop(msg["reqid"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+            elif op == "closing":
+                peer.closing = True
+            elif op == "retire":
+                self._spawn(self.rpc_retire_workers(peer, workers=[peer.id]))
+            elif op == "who-has":
+                self._send(peer, {"op": "who-has-reply", "reqid": msg.get("reqid"),
+                                  "who_has": self.state.who_has(msg["keys"])})
+            else:
+                logger.warning("unknown op %r from worker %s", op, peer.id)
+        except Exception:
+            logger.exception("error handling %r from worker %s", str(msg)[:200], peer.id)
+
+    def _nanny_msg(self, peer, msg):
+        op = msg.get("op") if isinstance(msg, dict) else None
+        if op == "worker-died":
+            addr = msg.get("worker")
+            logger.warning("nanny reports worker %s died: %s", addr, msg.get("reason"))
+            if addr in self.workers:
+                self._remove_worker(addr, safe=False, reason="worker died")
+        elif op in ("worker-restarted", "reply"):
+            fut = peer.replies.pop(msg.get("reqid", "restart"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            if op == "worker-restarted" and msg.get("worker"):
+                self.nannies.pop(peer.id, None)
+                peer.id = msg["worker"]
+                self.nannies[peer.id] = peer
+        elif op == "register-nanny":
+            self.nannies.pop(peer.id, None)
+            peer.id = msg.get("worker")
+            self.nannies[peer.id] = peer
+        else:
+            logger.warning("unknown op %r from nanny", op)
+
+    async def _worker_request(self, addr, msg, timeout=None):
+        peer = self.workers.get(addr)
+        if peer is None:
+            raise CommClosedError(f"no worker {addr}")
+        reqid = next(self._reqids)
+        fut = asyncio.get_running_loop().create_future()
+        peer.replies[reqid] = fut
+        msg["reqid"] = reqid
+        peer.comm.send(msg)
+        return await asyncio.wait_for(fut, timeout)
+
+    # -- client messages -------------------------------------------------------------------------------
+    def _client_msg(self, peer, msg):
+        try:
+            op = msg["op"]
+            if op == "update-graph":
+                self._update_graph(peer.id, msg)
+            elif op == "release-keys":
+                self._handle(ClientReleasesKeys(peer.id, list(msg["keys"]),
+                                                stimulus_id="client-releases-keys"))
+            elif op == "want-keys":
+                self._handle(ClientWantsKeys(peer.id, list(msg["keys"]),
+                                             stimulus_id="client-wants-keys"))
+            elif op == "fire-and-forget":
+                self._handle(ClientWantsKeys(FIRE_AND_FORGET, list(msg["keys"]),
+                                             stimulus_id="fire-and-forget"))
+            elif op == "rpc":
+                self._client_rpc(peer, msg)
+            elif op == "close-client":
+                pass  # the comm closing removes the client
+            else:
+                logger.warning("unknown op %r from client %s", op, peer.id)
+                self._send(peer, {"op": "error", "message": f"unknown op {op!r}"})
+        except Exception as e:
+            logger.exception("error handling a message from client %s", peer.id)
+            reqid = msg.get("reqid") if isinstance(msg, dict) else None
+            if reqid is not None:
+                self._send(peer, {"op": "reply", "reqid": reqid, "error": serialize_obj(e)})
+
+    def _update_graph(self, client, msg):
+        tasks = []
+        workers = {}
+        aow = set()
+        resources = {}
+        retries = {}
+        annotations = {}
+        for rec in msg["tasks"]:
+            key, spec, deps, opts = rec
+            if opts:
+                if "priority" in opts:
+                    tasks.append((key, spec, deps, opts["priority"]))
+                else:
+                    tasks.append((key, spec, deps))
+                if "workers" in opts:
+                    workers[key] = opts["workers"]
+                    if opts.get("allow_other_workers"):
+                        aow.add(key)
+                if "resources" in opts:
+                    resources[key] = opts["resources"]
+                if "retries" in opts:
+                    retries[key] = opts["retries"]
+                if "annotations" in opts:
+                    annotations[key] = opts["annotations"]
+            else:
+                tasks.append((key, spec, deps))
+        self._handle(UpdateGraph(client, tasks, msg["wanted"], workers=workers or None,
+                                 allow_other_workers=aow or False,
+                                 resources=resources or None, retries=retries or 0,
+                                 annotations=annotations or None,
+                                 priority=int(msg.get("priority", 0)),
+                                 stimulus_id=f"update-graph-{next(self._stim)}"))
+
+    def _client_rpc(self, peer, msg):
+        method = msg.get("method")
+        reqid = msg.get("reqid")
+        handler = getattr(self, f"rpc_{method}", None) if isinstance(method, str) else None
+        if handler is None:
+            self._send(peer, {"op": "reply", "reqid": reqid,
+                              "error": serialize_obj(ValueError(f"unknown rpc method {method!r}"))})
+            return
+
+        async def run():
+            try:
+                result = handler(peer, **(msg.get("args") or {}))
+                if inspect.isawaitable(result):
+                    result = await result
+                reply = {"op": "reply", "reqid": reqid, "result": result}
+            except Exception as e:
+                reply = {"op": "reply", "reqid": reqid, "error": serialize_obj(e)}
+            self._send(peer, reply)
+
+        self._spawn(run())
+
+    # -- rpc methods (client-facing) -----------------------------------------------------------------
+    def _info(self):
+        return {"id": self.id, "address": self.address, "type": "Scheduler",
+                "started": self.start_time, "workers": self.state.worker_info()}
+
+    def rpc_scheduler_info(self, peer):
+        return self._info()
+
+    def rpc_who_has(self, peer, keys=None):
+        return self.state.who_has(keys)
+
+    def rpc_has_what(self, peer, workers=None):
+        return self.state.has_what(workers)
+
+    def rpc_nthreads(self, peer, workers=None):
+        n = self.state.nthreads()
+        if workers is not None:
+            n = {w: n[w] for w in workers if w in n}
+        return n
+
+    async def rpc_wait_for_workers(self, peer, n=1, timeout=None):
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while len(self.workers) < n:
+            self._worker_event.clear()
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"only {len(self.workers)} of {n} workers arrived "
+                                   f"within {timeout} s")
+            try:
+                await asyncio.wait_for(self._worker_event.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return len(self.workers)
+
+    def rpc_cancel(self, peer, keys, client=None, force=False):
+        self._handle(Cancel(client or peer.id, list(keys), force=force, stimulus_id="cancel"))
+
+    def rpc_retry(self, peer, keys, client=None):
+        self._handle(Retry(client or peer.id, list(keys), stimulus_id="retry"))
+
+    async def rpc_scatter(self, peer, data, client=None, workers=None, broadcast=False):
+        if not self.workers:
+            await self.rpc_wait_for_workers(peer, 1, timeout=30)
+        candidates = [w for w in (workers or list(self.workers)) if w in self.workers]
+        if not candidates:
+            raise ValueError(f"none of the requested workers exist: {workers}")
+        placement = {}
+        if broadcast:
+            for k in data:
+                placement[k] = list(candidates)
+        else:
+            load = {w: 0 for w in candidates}
+            for k, v in data.items():
+                w = min(candidates, key=load.__getitem__)
+                placement[k] = [w]
+                load[w] += v.nbytes if isinstance(v, Serialized) else 1
+        per_worker = {}
+        for k, ws in placement.items():
+            for w in ws:
+                per_worker.setdefault(w, {})[k] = data[k]
+        replies = await asyncio.gather(*[
+            self._worker_request(w, {"op": "update-data", "data": d})
+            for w, d in per_worker.items()])
+        nbytes = {}
+        for r in replies:
+            nbytes.update(r.get("nbytes", {}))
+        self._handle(UpdateData(client or peer.id, placement, nbytes, stimulus_id="scatter"))
+        # Second phase: the workers learn the task ids the state machine assigned.
+        for w, d in per_worker.items():
+            p = self.workers.get(w)
+            if p is not None:
+                self._send(p, {"op": "scatter-ids",
+                               "ids": [(k, self.state.id_of(k)) for k in d]})
+        return nbytes
+
+    async def rpc_run(self, peer, func, workers=None):
+        targets = [w for w in (workers or list(self.workers)) if w in self.workers]
+
+        async def one(w):
+            try:
+                r = await self._worker_request(w, {"op": "run", "func": func})
+                return w, [r["status"], r.get("result")]
+            except Exception as e:
+                return w, ["error", serialize_obj(e)]
+
+        return dict(await asyncio.gather(*[one(w) for w in targets]))
+
+    async def rpc_run_on_scheduler(self, peer, func):
+        try:
+            fn, args, kwargs = func.deserialize() if isinstance(func, Serialized) else func
+            kwargs = dict(kwargs or {})
+            try:
+                params = inspect.signature(fn).parameters
+            except (TypeError, ValueError):
+                params = {}
+            for name in ("scheduler", "dask_scheduler"):
+                if name in params:
+                    kwargs[name] = self
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            return ["ok", serialize_obj(result)]
+        except Exception as e:
+            return ["error", serialize_obj(e)]
+
+    async def rpc_restart(self, peer, timeout=60):
+        """Restart every worker through its nanny. Returns the number of workers to expect."""
+        n = len(self.workers)
+        clients = list(self.clients)
+        # Forget everything: all futures of all clients are cancelled.
+        keys = list(self.state.tasks)
+        for c in clients + [FIRE_AND_FORGET]:
+            self._handle(Cancel(c, keys, force=True, stimulus_id="restart"))
+        for c in clients:
+            self._send(self.clients[c], {"op": "key-cancelled", "keys": keys,
+                                         "reason": "the cluster was restarted"})
+        nannies = [self.nannies[w] for w in list(self.workers) if w in self.nannies]
+        without = [w for w in self.workers if w not in self.nannies]
+        for w in without:
+            logger.warning("worker %s has no nanny and cannot be restarted; closing it", w)
+            self._send(self.workers[w], {"op": "close", "reason": "restart"})
+            n -= 1
+
+        async def restart(nanny):
+            fut = asyncio.get_running_loop().create_future()
+            nanny.replies["restart"] = fut
+            self._send(nanny, {"op": "restart-worker"})
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except (asyncio.TimeoutError, CommClosedError) as e:
+                logger.warning("nanny for %s did not restart its worker: %s", nanny.id, e)
+
+        await asyncio.gather(*[restart(n_) for n_ in nannies])
+        return n
+
+    async def rpc_shutdown(self, peer):
+        self._spawn(self.close(reason="shutdown requested by a client"))
+        return None
+
+    async def rpc_retire_workers(self, peer, workers=None, n=0):
+        """Gracefully retire workers: their unique data moves elsewhere first."""
+        self._handle(RetireWorkers(workers, n, stimulus_id="retire-workers"))
+        retiring = list(self.state.retiring_workers())
+        await self._finish_retirement(retiring)
+        return retiring
+
+    async def rpc_adaptive_target(self, peer, target_duration=5.0):
+        return self.state.adaptive_target(target_duration)
+
+    async def rpc_story(self, peer, keys):
+        return [list(map(str, e)) for e in self.state.story(*keys)]
+
+    async def _finish_retirement(self, workers, timeout=60):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = [w for w in workers if w in self.workers]
+        while pending and loop.time() < deadline:
+            pending = [w for w in pending if w in self.workers and not self.state.can_close(w)]
+            if pending:
+                await asyncio.sleep(0.05)
+        for w in workers:
+            peer = self.workers.get(w)
+            if peer is not None:
+                peer.closing = True
+                self._send(peer, {"op": "close", "reason": "retired"})
+                nanny = self.nannies.get(w)
+                if nanny is not None:
+                    self._send(nanny, {"op": "close"})
+
+
+def write_scheduler_file(path, address):
+    """Write {"address": ...} atomically, so readers never see a partial file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"address": address, "pid": os.getpid(), "type": "Scheduler"}, f)
+    os.replace(tmp, path)

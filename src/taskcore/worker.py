@@ -1,0 +1,685 @@
+"""The worker server: scheduler messages -> WorkerState events; instructions -> actions.
+
+The compiled `WorkerState` decides what to run, fetch and report; this module
+owns the I/O and the data:
+
+* `data`: key -> value, the results held by this worker;
+* `TaskExecutor`: `nthreads` task threads (see executor.py);
+* a listener serving `get-data` to peers and clients;
+* outgoing `GatherDep` transfers, one coroutine per batch, pooled comms.
+
+Scheduler -> worker: compute-task, free-keys, steal-request, acquire-replicas,
+    remove-replicas, update-data (scatter), scatter-ids, run, close
+Worker -> scheduler: register-worker, task-finished, task-erred, add-keys,
+    release-worker-data, missing-data, steal-response, heartbeat, who-has,
+    reply, closing, retire
+Peer -> worker: get-data {keys} -> {status: "OK", data: {key: Serialized}} or {status: "busy"}
+
+Small results ride along inside `task-finished` (up to `inline_result_bytes`),
+so the scheduler can hand them to the client without another round trip.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import traceback as tb_mod
+import uuid
+
+from taskcore.core import worker_state as ws
+from taskcore.core.serialize import Serialized, nbytes as sizeof, serialize_obj
+from taskcore.errors import CommClosedError, HandshakeError
+from taskcore.executor import TaskExecutor, current_executor, current_task_id
+from taskcore.graph import substitute
+from taskcore.transports import connect, listen
+from taskcore.transports.addressing import get_address_host, parse_address, unparse_host_port
+from taskcore.utils import parse_bytes
+
+logger = logging.getLogger("taskcore.worker")
+
+_NATIVE = (int, float, str, bytes, bool, type(None))
+_task_local = threading.local()  # .worker: the Worker whose task runs on this thread
+
+
+def _memory_limit(limit, nthreads):
+    if limit in (None, 0, "0"):
+        return 0
+    if limit == "auto":
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    return parse_bytes(limit)
+
+
+class Worker:
+    """`Worker(scheduler_address, nthreads=1, memory_limit="auto", name=None, ...)`."""
+
+    def __init__(self, scheduler_address=None, nthreads=1, memory_limit="auto", name=None,
+                 resources=None, local_directory=None, death_timeout=None, lifetime=None,
+                 lifetime_stagger=0, protocol=None, host=None, interface=None, security=None,
+                 nanny_address=None, heartbeat_interval=0.5, listen_address=None, token=None,
+                 inline_result_bytes=16_384, validate=False, scheduler_file=None,
+                 connection_timeout=10, max_outgoing_transfers=16, **kwargs):
+        if scheduler_address is None and scheduler_file is None:
+            raise ValueError("Worker needs a scheduler address or scheduler_file=")
+        if scheduler_address is None:
+            from taskcore.client import Client
+
+            scheduler_address = Client._read_scheduler_file(scheduler_file, connection_timeout)
+        self.scheduler_address = scheduler_address
+        scheme = parse_address(scheduler_address)[0]
+        self.protocol = protocol or scheme
+        self.nthreads = int(nthreads)
+        if self.nthreads < 1:
+            raise ValueError(f"nthreads must be >= 1, got {nthreads}")
+        self.memory_limit = _memory_limit(memory_limit, self.nthreads)
+        self.resources = dict(resources or {})
+        self.name = name
+        self.local_directory = local_directory
+        self.death_timeout = death_timeout
+        self.lifetime = lifetime
+        self.lifetime_stagger = lifetime_stagger
+        self.security = security
+        self.nanny_address = nanny_address
+        self.heartbeat_interval = heartbeat_interval
+        self.token = token
+        self.inline_result_bytes = inline_result_bytes
+        self.connection_timeout = connection_timeout
+        self.max_outgoing_transfers = max_outgoing_transfers
+        self.validate = validate
+        if listen_address is None:
+            if self.protocol == "inproc":
+                listen_address = "inproc://"
+            else:
+                if interface:
+                    host = _interface_ip(interface)
+                if host is None:
+                    sched_host = get_address_host(scheduler_address)
+                    host = "127.0.0.1" if sched_host in ("127.0.0.1", "localhost") else "0.0.0.0"
+                listen_address = f"{self.protocol}://{unparse_host_port(host, 0)}"
+        self.listen_address = listen_address
+        self.id = f"Worker-{uuid.uuid4()}"
+        self.status = "created"
+        self.data: dict = {}
+        self.state = None
+        self.listener = None
+        self.scheduler_comm = None
+        self.executor = None
+        self._peer_comms: dict = {}
+        self._outgoing = 0
+        self._tasks = set()
+        self._closed = None
+        self._funcs: dict = {}
+        self._client = None
+        self._pending_scatter: dict = {}
+        self._inline: dict = {}      # task id -> Serialized small result, until reported
+        self._reqids = itertools.count(1)
+        self._sched_replies: dict = {}
+        self.loop = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @property
+    def address(self):
+        return self.listener.contact_address if self.listener else None
+
+    def __await__(self):
+        return self.start().__await__()
+
+    async def __aenter__(self):
+        if self.status != "running":
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    def _spawn(self, coro):
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def start(self):
+        if self.status == "running":
+            return self
+        self.loop = asyncio.get_running_loop()
+        self._closed = self.loop.create_future()
+        opts = {"security": self.security} if self.security is not None else {}
+        self.listener = await listen(self.listen_address, self._handle_peer, role="worker",
+                                     token=self.token, **opts)
+        if self.name is None:
+            self.name = self.address
+        self.executor = TaskExecutor(self.nthreads, self.loop, self._on_results,
+                                     name=f"taskcore-worker-{os.getpid()}")
+        self._new_state()
+        try:
+            await self._register()
+        except BaseException:
+            await self.listener.stop()
+            self.executor.shutdown()
+            raise
+        self.status = "running"
+        self._spawn(self._heartbeat_loop())
+        if self.lifetime:
+            delay = self.lifetime + random.uniform(-1, 1) * (self.lifetime_stagger or 0)
+            self._spawn(self._retire_after(max(delay, 0)))
+        logger.info("worker %s (%s threads) connected to %s", self.address, self.nthreads,
+                    self.scheduler_address)
+        return self
+
+    def _new_state(self):
+        self.state = ws.WorkerState(self.nthreads, self.resources or None, self.address,
+                                    validate=self.validate)
+        self.data.clear()
+
+    async def _register(self):
+        opts = {"security": self.security} if self.security is not None else {}
+        comm = await connect(self.scheduler_address, timeout=self.connection_timeout,
+                             role="worker", token=self.token, **opts)
+        await comm.write({
+            "op": "register-worker", "address": self.address, "name": self.name,
+            "nthreads": self.nthreads, "memory_limit": self.memory_limit,
+            "resources": self.resources, "pid": os.getpid(), "host": socket.gethostname(),
+            "nanny": self.nanny_address, "local_directory": self.local_directory,
+        })
+        reply = await asyncio.wait_for(comm.read(), self.connection_timeout)
+        if reply.get("op") != "registered":
+            await comm.close()
+            raise ValueError(f"scheduler refused worker registration: {reply.get('message', reply)}")
+        self.scheduler_comm = comm
+        comm.set_message_handler(self._scheduler_msg)
+        self._spawn(self._watch_scheduler(comm))
+
+    async def _watch_scheduler(self, comm):
+        await comm.lost
+        if self.status not in ("running",):
+            return
+        logger.warning("lost the scheduler at %s; reconnecting (death timeout %s s)",
+                       self.scheduler_address, self.death_timeout)
+        self.status = "reconnecting"
+        loop = asyncio.get_running_loop()
+        deadline = None if self.death_timeout is None else loop.time() + float(self.death_timeout)
+        while self.status == "reconnecting":
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                logger.error("scheduler gone for %s s; worker exits", self.death_timeout)
+                await self.close(reason="death-timeout", report=False)
+                return
+            try:
+                # Everything held belongs to a scheduler that forgot us: start clean.
+                self._new_state()
+                await asyncio.wait_for(self._register(),
+                                       None if remaining is None else max(remaining, 0.1))
+                self.status = "running"
+                logger.info("reconnected to %s", self.scheduler_address)
+                return
+            except (OSError, asyncio.TimeoutError, HandshakeError, CommClosedError, ValueError):
+                await asyncio.sleep(0.2)
+
+    async def finished(self):
+        await asyncio.shield(self._closed)
+
+    async def close(self, reason="worker-close", report=True, timeout=5):
+        if self.status in ("closing", "closed"):
+            if self._closed is not None:
+                await asyncio.shield(self._closed)
+            return
+        self.status = "closing"
+        logger.info("closing worker %s: %s", self.address, reason)
+        if self.scheduler_comm is not None and not self.scheduler_comm.closed:
+            try:
+                if report:
+                    self.scheduler_comm.send({"op": "closing", "reason": reason})
+                await asyncio.wait_for(self.scheduler_comm.close(), 2)
+            except Exception:
+                self.scheduler_comm.abort()
+        if self.listener is not None:
+            await self.listener.stop()
+        for c in self._peer_comms.values():
+            c.abort()
+        if self.executor is not None:
+            self.executor.shutdown()
+        if self._client is not None:
+            try:
+                await self._client._close()
+            except Exception:
+                pass
+        for t in list(self._tasks):
+            t.cancel()
+        self.status = "closed"
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    async def close_gracefully(self, reason="retire"):
+        """Retire: the scheduler moves data only this worker holds, then closes us."""
+        if self.status != "running":
+            return
+        self.scheduler_comm.send({"op": "retire"})
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closed), 60)
+        except asyncio.TimeoutError:
+            await self.close(reason=reason)
+
+    async def _retire_after(self, delay):
+        await asyncio.sleep(delay)
+        logger.info("lifetime of %s s reached", self.lifetime)
+        await self.close_gracefully(reason="lifetime")
+
+    async def _heartbeat_loop(self):
+        import psutil
+
+        proc = psutil.Process()
+        paused = False
+        while self.status in ("running", "reconnecting"):
+            await asyncio.sleep(self.heartbeat_interval)
+            if self.status != "running":
+                continue
+            rss = proc.memory_info().rss
+            metrics = {"rss": rss, "memory": self.state.memory_bytes,
+                       "executing": self.state.executing_count,
+                       "ready": self.state.ready_count, "in_memory": len(self.data),
+                       "time": time.time()}
+            try:
+                self.scheduler_comm.send({"op": "heartbeat", "metrics": metrics})
+            except CommClosedError:
+                continue
+            if self.memory_limit:
+                frac = rss / self.memory_limit
+                if frac > 0.8 and not paused:
+                    paused = True
+                    logger.warning("memory at %.0f%% of the limit: pausing", frac * 100)
+                    self._handle(ws.PauseEvent("memory-pause"))
+                elif frac < 0.7 and paused:
+                    paused = False
+                    self._handle(ws.UnpauseEvent("memory-unpause"))
+
+    # -- the state machine ----------------------------------------------------------------
+    def _handle(self, *events):
+        self._execute(self.state.handle_stimulus(*events))
+
+    def _send_scheduler(self, msg):
+        comm = self.scheduler_comm
+        if comm is not None and not comm.closed:
+            comm.send(msg)
+
+    def _execute(self, instructions):
+        send = self._send_scheduler
+        for ins in instructions:
+            t = type(ins)
+            if t is ws.Execute:
+                self.executor.submit(ins.id, self._task_callable(ins.id, ins.key, ins.run_spec))
+            elif t is ws.TaskFinishedMsg:
+                msg = {"op": "task-finished", "id": ins.id, "nbytes": ins.nbytes,
+                       "type": ins.type_name, "duration": ins.stop - ins.start}
+                inline = self._inline.pop(ins.id, None) if self._inline else None
+                if inline is not None:
+                    msg["data"] = inline
+                send(msg)
+            elif t is ws.TaskErredMsg:
+                send({"op": "task-erred", "id": ins.id, "key": ins.key,
+                      "exception": ins.exception, "traceback": ins.traceback})
+            elif t is ws.GatherDep:
+                self._spawn(self._gather_dep(ins.worker, ins.ids, ins.keys, ins.stimulus_id))
+            elif t is ws.DropData:
+                self.data.pop(ins.key, None)
+            elif t is ws.AddKeysMsg:
+                send({"op": "add-keys", "keys": [self.state.get_task(i).key for i in ins.ids]})
+            elif t is ws.ReleaseWorkerDataMsg:
+                send({"op": "release-worker-data", "keys": [ins.key]})
+            elif t is ws.MissingDataMsg:
+                send({"op": "missing-data", "key": ins.key, "holder": ins.errant_worker})
+            elif t is ws.StealResponseMsg:
+                send({"op": "steal-response", "id": ins.id, "key": ins.key, "state": ins.state})
+            elif t is ws.RequestRefreshWhoHas:
+                self._spawn(self._refresh_who_has(ins.ids))
+            elif t is ws.RetryBusyWorkerLater:
+                self.loop.call_later(0.15, self._retry_busy, ins.worker)
+            elif t is ws.RescheduleMsg:
+                send({"op": "task-erred", "id": ins.id, "key": ins.key,
+                      "exception": serialize_obj(RuntimeError(
+                          f"task {ins.key!r} asked to be rescheduled, which taskcore does not "
+                          "support")), "traceback": None})
+            elif t is ws.LongRunningMsg:
+                pass  # the scheduler keeps counting the task as processing
+            else:
+                logger.error("unhandled worker instruction %r", ins)
+
+    def _retry_busy(self, worker):
+        if self.status == "running":
+            self._handle(ws.RetryBusyWorker(worker, "retry-busy-worker"))
+
+    # -- scheduler messages ------------------------------------------------------------------
+    def _scheduler_msg(self, msg):
+        op = msg.get("op")
+        try:
+            if op == "compute-task":
+                self._handle(ws.ComputeTask(msg["id"], msg["key"], msg["spec"],
+                                            msg["priority"], "compute-task", msg["deps"],
+                                            msg.get("resources"), msg.get("annotations")))
+            elif op == "free-keys":
+                self._handle(ws.FreeKeys(msg["ids"], "free-keys"))
+            elif op == "steal-request":
+                self._handle(ws.StealRequest(msg["id"], "steal-request"))
+            elif op == "acquire-replicas":
+                self._handle(ws.AcquireReplicas(msg["who_has"], "acquire-replicas"))
+            elif op == "remove-replicas":
+                self._handle(ws.RemoveReplicas(msg["ids"], "remove-replicas"))
+            elif op == "update-data":
+                self._update_data(msg)
+            elif op == "scatter-ids":
+                self._scatter_ids(msg)
+            elif op == "run":
+                self._spawn(self._run_function(msg))
+            elif op == "who-has-reply":
+                fut = self._sched_replies.pop(msg.get("reqid"), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg["who_has"])
+            elif op == "close":
+                self._spawn(self.close(reason=msg.get("reason", "scheduler asked"), report=False))
+            else:
+                logger.warning("unknown op %r from the scheduler", op)
+        except Exception:
+            logger.exception("error handling %r from the scheduler", str(msg)[:200])
+
+    # -- executing tasks --------------------------------------------------------------------
+    def _function(self, fser):
+        if not isinstance(fser, Serialized):
+            return fser
+        frames = fser.frames
+        if len(frames) == 1 and len(frames[0]) <= 65536:
+            k = bytes(frames[0])
+            f = self._funcs.get(k)
+            if f is None:
+                f = fser.deserialize()
+                if len(self._funcs) > 1000:
+                    self._funcs.clear()
+                self._funcs[k] = f
+            return f
+        return fser.deserialize()
+
+    def _task_callable(self, tid, key, spec):
+        data = self.data
+        worker = self
+
+        def run():
+            _task_local.worker = worker
+            try:
+                kind = spec[0]
+                if kind == "call":
+                    try:
+                        func = worker._function(spec[1])
+                        args, kwargs = spec[2], spec[3]
+                        if isinstance(args, Serialized):
+                            args, kwargs = args.deserialize()
+                            args = substitute(args, data)
+                            if kwargs:
+                                kwargs = substitute(kwargs, data)
+                    except Exception as e:
+                        raise _DeserializeError(
+                            f"could not deserialize task {key!r} on worker {worker.address}: "
+                            f"{type(e).__name__}: {e}") from e
+                    return func(*args, **kwargs) if kwargs else func(*args)
+                if kind == "dask":
+                    from taskcore.dask_integration import execute_dask_node
+
+                    return execute_dask_node(spec[1], data)
+                raise ValueError(f"unknown run spec kind {kind!r} for task {key!r}")
+            finally:
+                _task_local.worker = None
+
+        return run
+
+    def _on_results(self, results):
+        events = []
+        for tid, ok, value, start, stop in results:
+            ts = self.state.get_task(tid)
+            if ts is None:
+                continue
+            key = ts.key
+            if ok:
+                t = type(value)
+                try:
+                    nb = 28 if t is int or t is float else sizeof(value)
+                except Exception:
+                    nb = 1024
+                if nb <= self.inline_result_bytes:
+                    try:
+                        s = serialize_obj(value)
+                    except Exception as e:
+                        events.append(self._failure(tid, key, TypeError(
+                            f"the result of task {key!r} (type {t.__name__}) cannot be "
+                            f"serialized: {e}"), start, stop))
+                        continue
+                    if s.nbytes <= self.inline_result_bytes:
+                        self._inline[tid] = s
+                self.data[key] = value
+                events.append(ws.ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute"))
+            else:
+                events.append(self._failure(tid, key, value, start, stop))
+        self._handle(*events)
+
+    def _failure(self, tid, key, exc, start, stop):
+        text = "".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            s = serialize_obj(exc)
+        except Exception:
+            s = serialize_obj(RuntimeError(f"{type(exc).__name__}: {exc}"))
+        return ws.ExecuteFailure(tid, s, text, start, stop, "execute-failure")
+
+    # -- data transfer ------------------------------------------------------------------------
+    async def _peer(self, address):
+        comm = self._peer_comms.get(address)
+        if comm is None or comm.closed:
+            opts = {"security": self.security} if self.security is not None else {}
+            comm = await connect(address, timeout=self.connection_timeout, role="worker",
+                                 token=self.token, **opts)
+            self._peer_comms[address] = comm
+        return comm
+
+    async def _gather_dep(self, worker, ids, keys, stimulus_id):
+        try:
+            comm = await self._peer(worker)
+            # One request in flight per pooled comm: take it out of the pool meanwhile.
+            self._peer_comms.pop(worker, None)
+            await comm.write({"op": "get-data", "keys": keys, "who": self.address})
+            reply = await comm.read()
+            if not comm.closed:
+                self._peer_comms.setdefault(worker, comm)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, CommClosedError, HandshakeError) as e:
+            logger.info("fetch from %s failed: %s", worker, e)
+            if self.status == "running":
+                self._handle(ws.GatherDepNetworkFailure(worker, "gather-dep-network-failure", ids))
+            return
+        if self.status != "running":
+            return
+        if reply.get("status") == "busy":
+            self._handle(ws.GatherDepBusy(worker, "gather-dep-busy", ids))
+            return
+        got = {}
+        errors = reply.get("errors") or {}
+        by_key = dict(zip(keys, ids))
+        try:
+            for k, v in reply.get("data", {}).items():
+                if isinstance(v, Serialized):
+                    v = v.deserialize()
+                self.data[k] = v
+                got[by_key[k]] = sizeof(v)
+        except Exception as e:
+            self._handle(ws.GatherDepFailure(worker, serialize_obj(e), str(e),
+                                             "gather-dep-failure", ids))
+            return
+        if errors:
+            logger.warning("peer %s could not send %s", worker, errors)
+        self._handle(ws.GatherDepSuccess(worker, got, stimulus_id))
+
+    async def _refresh_who_has(self, ids):
+        keys = []
+        for i in ids:
+            ts = self.state.get_task(i)
+            if ts is not None:
+                keys.append(ts.key)
+        if not keys or self.scheduler_comm is None or self.scheduler_comm.closed:
+            return
+        reqid = next(self._reqids)
+        fut = self.loop.create_future()
+        self._sched_replies[reqid] = fut
+        self.scheduler_comm.send({"op": "who-has", "keys": keys, "reqid": reqid})
+        try:
+            who_has = await asyncio.wait_for(fut, 10)
+        except (asyncio.TimeoutError, CommClosedError):
+            return
+        by_key = {self.state.get_task(i).key: i for i in ids if self.state.get_task(i) is not None}
+        result = {by_key[k]: v for k, v in who_has.items() if k in by_key}
+        if self.status == "running":
+            self._handle(ws.FindMissingResult(result, "find-missing-result"))
+
+    async def _handle_peer(self, comm):
+        """Serve get-data (peers and clients) on an incoming connection."""
+        while True:
+            try:
+                msg = await comm.read()
+            except CommClosedError:
+                return
+            op = msg.get("op") if isinstance(msg, dict) else None
+            if op == "get-data":
+                await self._serve_get_data(comm, msg)
+            else:
+                await comm.write({"status": "error", "message": f"unknown op {op!r}"})
+
+    async def _serve_get_data(self, comm, msg):
+        if self._outgoing >= self.max_outgoing_transfers and msg.get("who") != "client":
+            await comm.write({"status": "busy"})
+            return
+        self._outgoing += 1
+        try:
+            data = {}
+            errors = {}
+            for k in msg.get("keys", ()):
+                if k not in self.data:
+                    continue
+                try:
+                    data[k] = serialize_obj(self.data[k])
+                except Exception as e:
+                    errors[k] = f"cannot serialize {type(self.data[k]).__name__}: {e}"
+            await comm.write({"status": "OK", "data": data, "errors": errors})
+        finally:
+            self._outgoing -= 1
+
+    # -- scatter, run ------------------------------------------------------------------------------
+    def _update_data(self, msg):
+        nbytes = {}
+        try:
+            for k, v in msg["data"].items():
+                if isinstance(v, Serialized):
+                    v = v.deserialize()
+                self._pending_scatter[k] = v
+                nbytes[k] = sizeof(v)
+            reply = {"op": "reply", "reqid": msg["reqid"], "nbytes": nbytes}
+        except Exception as e:
+            reply = {"op": "reply", "reqid": msg["reqid"], "error": serialize_obj(e)}
+        self._send_scheduler(reply)
+
+    def _scatter_ids(self, msg):
+        items = []
+        for k, tid in msg["ids"]:
+            if k in self._pending_scatter:
+                v = self._pending_scatter.pop(k)
+                self.data[k] = v
+                items.append((tid, k, sizeof(v)))
+        if items:
+            self._handle(ws.UpdateData(items, "scatter", report=False))
+
+    async def _run_function(self, msg):
+        try:
+            fn, args, kwargs = msg["func"].deserialize()
+            kwargs = dict(kwargs or {})
+            try:
+                params = inspect.signature(fn).parameters
+            except (TypeError, ValueError):
+                params = {}
+            for name in ("worker", "dask_worker"):
+                if name in params:
+                    kwargs[name] = self
+            result = fn(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            reply = {"status": "ok", "result": serialize_obj(result)}
+        except Exception as e:
+            reply = {"status": "error", "result": serialize_obj(e)}
+        reply.update(op="reply", reqid=msg["reqid"])
+        self._send_scheduler(reply)
+
+    # -- tasks calling back into the cluster -----------------------------------------------------
+    def _get_client(self):
+        if self._client is None or self._client.status != "running":
+            from taskcore.client import Client
+
+            self._client = Client(self.scheduler_address, security=self.security,
+                                  set_as_default=False, timeout=self.connection_timeout)
+        return self._client
+
+
+class _DeserializeError(Exception):
+    """A task's function or arguments could not be deserialized on the worker."""
+
+
+def _interface_ip(interface):
+    import psutil
+
+    addrs = psutil.net_if_addrs()
+    if interface not in addrs:
+        raise ValueError(f"no network interface {interface!r}; available: {sorted(addrs)}")
+    for a in addrs[interface]:
+        if a.family == socket.AF_INET:
+            return a.address
+    for a in addrs[interface]:
+        if a.family == socket.AF_INET6:
+            return a.address.split("%")[0]
+    raise ValueError(f"interface {interface!r} has no IP address")
+
+
+def get_worker():
+    """The Worker running the current task (only valid inside a task)."""
+    w = getattr(_task_local, "worker", None)
+    if w is None:
+        raise ValueError("get_worker() called outside of a task")
+    return w
+
+
+def get_client():
+    """A Client connected to the current worker's scheduler (inside a task), else the default."""
+    w = getattr(_task_local, "worker", None)
+    if w is None:
+        from taskcore.client import default_client
+
+        return default_client()
+    return w._get_client()
+
+
+def secede():
+    """Leave the worker's thread pool: this task stops occupying a slot (e.g. to wait on
+    futures it submitted). Call rejoin() to take a slot back."""
+    ex = current_executor()
+    tid = current_task_id()
+    if ex is None or tid is None:
+        raise ValueError("secede() called outside of a task")
+    w = getattr(_task_local, "worker", None)
+    if ex.secede() and w is not None:
+        w.loop.call_soon_threadsafe(w._handle, ws.SecedeEvent(tid, "secede"))
+
+
+def rejoin():
+    """Re-enter the worker's thread pool after secede()."""
+    ex = current_executor()
+    if ex is None:
+        raise ValueError("rejoin() called outside of a task")
+    ex.rejoin()
