@@ -160,6 +160,8 @@ class Client:
         self._outbox_scheduled = False
         self._release_pending: list = []
         self._reqids = itertools.count(1)
+        self._uid = uuid.uuid4().hex[:12]
+        self._counter = itertools.count()
         self._replies: dict = {}
         self._worker_comms: dict = {}
         self._worker_locks: dict = {}
@@ -476,7 +478,7 @@ class Client:
         """One task record: [key, run_spec, dependency keys, options]."""
         if key is None:
             ftok = ftok or _func_token(func)
-            tok = _tokenize(ftok, args, kwargs) if pure else uuid.uuid4().hex
+            tok = _tokenize(ftok, args, kwargs) if pure else self._unique()
             key = f"{_funcname(func)}-{tok}"
         fser = fser or self._serialized_function(func)
         if not kwargs and _is_native_flat(args):
@@ -485,6 +487,10 @@ class Client:
         args2 = _replace_futures(args, deps)
         kwargs2 = _replace_futures(kwargs, deps) if kwargs else None
         return key, ["call", fser, serialize_obj((args2, kwargs2)), None], deps
+
+    def _unique(self):
+        """A key suffix unique to this client (pure=False): cheaper than a uuid per task."""
+        return f"{self._uid}-{next(self._counter)}"
 
     @staticmethod
     def _task_options(workers, resources, retries, priority, allow_other_workers, annotations=None):
@@ -551,7 +557,7 @@ class Client:
         seen = set()
         for args, k in zip(arglists, keys):
             if k is None:
-                tok = _tokenize(ftok, args, kwargs) if pure else uuid.uuid4().hex
+                tok = _tokenize(ftok, args, kwargs) if pure else self._unique()
                 k = f"{prefix}-{tok}"
             k, spec, deps = self._make_task(func, args, kwargs, k, pure, fser, ftok)
             out_keys.append(k)

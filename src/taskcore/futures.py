@@ -18,6 +18,7 @@ from collections import namedtuple
 from taskcore.errors import CancelledError, FutureLostError
 
 PENDING, FINISHED, ERROR, CANCELLED, LOST = "pending", "finished", "error", "cancelled", "lost"
+_event_lock = threading.Lock()
 
 
 class RemoteTraceback(Exception):
@@ -45,7 +46,7 @@ class FutureState:
         self.exception = None
         self.traceback = None
         self.type = None
-        self._event = threading.Event()
+        self._event = None        # threading.Event, created only if a thread waits
         self._waiters = None
         self.callbacks = None
 
@@ -54,7 +55,9 @@ class FutureState:
 
     def _set(self, status):
         self.status = status
-        self._event.set()
+        ev = self._event
+        if ev is not None:
+            ev.set()
         if self._waiters:
             for w in self._waiters:
                 if not w.done():
@@ -92,7 +95,8 @@ class FutureState:
         self.has_data = False
         self.exception = None
         self.traceback = None
-        self._event.clear()
+        if self._event is not None:
+            self._event.clear()
 
     async def wait(self):
         """Wait on the client's loop."""
@@ -104,6 +108,15 @@ class FutureState:
             await w
 
     def wait_sync(self, timeout=None):
+        """Wait from any thread (the loop thread must not call this)."""
+        if self.status != PENDING:
+            return True
+        if self._event is None:
+            with _event_lock:
+                if self._event is None:
+                    self._event = threading.Event()
+            if self.status != PENDING:  # finished before the event existed
+                return True
         return self._event.wait(timeout)
 
     def add_callback(self, cb):

@@ -33,3 +33,38 @@ def require(condition, reason):
     if IN_CI:
         pytest.fail(f"required component missing in CI: {reason}")
     pytest.skip(reason)
+
+
+class cluster:
+    """`async with cluster(n_workers=2) as (scheduler, workers):` all in this loop (tcp).
+
+    For tests that want real servers without subprocesses.
+    """
+
+    def __init__(self, n_workers=2, nthreads=1, protocol="tcp", scheduler_kwargs=None,
+                 worker_kwargs=None):
+        self.n_workers = n_workers
+        self.nthreads = nthreads
+        self.protocol = protocol
+        self.scheduler_kwargs = scheduler_kwargs or {}
+        self.worker_kwargs = worker_kwargs or {}
+
+    async def __aenter__(self):
+        from taskcore.scheduler import Scheduler
+        from taskcore.worker import Worker
+
+        self.scheduler = await Scheduler(protocol=self.protocol, validate=True,
+                                         **self.scheduler_kwargs).start()
+        self.workers = []
+        for i in range(self.n_workers):
+            kw = dict(self.worker_kwargs)
+            kw.setdefault("name", f"w{i}")
+            w = await Worker(self.scheduler.address, nthreads=self.nthreads, validate=True,
+                             **kw).start()
+            self.workers.append(w)
+        return self.scheduler, self.workers
+
+    async def __aexit__(self, *exc):
+        for w in self.workers:
+            await w.close()
+        await self.scheduler.close()

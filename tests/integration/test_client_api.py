@@ -1,0 +1,433 @@
+"""The Client API against real scheduler and worker servers (one process, tcp)."""
+import asyncio
+import gc
+import operator
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from taskcore.client import Client
+from taskcore.errors import CancelledError
+from taskcore.futures import FIRST_COMPLETED, as_completed, fire_and_forget, wait
+from taskcore.testing import cluster, run
+
+
+def inc(x):
+    return x + 1
+
+
+def add(a, b):
+    return a + b
+
+
+def slowinc(x, delay=0.05):
+    time.sleep(delay)
+    return x + 1
+
+
+class MyError(Exception):
+    pass
+
+
+def fail(x):
+    raise MyError(f"bad value {x}")
+
+
+def client_test(fn, n_workers=2, nthreads=1, **kw):
+    async def main():
+        async with cluster(n_workers=n_workers, nthreads=nthreads, **kw) as (s, ws):
+            async with Client(s.address, asynchronous=True) as c:
+                await fn(c, s, ws)
+
+    run(main(), timeout=60)
+
+
+def test_submit_map_gather():
+    async def t(c, s, ws):
+        f = c.submit(inc, 1)
+        assert await f == 2
+        assert f.done() and f.status == "finished"
+        fs = c.map(inc, range(50))
+        assert await c.gather(fs) == list(range(1, 51))
+        # nested structures keep their shape
+        out = await c.gather({"a": fs[0], "b": [fs[1], (fs[2], 7)]})
+        assert out == {"a": 1, "b": [2, (3, 7)]}
+        # futures as arguments arrive as their data, also nested
+        g = c.submit(add, fs[0], fs[1])
+        assert await g == 3
+        h = c.submit(sum, [fs[0], fs[1], fs[2]])
+        assert await h == 6
+        # kwargs and multiple iterables
+        assert await c.gather(c.map(add, [1, 2], [10, 20])) == [11, 22]
+        assert await c.submit(add, 1, b=fs[3]) == 5
+
+    client_test(t)
+
+
+def test_pure_keys_dedup_and_explicit_key():
+    async def t(c, s, ws):
+        a = c.submit(inc, 10)
+        b = c.submit(inc, 10)
+        assert a.key == b.key
+        d = c.submit(inc, 10, pure=False)
+        assert d.key != a.key
+        e = c.submit(inc, 5, key="my-key")
+        assert e.key == "my-key" and await e == 6
+
+    client_test(t)
+
+
+def test_large_results_gathered_from_workers():
+    async def t(c, s, ws):
+        f = c.submit(np.arange, 1_000_000)
+        x = await f
+        assert x.sum() == np.arange(1_000_000).sum()
+        # a dependent on another worker fetches it peer to peer
+        g = c.submit(np.sum, f)
+        assert await g == x.sum()
+
+    client_test(t)
+
+
+def test_task_errors_carry_type_and_traceback():
+    async def t(c, s, ws):
+        f = c.submit(fail, 3)
+        with pytest.raises(MyError, match="bad value 3") as info:
+            await f
+        assert f.status == "error"
+        exc = await f.exception()
+        assert isinstance(exc, MyError)
+        tb = await f.traceback()
+        assert "fail" in tb and "raise MyError" in tb
+        assert "raise MyError" in str(info.value.__cause__)
+        # dependents err with the original exception
+        g = c.submit(inc, f)
+        with pytest.raises(MyError):
+            await g
+        # errors="skip"
+        ok = c.submit(inc, 1)
+        assert await c.gather([ok, f], errors="skip") == [2]
+
+    client_test(t)
+
+
+def test_unpicklable_result_and_bad_argument_err_only_that_task():
+    async def t(c, s, ws):
+        f = c.submit(threading.Lock)
+        with pytest.raises(TypeError, match="cannot be serialized"):
+            await f
+
+        class Unloadable:
+            def __reduce__(self):
+                return (_explode, ())
+
+        g = c.submit(inc, Unloadable())
+        with pytest.raises(Exception, match="could not deserialize"):
+            await g
+        # the workers are fine
+        assert await c.submit(inc, 41) == 42
+
+    client_test(t)
+
+
+def _explode():
+    raise ValueError("cannot rebuild this argument")
+
+
+def test_retries_and_retry():
+    async def t(c, s, ws):
+        counter = s.address  # unique per test run
+
+        def flaky(path=counter):
+            import builtins
+
+            n = getattr(builtins, "_tc_flaky", 0) + 1
+            builtins._tc_flaky = n
+            if n < 3:
+                raise MyError("try again")
+            return n
+
+        f = c.submit(flaky, retries=5, pure=False)
+        assert await f >= 3
+
+        g = c.submit(fail, 1)
+        with pytest.raises(MyError):
+            await g
+        await c.retry([g])
+        with pytest.raises(MyError):
+            await g
+
+    client_test(t, n_workers=1)
+
+
+def test_cancel():
+    async def t(c, s, ws):
+        f = c.submit(slowinc, 1, 1.0)
+        await asyncio.sleep(0.05)
+        await c.cancel([f])
+        assert f.cancelled()
+        with pytest.raises(CancelledError):
+            await f
+        assert await c.submit(inc, 1) == 2
+
+    client_test(t)
+
+
+def test_scatter_and_broadcast():
+    async def t(c, s, ws):
+        [a, b] = await c.scatter([1, 2])
+        assert await c.submit(add, a, b) == 3
+        d = await c.scatter({"x": np.ones(10)})
+        assert (await d["x"]).sum() == 10
+        one = await c.scatter(5, workers=[ws[0].address])
+        assert (await c._rpc("who_has", keys=[one.key]))[one.key] == [ws[0].address]
+        bc = await c.scatter(7, broadcast=True)
+        assert sorted((await c._rpc("who_has", keys=[bc.key]))[bc.key]) == sorted(
+            w.address for w in ws)
+        assert await c.submit(inc, bc) == 8
+
+    client_test(t)
+
+
+def test_restrictions_and_resources():
+    async def t(c, s, ws):
+        a = ws[0].address
+        fs = c.map(inc, range(10), workers=[a])
+        await c.gather(fs)
+        who = await c._rpc("who_has", keys=[f.key for f in fs])
+        assert all(v == [a] for v in who.values())
+        g = c.submit(inc, 1, resources={"GPU": 1}, pure=False)
+        assert await g == 2
+        who = await c._rpc("who_has", keys=[g.key])
+        assert who[g.key] == [ws[1].address]
+
+    async def main():
+        async with cluster(n_workers=0) as (s, ws):
+            from taskcore.worker import Worker
+
+            w0 = await Worker(s.address, name="w0")
+            w1 = await Worker(s.address, name="w1", resources={"GPU": 2})
+            try:
+                async with Client(s.address, asynchronous=True) as c:
+                    await t(c, s, [w0, w1])
+            finally:
+                await w0.close()
+                await w1.close()
+
+    run(main())
+
+
+def test_cluster_inspection_and_run():
+    async def t(c, s, ws):
+        info = await c._rpc("scheduler_info")
+        assert len(info["workers"]) == 2
+        f = c.submit(inc, 1)
+        await f
+        who = await c._rpc("who_has", keys=[f.key])
+        assert len(who[f.key]) == 1
+        has = await c._rpc("has_what")
+        assert f.key in sum(has.values(), [])
+        assert await c._rpc("nthreads") == {w.address: 1 for w in ws}
+        res = await c._run(lambda: 1 + 1, (), {}, None, "raise")
+        assert res == {w.address: 2 for w in ws}
+        res = await c._run(lambda dask_worker: dask_worker.address, (), {}, [ws[0].address],
+                           "raise")
+        assert res == {ws[0].address: ws[0].address}
+        with pytest.raises(ZeroDivisionError):
+            await c._run(lambda: 1 / 0, (), {}, None, "raise")
+        assert await c._run_on_scheduler(lambda scheduler: scheduler.address, (), {}) == s.address
+        assert await c._rpc("wait_for_workers", n=2, timeout=1) == 2
+
+    client_test(t)
+
+
+def test_reference_counting_forgets_released_keys():
+    async def t(c, s, ws):
+        f = c.submit(inc, 100)
+        key = f.key
+        await f
+        assert key in s.state.tasks
+        del f
+        gc.collect()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if key not in s.state.tasks:
+                break
+        assert key not in s.state.tasks
+        assert all(key not in w.data for w in ws)
+
+    client_test(t)
+
+
+def test_two_clients_share_a_key():
+    async def main():
+        async with cluster() as (s, ws):
+            async with Client(s.address, asynchronous=True) as c1, \
+                    Client(s.address, asynchronous=True) as c2:
+                f1 = c1.submit(inc, 7)
+                f2 = c2.submit(inc, 7)
+                assert f1.key == f2.key
+                assert await f1 == 8 and await f2 == 8
+                f1.release()
+                await asyncio.sleep(0.2)
+                assert f2.key in s.state.tasks  # c2 still wants it
+                assert await c2.gather(f2) == 8
+
+    run(main())
+
+
+def test_as_completed_and_wait():
+    async def t(c, s, ws):
+        fs = c.map(slowinc, [3, 1, 2], [0.3, 0.0, 0.15])
+        seen = []
+        async for f in as_completed(fs):
+            seen.append(await f)
+        assert sorted(seen) == [2, 3, 4]
+        ac = as_completed(with_results=True)
+        ac.update(c.map(inc, range(5)))
+        ac.add(c.submit(inc, 100))
+        results = []
+        async for f, r in ac:
+            results.append(r)
+        assert sorted(results) == [1, 2, 3, 4, 5, 101]
+        bad = c.submit(fail, 1)
+        ac = as_completed([bad], with_results=True, raise_errors=False)
+        async for f, r in ac:
+            assert isinstance(r, MyError)
+        fs = c.map(slowinc, [1, 2], [0.0, 1.0], pure=False)
+        done, not_done = await wait(fs, return_when=FIRST_COMPLETED)
+        assert len(done) >= 1
+        done, not_done = await wait(fs)
+        assert len(done) == 2 and not not_done
+
+    client_test(t)
+
+
+def _touch(path, delay):
+    time.sleep(delay)
+    with open(path, "w") as f:
+        f.write("done")
+
+
+def test_fire_and_forget(tmp_path):
+    path = str(tmp_path / "ran")
+
+    async def t(c, s, ws):
+        import os
+
+        f = c.submit(_touch, path, 0.2)
+        key = f.key
+        fire_and_forget(f)
+        del f
+        gc.collect()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if os.path.exists(path) and key not in s.state.tasks:
+                break
+        # it ran although no future was left, and was forgotten once done
+        assert os.path.exists(path)
+        assert key not in s.state.tasks
+
+    client_test(t)
+
+
+def test_get_client_secede_rejoin_inside_tasks():
+    def fib(n):
+        from taskcore.worker import get_client, rejoin, secede
+
+        if n < 2:
+            return n
+        client = get_client()
+        a = client.submit(fib, n - 1)
+        b = client.submit(fib, n - 2)
+        secede()
+        result = a.result() + b.result()
+        rejoin()
+        return result
+
+    async def t(c, s, ws):
+        assert await c.submit(fib, 6) == 8
+
+    client_test(t, n_workers=1, nthreads=1)
+
+
+def test_future_callbacks_and_sync_result_from_thread():
+    async def t(c, s, ws):
+        got = []
+        ev = threading.Event()
+        f = c.submit(inc, 1)
+
+        def cb(fut):
+            got.append(fut.key)
+            ev.set()
+
+        f.add_done_callback(cb)
+        await f
+        await asyncio.get_running_loop().run_in_executor(None, ev.wait, 5)
+        assert got == [f.key]
+
+    client_test(t)
+
+
+def test_many_tasks_and_chain():
+    async def t(c, s, ws):
+        fs = c.map(inc, range(2000))
+        assert sum(await c.gather(fs)) == sum(range(1, 2001))
+        x = c.submit(inc, 0)
+        for _ in range(100):
+            x = c.submit(inc, x)
+        assert await x == 101
+        # a tree reduction
+        level = c.map(inc, range(64))
+        while len(level) > 1:
+            level = [c.submit(add, level[i], level[i + 1]) for i in range(0, len(level), 2)]
+        assert await level[0] == sum(range(1, 65))
+
+    client_test(t)
+
+
+def test_sync_client_api():
+    """The synchronous facade (background loop thread) against a threaded cluster."""
+    from taskcore.utils import LoopRunner
+
+    runner = LoopRunner().acquire()
+    holder = {}
+
+    async def start():
+        holder["cm"] = cluster()
+        holder["s"], holder["ws"] = await holder["cm"].__aenter__()
+
+    runner.run_sync(start)
+    try:
+        with Client(holder["s"].address) as c:
+            f = c.submit(inc, 1)
+            assert f.result(timeout=10) == 2
+            assert c.gather(c.map(inc, range(10))) == list(range(1, 11))
+            [x] = c.scatter([5])
+            assert c.submit(inc, x).result() == 6
+            assert c.run(lambda: 3) == {w.address: 3 for w in holder["ws"]}
+            assert c.run_on_scheduler(lambda: 4) == 4
+            assert len(c.scheduler_info()["workers"]) == 2
+            assert c.who_has([f])[f.key]
+            assert set(c.nthreads()) == {w.address for w in holder["ws"]}
+            assert c.has_what()
+            assert c.wait_for_workers(2, timeout=5) == 2
+            with pytest.raises(MyError):
+                c.submit(fail, 1).result()
+            assert isinstance(c.submit(fail, 2).exception(), MyError)
+            results = [r for _, r in as_completed(c.map(inc, range(5)), with_results=True)]
+            assert sorted(results) == [1, 2, 3, 4, 5]
+            done, _ = wait(c.map(inc, range(3)))
+            assert len(done) == 3
+            g = c.submit(slowinc, 1, 2.0)
+            c.cancel([g])
+            assert g.cancelled()
+            assert f.key in repr(f) and "Client" in repr(c)
+    finally:
+        async def stop():
+            await holder["cm"].__aexit__(None, None, None)
+
+        runner.run_sync(stop)
+        runner.release()
