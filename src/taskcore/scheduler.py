@@ -678,11 +678,16 @@ class Scheduler:
         return None
 
     async def rpc_retire_workers(self, peer, workers=None, n=0):
-        """Gracefully retire workers: their unique data moves elsewhere first."""
+        """Gracefully retire workers: their unique data moves elsewhere first.
+
+        A requested worker that cannot hand its data over (for instance the last
+        one) is closed anyway; what it held is recomputed if still wanted.
+        """
         self._handle(RetireWorkers(workers, n, stimulus_id="retire-workers"))
         retiring = list(self.state.retiring_workers())
-        await self._finish_retirement(retiring)
-        return retiring
+        extra = [w for w in (workers or ()) if w in self.workers and w not in retiring]
+        await self._finish_retirement(retiring + extra)
+        return retiring + extra
 
     async def rpc_adaptive_target(self, peer, target_duration=5.0):
         return self.state.adaptive_target(target_duration)

@@ -285,11 +285,40 @@ class LoopRunner:
     on this loop, so the caller's thread is free and may even have its own loop.
     """
 
+    _shared: "LoopRunner | None" = None
+    _shared_refs = 0
+    _shared_lock = threading.Lock()
+
     def __init__(self, name: str = "taskcore-loop"):
         self.name = name
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> "LoopRunner":
+        """The process-wide runner (started), reference-counted: pair it with `release()`.
+
+        Sync Clients share one loop thread instead of starting one each.
+        """
+        with cls._shared_lock:
+            runner = LoopRunner._shared
+            if runner is None or not runner.running:
+                runner = LoopRunner._shared = cls(name="taskcore-shared-loop").start()
+                LoopRunner._shared_refs = 0
+            LoopRunner._shared_refs += 1
+            return runner
+
+    def release(self) -> None:
+        """Drop one reference to the shared runner (stopping it at zero); stop a private one."""
+        with LoopRunner._shared_lock:
+            if self is LoopRunner._shared:
+                LoopRunner._shared_refs -= 1
+                if LoopRunner._shared_refs > 0:
+                    return
+                LoopRunner._shared = None
+                LoopRunner._shared_refs = 0
+        self.stop()
 
     @property
     def running(self) -> bool:

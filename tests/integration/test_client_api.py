@@ -392,7 +392,7 @@ def test_sync_client_api():
     """The synchronous facade (background loop thread) against a threaded cluster."""
     from taskcore.utils import LoopRunner
 
-    runner = LoopRunner().acquire()
+    runner = LoopRunner().start()
     holder = {}
 
     async def start():
@@ -430,4 +430,4 @@ def test_sync_client_api():
             await holder["cm"].__aexit__(None, None, None)
 
         runner.run_sync(stop)
-        runner.release()
+        runner.stop()

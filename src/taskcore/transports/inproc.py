@@ -45,6 +45,7 @@ class InprocComm:
         self.outbox = []
         self.flush_scheduled = False
         self.handshake_info = None
+        self.lost = loop.create_future()  # resolved once the comm is closed, like TCPComm.lost
 
     def __repr__(self):
         return f"<InprocComm {self.local_address} -> {self.peer_address}>"
@@ -117,6 +118,8 @@ class InprocComm:
         if self.exc is None:
             self.exc = exc
         self._wake()
+        if not self.lost.done():
+            self.lost.set_result(None)
         cb, self.on_close = self.on_close, None
         if cb is not None:
             cb(self)

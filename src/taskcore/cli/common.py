@@ -1,0 +1,237 @@
+"""Option parsing and process plumbing shared by `core-scheduler` and `core-worker`.
+
+Every option is validated by argparse `type=` functions, so a bad value exits
+with status 2 and one clear line on stderr before anything starts. A started
+process reports readiness with exactly one JSON line on stdout (`announce`);
+everything else, logs included, goes to stderr, so launchers never have to
+scrape logs.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+from taskcore.utils import (parse_bytes, parse_resources, parse_timedelta, read_json_file)
+
+LOG_FORMAT = "%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `core-worker: error: <message>` and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse types: each raises ArgumentTypeError with the reason, which argparse prints
+# ---------------------------------------------------------------------------------------------
+
+def memory_limit_type(text: str):
+    """`auto`, `0`/`none` (no limit), a fraction like `0.5`, or a size like `4GiB`."""
+    t = text.strip().lower()
+    if t in ("auto", "none", "0"):
+        return t
+    try:
+        f = float(t)
+    except ValueError:
+        f = None
+    if f is not None and 0 < f <= 1:
+        return f
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}; use 'auto' or a size like '4GiB'") from None
+
+
+def bytes_type(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def resources_type(text: str) -> dict:
+    try:
+        return parse_resources(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e} (expected like \"GPU=2,MEM=10e9\")") from None
+
+
+def duration_type(text: str) -> float:
+    try:
+        return parse_timedelta(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def address_type(text: str) -> str:
+    """A full scheduler address: `tcp://host:port` (a bare `host:port` means tcp)."""
+    from taskcore.transports.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, loc = parse_address(text)
+        if scheme in ("tcp", "tls", "ucx"):
+            host, port = parse_host_port(loc)
+            if not host:
+                raise ValueError(f"no host in address {text!r}")
+            if port == 0:
+                raise ValueError(f"port 0 is not a scheduler address: {text!r}")
+        elif scheme == "inproc":
+            raise ValueError(f"{text!r}: inproc:// only works inside one process")
+        else:
+            from taskcore.transports.registry import get_backend
+
+            get_backend(scheme)  # unknown schemes raise AddressError, a ValueError
+            if not loc:
+                raise ValueError(f"empty location in {text!r}")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid address: {e}") from None
+    return text if "://" in text else f"tcp://{text}"
+
+
+def port_type(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} out of range (0-65535; 0 = any free port)")
+    return port
+
+
+def positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def log_level_type(text: str) -> str:
+    t = text.strip().lower()
+    if t not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown log level {text!r}; one of {', '.join(LOG_LEVELS)}")
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# Option groups
+# ---------------------------------------------------------------------------------------------
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("TLS (mutual authentication; all three are needed for tls://)")
+    g.add_argument("--tls-ca-file", metavar="PATH", help="CA certificate (PEM) that signed peers")
+    g.add_argument("--tls-cert", metavar="PATH", help="this process's certificate (PEM)")
+    g.add_argument("--tls-key", metavar="PATH", help="this process's private key (PEM)")
+
+
+def add_logging_options(parser: argparse.ArgumentParser, default: str = "info") -> None:
+    parser.add_argument("--log-level", type=log_level_type, default=default,
+                        help=f"stderr log level: {', '.join(LOG_LEVELS)} (default {default})")
+
+
+def security_from_args(parser, args):
+    """A `Security` from the TLS options, None without them; a partial set is an error."""
+    given = {k: getattr(args, k) for k in ("tls_ca_file", "tls_cert", "tls_key")}
+    if not any(given.values()):
+        return None
+    missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if not v]
+    if missing:
+        parser.error(f"TLS needs --tls-ca-file, --tls-cert and --tls-key; missing {', '.join(missing)}")
+    from taskcore.security import Security
+
+    try:
+        return Security(ca_file=given["tls_ca_file"], cert_file=given["tls_cert"],
+                        key_file=given["tls_key"], require_encryption=True)
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+
+
+def resolve_protocol(parser, protocol, security):
+    """`--protocol` wins; otherwise tls when TLS credentials are given, else tcp."""
+    if protocol is None:
+        return "tls" if security is not None else "tcp"
+    protocol = protocol.lower().rstrip(":/")
+    if protocol == "tls" and security is None:
+        parser.error("--protocol tls needs --tls-ca-file, --tls-cert and --tls-key")
+    return protocol
+
+
+def setup_logging(level: str = "info") -> None:
+    """Send taskcore's logs to stderr at `level`. stdout stays reserved for the ready line."""
+    logger = logging.getLogger("taskcore")
+    logger.setLevel(getattr(logging, level.upper()))
+    # Replace a handler from an earlier call (tests call main() repeatedly in one process).
+    for h in list(logger.handlers):
+        if getattr(h, "_taskcore_cli", False):
+            logger.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler._taskcore_cli = True
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Process plumbing
+# ---------------------------------------------------------------------------------------------
+
+def announce(role: str, address: str, **fields) -> dict:
+    """Print the one JSON ready line on stdout and flush it (launchers block on it)."""
+    msg = {"event": "ready", "role": role, "address": address, "pid": os.getpid(), **fields}
+    sys.stdout.write(json.dumps(msg, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+    return msg
+
+
+def install_shutdown_signals(loop: asyncio.AbstractEventLoop, on_signal) -> None:
+    """Call `on_signal(signum)` on SIGTERM and SIGINT (on the loop, so it may start tasks)."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
+            pass
+
+
+def remove_shutdown_signals(loop: asyncio.AbstractEventLoop) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.remove_signal_handler(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+
+async def wait_for_scheduler_file(path: str, timeout: float | None = None,
+                                  interval: float = 0.1) -> str:
+    """Wait until `path` holds `{"address": ...}` and return the address."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    logged = False
+    while True:
+        try:
+            data = read_json_file(path)
+        except (ValueError, OSError):
+            data = None  # a half-written file from a non-atomic writer: try again
+        if isinstance(data, dict) and isinstance(data.get("address"), str):
+            return data["address"]
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"scheduler file {path} did not appear within {timeout} s")
+        if not logged:
+            logging.getLogger("taskcore.cli").info("waiting for scheduler file %s", path)
+            logged = True
+        await asyncio.sleep(interval)
+
+
+def exit_with_error(prog: str, message: str, code: int = 1):
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)

@@ -1,0 +1,147 @@
+"""`core-scheduler`: run a scheduler until SIGTERM/SIGINT (or its idle timeout).
+
+Prints one JSON line on stdout when it listens:
+    {"event": "ready", "role": "scheduler", "address": "tcp://...", "pid": ...}
+With `--scheduler-file PATH` the same address is also written (atomically) to
+PATH as `{"address": ...}`, and the file is removed again on a clean exit so
+that late workers do not connect to a dead address.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, announce,
+                                 duration_type, install_shutdown_signals, port_type,
+                                 remove_shutdown_signals, resolve_protocol, security_from_args,
+                                 setup_logging)
+
+logger = logging.getLogger("taskcore.cli.scheduler")
+PROG = "core-scheduler"
+DEFAULT_PORT = 8786
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description="Run a taskcore scheduler.")
+    p.add_argument("--host", default=None,
+                   help="interface address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--interface", default=None,
+                   help="network interface name (like eth0) whose IP to listen on")
+    p.add_argument("--port", type=port_type, default=DEFAULT_PORT,
+                   help=f"port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
+    p.add_argument("--protocol", default=None, choices=["tcp", "tls", "ucx"],
+                   help="transport (default tcp, or tls when TLS files are given)")
+    p.add_argument("--scheduler-file", default=None, metavar="PATH",
+                   help="write {\"address\": ...} JSON here once listening")
+    p.add_argument("--idle-timeout", type=duration_type, default=None, metavar="DURATION",
+                   help="exit after this long without clients or work, like 1h")
+    add_tls_options(p)
+    add_logging_options(p)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.security = security_from_args(parser, args)
+    args.protocol = resolve_protocol(parser, args.protocol, args.security)
+    if args.host and args.interface:
+        parser.error("give --host or --interface, not both")
+    if args.interface:
+        from taskcore.utils import get_ip_interface
+
+        try:
+            args.host = get_ip_interface(args.interface)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.host is None:
+        args.host = "127.0.0.1"
+    return args
+
+
+async def run(args) -> int:
+    from taskcore.scheduler import Scheduler
+    from taskcore.utils import write_json_atomic
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig):
+        logger.info("received %s; shutting down", getattr(sig, "name", sig))
+        stop.set()
+
+    # Installed before starting, so a signal during startup still ends in a clean exit.
+    install_shutdown_signals(loop, on_signal)
+    kwargs = dict(host=args.host, port=args.port, protocol=args.protocol,
+                  idle_timeout=args.idle_timeout)
+    if args.security is not None:
+        kwargs["security"] = args.security
+    scheduler = Scheduler(**kwargs)
+    start = asyncio.ensure_future(scheduler.start())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            await _close(scheduler)
+            return 0
+        if start.exception() is not None:
+            e = start.exception()
+            sys.stderr.write(f"{PROG}: error: could not start the scheduler: {e}\n")
+            await _close(scheduler)
+            return 1
+        if args.scheduler_file:
+            write_json_atomic(args.scheduler_file, {"address": scheduler.address,
+                                                    "pid": os.getpid()})
+        announce("scheduler", scheduler.address)
+        logger.info("scheduler listening at %s", scheduler.address)
+        finished = asyncio.ensure_future(scheduler.finished())
+        await asyncio.wait({finished, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if finished.done():
+            logger.info("scheduler finished on its own")
+        finished.cancel()
+        await _close(scheduler)
+        return 0
+    finally:
+        stopper.cancel()
+        remove_shutdown_signals(loop)
+        if args.scheduler_file:
+            _remove_scheduler_file(args.scheduler_file, getattr(scheduler, "address", None))
+
+
+async def _close(scheduler):
+    try:
+        await asyncio.wait_for(scheduler.close(), 30)
+    except Exception as e:
+        logger.warning("closing the scheduler failed: %r", e)
+
+
+def _remove_scheduler_file(path, address):
+    from taskcore.utils import read_json_file
+
+    try:
+        data = read_json_file(path)
+        if isinstance(data, dict) and data.get("address") == address and \
+                data.get("pid") == os.getpid():
+            os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    import uvloop
+
+    try:
+        code = uvloop.run(run(args))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

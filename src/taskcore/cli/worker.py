@@ -1,0 +1,257 @@
+"""`core-worker`: run one or more workers (by default each under its own nanny process).
+
+    core-worker tcp://10.0.0.5:8786 --nthreads 4 --memory-limit 16GiB
+    core-worker --scheduler-file /shared/scheduler.json --nworkers 2
+
+Prints one JSON line on stdout once every worker is up:
+    {"event": "ready", "role": "worker", "address": <first worker>, "name": ...,
+     "pid": <this process>, "nanny": <first nanny, if any>, "workers": [{...}, ...]}
+Exits 0 after SIGTERM/SIGINT, or when every worker has finished on its own
+(scheduler gone past --death-timeout, --lifetime over, retired). Exits 1 when
+a worker cannot start, 2 on bad options.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+
+from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, address_type,
+                                 announce, duration_type, install_shutdown_signals,
+                                 memory_limit_type, positive_int,
+                                 remove_shutdown_signals, resolve_protocol, resources_type,
+                                 security_from_args, setup_logging, wait_for_scheduler_file)
+
+logger = logging.getLogger("taskcore.cli.worker")
+PROG = "core-worker"
+
+
+def _nworkers_type(text):
+    if text.strip().lower() == "auto":
+        return "auto"
+    return positive_int(text)
+
+
+def build_parser() -> Parser:
+    p = Parser(prog=PROG, description="Run taskcore worker(s) connected to a scheduler.")
+    p.add_argument("address", nargs="?", type=address_type, default=None, metavar="ADDRESS",
+                   help="scheduler address, like tcp://10.0.0.5:8786")
+    p.add_argument("--scheduler-file", default=None, metavar="PATH",
+                   help="read the scheduler address from this JSON file (waits for it)")
+    p.add_argument("--nthreads", type=positive_int, default=None,
+                   help="threads per worker (default: CPUs / nworkers)")
+    p.add_argument("--nworkers", type=_nworkers_type, default=1,
+                   help="worker processes to start ('auto': one per CPU); with --no-nanny, "
+                        "that many workers in this process")
+    p.add_argument("--memory-limit", type=memory_limit_type, default="auto",
+                   help="per worker: 'auto' (its share of RAM), a size like 4GiB, a fraction "
+                        "like 0.5, or 0 for no limit")
+    p.add_argument("--name", default=None, help="worker name (suffixed -0, -1... with --nworkers)")
+    p.add_argument("--resources", type=resources_type, default=None,
+                   help='abstract resources, like "GPU=2,MEM=10e9"')
+    p.add_argument("--nanny", dest="nanny", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each worker under a nanny process that restarts it (default)")
+    p.add_argument("--local-directory", default=None, metavar="PATH",
+                   help="scratch directory for spilled data")
+    p.add_argument("--lifetime", type=duration_type, default=None, metavar="DURATION",
+                   help="close the worker gracefully after this long, like 1h")
+    p.add_argument("--lifetime-stagger", type=duration_type, default=None, metavar="DURATION",
+                   help="randomize --lifetime by up to this much, so workers do not all leave "
+                        "together")
+    p.add_argument("--death-timeout", type=duration_type, default=None, metavar="DURATION",
+                   help="exit when the scheduler has been unreachable this long")
+    p.add_argument("--protocol", default=None, choices=["tcp", "tls", "ucx"],
+                   help="transport (default: the scheduler address's scheme)")
+    p.add_argument("--host", default=None, help="address the worker listens on")
+    p.add_argument("--interface", default=None,
+                   help="network interface name (like eth0) whose IP to listen on")
+    # Set by a nanny for its child; not for people.
+    p.add_argument("--nanny-address", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-options", default=None, help=argparse.SUPPRESS)
+    add_tls_options(p)
+    add_logging_options(p)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.address is None) == (args.scheduler_file is None):
+        parser.error("give the scheduler ADDRESS or --scheduler-file (exactly one)")
+    args.security = security_from_args(parser, args)
+    if args.protocol is None and args.address is not None:
+        from taskcore.transports.addressing import parse_address
+
+        scheme = parse_address(args.address)[0]
+        args.protocol = scheme if scheme in ("tcp", "tls", "ucx") else None
+    args.protocol = resolve_protocol(parser, args.protocol, args.security)
+    if args.host and args.interface:
+        parser.error("give --host or --interface, not both")
+    if args.interface:
+        from taskcore.utils import get_ip_interface
+
+        try:
+            args.host = get_ip_interface(args.interface)
+        except ValueError as e:
+            parser.error(str(e))
+    from taskcore.utils import cpu_count
+
+    if args.nworkers == "auto":
+        args.nworkers = max(1, cpu_count() // (args.nthreads or 1))
+    if args.nthreads is None:
+        args.nthreads = max(1, cpu_count() // args.nworkers)
+    extra = {}
+    if args.worker_options:
+        try:
+            extra = json.loads(args.worker_options)
+        except ValueError as e:
+            parser.error(f"--worker-options is not valid JSON: {e}")
+        if not isinstance(extra, dict):
+            parser.error("--worker-options must be a JSON object")
+    args.extra = extra
+    if args.nanny and args.nanny_address:
+        parser.error("--nanny-address is only for --no-nanny workers")
+    return args
+
+
+def _names(args):
+    n = args.nworkers
+    if args.name is None:
+        return [None] * n
+    return [args.name] if n == 1 else [f"{args.name}-{i}" for i in range(n)]
+
+
+def _memory_bytes(args):
+    from taskcore.utils import parse_memory_limit
+
+    limit = args.memory_limit
+    if limit in ("none", "0"):
+        return None
+    return parse_memory_limit(limit, args.nthreads)
+
+
+def _make_servers(args, address):
+    common = dict(nthreads=args.nthreads, memory_limit=_memory_bytes(args),
+                  death_timeout=args.death_timeout, lifetime=args.lifetime,
+                  protocol=args.protocol, **args.extra)
+    optional = dict(resources=args.resources, local_directory=args.local_directory,
+                    lifetime_stagger=args.lifetime_stagger, host=args.host,
+                    security=args.security)
+    common.update({k: v for k, v in optional.items() if v is not None})
+    servers = []
+    for name in _names(args):
+        if args.nanny:
+            from taskcore.nanny import Nanny
+
+            servers.append(Nanny(address, name=name, log_level=args.log_level, **common))
+        else:
+            from taskcore.worker import Worker
+
+            kw = dict(common)
+            if args.nanny_address:
+                kw["nanny_address"] = args.nanny_address
+            servers.append(Worker(address, name=name, **kw))
+    return servers
+
+
+def _describe(server, nanny: bool) -> dict:
+    if nanny:
+        name = server.name
+        if name is None and server.process is not None and server.process.info:
+            name = server.process.info.get("name")  # the name the worker chose itself
+        return {"address": server.worker_address, "name": name,
+                "nanny": server.address, "worker_pid": server.worker_pid}
+    return {"address": server.address, "name": getattr(server, "name", None)}
+
+
+async def run(args) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(sig):
+        logger.info("received %s; shutting down", getattr(sig, "name", sig))
+        stop.set()
+
+    install_shutdown_signals(loop, on_signal)
+    stopper = asyncio.ensure_future(stop.wait())
+    servers = []
+    try:
+        address = args.address
+        if address is None:
+            waiter = asyncio.ensure_future(wait_for_scheduler_file(args.scheduler_file,
+                                                                   timeout=args.death_timeout))
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiter.done():
+                waiter.cancel()
+                return 0
+            try:
+                address = waiter.result()
+            except TimeoutError as e:
+                sys.stderr.write(f"{PROG}: error: {e}\n")
+                return 1
+        try:
+            servers = _make_servers(args, address)
+        except (TypeError, ValueError) as e:
+            sys.stderr.write(f"{PROG}: error: {e}\n")
+            return 2
+        start = asyncio.ensure_future(asyncio.gather(*(s.start() for s in servers)))
+        await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():
+            start.cancel()
+            await asyncio.gather(start, return_exceptions=True)
+            return 0
+        if start.exception() is not None:
+            e = start.exception()
+            sys.stderr.write(f"{PROG}: error: could not start worker: {e}\n")
+            return 1
+        workers = [_describe(s, args.nanny) for s in servers]
+        extra = {"name": workers[0]["name"]}
+        if args.nanny:
+            extra["nanny"] = workers[0]["nanny"]
+            extra["worker_pid"] = workers[0]["worker_pid"]
+        if len(workers) > 1:
+            extra["workers"] = workers
+        announce("worker", workers[0]["address"], **extra)
+        # One task per server and asyncio.wait (not gather): cancelling leaves no
+        # unretrieved exceptions behind.
+        finishing = [asyncio.ensure_future(s.finished()) for s in servers]
+        all_done = asyncio.ensure_future(asyncio.wait(finishing))
+        await asyncio.wait({all_done, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if all_done.done():
+            logger.info("all workers finished on their own")
+        for t in (all_done, *finishing):
+            t.cancel()
+        return 0
+    finally:
+        stopper.cancel()
+        await _close_all(servers)
+        remove_shutdown_signals(loop)
+
+
+async def _close_all(servers):
+    async def close(s):
+        try:
+            await asyncio.wait_for(s.close(), 60)
+        except Exception as e:
+            logger.warning("closing %r failed: %r", s, e)
+
+    if servers:
+        await asyncio.gather(*(close(s) for s in servers))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    import uvloop
+
+    try:
+        code = uvloop.run(run(args))
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

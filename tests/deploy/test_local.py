@@ -1,0 +1,227 @@
+"""LocalCluster with the real Scheduler and Worker (skipped until they exist)."""
+import asyncio
+import sys
+
+import psutil
+import pytest
+
+from taskcore.deploy.local import LocalCluster, default_sizes
+from taskcore.testing import run
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((None, None, True, 2), (2, 1)),
+    ((None, None, True, 4), (4, 1)),
+    ((None, None, True, 8), (4, 2)),
+    ((None, None, True, 16), (4, 4)),
+    ((None, None, True, 12), (4, 3)),
+    ((None, None, True, 7), (7, 1)),
+    ((None, None, False, 8), (1, 8)),
+    ((2, None, True, 8), (2, 4)),
+    ((None, 2, True, 8), (4, 2)),
+    ((3, 3, True, 2), (3, 3)),
+    ((5, None, True, 2), (5, 1)),
+    ((None, 4, True, 2), (1, 4)),
+])
+def test_default_sizes(args, expected):
+    assert default_sizes(*args) == expected
+
+
+def real_servers():
+    sched = pytest.importorskip("taskcore.scheduler")
+    pytest.importorskip("taskcore.worker")
+    if not hasattr(sched, "Scheduler"):
+        pytest.skip("taskcore.scheduler.Scheduler does not exist yet")
+
+
+def children():
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.status() != psutil.STATUS_ZOMBIE}
+
+
+def worker_pids(cluster):
+    return {w.worker_pid for w in cluster.workers.values()}
+
+
+def test_processes_sync_start_scale_close():
+    real_servers()
+    before = children()
+    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="1GiB") as cluster:
+        assert cluster.status == "running"
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert len(cluster.workers) == 2
+        pids = worker_pids(cluster)
+        assert len(pids) == 2 and pids <= children()
+        for w in cluster.workers.values():
+            assert w.worker_address.startswith("tcp://127.0.0.1:")
+            assert w.memory_limit == min(2**30, w.memory_limit)
+        cluster.scale(3)
+        assert len(cluster.workers) == 3 and len(children() - before) == 3
+        cluster.scale(1)
+        assert sorted(cluster.workers) == [0]
+        assert len(children() - before) == 1
+        cluster.wait_for_workers(1, timeout=10)
+        r = repr(cluster)
+        assert "LocalCluster(" in r and "workers=1" in r and "threads=1" in r
+        assert cluster.scheduler_address in cluster._repr_html_()
+        logs = cluster.get_logs()
+        assert "Cluster" in logs and "0" in logs
+    assert cluster.status == "closed"
+    assert children() - before == set()
+
+
+def test_processes_with_plain_worker_processes():
+    real_servers()
+    before = children()
+    with LocalCluster(n_workers=1, threads_per_worker=1, worker_class="process",
+                      memory_limit=None) as cluster:
+        (w,) = cluster.workers.values()
+        assert w.address.startswith("tcp://") and w.pid in children()
+        cluster.scale(2)
+        assert len(children() - before) == 2
+    assert children() - before == set()
+
+
+def test_nanny_restarts_a_killed_worker_in_a_cluster():
+    real_servers()
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=None) as cluster:
+        (nanny,) = cluster.workers.values()
+        pid = nanny.worker_pid
+        psutil.Process(pid).kill()
+        cluster.sync(_wait_restart, nanny, pid)
+        assert len(cluster.workers) == 1
+
+
+async def _wait_restart(nanny, old_pid):
+    for _ in range(600):
+        if nanny.worker_pid not in (None, old_pid):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("worker was not restarted")
+
+
+def test_threads_sync_inproc():
+    real_servers()
+    before = children()
+    with LocalCluster(processes=False, n_workers=2, threads_per_worker=1) as cluster:
+        assert cluster.scheduler_address.startswith("inproc://")
+        assert all(w.address.startswith("inproc://") for w in cluster.workers.values())
+        cluster.scale(3)
+        assert len(cluster.workers) == 3
+        cluster.scale(1)
+        assert len(cluster.workers) == 1
+        assert children() == before  # no processes at all
+    assert cluster.status == "closed"
+
+
+def test_async_context_manager_and_await():
+    real_servers()
+
+    async def main():
+        async with LocalCluster(processes=False, n_workers=1, asynchronous=True) as cluster:
+            assert len(cluster.workers) == 1
+            await cluster.scale(2)
+            assert len(cluster.workers) == 2
+            await cluster.wait_for_workers(2, timeout=5)
+            logs = await cluster.get_logs()
+            assert "Cluster" in logs
+        assert cluster.status == "closed"
+
+        cluster = await LocalCluster(processes=True, n_workers=1, threads_per_worker=1,
+                                     memory_limit=None, asynchronous=True)
+        try:
+            assert cluster.status == "running"
+            (w,) = cluster.workers.values()
+            assert w.worker_pid in children()
+        finally:
+            await cluster.close()
+        assert children() == set()
+    run(main(), timeout=120)
+
+
+def test_zero_workers_then_scale():
+    real_servers()
+    with LocalCluster(n_workers=0, processes=False) as cluster:
+        assert cluster.workers == {}
+        cluster.scale(1)
+        assert len(cluster.workers) == 1
+
+
+def test_bad_combinations():
+    real_servers()
+    with pytest.raises(ValueError, match="inproc"):
+        LocalCluster(processes=True, protocol="inproc")
+    with pytest.raises(ValueError, match="env"):
+        LocalCluster(processes=False, env={"A": "1"})
+
+
+def test_env_reaches_worker_processes():
+    real_servers()
+    with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=None,
+                      env={"TASKCORE_TEST_MARKER": "42"}) as cluster:
+        (w,) = cluster.workers.values()
+        assert psutil.Process(w.worker_pid).environ().get("TASKCORE_TEST_MARKER") == "42"
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_client_round_trip(processes):
+    """Integration with the Client, when it exists (not owned by the deploy layer)."""
+    real_servers()
+    client_mod = pytest.importorskip("taskcore.client")
+    with LocalCluster(processes=processes, n_workers=1, threads_per_worker=1,
+                      memory_limit=None) as cluster:
+        with client_mod.Client(cluster.scheduler_address) as client:
+            assert client.submit(lambda x: x + 1, 1).result(timeout=30) == 2
+
+
+def test_no_leak_when_closing_a_cluster_that_failed_to_start():
+    real_servers()
+    before = children()
+    with pytest.raises(Exception):
+        LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=None,
+                     worker_command_does_not_exist=object())
+    assert children() - before == set()
+
+
+if sys.platform != "linux":  # pragma: no cover
+    pytestmark = pytest.mark.skip("process checks use Linux psutil semantics")
+
+
+def test_spec_cluster_of_subprocesses_only():
+    """Scheduler and workers all as ProcessInterfaces running the CLIs."""
+    real_servers()
+    from taskcore.deploy import SchedulerProcess, SpecCluster, WorkerProcess
+
+    before = children()
+    worker = {"cls": WorkerProcess, "options": {"nthreads": 1, "memory_limit": None}}
+    with SpecCluster(scheduler={"cls": SchedulerProcess, "options": {"port": 0}},
+                     workers={"a": worker}, worker=worker) as cluster:
+        assert cluster.scheduler.role == "scheduler"
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert cluster.workers["a"].info["role"] == "worker"
+        cluster.scale(2)
+        assert len(children() - before) == 3
+        logs = cluster.get_logs()
+        assert set(logs) >= {"Cluster", "Scheduler", "a"}
+    assert children() - before == set()
+
+
+def test_forgotten_cluster_is_closed_at_exit(tmp_path):
+    """A script that never calls close() still leaves no worker process behind."""
+    real_servers()
+    import subprocess
+    import time
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from taskcore.deploy import LocalCluster\n"
+        "c = LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=None)\n"
+        "print(' '.join(str(w.worker_pid) for w in c.workers.values()), flush=True)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 2
+    time.sleep(0.2)
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"

@@ -1,0 +1,203 @@
+"""Failure handling with real processes started through the CLIs.
+
+A SIGKILLed worker, a killed scheduler, garbage on the scheduler's port, and
+many clients at once.
+"""
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from taskcore.client import Client
+from taskcore.errors import KilledWorker
+from taskcore.testing import run
+
+import cloudpickle
+
+# Worker processes cannot import this test module: ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.abspath(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def start(*args):
+    """Start a CLI, return (process, its JSON ready line)."""
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=_env(), text=True)
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        raise RuntimeError(f"{args} exited before it was ready")
+    return proc, json.loads(line)
+
+
+class Procs:
+    def __init__(self):
+        self.procs = []
+
+    def scheduler(self, *extra):
+        p, info = start("taskcore.cli.scheduler", "--port", "0", *extra)
+        self.procs.append(p)
+        return info["address"]
+
+    def worker(self, address, *extra):
+        p, info = start("taskcore.cli.worker", address, "--no-nanny", "--nthreads", "1", *extra)
+        self.procs.append(p)
+        return p, info
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def procs():
+    ps = Procs()
+    yield ps
+    ps.close()
+
+
+def slowinc(x, delay=0.02):
+    time.sleep(delay)
+    return x + 1
+
+
+def add(a, b):
+    return a + b
+
+
+def test_sigkilled_worker_mid_computation(procs):
+    addr = procs.scheduler()
+    victim, vinfo = procs.worker(addr)
+    procs.worker(addr)
+    procs.worker(addr)
+
+    async def main():
+        async with Client(addr, asynchronous=True) as c:
+            await c._rpc("wait_for_workers", n=3, timeout=20)
+            xs = c.map(slowinc, range(60))
+            ys = [c.submit(add, xs[i], xs[i + 1]) for i in range(0, 60, 2)]
+            await asyncio.sleep(0.3)  # some results exist on the victim by now
+            os.kill(victim.pid, signal.SIGKILL)
+            results = await asyncio.wait_for(c.gather(ys), 60)
+            assert results == [(i + 1) + (i + 2) for i in range(0, 60, 2)]
+            assert await c.gather(xs) == list(range(1, 61))
+
+    run(main(), timeout=90)
+
+
+def _suicide():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_task_that_kills_workers_becomes_killed_worker(procs):
+    addr = procs.scheduler()
+    for _ in range(2):
+        procs.worker(addr)
+
+    async def main():
+        async with Client(addr, asynchronous=True) as c:
+            await c._rpc("wait_for_workers", n=2, timeout=20)
+            f = c.submit(_suicide)
+            # Replace workers as they die so the task can be retried 3 more times.
+            task = asyncio.ensure_future(f._result())
+            deadline = time.monotonic() + 60
+            while not task.done() and time.monotonic() < deadline:
+                info = await c._rpc("scheduler_info")
+                if len(info["workers"]) < 2:
+                    await asyncio.get_running_loop().run_in_executor(None, procs.worker, addr)
+                await asyncio.sleep(0.2)
+            with pytest.raises(KilledWorker):
+                await task
+            # the cluster still works
+            assert await c.submit(slowinc, 1, 0) == 2
+
+    run(main(), timeout=120)
+
+
+def test_scheduler_killed_workers_exit_within_death_timeout(procs):
+    addr = procs.scheduler()
+    sched = procs.procs[0]
+    w, _ = procs.worker(addr, "--death-timeout", "2")
+    time.sleep(0.5)
+    sched.kill()
+    t0 = time.monotonic()
+    rc = w.wait(20)
+    assert time.monotonic() - t0 < 10
+    assert rc is not None
+
+
+def test_garbage_on_scheduler_port_does_not_disturb_clients(procs):
+    addr = procs.scheduler()
+    procs.worker(addr)
+    host, port = addr.replace("tcp://", "").rsplit(":", 1)
+
+    async def garbage(stop):
+        i = 0
+        while not stop.is_set():
+            try:
+                r, w = await asyncio.open_connection(host, int(port))
+                w.write(os.urandom(64) if i % 2 else b"\x01" + b"\xff" * 200)
+                await w.drain()
+                w.close()
+            except OSError:
+                pass
+            i += 1
+            await asyncio.sleep(0.01)
+        return i
+
+    async def main():
+        stop = asyncio.Event()
+        g = asyncio.ensure_future(garbage(stop))
+        async with Client(addr, asynchronous=True) as c:
+            await c._rpc("wait_for_workers", n=1, timeout=20)
+            for _ in range(5):
+                fs = c.map(slowinc, range(100), [0] * 100, pure=False)
+                assert await c.gather(fs) == list(range(1, 101))
+        stop.set()
+        assert await g > 10
+
+    run(main(), timeout=90)
+
+
+def test_ten_clients_thousand_tasks_each(procs):
+    addr = procs.scheduler()
+    procs.worker(addr)
+    procs.worker(addr)
+
+    async def one(i):
+        async with Client(addr, asynchronous=True) as c:
+            fs = c.map(slowinc, range(1000), [0] * 1000, key=f"c{i}")
+            return sum(await c.gather(fs))
+
+    async def main():
+        results = await asyncio.gather(*[one(i) for i in range(10)])
+        assert results == [sum(range(1, 1001))] * 10
+
+    run(main(), timeout=120)
+
+
+def test_cli_workers_with_sigterm_exit_cleanly(procs):
+    addr = procs.scheduler()
+    w, info = procs.worker(addr)
+    assert info["address"].startswith("tcp://")
+    w.send_signal(signal.SIGTERM)
+    assert w.wait(15) == 0
+    sched = procs.procs[0]
+    sched.send_signal(signal.SIGTERM)
+    assert sched.wait(15) == 0
