@@ -37,6 +37,7 @@ from taskcore.core.scheduler_state import (AcquireReplicas, AddKeys, AddWorker, 
                                            UpdateGraph, WorkerHeartbeat, WorkersRetiring)
 from taskcore.core.serialize import Serialized, serialize_obj
 from taskcore.errors import CommClosedError
+from taskcore.utils import tune_gc
 from taskcore.transports import listen
 from taskcore.transports.addressing import parse_address, unparse_host_port
 
@@ -129,6 +130,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         self._closed = loop.create_future()
         self._worker_event = asyncio.Event()
+        tune_gc()
         opts = {"security": self.security} if self.security is not None else {}
         for addr in self.listen_addresses:
             lst = await listen(addr, self._handle_comm, role="scheduler", token=self.token, **opts)

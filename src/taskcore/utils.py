@@ -406,3 +406,18 @@ class LoopRunner:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def tune_gc(gen0=50_000, gen1=50, gen2=100):
+    """Make cyclic GC rarer in server processes.
+
+    Every message creates a few container objects, and with the default
+    threshold (700) generation-0 collections ran every few hundred messages,
+    taking 10-15% of a busy scheduler's CPU. The runtime itself creates few
+    reference cycles, so collecting less often costs little memory. Only the
+    defaults are changed: a process that chose its own thresholds keeps them.
+    """
+    import gc
+
+    if gc.get_threshold()[0] == 700:
+        gc.set_threshold(gen0, gen1, gen2)

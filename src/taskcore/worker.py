@@ -38,6 +38,7 @@ from taskcore.core.serialize import Serialized, nbytes as sizeof, serialize_obj
 from taskcore.errors import CommClosedError, HandshakeError
 from taskcore.executor import TaskExecutor, current_executor, current_task_id
 from taskcore.graph import substitute
+from taskcore.utils import tune_gc
 from taskcore.transports import connect, listen
 from taskcore.transports.addressing import get_address_host, parse_address, unparse_host_port
 from taskcore.utils import parse_bytes
@@ -46,6 +47,7 @@ logger = logging.getLogger("taskcore.worker")
 
 _NATIVE = (int, float, str, bytes, bool, type(None))
 _task_local = threading.local()  # .worker: the Worker whose task runs on this thread
+_NEVER_INLINE = float("inf")
 
 
 def _memory_limit(limit, nthreads):
@@ -66,7 +68,8 @@ class Worker:
                  lifetime_stagger=0, protocol=None, host=None, interface=None, security=None,
                  nanny_address=None, heartbeat_interval=0.5, listen_address=None, token=None,
                  inline_result_bytes=16_384, validate=False, scheduler_file=None,
-                 connection_timeout=10, max_outgoing_transfers=16, **kwargs):
+                 connection_timeout=10, max_outgoing_transfers=16, inline_threshold=200e-6,
+                 inline_budget=0.005, **kwargs):
         if scheduler_address is None and scheduler_file is None:
             raise ValueError("Worker needs a scheduler address or scheduler_file=")
         if scheduler_address is None:
@@ -119,7 +122,10 @@ class Worker:
         self._funcs: dict = {}
         self._client = None
         self._pending_scatter: dict = {}
-        self._inline: dict = {}      # task id -> Serialized small result, until reported
+        self._inline: dict = {}      # task id -> small result (Serialized) to report inline
+        self._durations: dict = {}   # key prefix -> average run time (s), for inline runs
+        self.inline_threshold = inline_threshold
+        self.inline_budget = inline_budget
         self._reqids = itertools.count(1)
         self._sched_replies: dict = {}
         self.loop = None
@@ -151,6 +157,7 @@ class Worker:
             return self
         self.loop = asyncio.get_running_loop()
         self._closed = self.loop.create_future()
+        tune_gc()
         opts = {"security": self.security} if self.security is not None else {}
         self.listener = await listen(self.listen_address, self._handle_peer, role="worker",
                                      token=self.token, **opts)
@@ -302,7 +309,74 @@ class Worker:
 
     # -- the state machine ----------------------------------------------------------------
     def _handle(self, *events):
-        self._execute(self.state.handle_stimulus(*events))
+        """Feed events to the state machine and carry out its instructions.
+
+        Tiny tasks run inline (see `_run_inline`), and their results are fed
+        straight back, iteratively, for up to `inline_budget` seconds; what is
+        left then continues on the next loop iteration so I/O is not starved.
+        """
+        instructions = self.state.handle_stimulus(*events)
+        deadline = None
+        while True:
+            inline = self._execute(instructions)
+            if not inline:
+                return
+            results = self._run_inline(inline)
+            if deadline is None:
+                deadline = time.monotonic() + self.inline_budget
+            if time.monotonic() > deadline:
+                self.loop.call_soon(self._on_results, results)
+                return
+            instructions = self.state.handle_stimulus(*self._result_events(results))
+
+    # -- inline execution of tiny tasks -------------------------------------------------
+    #
+    # Handing a task to a thread and its result back costs ~20 µs of CPU in
+    # this process (GIL hand-offs and wake-ups), far more than a tiny task
+    # itself. So a task whose key prefix runs in under `inline_threshold`
+    # seconds on average (an exponential average over its recent runs) runs
+    # right here on the event loop. The first task of every prefix runs on a
+    # thread, to be measured; a prefix whose task used get_client(), secede()
+    # or get_worker() goes back to threads for good.
+
+    @staticmethod
+    def _prefix(key):
+        if type(key) is tuple and key:
+            key = key[0]
+        if type(key) is str:
+            return key.partition("-")[0]
+        return key
+
+    def _inline_ok(self, key):
+        if not self.inline_threshold:
+            return False
+        avg = self._durations.get(self._prefix(key))
+        return avg is not None and avg < self.inline_threshold
+
+    def _record_duration(self, key, duration):
+        p = self._prefix(key)
+        avg = self._durations.get(p)
+        if avg is None:
+            self._durations[p] = duration
+        elif avg != _NEVER_INLINE:
+            self._durations[p] = avg * 0.8 + duration * 0.2
+
+    def _run_inline(self, inline):
+        results = []
+        now = time.time
+        for tid, key, fn in inline:
+            _task_local.inline = True
+            start = now()
+            try:
+                r = (tid, True, fn(), start, now())
+            except BaseException as e:  # noqa: B902 - the task's error is its result
+                r = (tid, False, e, start, now())
+            _task_local.inline = False
+            if getattr(_task_local, "interacted", False):
+                _task_local.interacted = False
+                self._durations[self._prefix(key)] = _NEVER_INLINE
+            results.append(r)
+        return results
 
     def _send_scheduler(self, msg):
         comm = self.scheduler_comm
@@ -310,17 +384,23 @@ class Worker:
             comm.send(msg)
 
     def _execute(self, instructions):
+        """Carry out instructions; return the Execute instructions that are to run inline."""
         send = self._send_scheduler
+        inline = []  # Execute instructions to run on the loop (tiny tasks)
         for ins in instructions:
             t = type(ins)
             if t is ws.Execute:
-                self.executor.submit(ins.id, self._task_callable(ins.id, ins.key, ins.run_spec))
+                fn = self._task_callable(ins.id, ins.key, ins.run_spec)
+                if self._inline_ok(ins.key):
+                    inline.append((ins.id, ins.key, fn))
+                else:
+                    self.executor.submit(ins.id, fn)
             elif t is ws.TaskFinishedMsg:
                 msg = {"op": "task-finished", "id": ins.id, "nbytes": ins.nbytes,
                        "type": ins.type_name, "duration": ins.stop - ins.start}
-                inline = self._inline.pop(ins.id, None) if self._inline else None
-                if inline is not None:
-                    msg["data"] = inline
+                small = self._inline.pop(ins.id, None) if self._inline else None
+                if small is not None:
+                    msg["data"] = small
                 send(msg)
             elif t is ws.TaskErredMsg:
                 send({"op": "task-erred", "id": ins.id, "key": ins.key,
@@ -350,6 +430,7 @@ class Worker:
                 pass  # the scheduler keeps counting the task as processing
             else:
                 logger.error("unhandled worker instruction %r", ins)
+        return inline
 
     def _retry_busy(self, worker):
         if self.status == "running":
@@ -437,6 +518,12 @@ class Worker:
         return run
 
     def _on_results(self, results):
+        """Results from task threads (or deferred inline ones), on the loop."""
+        if self.status in ("closing", "closed"):
+            return
+        self._handle(*self._result_events(results))
+
+    def _result_events(self, results):
         events = []
         for tid, ok, value, start, stop in results:
             ts = self.state.get_task(tid)
@@ -463,7 +550,8 @@ class Worker:
                 events.append(ws.ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute"))
             else:
                 events.append(self._failure(tid, key, value, start, stop))
-        self._handle(*events)
+            self._record_duration(key, stop - start)
+        return events
 
     def _failure(self, tid, key, exc, start, stop):
         text = "".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__))
@@ -652,6 +740,7 @@ def get_worker():
     w = getattr(_task_local, "worker", None)
     if w is None:
         raise ValueError("get_worker() called outside of a task")
+    _task_local.interacted = True
     return w
 
 
@@ -662,6 +751,13 @@ def get_client():
         from taskcore.client import default_client
 
         return default_client()
+    _task_local.interacted = True
+    if getattr(_task_local, "inline", False):
+        # Blocking on the cluster from the worker's own event loop would
+        # deadlock it; such tasks are never inlined again, and this one fails
+        # clearly instead of hanging.
+        raise RuntimeError("get_client() inside a task that ran inline on the event loop; "
+                           "it will run on a thread when retried")
     return w._get_client()
 
 
@@ -670,8 +766,9 @@ def secede():
     futures it submitted). Call rejoin() to take a slot back."""
     ex = current_executor()
     tid = current_task_id()
+    _task_local.interacted = True
     if ex is None or tid is None:
-        raise ValueError("secede() called outside of a task")
+        raise ValueError("secede() called outside of a task thread")
     w = getattr(_task_local, "worker", None)
     if ex.secede() and w is not None:
         w.loop.call_soon_threadsafe(w._handle, ws.SecedeEvent(tid, "secede"))

@@ -232,6 +232,10 @@ cdef object _CODE_TUPLE = _EXT_TUPLE
 cdef object _CODE_PICKLE = _EXT_PICKLE
 cdef object _CODE_BUFFER = _EXT_BUFFER
 cdef object _CODE_SERIALIZED = _EXT_SERIALIZED
+# Flags in the tag byte of a Serialized ext (the low 4 bits are its kind).
+cdef int _SER_INLINE = 0x80     # payload after the header is the single frame
+cdef int _SER_REPEAT = 0x40     # `first` is the sequence number of an earlier one
+cdef Py_ssize_t _SER_INLINE_MAX = 4096
 cdef object _CODE_EXCEPTION = _EXT_EXCEPTION
 
 
@@ -631,9 +635,11 @@ cdef class _Encoder:
     cdef bint busy
     cdef object default_cb      # self.default, bound once
     cdef object buffer_cb       # self.buffer_callback, bound once
+    cdef dict ser_memo          # id(Serialized) -> (sequence number, the object)
 
     def __cinit__(self):
         self.frames = None
+        self.ser_memo = None
         self.depth = 0
         self.busy = False
         self.default_cb = self.default
@@ -649,10 +655,12 @@ cdef class _Encoder:
     cdef inline void acquire(self):
         self.busy = True
         self.frames = [None]
+        self.ser_memo = None
         self.depth = 0
 
     cdef inline void release(self):
         self.frames = None
+        self.ser_memo = None
         self.busy = False
 
     # msgpack calls this for every value it cannot pack natively.
@@ -702,7 +710,25 @@ cdef class _Encoder:
         return _ext(_CODE_TUPLE, self.pack_nested(PySequence_List(t)))
 
     cdef object encode_serialized(self, Serialized s):
-        cdef Py_ssize_t first = len(self.frames)
+        # One Serialized object often appears in many messages of a batch (the
+        # function of a map, in every compute-task): the first occurrence is
+        # written out, later ones are back-references by sequence number, and
+        # the peer gets one shared object back.
+        cdef Py_ssize_t first, seq
+        cdef object f0
+        if self.ser_memo is None:
+            self.ser_memo = {}
+        hit = self.ser_memo.get(id(s))
+        if hit is not None:
+            return _ext(_CODE_SERIALIZED, _ref((<tuple>hit)[0], 0, s.kind | _SER_REPEAT, None))
+        seq = len(self.ser_memo)
+        self.ser_memo[id(s)] = (seq, s)   # keeps s alive, so its id stays unique
+        if len(s.frames) == 1:
+            f0 = s.frames[0]
+            if type(f0) is bytes and PyBytes_GET_SIZE(f0) <= _SER_INLINE_MAX:
+                # Small payloads ride inside frame 0: no frame of their own.
+                return _ext(_CODE_SERIALIZED, _ref(0, 0, s.kind | _SER_INLINE, f0))
+        first = len(self.frames)
         self.frames.extend(s.frames)
         return _ext(_CODE_SERIALIZED, _ref(first, len(s.frames), s.kind, None))
 
@@ -863,9 +889,11 @@ cdef class _Decoder:
     cdef bint busy
     cdef bint lenient               # next pickle failure -> _LOAD_FAILED
     cdef object hook                # self.ext_hook, bound once
+    cdef list sers                  # Serialized objects decoded so far, by sequence number
 
     def __cinit__(self):
         self.frames = None
+        self.sers = None
         self.busy = False
         self.hook = self.ext_hook
 
@@ -876,9 +904,11 @@ cdef class _Decoder:
         self.next = 1
         self.depth = 0
         self.lenient = False
+        self.sers = None
 
     cdef inline void release(self):
         self.frames = None
+        self.sers = None
         self.busy = False
 
     def ext_hook(self, int code, bytes data):
@@ -942,14 +972,34 @@ cdef class _Decoder:
         return PyList_AsTuple(items)
 
     cdef object decode_serialized(self, bytes data):
-        cdef Py_ssize_t first, count
-        cdef int tag
-        self.take(data, "Serialized", &first, &count, &tag)
-        if count < 1:
-            raise _ProtocolError("Serialized ext refers to no frames")
-        if tag != SER_MSGPACK and tag != SER_PICKLE:
-            raise _ProtocolError(f"Serialized ext has unknown kind {tag}")
-        return _make_serialized(tag, self.frames[first:first + count])
+        cdef Py_ssize_t first, count, n = PyBytes_GET_SIZE(data)
+        cdef int tag, kind
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
+        if n < _REF_HEADER:
+            raise _ProtocolError(f"Serialized ext payload is {n} bytes, shorter than its header")
+        tag = p[8]
+        kind = tag & 0x0F
+        if kind != SER_MSGPACK and kind != SER_PICKLE:
+            raise _ProtocolError(f"Serialized ext has unknown kind {kind}")
+        if self.sers is None:
+            self.sers = []
+        if tag & _SER_REPEAT:
+            first = <Py_ssize_t>taskcore_get_u32(p)
+            if first >= len(self.sers) or n != _REF_HEADER:
+                raise _ProtocolError(f"Serialized back-reference {first} to an object not "
+                                     f"seen before in this message")
+            return self.sers[first]
+        if tag & _SER_INLINE:
+            if taskcore_get_u32(p) != 0 or taskcore_get_u32(p + 4) != 0 or n == _REF_HEADER:
+                raise _ProtocolError("inline Serialized ext has a frame reference or no payload")
+            out = _make_serialized(kind, [data[_REF_HEADER:]])
+        else:
+            self.take(data, "Serialized", &first, &count, &tag)
+            if count < 1:
+                raise _ProtocolError("Serialized ext refers to no frames")
+            out = _make_serialized(kind, self.frames[first:first + count])
+        self.sers.append(out)
+        return out
 
     cdef object decode_pickle(self, bytes data):
         cdef Py_ssize_t first, count
