@@ -8,6 +8,9 @@ its own process puts the two ends on different cores, as in a real cluster.
     raw-sink   socket server: recv_into one preallocated buffer of N bytes, ack 1 byte
     tc-sink    taskcore comm: read messages, ack each with a tiny message
     tc-count   taskcore comm: count messages until a "stop" message, then reply the count
+    relay-sched PORT-less: a bare relay "scheduler": lines from a client go to the
+               worker, lines from the worker go back to the client (raw uvloop)
+    relay-worker PORT: connects to relay-sched, echoes every line (the bare "worker")
 """
 import asyncio
 import socket
@@ -62,6 +65,48 @@ async def tc_server(kind):
     await asyncio.Event().wait()
 
 
+class RelaySched(asyncio.Protocol):
+    """Bare relay hop: no task logic, just forwarding, as the prototype's scheduler did."""
+
+    worker = None
+    client = None
+
+    def connection_made(self, transport):
+        self.t = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.role = None
+
+    def data_received(self, data):
+        if self.role is None:
+            if data.startswith(b"WORKER\n"):
+                self.role = "worker"
+                RelaySched.worker = self
+                data = data[7:]
+            else:
+                self.role = "client"
+                RelaySched.client = self
+        if not data:
+            return
+        if self.role == "client":
+            RelaySched.worker.t.write(data)
+        else:
+            RelaySched.client.t.write(data)
+
+
+async def relay_sched():
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(RelaySched, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+
+
+async def relay_worker(port):
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_connection(RawEcho, "127.0.0.1", port)
+    transport.write(b"WORKER\n")
+    await asyncio.Event().wait()
+
+
 async def raw_echo():
     loop = asyncio.get_running_loop()
     server = await loop.create_server(RawEcho, "127.0.0.1", 0)
@@ -100,5 +145,9 @@ if __name__ == "__main__":
         raw_sink(int(sys.argv[2]))
     elif kind == "raw-echo":
         uvloop.run(raw_echo())
+    elif kind == "relay-sched":
+        uvloop.run(relay_sched())
+    elif kind == "relay-worker":
+        uvloop.run(relay_worker(int(sys.argv[2])))
     else:
         uvloop.run(tc_server(kind))

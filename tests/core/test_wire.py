@@ -6,7 +6,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taskcore.core.wire import FrameDecoder, Limits, encode, encode_header
+import numpy as np
+
+from taskcore.core.wire import (FrameDecoder, Limits, RecvBuffer, encode, encode_header,
+                                recv_pool_stats)
 from taskcore.errors import ProtocolError
 
 # Sizes come from hypothesis, contents from a cheap pattern: large random
@@ -71,7 +74,29 @@ def test_large_frame_read_in_place():
     assert len(buf) == len(big) - 1000  # exactly the rest of that frame
     buf[:] = blob[first:]
     (frames, flags), = dec.buffer_updated(len(buf))
-    assert isinstance(frames[1], bytearray) and frames[1] == big
+    assert isinstance(frames[1], RecvBuffer) and bytes(memoryview(frames[1])) == big
+
+
+def test_large_frame_buffers_are_recycled():
+    """Memory of a released large frame is reused by the next one (already faulted in)."""
+    big = b"z" * (3 << 20)
+    blob = wire_bytes([[big]])
+    (frames, _), = FrameDecoder().feed(blob)
+    first = memoryview(frames[0])
+    addr = np.frombuffer(first, dtype="u1").ctypes.data
+    first.release()
+    del frames
+    before = recv_pool_stats()["free_blocks"]
+    assert before >= 1
+    (frames, _), = FrameDecoder().feed(blob)
+    again = np.frombuffer(memoryview(frames[0]), dtype="u1")
+    assert again.ctypes.data == addr and bytes(again[:3]) == b"zzz"
+    assert recv_pool_stats()["free_blocks"] == before - 1
+
+
+def test_small_frames_are_plain_bytes():
+    (frames, _), = FrameDecoder().feed(wire_bytes([[b"a" * 100, b"b" * 100_000]]))
+    assert type(frames[0]) is bytes and type(frames[1]) in (bytes, bytearray)
 
 
 def test_flags_reported():

@@ -25,7 +25,7 @@ cdef class FrameDecoder:
     cdef list flags                    # per-frame flags, or None when all are 0
     cdef list lengths
     # ST_DIRECT: one large frame being filled in place; direct_filled <= direct_len.
-    cdef bytearray direct
+    cdef object direct                 # bytearray, or RecvBuffer when large
     cdef object direct_view
     cdef Py_ssize_t direct_filled, direct_len
 

@@ -27,7 +27,8 @@ which returns the messages completed by those bytes.
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
-from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo,
+                             PyBUF_SIMPLE, PyBUF_WRITABLE)
 from libc.stdint cimport uint64_t, uint8_t
 from libc.string cimport memcpy, memmove
 
@@ -80,6 +81,102 @@ cdef inline void _advise_huge(char* p, Py_ssize_t n) noexcept nogil:
     cdef size_t stop = (<size_t>p + <size_t>n) & ~(HUGE - 1)
     if stop > start:
         madvise(<void*>start, stop - start, MADV_HUGEPAGE)
+
+
+# -- receive buffers for large frames ------------------------------------------------
+#
+# A large frame becomes the memory of the object it carries (a numpy array
+# gets a view of it, no copy). Fresh memory for every frame costs a page fault
+# per 4 kB as the kernel fills it, which halved the throughput of 200 MB
+# transfers. So frames of at least POOL_MIN bytes live in RecvBuffer objects
+# whose memory, once the last reference (the array) is gone, goes back to a
+# small pool and is reused, already faulted in, by the next large frame.
+
+cdef extern from "stdlib.h" nogil:
+    int posix_memalign(void** memptr, size_t alignment, size_t size)
+    void free(void* ptr)
+
+cdef Py_ssize_t POOL_MIN = 1 << 20          # smaller frames are plain bytearrays
+cdef Py_ssize_t POOL_GRAIN = 1 << 20        # capacities are rounded up to this
+cdef Py_ssize_t _pool_limit = 0             # bytes kept when free (set below)
+cdef Py_ssize_t _pool_bytes = 0             # bytes now kept when free
+cdef list _pool = []                        # [(capacity, address)] of free blocks
+
+
+def set_recv_pool_limit(Py_ssize_t nbytes):
+    """Most bytes of free large-frame buffers kept for reuse (0 disables the pool)."""
+    global _pool_limit, _pool_bytes
+    _pool_limit = nbytes
+    while _pool_bytes > _pool_limit and _pool:
+        cap, addr = _pool.pop()
+        _pool_bytes -= cap
+        free(<void*><size_t>addr)
+
+
+def recv_pool_stats():
+    return {"limit": _pool_limit, "free_bytes": _pool_bytes, "free_blocks": len(_pool)}
+
+
+cdef char* _pool_take(Py_ssize_t n, Py_ssize_t* capacity) except NULL:
+    global _pool_bytes
+    cdef Py_ssize_t i, cap
+    cdef void* p = NULL
+    for i in range(len(_pool)):
+        cap = _pool[i][0]
+        if cap >= n and cap <= n + n // 4 + POOL_GRAIN:
+            _pool_bytes -= cap
+            capacity[0] = cap
+            return <char*><size_t>_pool.pop(i)[1]
+    cap = ((n + POOL_GRAIN - 1) // POOL_GRAIN) * POOL_GRAIN
+    if posix_memalign(&p, 2 * 1024 * 1024, <size_t>cap) != 0 or p == NULL:
+        raise MemoryError(f"cannot allocate a {n}-byte receive buffer")
+    _advise_huge(<char*>p, cap)
+    capacity[0] = cap
+    return <char*>p
+
+
+cdef void _pool_give(char* p, Py_ssize_t cap) noexcept:
+    global _pool_bytes
+    if cap <= _pool_limit - _pool_bytes:
+        _pool.append((cap, <size_t>p))
+        _pool_bytes += cap
+    else:
+        free(p)
+
+
+@cython.final
+cdef class RecvBuffer:
+    """Writable memory for one large received frame; recycled when released."""
+    cdef char* data
+    cdef Py_ssize_t length
+    cdef Py_ssize_t capacity
+    cdef Py_ssize_t exports
+
+    def __cinit__(self, Py_ssize_t length):
+        self.data = _pool_take(length, &self.capacity)
+        self.length = length
+        self.exports = 0
+
+    def __dealloc__(self):
+        if self.data != NULL:
+            _pool_give(self.data, self.capacity)
+            self.data = NULL
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        PyBuffer_FillInfo(view, self, self.data, self.length, 0, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer* view):
+        self.exports -= 1
+
+    def __len__(self):
+        return self.length
+
+    def __repr__(self):
+        return f"<RecvBuffer {self.length} bytes>"
+
+    def __reduce__(self):
+        return (bytearray, (bytes(memoryview(self)),))
 
 
 cdef inline uint64_t _read_u64(const char* p) noexcept nogil:
@@ -321,11 +418,13 @@ cdef class FrameDecoder:
                 if L >= self.direct_threshold:
                     # Large frame: allocate once at final size, then read straight into it.
                     # Uninitialized: zero-filling 200 MB would cost as much as receiving it.
-                    self.direct = PyByteArray_FromStringAndSize(NULL, L)
-                    _advise_huge(<char*>self.direct, L)
-                    if avail:
-                        memcpy(<char*>self.direct, base + self.start, avail)
+                    if L >= POOL_MIN:
+                        self.direct = RecvBuffer(L)
+                    else:
+                        self.direct = PyByteArray_FromStringAndSize(NULL, L)
                     self.direct_view = memoryview(self.direct)
+                    if avail:
+                        self.direct_view[:avail] = self.scratch_view[self.start:self.start + avail]
                     self.direct_filled = avail
                     self.direct_len = L
                     self.start = 0
@@ -342,3 +441,18 @@ cdef class FrameDecoder:
             self.start = 0
             self.end = 0
         return 0
+
+
+def _default_pool_limit():
+    import os
+    env = os.environ.get("TASKCORE_RECV_POOL_BYTES")
+    if env is not None:
+        return int(env)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 * 1024 ** 3
+    return min(1024 ** 3, total // 16)
+
+
+set_recv_pool_limit(_default_pool_limit())

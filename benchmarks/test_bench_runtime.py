@@ -1,0 +1,177 @@
+"""End-to-end runtime benchmarks on LocalCluster(2 workers x 1 thread), with baselines
+measured in the same run.
+
+| benchmark                      | baseline                                         | target       |
+|--------------------------------|--------------------------------------------------|--------------|
+| submit -> result round trip    | bare relay client->sched->worker->sched->client  | <= 2x        |
+|                                | dask.distributed submit -> result                | >= 40x better|
+| client.map, tiny tasks         | dask.distributed, same workload                  | >= 100x      |
+| binary-tree reduction          | dask.distributed                                 | >= 100x      |
+| dependency chain               | dask.distributed                                 | >= 50x       |
+
+dask runs a smaller instance of each workload (it is ~100x slower, and this
+runs in CI); rates (tasks/s) and per-operation times are compared, not totals.
+"""
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import pytest
+import uvloop
+
+from conftest import HERE, QUICK
+
+# Worker processes cannot import this module: its task functions travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SIZES = {
+    "map": (20_000, 1_000 if QUICK else 4_000),
+    "tree": (16_384, 1_024 if QUICK else 4_096),
+    "chain": (2_000, 200 if QUICK else 500),
+    "roundtrip": (300 if QUICK else 1000, 30 if QUICK else 100),
+}
+
+
+def inc(x):
+    return x + 1
+
+
+def add(a, b):
+    return a + b
+
+
+@pytest.fixture(scope="module")
+def ours():
+    from taskcore import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
+    # Not the default dask scheduler: dask's own nannies pickle dask's config.
+    client = Client(cluster, set_as_default=False)
+    client.wait_for_workers(2, timeout=60)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    distributed = pytest.importorskip("distributed", reason="pip install '.[bench]' for dask")
+    import logging
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+    client = distributed.Client(cluster, set_as_default=False)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def _map(client, n):
+    fs = client.map(inc, range(n), pure=False)
+    r = client.gather(fs)
+    assert r[-1] == n
+    return r
+
+
+def _tree(client, n):
+    level = client.map(inc, range(n), pure=False)
+    while len(level) > 1:
+        nxt = [client.submit(add, level[i], level[i + 1], pure=False)
+               for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0].result()
+
+
+def _chain(client, n):
+    x = client.submit(inc, 0, pure=False)
+    for _ in range(n - 1):
+        x = client.submit(inc, x, pure=False)
+    assert x.result() == n
+
+
+def _tasks(kind, n):
+    return 2 * n - 1 if kind == "tree" else n
+
+
+def _best(fn, rounds):
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@pytest.mark.parametrize("kind", ["map", "tree", "chain"])
+def test_throughput_vs_dask(benchmark, ours, dask_client, kind):
+    fn = {"map": _map, "tree": _tree, "chain": _chain}[kind]
+    n_ours, n_dask = SIZES[kind]
+    fn(dask_client, min(n_dask, 100))  # warm up both
+    fn(ours, min(n_ours, 1000))
+    t_dask = _best(lambda: fn(dask_client, n_dask), 1 if QUICK else 2)
+    benchmark.pedantic(lambda: fn(ours, n_ours), rounds=3 if QUICK else 5, iterations=1)
+    t_ours = benchmark.stats.stats.min
+    rate_ours = _tasks(kind, n_ours) / t_ours
+    rate_dask = _tasks(kind, n_dask) / t_dask
+    target = {"map": ">= 100", "tree": ">= 100", "chain": ">= 50"}[kind]
+    benchmark.extra_info.update(ours_tasks_per_s=rate_ours, dask_tasks_per_s=rate_dask,
+                                ratio=rate_ours / rate_dask, baseline="dask.distributed",
+                                target=f"ratio {target}")
+
+
+def _relay_peers():
+    """Start the bare relay (a scheduler-like forwarder and an echoing worker)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.join(os.path.dirname(HERE), "src") + os.pathsep + env.get(
+        "PYTHONPATH", "")
+    sched = subprocess.Popen([sys.executable, os.path.join(HERE, "_servers.py"), "relay-sched"],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    port = int(sched.stdout.readline())
+    worker = subprocess.Popen([sys.executable, os.path.join(HERE, "_servers.py"), "relay-worker",
+                               str(port)], env=env)
+    time.sleep(1.0)  # let the relay worker connect before the client does
+    return port, [sched, worker]
+
+
+def test_roundtrip_vs_relay_and_dask(benchmark, ours, dask_client):
+    n_ours, n_dask = SIZES["roundtrip"]
+    port, procs = _relay_peers()
+    try:
+        loop = uvloop.new_event_loop()
+        r, w = loop.run_until_complete(asyncio.open_connection("127.0.0.1", port))
+        msg = b'{"op":"task","key":"inc-123","args":[1]}\n'
+
+        async def relay(n):
+            for _ in range(n):
+                w.write(msg)
+                await r.readline()
+
+        loop.run_until_complete(relay(200))
+        t_relay = _best(lambda: loop.run_until_complete(relay(n_ours)), 3) / n_ours
+        w.close()
+        loop.close()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+    def roundtrips(client, n):
+        for i in range(n):
+            client.submit(inc, i, pure=False).result()
+
+    roundtrips(dask_client, 10)
+    roundtrips(ours, 50)
+    t_dask = _best(lambda: roundtrips(dask_client, n_dask), 1) / n_dask
+    benchmark.pedantic(lambda: roundtrips(ours, n_ours), rounds=3, iterations=1)
+    t_ours = benchmark.stats.stats.min / n_ours
+    benchmark.extra_info.update(
+        ours_us=t_ours * 1e6, relay_us=t_relay * 1e6, dask_us=t_dask * 1e6,
+        ratio=t_ours / t_relay, dask_over_ours=t_dask / t_ours,
+        baseline="bare relay client->sched->worker->sched->client (raw uvloop)",
+        target="ratio <= 2; dask_over_ours >= 40")
