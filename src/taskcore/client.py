@@ -24,9 +24,12 @@ Messages (scheduler -> client)
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
+import sys
 import itertools
 import logging
+import sys
 import threading
 import uuid
 import weakref
@@ -57,6 +60,40 @@ def default_client(c=None):
         raise ValueError("No clients found. Start a Client first: Client(LocalCluster()) "
                          "or Client('tcp://scheduler:port')")
     return _default_client
+
+
+class _DaskImportHook:
+    """A meta-path finder that runs once: after `import dask`, install the default client."""
+
+    _installed = None
+
+    @classmethod
+    def install(cls, client):
+        if cls._installed is None:
+            cls._installed = cls()
+            sys.meta_path.insert(0, cls._installed)
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "dask":
+            return None
+        sys.meta_path.remove(self)
+        type(self)._installed = None
+        import importlib.util
+
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        original = loader.exec_module
+
+        def exec_module(module):
+            original(module)
+            client = _default_client
+            if client is not None and client.status == "running" and client._set_as_default:
+                client._install_dask_scheduler()
+
+        loader.exec_module = exec_module
+        return spec
 
 
 def _funcname(func):
@@ -168,6 +205,7 @@ class Client:
         self._func_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self.scheduler_info_cache = {}
         self._previous_dask_scheduler = None
+        self._dask_scheduler = None       # what _install_dask_scheduler put into dask.config
         self._runner = None
         if asynchronous:
             self.loop = loop
@@ -229,23 +267,34 @@ class Client:
         return self
 
     def _install_dask_scheduler(self):
-        try:
-            import dask
-        except ImportError:
+        """Make this client dask's default scheduler (restored on close).
+
+        Importing dask costs ~0.5 s, so a client created before dask is
+        imported installs itself when dask gets imported (one-shot import hook).
+        """
+        if "dask" not in sys.modules:
+            _DaskImportHook.install(self)
             return
+        import dask
+
         self._previous_dask_scheduler = dask.config.get("scheduler", None)
         dask.config.set(scheduler=self.get)
 
     def _restore_dask_scheduler(self):
-        if self._previous_dask_scheduler is False:
+        installed, self._dask_scheduler = self._dask_scheduler, None
+        dask = sys.modules.get("dask")
+        if installed is None or dask is None:
             return
-        try:
-            import dask
-        except ImportError:
-            return
-        if dask.config.get("scheduler", None) == self.get:
-            dask.config.set(scheduler=self._previous_dask_scheduler)
-        self._previous_dask_scheduler = False
+        if dask.config.get("scheduler", None) == installed:
+            # Skip schedulers of clients closed since: with two clients closed in
+            # creation order, the second must not restore the first (closed) one.
+            prev = self._previous_dask_scheduler
+            for _ in range(100):
+                owner = getattr(prev, "__self__", None) or getattr(prev, "client", None)
+                if not isinstance(owner, Client) or owner.status != "closed":
+                    break
+                prev = owner._previous_dask_scheduler
+            dask.config.set(scheduler=prev)
 
     def _on_comm_closed(self, comm):
         if self.status in ("closing", "closed"):
@@ -555,16 +604,24 @@ class Client:
         records = []
         out_keys = []
         seen = set()
-        for args, k in zip(arglists, keys):
-            if k is None:
-                tok = _tokenize(ftok, args, kwargs) if pure else self._unique()
-                k = f"{prefix}-{tok}"
-            k, spec, deps = self._make_task(func, args, kwargs, k, pure, fser, ftok)
-            out_keys.append(k)
-            if k not in seen:
-                seen.add(k)
-                records.append([k, spec, deps, opts])
-        return self._submit_tasks(records, out_keys)
+        # Building many records allocates many small containers, which would
+        # trigger several cyclic-GC passes for nothing (none are cycles).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for args, k in zip(arglists, keys):
+                if k is None:
+                    tok = _tokenize(ftok, args, kwargs) if pure else self._unique()
+                    k = f"{prefix}-{tok}"
+                k, spec, deps = self._make_task(func, args, kwargs, k, pure, fser, ftok)
+                out_keys.append(k)
+                if k not in seen:
+                    seen.add(k)
+                    records.append([k, spec, deps, opts])
+            return self._submit_tasks(records, out_keys)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     # -- public API: collecting --------------------------------------------------------
     def gather(self, futures, errors="raise", direct=None, asynchronous=None):

@@ -78,7 +78,7 @@ def address_type(text: str) -> str:
 
     try:
         scheme, loc = parse_address(text)
-        if scheme in ("tcp", "tls", "ucx"):
+        if scheme in ("tcp", "tls"):
             host, port = parse_host_port(loc)
             if not host:
                 raise ValueError(f"no host in address {text!r}")

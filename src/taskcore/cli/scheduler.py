@@ -8,7 +8,9 @@ that late workers do not connect to a dead address.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -31,12 +33,15 @@ def build_parser() -> Parser:
                    help="network interface name (like eth0) whose IP to listen on")
     p.add_argument("--port", type=port_type, default=DEFAULT_PORT,
                    help=f"port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
-    p.add_argument("--protocol", default=None, choices=["tcp", "tls", "ucx"],
+    p.add_argument("--protocol", default=None, choices=["tcp", "tls"],
                    help="transport (default tcp, or tls when TLS files are given)")
     p.add_argument("--scheduler-file", default=None, metavar="PATH",
                    help="write {\"address\": ...} JSON here once listening")
     p.add_argument("--idle-timeout", type=duration_type, default=None, metavar="DURATION",
                    help="exit after this long without clients or work, like 1h")
+    # Other Scheduler keyword arguments as a JSON object (set by launchers such as SSHCluster's
+    # scheduler_options=; not for people).
+    p.add_argument("--scheduler-options", default=None, help=argparse.SUPPRESS)
     add_tls_options(p)
     add_logging_options(p)
     return p
@@ -58,6 +63,14 @@ def parse_args(argv=None):
             parser.error(str(e))
     if args.host is None:
         args.host = "127.0.0.1"
+    args.extra = {}
+    if args.scheduler_options:
+        try:
+            args.extra = json.loads(args.scheduler_options)
+        except ValueError as e:
+            parser.error(f"--scheduler-options is not valid JSON: {e}")
+        if not isinstance(args.extra, dict):
+            parser.error("--scheduler-options must be a JSON object")
     return args
 
 
@@ -78,7 +91,13 @@ async def run(args) -> int:
                   idle_timeout=args.idle_timeout)
     if args.security is not None:
         kwargs["security"] = args.security
-    scheduler = Scheduler(**kwargs)
+    kwargs.update(getattr(args, "extra", None) or {})
+    try:
+        scheduler = Scheduler(**kwargs)
+    except (TypeError, ValueError) as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        remove_shutdown_signals(loop)
+        return 2
     start = asyncio.ensure_future(scheduler.start())
     stopper = asyncio.ensure_future(stop.wait())
     try:

@@ -62,7 +62,7 @@ def build_parser() -> Parser:
                         "together")
     p.add_argument("--death-timeout", type=duration_type, default=None, metavar="DURATION",
                    help="exit when the scheduler has been unreachable this long")
-    p.add_argument("--protocol", default=None, choices=["tcp", "tls", "ucx"],
+    p.add_argument("--protocol", default=None, choices=["tcp", "tls"],
                    help="transport (default: the scheduler address's scheme)")
     p.add_argument("--host", default=None, help="address the worker listens on")
     p.add_argument("--interface", default=None,
@@ -85,7 +85,7 @@ def parse_args(argv=None):
         from taskcore.transports.addressing import parse_address
 
         scheme = parse_address(args.address)[0]
-        args.protocol = scheme if scheme in ("tcp", "tls", "ucx") else None
+        args.protocol = scheme if scheme in ("tcp", "tls") else None
     args.protocol = resolve_protocol(parser, args.protocol, args.security)
     if args.host and args.interface:
         parser.error("give --host or --interface, not both")
