@@ -222,13 +222,17 @@ class Scheduler:
             if t is ComputeTask:
                 peer = workers.get(ins.worker)
                 if peer is not None:
-                    self._send(peer, {"op": "compute-task", "id": ins.task_id, "key": ins.key,
-                                      "spec": ins.run_spec, "priority": ins.priority,
-                                      "deps": ins.dependencies, "resources": ins.resources,
-                                      "annotations": ins.annotations,
-                                      "duration": ins.duration})
+                    # Optional fields only when set: every field costs pack + unpack.
+                    msg = {"op": "compute-task", "id": ins.task_id, "key": ins.key,
+                           "spec": ins.run_spec, "priority": ins.priority,
+                           "deps": ins.dependencies}
+                    if ins.resources:
+                        msg["resources"] = ins.resources
+                    if ins.annotations:
+                        msg["annotations"] = ins.annotations
+                    self._send(peer, msg)
             elif t is KeyInMemory:
-                msg = {"op": "key-in-memory", "key": ins.key, "type": ins.typename}
+                msg = {"op": "key-in-memory", "key": ins.key}
                 data = self._inline.get(ins.task_id)
                 if data is not None:
                     msg["data"] = data
