@@ -7,7 +7,9 @@ if [ ! -x /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
     chmod 755 /usr/sbin/policy-rc.d
 fi
-PKGS="iproute2 procps"
+# openssh-server: the SSHCluster tests run their own sshd (never the system service);
+# openssh-client: ssh-keygen for their throwaway keys; util-linux: unshare (hostnames).
+PKGS="iproute2 procps openssh-server openssh-client util-linux"
 missing=""
 for p in $PKGS; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

@@ -192,18 +192,40 @@ def test_failed_scale_up_is_dropped_and_logged():
     run(main())
 
 
-def test_worker_that_exits_on_its_own_leaves_the_spec():
+def test_worker_that_exits_on_its_own_is_replaced():
     async def main():
         async with make(2) as cluster:
-            cluster.workers[1].die()
-            for _ in range(100):
-                if 1 not in cluster.workers:
+            old = cluster.workers[1]
+            old.die()
+            for _ in range(200):
+                if cluster.workers.get(1) not in (None, old) and cluster.workers[1].status == "running":
                     break
                 await asyncio.sleep(0.01)
-            assert sorted(cluster.workers) == [0]
+            # Same name, new handle: the spec holds.
+            assert sorted(cluster.workers) == [0, 1] and cluster.workers[1] is not old
+            assert sorted(cluster.worker_spec) == [0, 1]
+            logs = "\n".join((await cluster.get_logs())["Cluster"])
+            assert "exited unexpectedly" in logs and "replacement" in logs
+    run(main())
+
+
+def test_a_worker_that_keeps_dying_leaves_the_spec():
+    async def main():
+        async with make(2, max_rapid_deaths=3) as cluster:
+            cluster.rapid_death_seconds = 60
+            for _ in range(3):
+                h = cluster.workers[1]
+                h.die()
+                for _ in range(500):
+                    if cluster.workers.get(1) is not h:
+                        if 1 not in cluster.worker_spec or (1 in cluster.workers and
+                                                            cluster.workers[1].status == "running"):
+                            break
+                    await asyncio.sleep(0.01)
             assert sorted(cluster.worker_spec) == [0]
-            await cluster.scale(2)  # and it can be replaced
-            assert len(cluster.workers) == 2
+            assert sorted(cluster.workers) == [0]
+            logs = "\n".join((await cluster.get_logs())["Cluster"])
+            assert "died 3 times in a row" in logs
     run(main())
 
 

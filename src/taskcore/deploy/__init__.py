@@ -19,6 +19,10 @@ _EXPORTS = {
     "SchedulerProcess": "taskcore.deploy.process",
     "ProcessStartError": "taskcore.deploy.process",
     "LocalCluster": "taskcore.deploy.local",
+    "SSHCluster": "taskcore.deploy.ssh",
+    "Adaptive": "taskcore.deploy.adaptive",
+    "LaunchedProcess": "taskcore.deploy.launched",
+    "list_clusters": "taskcore.deploy.registry",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -7,8 +7,20 @@ A cluster object owns an event loop on which its scheduler/worker handles live.
   methods return awaitables, `await Cluster(asynchronous=True)` starts it.
 
 Subclasses implement `_start`, `_close`, `_scale`, and (optionally)
-`_count_workers` and `_gather_logs`. A later issue adds `adapt`,
-`dashboard_link` and `from_name`.
+`_count_workers`, `_gather_logs`, `_detach` and the registry hooks
+(`_registry_entry`, `_from_registry`).
+
+Talking to the scheduler: the scheduler may live on the cluster's loop (an
+in-process `Scheduler`), in a subprocess, or on another machine. Everything the
+cluster asks it (retire workers, the adaptive target, wait for workers) goes
+through `_scheduler_rpc`, which calls the `rpc_*` handler directly in the first
+case and opens a one-shot connection otherwise, so both paths run the same
+scheduler code.
+
+Lifetime: `close()` stops everything unless `shutdown_on_close=False`, in
+which case it only detaches this handle (the processes keep running, and
+`from_name` finds them again through the registry, deploy/registry.py).
+`shutdown()` always stops everything.
 """
 from __future__ import annotations
 
@@ -17,7 +29,12 @@ import atexit
 import collections
 import enum
 import html
+import importlib
+import inspect
 import logging
+import math
+import os
+import socket
 import time
 import uuid
 import weakref
@@ -50,6 +67,8 @@ class _BufferHandler(logging.Handler):
         self.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
 
     def emit(self, record):
+        if getattr(record, "_taskcore_cluster_event", False):
+            return  # a cluster's own event: Cluster._log already put it in its buffer
         try:
             self.buffer.append(self.format(record))
         except Exception:
@@ -96,6 +115,10 @@ class Cluster:
             name=f"taskcore-cluster-{self.name}")
         self._start_task: asyncio.Future | None = None
         self._close_task: asyncio.Future | None = None
+        self.adaptive = None  # the Adaptive policy while adapt() is in force
+        self.security = getattr(self, "security", None)
+        self._registered = False
+        self._created = getattr(self, "_created", None) or time.time()  # kept on reconnect
 
     # -- loop plumbing ------------------------------------------------------------------------
     @property
@@ -136,7 +159,7 @@ class Cluster:
         """Record a cluster event in get_logs() whatever the logger's level, and log it."""
         record = logger.makeRecord(logger.name, level, __file__, 0, msg, args, None)
         self._logs.append(self._log_handler.format(record))
-        logger.log(level, msg, *args)
+        logger.log(level, msg, *args, extra={"_taskcore_cluster_event": True})
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def _start_once(self):
@@ -154,9 +177,19 @@ class Cluster:
         logging.getLogger("taskcore").addHandler(self._log_handler)
         try:
             await self._start()
-        except BaseException:
+        except BaseException as e:
             self.status = Status.failed
+            if not isinstance(e, asyncio.CancelledError):
+                # Whatever did start (a scheduler, some workers) is stopped now, detached or
+                # not, so a failed start leaves nothing running, in sync and async mode alike.
+                try:
+                    await asyncio.shield(self._close())
+                except Exception as close_error:
+                    self._log(logging.WARNING, "%s: cleaning up after a failed start: %r",
+                              self.name, close_error)
+                self._unregister()
             raise
+        self._started = True
         self.status = Status.running
 
     async def _close_once(self):
@@ -167,12 +200,22 @@ class Cluster:
     async def _close_wrapper(self):
         self.status = Status.closing
         try:
+            if self.adaptive is not None:
+                self.adaptive._stop_now()
+                self.adaptive = None
             if self._start_task is not None and not self._start_task.done():
                 self._start_task.cancel()
                 await asyncio.gather(self._start_task, return_exceptions=True)
-            if self.shutdown_on_close:
+            if self.shutdown_on_close or not getattr(self, "_started", False):
                 await self._close()
+                self._unregister()
+            else:
+                await self._detach()
+                self._save_registry(detaching=True)
+                self._log(logging.INFO, "%s: detached; reconnect with %s.from_name(%r)",
+                          self.name, type(self).__name__, self.name)
         finally:
+            await self._release()
             logging.getLogger("taskcore").removeHandler(self._log_handler)
             self.status = Status.closed
 
@@ -182,10 +225,17 @@ class Cluster:
     async def _close(self):  # pragma: no cover - subclasses
         pass
 
+    async def _detach(self):
+        """Let go of the processes without stopping them (shutdown_on_close=False)."""
+
+    async def _release(self):
+        """Free what this handle holds either way (connections), after _close or _detach."""
+
     def close(self, timeout: float | None = None):
         """Close the scheduler and every worker, leaving no process behind.
 
-        With `shutdown_on_close=False` only this handle is closed (the cluster keeps running).
+        With `shutdown_on_close=False` only this handle is closed: the cluster keeps
+        running, and `from_name(name)` reconnects to it (see `shutdown()`).
         """
         if self.asynchronous:
             coro = self._close_once()
@@ -198,6 +248,11 @@ class Cluster:
             self._runner.stop()
             _sync_clusters.discard(self)
         return None
+
+    def shutdown(self, timeout: float | None = None):
+        """Stop the scheduler and every worker, even when `shutdown_on_close` is False."""
+        self.shutdown_on_close = True
+        return self.close(timeout=timeout)
 
     def __await__(self):
         async def _():
@@ -229,11 +284,202 @@ class Cluster:
 
     # -- scaling ------------------------------------------------------------------------------
     def scale(self, n: int | None = None, **kwargs):
-        """Ask for `n` workers. Sync: blocks until reconciled. Async: returns an awaitable."""
+        """Ask for `n` workers. Sync: blocks until reconciled. Async: returns an awaitable.
+
+        A manual scale ends adaptive mode (see `adapt`).
+        """
+        self._stop_adaptive("manual scale")
         return self.sync(self._scale, n, **kwargs)
 
     async def _scale(self, n, **kwargs):  # pragma: no cover - subclasses
         raise NotImplementedError(f"{type(self).__name__} cannot scale")
+
+    def scale_up(self, n: int, **kwargs):
+        """Scale to `n` workers if that is more than planned now (never scales down)."""
+        self._stop_adaptive("manual scale_up")
+        return self.sync(self._scale_up, n, **kwargs)
+
+    async def _scale_up(self, n, **kwargs):
+        if n > self._planned_workers(kwargs.get("worker_group")):
+            await self._scale(n, **kwargs)
+
+    def scale_down(self, workers):
+        """Retire and close these workers (names or addresses); their data moves first."""
+        self._stop_adaptive("manual scale_down")
+        return self.sync(self._scale_down, list(workers))
+
+    async def _scale_down(self, workers):  # pragma: no cover - subclasses
+        raise NotImplementedError(f"{type(self).__name__} cannot scale down")
+
+    def _planned_workers(self, worker_group=None) -> int:
+        return len(self.workers)
+
+    # -- adaptive -----------------------------------------------------------------------------
+    def adapt(self, minimum: int = 0, maximum: float = math.inf, target_duration="5s",
+              wait_count: int = 3, interval="1s", **kwargs):
+        """Scale between `minimum` and `maximum` workers by the scheduler's load.
+
+        Returns the `Adaptive` object (also `cluster.adaptive`). Calling `adapt`
+        again replaces the running policy with the new one; a manual scale of the
+        group it manages ends adaptive mode; `adaptive.stop()` ends it and keeps
+        the current workers. See deploy/adaptive.py.
+        """
+        from taskcore.deploy.adaptive import Adaptive
+
+        if self.status not in (Status.running, Status.starting):
+            raise RuntimeError(f"{self.name} is {self.status.value}; adapt() needs a running "
+                               f"cluster")
+        adaptive = Adaptive(self, minimum=minimum, maximum=maximum,
+                            target_duration=target_duration, wait_count=wait_count,
+                            interval=interval, **kwargs)
+
+        def install():
+            old, self.adaptive = self.adaptive, adaptive
+            if old is not None:
+                old._stop_now()
+                self._log(logging.INFO, "%s: adapt() replaces the previous adaptive policy",
+                          self.name)
+            adaptive._start_now()
+            return adaptive
+
+        if self.asynchronous:
+            # Installed at once on the running loop: `adapt` stays a plain call in async code.
+            return install()
+
+        async def install_on_loop():
+            return install()
+        return self.sync(install_on_loop)
+
+    def _stop_adaptive(self, why: str):
+        adaptive = self.adaptive
+        if adaptive is None:
+            return
+        self.adaptive = None
+        self._log(logging.INFO, "%s: %s ends adaptive mode", self.name, why)
+        if self.asynchronous or self._runner is None or not self._runner.running:
+            adaptive._stop_now()
+        else:
+            self._runner.call_soon(adaptive._stop_now)
+
+    # -- the scheduler --------------------------------------------------------------------------
+    async def _scheduler_rpc(self, method: str, args: dict | None = None,
+                             timeout: float | None = 30):
+        """Call the scheduler's `rpc_<method>(**args)`: directly when it runs on our loop, else
+        over a one-shot connection. `timeout` bounds our wait for the answer."""
+        args = args or {}
+        handler = getattr(self.scheduler, f"rpc_{method}", None)
+        if handler is not None:
+            result = handler(None, **args)
+            if inspect.isawaitable(result):
+                result = await (result if timeout is None else asyncio.wait_for(result, timeout))
+            return result
+        if not self.scheduler_address:
+            raise RuntimeError(f"{self.name} has no scheduler address yet")
+        return await scheduler_rpc(self.scheduler_address, method, args,
+                                   security=self.security, timeout=timeout)
+
+    async def _scheduler_call(self, func, timeout: float | None = 30, **kwargs):
+        """Run `func(scheduler, **kwargs)` on the scheduler (in its process) and return the
+        result. `func` must be importable there (a module-level function)."""
+        sched = self.scheduler
+        if hasattr(sched, "state") and hasattr(sched, "rpc_run_on_scheduler"):
+            return func(sched, **kwargs)
+        from taskcore.core.serialize import Serialized, serialize_obj
+
+        status, value = await self._scheduler_rpc(
+            "run_on_scheduler", {"func": serialize_obj((func, (), kwargs))}, timeout=timeout)
+        if isinstance(value, Serialized):
+            value = value.deserialize()
+        if status == "error":
+            raise value
+        return value
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The dashboard's URL, or None while the scheduler serves no dashboard."""
+        sched = self.scheduler
+        link = getattr(sched, "dashboard_link", None)
+        if isinstance(link, str):
+            return link
+        addr = getattr(sched, "dashboard_address", None)
+        info = getattr(sched, "info", None)
+        if addr is None and isinstance(info, dict):
+            addr = info.get("dashboard_address") or info.get("dashboard")
+        if not addr:
+            return None
+        return addr if "://" in str(addr) else f"http://{addr}/status"
+
+    # -- registry and reconnecting --------------------------------------------------------------
+    def _registry_entry(self) -> dict | None:
+        """What the registry should hold for this cluster, or None to stay unregistered."""
+        return None
+
+    def _save_registry(self, detaching: bool = False):
+        try:
+            entry = self._registry_entry()
+        except Exception as e:
+            self._log(logging.WARNING, "%s: cannot describe the cluster for the registry: %r",
+                      self.name, e)
+            return
+        if entry is None:
+            return
+        from taskcore.deploy import registry
+
+        entry.setdefault("name", self.name)
+        entry.setdefault("cls", f"{type(self).__module__}.{type(self).__qualname__}")
+        entry.setdefault("created", self._created)
+        entry.setdefault("host", socket.gethostname())
+        entry["manager_pid"] = None if detaching else os.getpid()
+        entry.setdefault("scheduler_address", self.scheduler_address)
+        try:
+            registry.save(entry)
+            self._registered = True
+        except (OSError, ValueError) as e:
+            self._log(logging.WARNING, "%s: cannot write the cluster registry: %r", self.name, e)
+
+    def _unregister(self):
+        if not self._registered:
+            return
+        from taskcore.deploy import registry
+
+        try:
+            registry.remove(self.name)
+        except (OSError, ValueError):
+            pass
+        self._registered = False
+
+    @classmethod
+    def from_name(cls, name: str, asynchronous: bool = False, shutdown_on_close: bool = False,
+                  **kwargs):
+        """Reconnect to the running cluster registered as `name` (see `list_clusters()`).
+
+        The new object manages the same scheduler and workers: it can scale,
+        adapt, compute and `shutdown()`. By default `close()` detaches again
+        (`shutdown_on_close=False`); pass True to stop the cluster on close.
+        """
+        from taskcore.deploy import registry
+
+        entry = registry.load(name)
+        module, _, attr = entry.get("cls", "").rpartition(".")
+        try:
+            actual = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise TypeError(f"cluster {name!r} was made by {entry.get('cls')!r}, which cannot "
+                            f"be imported here: {e}") from None
+        if not (isinstance(actual, type) and issubclass(actual, cls)):
+            raise TypeError(f"cluster {name!r} is a {actual.__name__}, not a {cls.__name__}")
+        if not entry.get("detached"):
+            raise RuntimeError(
+                f"cluster {name!r} runs inside process {entry.get('manager_pid')} on "
+                f"{entry.get('host')} and stops with it (it was not made with "
+                f"shutdown_on_close=False); connect a Client to "
+                f"{entry.get('scheduler_address')} instead")
+        return actual._from_registry(entry, asynchronous=asynchronous,
+                                     shutdown_on_close=shutdown_on_close, **kwargs)
+
+    @classmethod
+    def _from_registry(cls, entry, asynchronous=False, shutdown_on_close=False, **kwargs):
+        raise NotImplementedError(f"{cls.__name__} cannot reconnect to a running cluster")
 
     # -- introspection ------------------------------------------------------------------------
     @property
@@ -246,8 +492,20 @@ class Cluster:
                    if str(getattr(w, "status", "")) == Status.running.value)
 
     def wait_for_workers(self, n: int, timeout: float | None = None):
-        """Block (or, async, wait) until at least `n` workers are running."""
+        """Block (or, async, wait) until at least `n` workers are connected to the scheduler.
+
+        Returns the number connected. Asks the scheduler itself (one request that waits
+        there) when it can; handles that are not real schedulers are counted instead.
+        """
         async def _wait():
+            if self.status in (Status.closing, Status.closed, Status.failed):
+                raise RuntimeError(f"{self.name} is {self.status.value}")
+            sched = self.scheduler
+            if hasattr(sched, "rpc_wait_for_workers") or (
+                    getattr(sched, "role", None) == "scheduler" and self.scheduler_address):
+                # The scheduler waits on its side: one request, no polling.
+                return await self._scheduler_rpc("wait_for_workers",
+                                                 {"n": n, "timeout": timeout}, timeout=None)
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._count_workers() < n:
                 if self.status in (Status.closing, Status.closed, Status.failed):
@@ -256,24 +514,26 @@ class Cluster:
                     raise TimeoutError(f"only {self._count_workers()} of {n} workers after "
                                        f"{timeout} s")
                 await asyncio.sleep(0.02)
+            return self._count_workers()
         return self.sync(_wait)
 
     def get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool = True):
-        """Recent log lines: {"Cluster": [...], "Scheduler": [...], <worker name>: [...]}."""
-        def collect():
-            return self._gather_logs(cluster, scheduler, workers)
+        """Recent log lines: {"Cluster": [...], "Scheduler": [...], <worker name>: [...]}.
+
+        Each source is a bounded buffer (the cluster manager's own events, and
+        each process's stderr); a detached process's lines come from its log file.
+        """
         if self.asynchronous:
-            async def _():
-                return collect()
-            return _()
+            return self._gather_logs(cluster, scheduler, workers)
         if self._runner is not None and self._runner.running:
             # Read the buffers on the loop thread, which is the only writer.
-            async def _on_loop():
-                return collect()
-            return self._runner.run_sync(_on_loop)
-        return collect()
+            return self._runner.run_sync(self._gather_logs, cluster, scheduler, workers)
+        out = {}
+        if cluster:
+            out["Cluster"] = list(self._logs)
+        return out
 
-    def _gather_logs(self, cluster, scheduler, workers):
+    async def _gather_logs(self, cluster, scheduler, workers):
         out = {}
         if cluster:
             out["Cluster"] = list(self._logs)
@@ -307,3 +567,32 @@ class Cluster:
         return (f"<div><h3 style='margin-bottom:0'>{html.escape(type(self).__name__)}</h3>"
                 f"<table>{body}</table></div>")
 
+
+
+async def scheduler_rpc(address: str, method: str, args: dict | None = None, security=None,
+                        timeout: float | None = 30):
+    """One request to a scheduler over a fresh connection: its `rpc_<method>(**args)` result."""
+    from taskcore.core.serialize import Serialized
+    from taskcore.transports import connect
+
+    opts = {"security": security} if security is not None else {}
+    comm = await connect(address, timeout=10 if timeout is None else min(timeout, 10),
+                         role="client", **opts)
+    try:
+        await comm.write({"op": "rpc", "reqid": 1, "method": method, "args": args or {}})
+        reply = await (comm.read() if timeout is None else asyncio.wait_for(comm.read(), timeout))
+    finally:
+        try:
+            await comm.close()
+        except Exception:
+            comm.abort()
+    if not isinstance(reply, dict):
+        raise RuntimeError(f"unexpected reply from {address}: {reply!r}")
+    if "error" in reply:
+        err = reply["error"]
+        if isinstance(err, Serialized):
+            err = err.deserialize()
+        if isinstance(err, BaseException):
+            raise err
+        raise RuntimeError(f"scheduler {address}: {method} failed: {err}")
+    return reply.get("result")

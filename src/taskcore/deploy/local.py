@@ -7,10 +7,19 @@
 - `processes=False`: scheduler and workers all run on the cluster's loop and
   talk over inproc:// (no sockets, no pickling of the process boundary; useful
   for tests, debugging, and GIL-releasing workloads).
+- `shutdown_on_close=False` (detached): the scheduler and every worker are
+  separate processes started through the launcher (deploy/launcher.py), each
+  handed off to its own supervisor in its own session, with logs in
+  `<registry>/<name>.logs/`. They keep running after this Python process
+  exits; `LocalCluster.from_name(name)` reconnects from any process on this
+  machine. Attached clusters (the default) are registered too, for
+  `list_clusters()`, but stop with their process.
 """
 from __future__ import annotations
 
 import math
+
+import copy
 
 from taskcore.deploy.spec import SpecCluster
 from taskcore.utils import cpu_count, parse_memory_limit
@@ -46,7 +55,8 @@ class LocalCluster(SpecCluster):
     """A local cluster; see the module docstring.
 
     Extra keyword arguments go to every worker (Worker, Nanny or core-worker).
-    `scheduler_kwargs` go to the Scheduler.
+    `scheduler_kwargs` go to the Scheduler. `shutdown_on_close=False` detaches the
+    cluster's processes from this one (see the module doc and `from_name`).
     """
 
     def __init__(self, n_workers: int | None = None, threads_per_worker: int | None = None,
@@ -54,7 +64,9 @@ class LocalCluster(SpecCluster):
                  scheduler_port: int = 0, protocol: str | None = None, security=None,
                  asynchronous: bool = False, name: str | None = None,
                  worker_class: str | type = "nanny", scheduler_kwargs: dict | None = None,
-                 env: dict | None = None, log_level: str = "warning", **worker_kwargs):
+                 env: dict | None = None, log_level: str = "warning",
+                 shutdown_on_close: bool = True, worker_groups: dict | None = None,
+                 **worker_kwargs):
         if protocol is None:
             protocol = "tcp" if processes else "inproc"
             if security is not None and getattr(security, "enabled", False) and processes:
@@ -62,8 +74,20 @@ class LocalCluster(SpecCluster):
         protocol = protocol.rstrip(":/")
         if processes and protocol == "inproc":
             raise ValueError("processes=True needs a network protocol (tcp or tls), not inproc")
+        detached = not shutdown_on_close
+        if detached and not processes:
+            raise ValueError("shutdown_on_close=False needs processes=True: in-process workers "
+                             "cannot outlive this process")
+        if detached and security is not None:
+            raise ValueError("shutdown_on_close=False does not support TLS security yet")
+        if detached and name is None:
+            import uuid
+
+            name = f"localcluster-{uuid.uuid4().hex[:8]}"  # known now: it names the log files
         n_workers, threads = default_sizes(n_workers, threads_per_worker, processes)
         self.processes = processes
+        self.detached = detached
+        self.security = security
         self.threads_per_worker = threads
         # Resolved once, here: every worker (and every scale-up) gets the same byte count.
         self.memory_limit = parse_memory_limit(memory_limit, threads)
@@ -111,8 +135,95 @@ class LocalCluster(SpecCluster):
                 cls = Worker
             else:
                 cls = worker_class
+        if detached:
+            scheduler, cls, opts = self._detached_specs(name, sched_opts, opts, worker_class,
+                                                        log_level, env)
         worker = {"cls": cls, "options": opts}
         workers = {i: {"cls": cls, "options": dict(opts)} for i in range(n_workers)}
+        groups = None
+        if worker_groups:
+            # {group: {option overrides}}: each group copies the default worker's options.
+            groups = {g: {"cls": cls, "options": {**opts, **(o or {})}}
+                      for g, o in worker_groups.items()}
         super().__init__(workers=workers, scheduler=scheduler, worker=worker,
-                         asynchronous=asynchronous, name=name)
+                         asynchronous=asynchronous, name=name,
+                         shutdown_on_close=shutdown_on_close, worker_groups=groups)
+
+    def _detached_specs(self, name, sched_opts, opts, worker_class, log_level, env):
+        """Specs for a detached cluster: everything in launcher-supervised processes."""
+        from taskcore.deploy import registry
+        from taskcore.deploy.launched import LaunchedScheduler, LaunchedWorker, LocalTarget
+
+        if worker_class not in ("nanny", "process"):
+            raise ValueError("shutdown_on_close=False needs worker_class 'nanny' or 'process'")
+        registry.check_name(name)
+        logs = registry.log_dir(name)
+        target = LocalTarget()
+        sched = {k: v for k, v in sched_opts.items() if k != "security"}
+        scheduler = {"cls": LaunchedScheduler,
+                     "options": dict(sched, target=target, detach=True, log_level=log_level,
+                                     log_file=f"{logs}/scheduler.log", env=env)}
+        wopts = {k: v for k, v in opts.items() if k not in ("security", "env", "log_level")}
+        wopts.update(target=target, detach=True, log_dir=logs, log_level=log_level,
+                     nanny=worker_class == "nanny")
+        if env:
+            wopts["env"] = env
+        return scheduler, LaunchedWorker, wopts
+
+    # -- registry -------------------------------------------------------------------------------
+    def _detachable(self) -> bool:
+        return bool(getattr(self, "detached", False))
+
+    def _registry_config(self):
+        if not self.processes:
+            return None  # inproc:// cannot be reached from another process: nothing to list
+
+        def plain(spec):
+            opts = dict((spec or {}).get("options") or {})
+            opts.pop("target", None)
+            opts.pop("record", None)
+            return opts
+
+        if not self._detachable():
+            return {"kind": "local", "attached": True}
+        return {"kind": "local", "python": self.new_spec["options"]["target"].python,
+                "threads_per_worker": self.threads_per_worker,
+                "memory_limit": self.memory_limit,
+                "worker": plain(self.new_spec),
+                "worker_groups": {g: plain(t) for g, t in self.worker_groups.items()}}
+
+    @classmethod
+    def _from_registry(cls, entry, asynchronous=False, shutdown_on_close=False, **kwargs):
+        from taskcore.deploy.launched import LaunchedScheduler, LaunchedWorker, LocalTarget
+
+        if kwargs:
+            raise TypeError(f"unexpected arguments for LocalCluster.from_name: {sorted(kwargs)}")
+        cfg = entry.get("config") or {}
+        self = cls.__new__(cls)
+        self.processes = True
+        self.detached = True
+        self.security = None
+        self.threads_per_worker = cfg.get("threads_per_worker")
+        self.memory_limit = cfg.get("memory_limit")
+        self._created = entry.get("created")
+        target = LocalTarget(python=cfg.get("python"))
+        template = {"cls": LaunchedWorker, "options": dict(cfg.get("worker") or {}, target=target)}
+        groups = {g: {"cls": LaunchedWorker, "options": dict(o, target=target)}
+                  for g, o in (cfg.get("worker_groups") or {}).items()}
+        scheduler = {"cls": LaunchedScheduler,
+                     "options": {"record": entry["scheduler"], "target": target}}
+        workers = {}
+        for key, w in (entry.get("workers") or {}).items():
+            group = w.get("worker_group")
+            base = copy.deepcopy((groups.get(group) if group else template)["options"])
+            spec = {"cls": LaunchedWorker, "options": dict(base, record=w["record"])}
+            if group:
+                spec["worker_group"] = group
+            if w.get("group"):
+                spec["group"] = w["group"]
+            workers[cls._name_from_registry(key)] = spec
+        SpecCluster.__init__(self, workers=workers, scheduler=scheduler, worker=template,
+                             worker_groups=groups, asynchronous=asynchronous,
+                             name=entry["name"], shutdown_on_close=shutdown_on_close)
+        return self
 

@@ -110,6 +110,33 @@ def _set_parent_death_signal() -> None:  # runs in the child between fork and ex
         pass
 
 
+async def read_lines(stream, on_line, max_line: int = MAX_LINE):
+    """Split a byte stream into lines for `on_line(str)`, without trusting the writer.
+
+    `stream.read(n)` must return bytes (b"" at EOF): asyncio StreamReaders and
+    asyncssh readers opened with encoding=None both qualify. A line longer than
+    `max_line` is cut, so one runaway line cannot exhaust memory.
+    """
+    buf = bytearray()
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            break
+        buf += chunk
+        while True:
+            i = buf.find(b"\n")
+            if i < 0:
+                if len(buf) > max_line:
+                    on_line(bytes(buf[:max_line]).decode(errors="replace") + " [cut]")
+                    del buf[:]
+                break
+            line = bytes(buf[:i]) if i <= max_line else bytes(buf[:max_line]) + b" [cut]"
+            del buf[:i + 1]
+            on_line(line.decode(errors="replace").rstrip("\r"))
+    if buf:
+        on_line(bytes(buf[:max_line]).decode(errors="replace"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Subprocess
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +153,8 @@ class Subprocess(ProcessInterface):
     def __init__(self, args, *, env=None, name=None, cwd=None, role=None, scheduler=None,
                  startup_timeout: float = 60, close_grace: float = 5, logs=None,
                  log_capacity: int = 1000, forward_stderr: bool = False,
-                 kill_with_parent: bool = True, new_session: bool = True):
+                 kill_with_parent: bool = True, new_session: bool = True,
+                 kill_at_exit: bool = True):
         super().__init__(scheduler=scheduler, name=name)
         self.args = [str(a) for a in args]
         self.env = env
@@ -142,6 +170,8 @@ class Subprocess(ProcessInterface):
         # cluster's workers behind the owner's back. The owner stops them, and the
         # parent-death signal covers the owner dying.
         self.new_session = new_session
+        # False for processes meant to outlive us (detached clusters): the atexit hook skips them.
+        self.kill_at_exit = kill_at_exit
         self.info: dict | None = None
         self.proc = None
         self._exit_code = None
@@ -187,10 +217,11 @@ class Subprocess(ProcessInterface):
             self.status = Status.failed
             self._finished.set()
             raise ProcessStartError(f"could not launch {self.args[0]!r}: {e}") from e
-        _live.add(self)
+        if self.kill_at_exit:
+            _live.add(self)
         self._tasks = [
-            asyncio.ensure_future(self._read_stream(self.proc.stdout, self._on_stdout_line)),
-            asyncio.ensure_future(self._read_stream(self.proc.stderr, self._on_stderr_line)),
+            asyncio.ensure_future(read_lines(self.proc.stdout, self._on_stdout_line)),
+            asyncio.ensure_future(read_lines(self.proc.stderr, self._on_stderr_line)),
         ]
         self._waiter = asyncio.ensure_future(self._wait_exit())
         try:
@@ -255,27 +286,6 @@ class Subprocess(ProcessInterface):
         if not lines:
             return ""
         return "; last output:\n  " + "\n  ".join(lines)
-
-    async def _read_stream(self, stream, on_line):
-        """Split a pipe into lines without trusting the child to keep lines short."""
-        buf = bytearray()
-        while True:
-            chunk = await stream.read(65536)
-            if not chunk:
-                break
-            buf += chunk
-            while True:
-                i = buf.find(b"\n")
-                if i < 0:
-                    if len(buf) > MAX_LINE:
-                        on_line(bytes(buf[:MAX_LINE]).decode(errors="replace") + " [cut]")
-                        del buf[:]
-                    break
-                line = bytes(buf[:i]) if i <= MAX_LINE else bytes(buf[:MAX_LINE]) + b" [cut]"
-                del buf[:i + 1]
-                on_line(line.decode(errors="replace").rstrip("\r"))
-        if buf:
-            on_line(bytes(buf[:MAX_LINE]).decode(errors="replace"))
 
     def _on_stdout_line(self, line: str):
         ready = self._ready
@@ -417,7 +427,9 @@ def worker_cli_args(scheduler_address, *, nanny: bool = False, nthreads=None, me
 
 
 def scheduler_cli_args(*, host=None, port=0, protocol=None, security=None, idle_timeout=None,
-                       scheduler_file=None, log_level=None, python=None) -> list[str]:
+                       scheduler_file=None, log_level=None, python=None,
+                       **scheduler_options) -> list[str]:
+    """The argv that runs `core-scheduler`; other options travel as JSON (`--scheduler-options`)."""
     args = [python or sys.executable, "-m", "taskcore.cli.scheduler", "--port", str(int(port))]
     if host is not None:
         args += ["--host", host]
@@ -429,6 +441,14 @@ def scheduler_cli_args(*, host=None, port=0, protocol=None, security=None, idle_
         args += ["--scheduler-file", scheduler_file]
     if log_level is not None:
         args += ["--log-level", log_level]
+    if scheduler_options:
+        try:
+            blob = json.dumps(scheduler_options)
+        except TypeError as e:
+            raise TypeError(
+                f"scheduler options must be JSON-serializable to reach a scheduler process: {e} "
+                f"(options: {sorted(scheduler_options)})") from None
+        args += ["--scheduler-options", blob]
     return args + security_cli_args(security)
 
 

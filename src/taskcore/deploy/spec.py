@@ -19,18 +19,32 @@ a ProcessInterface subclass (a subprocess, an SSH process, a pod...), a
 Nanny, or an in-process Worker server. The scheduler spec is built the same
 way (`cls(**options)`), workers as `cls(scheduler_address, name=name, **options)`.
 
-Worker groups: a spec may carry `"group": [suffix, ...]`; one handle then
-stands for `len(group)` workers (one process running several workers), and
-`scale(n)` counts workers, not handles. Handles themselves decide what the
-group means; the cluster only uses it for counting.
+Multi-worker handles: a spec may carry `"group": [suffix, ...]`; one handle
+then stands for `len(group)` workers (one process running several workers,
+named `<name><suffix>`), and `scale(n)` counts workers, not handles.
+
+Worker groups (heterogeneous workers): besides the default template
+(`worker=`), a cluster may hold named templates (`worker_groups={"big": spec}`
+or `add_worker_group`). Their entries carry `"worker_group": "big"`, are named
+`big-0, big-1, ...`, and `scale(n, worker_group="big")` edits only them, so 2
+big-memory workers can sit next to 8 small ones and each count moves on its own.
+
+Keeping the spec: a worker that ends without the cluster closing it (a crash,
+a kill, a host going away) is replaced under the same name, so the running set
+keeps matching the spec. A worker that dies `max_rapid_deaths` times in a row,
+each within `rapid_death_seconds` of its start, is taken out of the spec
+instead (with an error in the logs), so a broken worker cannot loop forever.
+A worker that fails to *start* is dropped from the spec at once.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import importlib
 import logging
 import math
+import time
 
 from taskcore.deploy.cluster import Cluster, Status
 from taskcore.utils import parse_bytes
@@ -97,7 +111,7 @@ def _resolve_cls(cls):
 def _check_spec(name, spec):
     if not isinstance(spec, dict) or "cls" not in spec:
         raise ValueError(f"spec for {name!r} must be a dict with a 'cls' key, got {spec!r}")
-    unknown = set(spec) - {"cls", "options", "group"}
+    unknown = set(spec) - {"cls", "options", "group", "worker_group"}
     if unknown:
         raise ValueError(f"spec for {name!r} has unknown keys {sorted(unknown)}")
 
@@ -107,16 +121,28 @@ def _group_size(spec) -> int:
     return len(group) if group else 1
 
 
+def _is_adopted(spec) -> bool:
+    return bool(spec) and "record" in (spec.get("options") or {})
+
+
+def _is_process_scheduler(handle) -> bool:
+    """A scheduler in another process (ours, or reached over SSH): talk to it over the network."""
+    return getattr(handle, "role", None) == "scheduler"
+
+
 class SpecCluster(Cluster):
     """A cluster whose workers are described by `workers={name: spec}`; see the module doc.
 
     `scheduler={"cls": ..., "options": {...}}` is started first; `worker=` is the
-    template that `scale()` copies for new workers.
+    template that `scale()` copies for new workers; `worker_groups={name: template}`
+    are further templates, scaled on their own (`scale(n, worker_group=name)`).
     """
 
     def __init__(self, workers=None, scheduler=None, worker=None, asynchronous: bool = False,
                  name: str | None = None, shutdown_on_close: bool = True,
-                 close_timeout: float = 30, retire_timeout: float = 30):
+                 close_timeout: float = 30, retire_timeout: float = 30,
+                 worker_groups: dict | None = None, max_rapid_deaths: int = 5,
+                 rapid_death_seconds: float = 10):
         super().__init__(asynchronous=asynchronous, name=name, shutdown_on_close=shutdown_on_close)
         if scheduler is None:
             raise ValueError("SpecCluster needs a scheduler spec: {'cls': ..., 'options': {...}}")
@@ -125,16 +151,24 @@ class SpecCluster(Cluster):
             _check_spec(n, s)
         if worker is not None:
             _check_spec("worker template", worker)
+        for g, t in (worker_groups or {}).items():
+            _check_spec(f"worker group {g!r}", t)
         self.scheduler_spec = copy.copy(scheduler)
         self.worker_spec: dict = dict(workers or {})
         self.new_spec = copy.copy(worker)
+        self.worker_groups: dict = {g: copy.copy(t) for g, t in (worker_groups or {}).items()}
         self.close_timeout = close_timeout
         self.retire_timeout = retire_timeout
+        self.max_rapid_deaths = max_rapid_deaths
+        self.rapid_death_seconds = rapid_death_seconds
         self._next_name = 0
+        self._next_group_name: dict = {}
         self._lock: asyncio.Lock | None = None
         self._started_names: set = set()
         self._closing_names: set = set()
         self._watchers: dict = {}
+        self._start_times: dict = {}
+        self._rapid_deaths: dict = {}
         self._pending: set = set()
         self._closing = False
         if not asynchronous:
@@ -145,9 +179,27 @@ class SpecCluster(Cluster):
         self._lock = asyncio.Lock()
         cls = _resolve_cls(self.scheduler_spec["cls"])
         self.scheduler = cls(**self.scheduler_spec.get("options", {}))
-        await self.scheduler.start()
+        try:
+            await self.scheduler.start()
+        except BaseException:
+            # A scheduler handle that failed half-way (a process started, not ready) still
+            # holds resources: close it before the error propagates.
+            try:
+                await asyncio.wait_for(self.scheduler.close(), self.close_timeout)
+            except BaseException:
+                pass
+            raise
         self._log(logging.INFO, "%s: scheduler at %s", self.name, self.scheduler.address)
+        if hasattr(self.scheduler, "state") and not hasattr(self.scheduler, "logs"):
+            # An in-process scheduler writes no stream of its own: give get_logs() a bounded
+            # buffer of its logger's records.
+            from taskcore.deploy.cluster import _BufferHandler
+
+            self._scheduler_logs = collections.deque(maxlen=self._logs.maxlen)
+            self._scheduler_log_handler = _BufferHandler(self._scheduler_logs)
+            logging.getLogger("taskcore.scheduler").addHandler(self._scheduler_log_handler)
         await self._correct_state(raise_errors=True)
+        self._save_registry()  # also with no workers (then reconciling changed nothing)
 
     async def _close(self):
         self._closing = True
@@ -169,24 +221,61 @@ class SpecCluster(Cluster):
                     self._log(logging.WARNING, "%s: closing the scheduler failed: %r", self.name, e)
         self._log(logging.INFO, "%s: closed", self.name)
 
+    async def _release(self):
+        handler = getattr(self, "_scheduler_log_handler", None)
+        if handler is not None:
+            logging.getLogger("taskcore.scheduler").removeHandler(handler)
+        await super()._release()
+
+    async def _detach(self):
+        """Stop watching and reconciling, and let every process run on."""
+        self._closing = True
+        for t in list(self._pending):
+            t.cancel()
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        for t in list(self._watchers.values()):
+            t.cancel()
+        for h in [self.scheduler, *self.workers.values()]:
+            detach = getattr(h, "detach_handle", None)
+            if detach is not None:
+                detach()
+
     # -- reconciliation -----------------------------------------------------------------------
     async def _correct_state(self, raise_errors: bool = False):
         """Start and stop handles until the running set matches `worker_spec`."""
         errors = []
+        changed = False
         async with self._lock:
             while not self._closing:
                 to_close = [n for n in self.workers if n not in self.worker_spec]
                 to_open = [n for n in self.worker_spec if n not in self.workers]
                 if not to_close and not to_open:
                     break
+                changed = True
                 if to_close:
                     await self._close_workers(to_close, retire=True)
                 if to_open:
                     errors += await self._open_workers(to_open)
+        if changed and not self._closing:
+            self._save_registry()
         if errors and raise_errors:
             raise errors[0]
 
+    def _schedule_reconcile(self, delay: float = 0.0):
+        async def later():
+            if delay:
+                await asyncio.sleep(delay)
+            await self._correct_state()
+
+        task = asyncio.ensure_future(later())
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
     async def _open_workers(self, names):
+        from taskcore.deploy.launched import ProcessGone
+
         handles = {}
         errors = []
         for name in names:
@@ -206,9 +295,17 @@ class SpecCluster(Cluster):
             if isinstance(result, BaseException):
                 if isinstance(result, asyncio.CancelledError):
                     raise result
+                self.workers.pop(name, None)
+                spec = self.worker_spec.get(name)
+                if isinstance(result, ProcessGone) and _is_adopted(spec):
+                    # A recorded process that died while nobody watched: start a fresh one
+                    # under the same name (the reconcile loop picks it up next round).
+                    self._log(logging.WARNING, "%s: worker %r is gone (%s); replacing it",
+                              self.name, name, result)
+                    self.worker_spec[name] = self._template_for(spec.get("worker_group"))
+                    continue
                 errors.append(result)
                 # Dropped from the spec too: retrying a worker that cannot start would loop.
-                self.workers.pop(name, None)
                 self.worker_spec.pop(name, None)
                 self._log(logging.ERROR, "%s: worker %r failed to start: %s", self.name, name,
                           result)
@@ -218,32 +315,53 @@ class SpecCluster(Cluster):
                     pass
             else:
                 self._started_names.add(name)
+                self._start_times[name] = time.monotonic()
                 self._log(logging.INFO, "%s: worker %r started at %s", self.name, name,
                           getattr(handle, "worker_address", None) or handle.address)
                 self._watchers[name] = asyncio.ensure_future(self._watch(name, handle))
         return errors
 
     async def _watch(self, name, handle):
-        """Notice a worker that ends without us closing it, and take it out of the spec."""
+        """Notice a worker that ends without us closing it, and replace it (the spec holds)."""
         try:
             await handle.finished()
         except Exception:
             pass
-        if self.workers.get(name) is handle and name not in self._closing_names \
-                and not self._closing:
-            self._log(logging.WARNING, "%s: worker %r exited on its own; removing it",
-                      self.name, name)
-            self.workers.pop(name, None)
+        if self._watchers.get(name) is asyncio.current_task():
+            del self._watchers[name]
+        if self.workers.get(name) is not handle or name in self._closing_names or self._closing:
+            return
+        self.workers.pop(name, None)
+        self._started_names.discard(name)
+        spec = self.worker_spec.get(name)
+        if spec is None:
+            return
+        now = time.monotonic()
+        lived = now - self._start_times.get(name, now)
+        deaths = self._rapid_deaths.get(name, 0) + 1 if lived < self.rapid_death_seconds else 1
+        self._rapid_deaths[name] = deaths
+        status = getattr(handle, "status", None)
+        if deaths >= self.max_rapid_deaths:
+            self._log(logging.ERROR, "%s: worker %r died %d times in a row soon after starting; "
+                      "removing it from the spec", self.name, name, deaths)
             self.worker_spec.pop(name, None)
-            self._started_names.discard(name)
-        self._watchers.pop(name, None)
+            self._rapid_deaths.pop(name, None)
+            self._save_registry()
+            return
+        if _is_adopted(spec):
+            self.worker_spec[name] = self._template_for(spec.get("worker_group"))
+        delay = 0.0 if deaths <= 1 else min(0.5 * 2 ** (deaths - 2), 10.0)
+        self._log(logging.WARNING, "%s: worker %r exited unexpectedly (status %s); starting a "
+                  "replacement%s", self.name, name, getattr(status, "value", status),
+                  f" in {delay:.1f} s" if delay else "")
+        self._schedule_reconcile(delay)
 
     async def _close_workers(self, names, retire: bool):
         handles = [(n, self.workers[n]) for n in names if n in self.workers]
         self._closing_names.update(n for n, _ in handles)
         try:
             if retire:
-                await self._retire([h for _, h in handles])
+                await self._retire([n for n, _ in handles])
             results = await asyncio.gather(*(self._close_handle(h) for _, h in handles),
                                            return_exceptions=True)
             for (name, _), r in zip(handles, results):
@@ -258,28 +376,84 @@ class SpecCluster(Cluster):
                     del self.workers[name]
                 self._started_names.discard(name)
                 self._closing_names.discard(name)
+                self._start_times.pop(name, None)
                 w = self._watchers.pop(name, None)
                 if w is not None:
                     w.cancel()
 
-    async def _retire(self, handles):
+    async def _scheduler_worker_info(self) -> dict | None:
+        """{address: info} as the scheduler sees its workers, or None if it cannot be asked."""
+        sched = self.scheduler
+        try:
+            if hasattr(sched, "state") and hasattr(sched, "rpc_scheduler_info"):
+                return sched.state.worker_info()
+            if _is_process_scheduler(sched) and self.scheduler_address:
+                info = await self._scheduler_rpc("scheduler_info", timeout=10)
+                return info.get("workers") or {}
+        except Exception as e:
+            self._log(logging.DEBUG, "%s: cannot get worker info: %r", self.name, e)
+        return None
+
+    def _worker_names_of(self, name) -> set:
+        """The names a spec entry's workers register under (several for multi-worker specs)."""
+        spec = self.worker_spec.get(name) or {}
+        handle = self.workers.get(name)
+        names = {str(n) for n in (getattr(handle, "worker_names", None) or []) if n is not None}
+        suffixes = spec.get("group")
+        if suffixes:
+            names |= {f"{name}{s}" for s in suffixes}
+        else:
+            names.add(str(name))
+        return names
+
+    def _spec_names_by_worker_name(self) -> dict:
+        out = {}
+        for n in set(self.worker_spec) | set(self.workers):
+            for wn in self._worker_names_of(n):
+                out[wn] = n
+        return out
+
+    async def _worker_addresses(self, names) -> list:
+        """Current worker addresses of these spec entries (the scheduler's view, by name)."""
+        info = await self._scheduler_worker_info()
+        if info:
+            wanted = set()
+            for n in names:
+                wanted |= self._worker_names_of(n)
+            found = [a for a, i in info.items() if str(i.get("name")) in wanted]
+            if found:
+                return found
+        out = []
+        for n in names:
+            h = self.workers.get(n)
+            if h is not None:
+                a = getattr(h, "worker_address", None) or getattr(h, "address", None)
+                if a:
+                    out.append(a)
+        return out
+
+    async def _retire(self, names):
         """Before a scale-down, let the scheduler move unique data off the leaving workers.
 
-        Uses the in-process scheduler's `retire_workers` when it has one; otherwise an
-        in-process worker retires itself (`close_gracefully`). Best effort: on failure the
-        workers are closed anyway and the scheduler recomputes what was lost.
+        Uses the scheduler's retirement (in process, or over the network for a scheduler
+        process); otherwise an in-process worker retires itself (`close_gracefully`). Best
+        effort: on failure the workers are closed anyway and the scheduler recomputes what
+        was lost.
         """
-        addresses = [getattr(h, "worker_address", None) or h.address for h in handles]
-        addresses = [a for a in addresses if a]
+        handles = [self.workers[n] for n in names if n in self.workers]
+        addresses = await self._worker_addresses(names)
         retire = getattr(self.scheduler, "retire_workers", None)
         if retire is None and hasattr(self.scheduler, "rpc_retire_workers"):
             # The in-process Scheduler exposes retirement as an RPC handler (peer first).
             def retire(workers, _rpc=self.scheduler.rpc_retire_workers):
                 return _rpc(None, workers=workers)
+        if retire is None and _is_process_scheduler(self.scheduler) and self.scheduler_address:
+            def retire(workers):
+                return self._scheduler_rpc("retire_workers", {"workers": workers}, timeout=None)
         try:
             if retire is not None and addresses:
                 await asyncio.wait_for(retire(workers=addresses), self.retire_timeout)
-            else:
+            elif retire is None:
                 graceful = [h.close_gracefully() for h in handles
                             if hasattr(h, "close_gracefully")]
                 if graceful:
@@ -298,8 +472,79 @@ class SpecCluster(Cluster):
                 kill()
             raise
 
+    # -- worker groups ------------------------------------------------------------------------
+    def _template(self, worker_group=None):
+        if worker_group is None:
+            return self.new_spec
+        try:
+            return self.worker_groups[worker_group]
+        except KeyError:
+            raise ValueError(f"{self.name} has no worker group {worker_group!r} (groups: "
+                             f"{sorted(self.worker_groups)})") from None
+
+    def _template_for(self, worker_group=None) -> dict:
+        """A fresh spec for one new worker of this group (deep copy of the template)."""
+        template = self._template(worker_group)
+        if template is None:
+            raise ValueError(f"{self.name} has no worker template (worker=...) to scale up")
+        spec = copy.deepcopy(template)
+        if worker_group is not None:
+            spec["worker_group"] = worker_group
+        return spec
+
+    def _in_group(self, worker_group=None) -> list:
+        return [n for n, s in self.worker_spec.items()
+                if (s or {}).get("worker_group") == worker_group]
+
+    def add_worker_group(self, name: str, n: int = 0, spec: dict | None = None, **options):
+        """Add a named group of workers with their own template; start `n` of them.
+
+        `spec` is a full template (`{"cls": ..., "options": ...}`); without it the
+        default template is copied and `options` override its options (for example
+        `memory_limit="8GiB", resources={"BIG": 1}`). Returns like `scale`.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("a worker group needs a non-empty string name")
+        if name in self.worker_groups:
+            raise ValueError(f"{self.name} already has a worker group {name!r}")
+        if spec is None:
+            if self.new_spec is None:
+                raise ValueError("add_worker_group needs spec= when the cluster has no default "
+                                 "worker template")
+            spec = copy.deepcopy(self.new_spec)
+            spec["options"] = {**spec.get("options", {}), **options}
+        elif options:
+            raise TypeError("give either spec= or option overrides, not both")
+        _check_spec(f"worker group {name!r}", spec)
+        self.worker_groups[name] = spec
+        return self.scale(n, worker_group=name) if n else self._done()
+
+    def remove_worker_group(self, name: str):
+        """Retire every worker of the group, then forget its template."""
+        self._template(name)
+
+        async def _remove():
+            await self._scale(0, worker_group=name)
+            self.worker_groups.pop(name, None)
+        if self.asynchronous:
+            return asyncio.ensure_future(_remove())
+        return self.sync(_remove)
+
+    def _done(self):
+        if self.asynchronous:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+        return None
+
     # -- scaling ------------------------------------------------------------------------------
-    def _new_worker_name(self):
+    def _new_worker_name(self, worker_group=None):
+        if worker_group is not None:
+            i = self._next_group_name.get(worker_group, 0)
+            while f"{worker_group}-{i}" in self.worker_spec or f"{worker_group}-{i}" in self.workers:
+                i += 1
+            self._next_group_name[worker_group] = i + 1
+            return f"{worker_group}-{i}"
         while self._next_name in self.worker_spec or self._next_name in self.workers:
             self._next_name += 1
         name = self._next_name
@@ -309,8 +554,11 @@ class SpecCluster(Cluster):
     def _worker_count(self, names) -> int:
         return sum(_group_size(self.worker_spec.get(n)) for n in names)
 
-    def _target_from(self, n=None, cores=None, memory=None) -> int:
-        template = self.new_spec or {}
+    def _planned_workers(self, worker_group=None) -> int:
+        return self._worker_count(self._in_group(worker_group))
+
+    def _target_from(self, n=None, cores=None, memory=None, worker_group=None) -> int:
+        template = self._template(worker_group) or {}
         opts = template.get("options", {})
         per = _group_size(template)
         if n is None and cores is not None:
@@ -328,11 +576,12 @@ class SpecCluster(Cluster):
             raise ValueError(f"cannot scale to {n} workers")
         return int(n)
 
-    def _edit_spec(self, n: int) -> None:
-        """Change `worker_spec` so that it describes `n` workers (never starts anything)."""
-        per = _group_size(self.new_spec)
+    def _edit_spec(self, n: int, worker_group=None) -> None:
+        """Change `worker_spec` so that the group describes `n` workers (never starts anything)."""
+        template = self._template(worker_group)
+        per = _group_size(template)
         target = math.ceil(n / per)
-        names = list(self.worker_spec)
+        names = self._in_group(worker_group)
         if target < len(names):
             # Drop what is not running yet first, then the newest: old workers hold more data.
             def running(x):
@@ -343,43 +592,111 @@ class SpecCluster(Cluster):
             for victim in order[:len(names) - target]:
                 del self.worker_spec[victim]
         elif target > len(names):
-            if self.new_spec is None:
-                raise ValueError(f"{self.name} has no worker template (worker=...) to scale up")
             for _ in range(target - len(names)):
-                self.worker_spec[self._new_worker_name()] = copy.deepcopy(self.new_spec)
+                spec = self._template_for(worker_group)
+                self.worker_spec[self._new_worker_name(worker_group)] = spec
 
-    def scale(self, n: int | None = None, cores=None, memory=None):
+    def scale(self, n: int | None = None, cores=None, memory=None, worker_group=None):
         """Ask for `n` workers (or enough for `cores` threads / `memory` bytes).
 
         Only the spec changes; then the cluster reconciles. Sync: returns when done.
         Async: the spec is edited at once and the returned task completes the reconcile.
+        `worker_group` scales that group only (default: the default template's workers).
+        A manual scale of the group that adaptive manages ends adaptive mode.
         """
-        target = self._target_from(n, cores, memory)
+        target = self._target_from(n, cores, memory, worker_group)
+        if self.adaptive is not None and self.adaptive.worker_group == worker_group:
+            self._stop_adaptive("manual scale")
         if self.asynchronous:
-            self._edit_spec(target)
+            self._edit_spec(target, worker_group)
             task = asyncio.ensure_future(self._correct_state())
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
             return task
-        return self.sync(self._scale, target)
+        return self.sync(self._scale, target, worker_group=worker_group)
 
-    async def _scale(self, n, **kwargs):
-        self._edit_spec(n)
+    async def _scale(self, n, worker_group=None, **kwargs):
+        self._edit_spec(n, worker_group)
         await self._correct_state()
+
+    def scale_up(self, n: int, worker_group=None):
+        """Scale the group to `n` workers if that is more than planned now."""
+        if self.adaptive is not None and self.adaptive.worker_group == worker_group:
+            self._stop_adaptive("manual scale_up")
+        if self.asynchronous:
+            return asyncio.ensure_future(self._scale_up(n, worker_group=worker_group))
+        return self.sync(self._scale_up, n, worker_group=worker_group)
+
+    def scale_down(self, workers):
+        """Retire and close these workers, given by spec name, worker name or address."""
+        self._stop_adaptive("manual scale_down")
+        workers = list(workers)
+        if self.asynchronous:
+            return asyncio.ensure_future(self._scale_down(workers))
+        return self.sync(self._scale_down, workers)
+
+    async def _scale_down(self, workers):
+        names = await self._resolve_worker_names(workers)
+        for n in names:
+            self.worker_spec.pop(n, None)
+        await self._correct_state()
+        return names
+
+    async def _resolve_worker_names(self, workers) -> list:
+        """Spec names for a mix of spec names, worker names and worker addresses."""
+        by_worker_name = self._spec_names_by_worker_name()
+        out = []
+        unresolved = []
+        for w in workers:
+            if w in self.worker_spec or w in self.workers:
+                out.append(w)
+            elif str(w) in by_worker_name:
+                out.append(by_worker_name[str(w)])
+            else:
+                unresolved.append(w)
+        if unresolved:
+            addr_to_name = {}
+            for n, h in self.workers.items():
+                for a in (getattr(h, "worker_address", None), getattr(h, "address", None)):
+                    if a:
+                        addr_to_name[a] = n
+            info = await self._scheduler_worker_info() or {}
+            for a, i in info.items():
+                n = by_worker_name.get(str(i.get("name")))
+                if n is not None:
+                    addr_to_name[a] = n
+            for w in unresolved:
+                if w in addr_to_name:
+                    out.append(addr_to_name[w])
+                else:
+                    raise ValueError(f"{self.name} has no worker {w!r}")
+        return list(dict.fromkeys(out))
 
     # -- introspection ------------------------------------------------------------------------
     def _count_workers(self) -> int:
         return self._worker_count(n for n in self._started_names if n in self.workers)
 
-    def _gather_logs(self, cluster, scheduler, workers):
-        out = super()._gather_logs(cluster, scheduler, workers)
-        if scheduler and self.scheduler is not None and hasattr(self.scheduler, "logs"):
-            out["Scheduler"] = list(self.scheduler.logs)
+    async def _gather_logs(self, cluster, scheduler, workers):
+        out = await super()._gather_logs(cluster, scheduler, workers)
+
+        async def lines(handle):
+            fetch = getattr(handle, "fetch_logs", None)
+            if fetch is not None:
+                return await fetch()
+            logs = getattr(handle, "logs", None)
+            return list(logs) if logs is not None and not callable(logs) else None
+
+        if scheduler and self.scheduler is not None:
+            got = await lines(self.scheduler)
+            if got is None and getattr(self, "_scheduler_logs", None) is not None:
+                got = list(self._scheduler_logs)
+            if got is not None:
+                out["Scheduler"] = got
         if workers:
-            for name, w in self.workers.items():
-                logs = getattr(w, "logs", None)
-                if logs is not None and not callable(logs):
-                    out[str(name)] = list(logs)
+            for name, w in list(self.workers.items()):
+                got = await lines(w)
+                if got is not None:
+                    out[str(name)] = got
         return out
 
     def _summary(self) -> dict:
@@ -391,7 +708,40 @@ class SpecCluster(Cluster):
             per = _group_size(spec)
             threads += (opts.get("nthreads") or 1) * per
             limit = opts.get("memory_limit")
+            if isinstance(limit, str) and limit.strip().lower() not in ("auto", "none", "0"):
+                try:
+                    limit = parse_bytes(limit)
+                except ValueError:
+                    limit = None
             if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 1:
                 memory += int(limit) * per
         return {"workers": self._worker_count(self.workers), "threads": threads,
                 "memory": memory or None}
+
+    # -- registry -------------------------------------------------------------------------------
+    def _registry_config(self) -> dict | None:
+        """Backend data that lets another process start more workers (None: not registrable)."""
+        return None
+
+    def _registry_entry(self) -> dict | None:
+        config = self._registry_config()
+        if config is None:
+            return None
+        record = getattr(self.scheduler, "record", None)
+        workers = {}
+        for name, h in self.workers.items():
+            spec = self.worker_spec.get(name) or {}
+            rec = h.record() if hasattr(h, "record") else None
+            workers[str(name)] = {"record": rec, "worker_group": spec.get("worker_group"),
+                                  "group": spec.get("group")}
+        return {"name": self.name, "detached": self._detachable(),
+                "scheduler_address": self.scheduler_address,
+                "scheduler": record() if callable(record) else None,
+                "workers": workers, "config": config}
+
+    def _detachable(self) -> bool:
+        return not self.shutdown_on_close
+
+    @staticmethod
+    def _name_from_registry(key: str):
+        return int(key) if key.isdigit() else key

@@ -1,0 +1,574 @@
+"""SSHCluster: a scheduler and workers on other machines, started over SSH (asyncssh).
+
+    cluster = SSHCluster(["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+                         connect_options={"username": "me", "client_keys": ["~/.ssh/id"]},
+                         worker_options={"nthreads": 4}, remote_python="/opt/venv/bin/python")
+
+As in dask, the first host runs the scheduler and every further host one
+worker process (a host may appear several times). Hosts, `connect_options`
+and `remote_python` may be given per host (lists as long as `hosts`).
+
+How a process is started: one SSH exec channel runs
+`exec [env K=V...] REMOTE_PYTHON -c <launcher source> run ... -- REMOTE_PYTHON -m
+taskcore.cli.worker ...`. The launcher (deploy/launcher.py, stdlib only) first
+prints the PIDs, then relays the server's JSON ready line; nothing is ever
+read out of log text. stderr streams back into each handle's bounded log
+buffer (and to our stderr with `forward_logs=True`).
+
+Failure modes, each a `ProcessStartError` naming the host, raised within
+`connect_timeout`/`startup_timeout` and leaving nothing running (everything
+already started is killed by PID):
+- host unreachable or name unknown: "cannot connect over SSH";
+- key rejected: "SSH authentication failed";
+- remote Python missing: exit status 127 before the launcher ran;
+- taskcore missing remotely: the server's own ImportError, recognised.
+
+Closing kills by PID through a separate exec channel (`launcher kill`:
+SIGTERM, grace, SIGKILL of the whole tree), so it works even when the SSH
+server ignores channel signals. Attached processes also die on their own if
+the SSH connection drops (the launcher sees EOF on stdin); detached ones
+(`shutdown_on_close=False`) are handed off to a supervisor in its own session
+with a capped log file under `~/.cache/taskcore/clusters/<name>/` on their host.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import ipaddress
+import json
+import logging
+import shlex
+
+from taskcore.deploy.launched import (LaunchedScheduler, LaunchedWorker, ProcessStartError,
+                                      Target)
+from taskcore.deploy.spec import SpecCluster
+
+logger = logging.getLogger("taskcore.deploy.ssh")
+
+__all__ = ["SSHCluster", "SSHTarget", "SSHConnections"]
+
+_LAUNCHER_SOURCE: str | None = None
+# Connection options that may be written to the registry (never secrets).
+_SAFE_OPTIONS = {"port", "username", "client_keys", "known_hosts", "client_host_keys",
+                 "config", "family", "local_addr", "agent_path", "x509_trusted_certs",
+                 "keepalive_interval", "keepalive_count_max", "login_timeout"}
+
+
+def _asyncssh():
+    try:
+        import asyncssh
+    except ImportError as e:
+        raise ImportError("SSHCluster needs asyncssh: pip install 'taskcore[ssh]' "
+                          "(the 'ssh' extra)") from e
+    return asyncssh
+
+
+def _launcher_source() -> str:
+    global _LAUNCHER_SOURCE
+    if _LAUNCHER_SOURCE is None:
+        from taskcore.deploy import launcher
+
+        _LAUNCHER_SOURCE = launcher.source()
+    return _LAUNCHER_SOURCE
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _plain_options(options: dict) -> dict:
+    """The registry-safe part of connect_options: JSON data, never passwords or key objects."""
+    out = {}
+    for k, v in (options or {}).items():
+        if k not in _SAFE_OPTIONS:
+            continue
+        if k == "client_keys" and isinstance(v, (list, tuple)):
+            if not all(isinstance(x, str) for x in v):
+                continue
+            v = list(v)
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections
+# ---------------------------------------------------------------------------------------------
+
+class _Connection:
+    __slots__ = ("conn", "channels")
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.channels = 0
+
+
+class SSHConnections:
+    """SSH connections per (host, options), shared by a cluster's handles.
+
+    Each connection carries at most `max_channels` channels at once: OpenSSH's
+    `MaxSessions` defaults to 10, and every attached process holds one channel
+    for its whole life, so a host with many workers gets several connections.
+    One pool per cluster: closing a connection ends every attached process
+    started through it, so two clusters must never share one.
+    """
+
+    MAX_CHANNELS = 8  # below OpenSSH's default MaxSessions (10): room for kill/alive commands
+
+    def __init__(self, max_channels: int | None = None):
+        self.max_channels = max_channels or self.MAX_CHANNELS
+        self._conns: dict = {}
+        self._locks: dict = {}
+
+    @staticmethod
+    def _key(host, options):
+        return host, json.dumps(options, sort_keys=True, default=repr)
+
+    async def acquire(self, host: str, options: dict, timeout: float, label: str):
+        """A connection with a free channel slot, and the function that gives the slot back."""
+        key = self._key(host, options)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:  # one connection attempt at a time per host
+            entries = self._conns.setdefault(key, [])
+            entries[:] = [e for e in entries if not e.conn.is_closed()]
+            entry = next((e for e in entries if e.channels < self.max_channels), None)
+            if entry is None:
+                entry = _Connection(await self._connect(host, options, timeout, label))
+                entries.append(entry)
+            entry.channels += 1
+        released = False
+
+        def release():
+            nonlocal released
+            if not released:
+                released = True
+                entry.channels -= 1
+        return entry.conn, release
+
+    async def any(self, host: str, options: dict, timeout: float, label: str):
+        conn, release = await self.acquire(host, options, timeout, label)
+        release()
+        return conn
+
+    async def _connect(self, host, options, timeout, label):
+        asyncssh = _asyncssh()
+        try:
+            return await asyncio.wait_for(asyncssh.connect(host, **options), timeout)
+        except asyncio.TimeoutError:
+            raise ProcessStartError(f"{label}: no SSH connection within {timeout} s (is the host "
+                                    f"reachable and sshd listening?)") from None
+        except asyncssh.PermissionDenied as e:
+            user = options.get("username") or "the default user"
+            raise ProcessStartError(f"{label}: SSH authentication failed for {user}: the server "
+                                    f"rejected the key(s) ({e.reason})") from None
+        except asyncssh.HostKeyNotVerifiable as e:
+            raise ProcessStartError(f"{label}: SSH host key not verifiable ({e.reason}); add it "
+                                    f"to known_hosts or pass connect_options={{'known_hosts': "
+                                    f"None}} to skip the check") from None
+        except (OSError, asyncssh.Error) as e:
+            if isinstance(e, OSError):
+                reason = e.strerror or str(e)
+            else:
+                reason = getattr(e, "reason", None) or str(e)
+            raise ProcessStartError(f"{label}: cannot connect over SSH: {reason}") from None
+
+    async def close(self):
+        conns = [e.conn for entries in self._conns.values() for e in entries]
+        self._conns = {}
+        for c in conns:
+            c.close()
+        for c in conns:
+            try:
+                await asyncio.wait_for(c.wait_closed(), 5)
+            except Exception:
+                pass
+
+
+class _SSHChannel:
+    """An asyncssh process behind the channel API LaunchedProcess uses."""
+
+    def __init__(self, proc, release):
+        self.proc = proc
+        self._release = release  # the channel slot on its connection
+
+    @property
+    def returncode(self):
+        return self.proc.exit_status
+
+    async def wait(self):
+        try:
+            await self.proc.wait_closed()
+        finally:
+            self._release()
+        status = self.proc.exit_status
+        if status is None or status < 0:
+            # No status: the connection was lost, or the launcher died of a signal.
+            return 255
+        return status
+
+    def close_stdin(self):
+        try:
+            self.proc.stdin.write_eof()
+        except Exception:
+            pass
+
+    def abort(self):
+        try:
+            self.proc.close()
+        except Exception:
+            pass
+
+
+class SSHTarget(Target):
+    """A host reached over SSH; commands run as `exec [env ...] PYTHON -c LAUNCHER ...`."""
+
+    kind = "ssh"
+
+    def __init__(self, host: str, connect_options: dict | None = None,
+                 remote_python: str | None = None, env: dict | None = None,
+                 pool: SSHConnections | None = None, connect_timeout: float = 15):
+        self.host = host
+        self.connect_options = dict(connect_options or {})
+        self.python = remote_python or "python3"
+        self.env = dict(env or {})
+        self.pool = pool if pool is not None else SSHConnections()
+        self.connect_timeout = connect_timeout
+
+    @property
+    def label(self) -> str:
+        user = self.connect_options.get("username")
+        port = self.connect_options.get("port")
+        return f"{user + '@' if user else ''}{self.host}{':' + str(port) if port else ''}"
+
+    def __repr__(self):
+        return f"<SSHTarget {self.label} python={self.python!r}>"
+
+    async def connection(self):
+        """Some connection to this host (for questions that open no channel)."""
+        return await self.pool.any(self.host, self.connect_options, self.connect_timeout,
+                                   self.label)
+
+    async def _acquire(self):
+        return await self.pool.acquire(self.host, self.connect_options, self.connect_timeout,
+                                       self.label)
+
+    def command(self, args, env=None) -> str:
+        words = []
+        merged = {**self.env, **(env or {})}
+        if merged:
+            words += ["env"] + [f"{k}={v}" for k, v in merged.items()]
+        words += [self.python, "-c", _launcher_source(), *map(str, args)]
+        return "exec " + shlex.join(words)
+
+    async def open_channel(self, args, env=None):
+        asyncssh = _asyncssh()
+        conn, release = await self._acquire()
+        try:
+            proc = await conn.create_process(self.command(args, env), encoding=None)
+        except (asyncssh.Error, OSError) as e:
+            release()
+            raise ProcessStartError(f"{self.label}: cannot start a remote command: {e}") from e
+        except BaseException:
+            release()
+            raise
+        return _SSHChannel(proc, release), proc.stdout, proc.stderr
+
+    async def run_launcher(self, args, timeout: float = 60):
+        """Run one launcher command to completion: its JSON output line."""
+        conn, release = await self._acquire()
+        try:
+            result = await asyncio.wait_for(conn.run(self.command(args), check=False), timeout)
+        finally:
+            release()
+        out = (result.stdout or "").strip().splitlines()
+        if result.exit_status == 127 and not out:
+            raise ProcessStartError(f"{self.label}: remote Python {self.python!r} not found "
+                                    f"(exit status 127): {(result.stderr or '').strip()[:300]}")
+        for line in reversed(out):
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"{self.label}: launcher {args[0]} gave no answer (exit status "
+                           f"{result.exit_status}): {(result.stderr or '').strip()[:500]}")
+
+    async def kill(self, targets, grace=5.0, remove=()):
+        args = ["kill", "--grace", str(grace)]
+        for p in remove:
+            args += ["--rm", p]
+        args += [f"{p}:{'' if s is None else s}" for p, s in targets]
+        return await self.run_launcher(args, timeout=grace + 30)
+
+    async def alive(self, targets):
+        got = await self.run_launcher(["alive"] + [f"{p}:{'' if s is None else s}"
+                                                   for p, s in targets], timeout=30)
+        return [bool(got.get(str(p))) for p, _ in targets]
+
+    async def tail(self, paths, n=200):
+        return await self.run_launcher(["tail", str(n), *paths], timeout=30)
+
+    async def listen_host(self):
+        conn = await self.connection()
+        peer = conn.get_extra_info("peername")
+        return peer[0] if peer else None
+
+    def record(self):
+        return {"kind": "ssh", "host": self.host,
+                "connect_options": _plain_options(self.connect_options),
+                "python": self.python, "env": self.env,
+                "connect_timeout": self.connect_timeout}
+
+    @classmethod
+    def from_record(cls, record, pool=None, connect_options=None):
+        return cls(record["host"], connect_options=connect_options or record.get("connect_options"),
+                   remote_python=record.get("python"), env=record.get("env"), pool=pool,
+                   connect_timeout=record.get("connect_timeout", 15))
+
+    def explain_exit(self, code, stderr_tail, launched):
+        if not launched and code == 127:
+            return (f"{self.label}: remote Python {self.python!r} not found (exit status 127)"
+                    f"{stderr_tail}")
+        if not launched and code == 126:
+            return f"{self.label}: remote Python {self.python!r} is not executable{stderr_tail}"
+        if "No module named 'taskcore" in stderr_tail or "No module named taskcore" in stderr_tail:
+            return (f"{self.label}: taskcore is not importable by the remote Python "
+                    f"{self.python!r} (install it there, or set PYTHONPATH with remote_env=)"
+                    f"{stderr_tail}")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# SSHCluster
+# ---------------------------------------------------------------------------------------------
+
+def _per_host(value, n, what, kind):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{what} is a list of {len(value)}, but there are {n} hosts")
+        return list(value)
+    if value is not None and not isinstance(value, kind):
+        raise TypeError(f"{what} must be a {kind.__name__} or a list of them, one per host")
+    return [value] * n
+
+
+def _worker_kind(worker_class) -> bool:
+    """True for a nanny-supervised worker, False for a bare worker."""
+    name = worker_class if isinstance(worker_class, str) else \
+        f"{getattr(worker_class, '__module__', '')}.{getattr(worker_class, '__name__', '')}"
+    if name in ("taskcore.Nanny", "taskcore.nanny.Nanny", "nanny"):
+        return True
+    if name in ("taskcore.Worker", "taskcore.worker.Worker", "worker"):
+        return False
+    raise ValueError(f"worker_class must be 'taskcore.Nanny' or 'taskcore.Worker', "
+                     f"got {worker_class!r}")
+
+
+class SSHCluster(SpecCluster):
+    """Scheduler on `hosts[0]`, one worker process on each of `hosts[1:]`; see the module doc.
+
+    `worker_options` go to `core-worker` (nthreads, memory_limit, resources,
+    nworkers: several workers per host process, ...); `scheduler_options` to the
+    Scheduler (port, idle_timeout, worker_ttl, ...). `remote_env` is set for
+    every remote process. Further keyword arguments go to SpecCluster
+    (close_timeout, retire_timeout, ...). `scale(n)` places new workers on the
+    worker hosts with the fewest workers.
+    """
+
+    def __init__(self, hosts=None, connect_options=None, worker_options=None,
+                 scheduler_options=None, worker_class="taskcore.Nanny", remote_python=None, *,
+                 remote_env: dict | None = None, name: str | None = None,
+                 asynchronous: bool = False, shutdown_on_close: bool = True,
+                 connect_timeout: float = 15, startup_timeout: float = 60,
+                 close_grace: float = 5, forward_logs: bool = False,
+                 log_level: str = "warning", **kwargs):
+        _asyncssh()
+        if isinstance(hosts, str) or not hosts:
+            raise ValueError("SSHCluster needs a list of hosts: the scheduler's first, then the "
+                             "workers'")
+        hosts = list(hosts)
+        n = len(hosts)
+        options = _per_host(connect_options, n, "connect_options", dict)
+        pythons = _per_host(remote_python, n, "remote_python", str)
+        self.hosts = hosts
+        self.nanny = _worker_kind(worker_class)
+        self.worker_class = worker_class if isinstance(worker_class, str) else \
+            f"{worker_class.__module__}.{worker_class.__name__}"
+        self.worker_options = dict(worker_options or {})
+        self.scheduler_options = dict(scheduler_options or {})
+        self.remote_env = dict(remote_env or {})
+        self.connect_timeout = connect_timeout
+        self.startup_timeout = startup_timeout
+        self.close_grace = close_grace
+        self.forward_logs = forward_logs
+        self.log_level = log_level
+        self._detached_processes = not shutdown_on_close
+        if not shutdown_on_close:
+            from taskcore.deploy import registry
+
+            if name is None:
+                import uuid
+
+                name = f"sshcluster-{uuid.uuid4().hex[:8]}"
+            registry.check_name(name)
+        self._pool = SSHConnections()
+        self._targets = self._make_targets(hosts, options, pythons)
+        scheduler, workers, template = self._specs(name, not shutdown_on_close)
+        super().__init__(workers=workers, scheduler=scheduler, worker=template,
+                         asynchronous=asynchronous, name=name,
+                         shutdown_on_close=shutdown_on_close, **kwargs)
+
+    # -- building specs -------------------------------------------------------------------------
+    def _make_targets(self, hosts, options, pythons):
+        """One SSHTarget per distinct (host, options, python), all on this cluster's pool."""
+        seen = {}
+        out = []
+        for h, o, p in zip(hosts, options, pythons):
+            key = (h, json.dumps(o or {}, sort_keys=True, default=repr), p)
+            if key not in seen:
+                seen[key] = SSHTarget(h, o, p, env=self.remote_env, pool=self._pool,
+                                      connect_timeout=self.connect_timeout)
+            out.append(seen[key])
+        return out
+
+    @property
+    def _worker_targets(self):
+        return self._targets[1:] or self._targets[:1]
+
+    def _log_root(self, name):
+        return f"~/.cache/taskcore/clusters/{name}"
+
+    def _worker_template(self, target, detached, name):
+        opts = dict(self.worker_options)
+        nworkers = opts.pop("nworkers", None) or 1
+        spec_opts = dict(opts, target=target, nanny=self.nanny, detach=detached,
+                         log_level=self.log_level, startup_timeout=self.startup_timeout,
+                         close_grace=self.close_grace, forward_logs=self.forward_logs)
+        if detached:
+            spec_opts["log_dir"] = self._log_root(name)
+        if nworkers > 1:
+            spec_opts["nworkers"] = nworkers
+        spec = {"cls": LaunchedWorker, "options": spec_opts}
+        if nworkers > 1:
+            spec["group"] = [f"-{i}" for i in range(nworkers)]  # core-worker names NAME-i
+        return spec
+
+    def _specs(self, name, detached):
+        sched = dict(self.scheduler_options)
+        listen_any = any(not _is_loopback(h) for h in self.hosts[1:])
+        sopts = dict(sched, target=self._targets[0], detach=detached, listen_any=listen_any,
+                     log_level=self.log_level, startup_timeout=self.startup_timeout,
+                     close_grace=self.close_grace, forward_logs=self.forward_logs)
+        if detached:
+            sopts["log_file"] = f"{self._log_root(name)}/scheduler.log"
+        scheduler = {"cls": LaunchedScheduler, "options": sopts}
+        workers = {i: self._worker_template(t, detached, name)
+                   for i, t in enumerate(self._targets[1:])}
+        template = self._worker_template(None, detached, name)
+        return scheduler, workers, template
+
+    def _template_for(self, worker_group=None):
+        spec = super()._template_for(worker_group)
+        if spec["options"].get("target") is None:
+            spec["options"]["target"] = self._least_loaded_target()
+        return spec
+
+    def _least_loaded_target(self):
+        counts = {id(t): 0 for t in self._worker_targets}
+        for s in self.worker_spec.values():
+            t = (s.get("options") or {}).get("target")
+            if id(t) in counts:
+                counts[id(t)] += 1
+        return min(self._worker_targets, key=lambda t: counts[id(t)])
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def _release(self):
+        await super()._release()
+        await self._pool.close()
+
+    # -- registry -------------------------------------------------------------------------------
+    def _detachable(self) -> bool:
+        return bool(getattr(self, "_detached_processes", not self.shutdown_on_close))
+
+    def _registry_config(self):
+        return {"kind": "ssh", "hosts": self.hosts,
+                "targets": [t.record() for t in self._targets],
+                "worker_options": self.worker_options, "worker_class": self.worker_class,
+                "scheduler_options": self.scheduler_options, "remote_env": self.remote_env,
+                "connect_timeout": self.connect_timeout, "startup_timeout": self.startup_timeout,
+                "close_grace": self.close_grace, "log_level": self.log_level,
+                "detached": self._detachable(),
+                "worker_groups": {g: {k: v for k, v in (t.get("options") or {}).items()
+                                      if k not in ("target", "record")}
+                                  for g, t in self.worker_groups.items()}}
+
+    @classmethod
+    def _from_registry(cls, entry, asynchronous=False, shutdown_on_close=False,
+                       connect_options=None, forward_logs=False, **kwargs):
+        """Rebuild an SSHCluster around a detached cluster's processes.
+
+        `connect_options` (a dict, or a list per host) replaces the recorded ones, for
+        instance to supply a password that was never written to the registry.
+        """
+        cfg = entry.get("config") or {}
+        self = cls.__new__(cls)
+        self.hosts = list(cfg.get("hosts") or [])
+        self.nanny = _worker_kind(cfg.get("worker_class", "taskcore.Nanny"))
+        self.worker_class = cfg.get("worker_class", "taskcore.Nanny")
+        self.worker_options = dict(cfg.get("worker_options") or {})
+        self.scheduler_options = dict(cfg.get("scheduler_options") or {})
+        self.remote_env = dict(cfg.get("remote_env") or {})
+        self.connect_timeout = cfg.get("connect_timeout", 15)
+        self.startup_timeout = cfg.get("startup_timeout", 60)
+        self.close_grace = cfg.get("close_grace", 5)
+        self.forward_logs = forward_logs
+        self.log_level = cfg.get("log_level", "warning")
+        self._detached_processes = True
+        self._created = entry.get("created")
+        self._pool = SSHConnections()
+        records = cfg.get("targets") or []
+        overrides = _per_host(connect_options, len(records), "connect_options", dict) \
+            if connect_options is not None else [None] * len(records)
+        self._targets = []
+        by_key = {}
+        for rec, o in zip(records, overrides):
+            key = (rec["host"], json.dumps(rec.get("connect_options") or {}, sort_keys=True),
+                   rec.get("python"))
+            if key not in by_key:
+                by_key[key] = SSHTarget.from_record(rec, pool=self._pool, connect_options=o)
+            self._targets.append(by_key[key])
+
+        def target_for(rec):
+            t = (rec or {}).get("target") or {}
+            key = (t.get("host"), json.dumps(t.get("connect_options") or {}, sort_keys=True),
+                   t.get("python"))
+            if key not in by_key:
+                by_key[key] = SSHTarget.from_record(t, pool=self._pool)
+            return by_key[key]
+
+        name = entry["name"]
+        template = self._worker_template(None, True, name)
+        groups = {g: {"cls": LaunchedWorker, "options": dict(o, target=None)}
+                  for g, o in (cfg.get("worker_groups") or {}).items()}
+        scheduler = {"cls": LaunchedScheduler,
+                     "options": {"record": entry["scheduler"],
+                                 "target": target_for(entry["scheduler"])}}
+        workers = {}
+        for key, w in (entry.get("workers") or {}).items():
+            group = w.get("worker_group")
+            spec = copy.deepcopy(groups[group] if group in groups else template)
+            spec["options"].update(record=w["record"], target=target_for(w["record"]))
+            if group in groups:
+                spec["worker_group"] = group
+            if w.get("group"):
+                spec["group"] = w["group"]
+            workers[cls._name_from_registry(key)] = spec
+        SpecCluster.__init__(self, workers=workers, scheduler=scheduler, worker=template,
+                             worker_groups=groups, asynchronous=asynchronous, name=name,
+                             shutdown_on_close=shutdown_on_close, **kwargs)
+        return self
