@@ -90,12 +90,29 @@ def get_address_host(address: str) -> str:
     return parse_host_port(loc, 0)[0]
 
 
+_local_addresses = None
+
+
+def _own_addresses() -> frozenset:
+    """This machine's names and addresses, resolved once per process.
+
+    Resolving the hostname can block for seconds where it does not resolve
+    (a network namespace without DNS); it runs on the event loop during every
+    handshake, so it is done once and cached.
+    """
+    global _local_addresses
+    if _local_addresses is None:
+        names = {get_ip(), socket.gethostname()}
+        try:
+            names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+        except OSError:
+            pass
+        _local_addresses = frozenset(names)
+    return _local_addresses
+
+
 def is_local_host(host: str) -> bool:
     """True for loopback names and this machine's own addresses."""
     if host in ("localhost", "", "0.0.0.0", "::", "::1") or host.startswith("127."):
         return True
-    try:
-        return host in {get_ip(), socket.gethostname()} or host in socket.gethostbyname_ex(
-            socket.gethostname())[2]
-    except OSError:
-        return False
+    return host in _own_addresses()
