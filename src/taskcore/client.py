@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
-import sys
 import itertools
 import logging
 import sys
@@ -272,19 +271,35 @@ class Client:
         Importing dask costs ~0.5 s, so a client created before dask is
         imported installs itself when dask gets imported (one-shot import hook).
         """
-        if "dask" not in sys.modules:
+        if sys.modules.get("dask") is None:      # not imported (or blocked: None)
             _DaskImportHook.install(self)
+            return
+        if self._dask_scheduler is not None:
             return
         import dask
 
         self._previous_dask_scheduler = dask.config.get("scheduler", None)
-        dask.config.set(scheduler=self.get)
+        if self.asynchronous:
+            # dask.compute() blocks: an asynchronous client installs a scheduler that
+            # refuses to block its own loop (and works from other threads).
+            from taskcore.dask_integration import AsyncClientScheduler
+
+            self._dask_scheduler = AsyncClientScheduler(self)
+        else:
+            self._dask_scheduler = self.get
+        dask.config.set(scheduler=self._dask_scheduler)
+        from taskcore.dask_integration import acquire_dask_defaults
+
+        acquire_dask_defaults()       # dataframe shuffles: "tasks", not local-disk partd
 
     def _restore_dask_scheduler(self):
         installed, self._dask_scheduler = self._dask_scheduler, None
         dask = sys.modules.get("dask")
         if installed is None or dask is None:
             return
+        from taskcore.dask_integration import release_dask_defaults
+
+        release_dask_defaults()
         if dask.config.get("scheduler", None) == installed:
             # Skip schedulers of clients closed since: with two clients closed in
             # creation order, the second must not restore the first (closed) one.
@@ -777,7 +792,7 @@ class Client:
             keys.append(k)
         if isinstance(workers, str):
             workers = [workers]
-        nbytes = await self._rpc("scatter", data=payload, client=self.id,
+        await self._rpc("scatter", data=payload, client=self.id,
                                  workers=list(workers) if workers else None,
                                  broadcast=bool(broadcast))
         futures = []

@@ -32,12 +32,12 @@ from taskcore.core.scheduler_state import (AcquireReplicas, AddKeys, AddWorker, 
                                            KeyInMemory, KeyLost, MissingData,
                                            ReleaseWorkerData, RemoveWorker, Retry,
                                            RetireWorkers, SchedulerState, StealRequest,
-                                           StealResponse, TaskCancelled, TaskErred,
+                                           StealResponse, TaskCancelled,
                                            TaskErredReport, TaskRetried, UpdateData,
                                            UpdateGraph, WorkerHeartbeat, WorkersRetiring)
 from taskcore.core.serialize import Serialized, serialize_obj
 from taskcore.errors import CommClosedError
-from taskcore.utils import tune_gc
+from taskcore.utils import run_user_function, tune_gc
 from taskcore.transports import listen
 from taskcore.transports.addressing import parse_address, unparse_host_port
 
@@ -632,22 +632,7 @@ class Scheduler:
         return dict(await asyncio.gather(*[one(w) for w in targets]))
 
     async def rpc_run_on_scheduler(self, peer, func):
-        try:
-            fn, args, kwargs = func.deserialize() if isinstance(func, Serialized) else func
-            kwargs = dict(kwargs or {})
-            try:
-                params = inspect.signature(fn).parameters
-            except (TypeError, ValueError):
-                params = {}
-            for name in ("scheduler", "dask_scheduler"):
-                if name in params:
-                    kwargs[name] = self
-            result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-            return ["ok", serialize_obj(result)]
-        except Exception as e:
-            return ["error", serialize_obj(e)]
+        return await run_user_function(func, self, ("scheduler", "dask_scheduler"))
 
     async def rpc_restart(self, peer, timeout=60):
         """Restart every worker through its nanny. Returns the number of workers to expect."""

@@ -421,3 +421,33 @@ def tune_gc(gen0=50_000, gen1=50, gen2=100):
 
     if gc.get_threshold()[0] == 700:
         gc.set_threshold(gen0, gen1, gen2)
+
+
+async def run_user_function(payload, server, param_names):
+    """Run a `client.run`/`run_on_scheduler` payload on a server's event loop.
+
+    `payload` is a Serialized (or plain) `(func, args, kwargs)`. The server is
+    passed as the first of `param_names` the function accepts (dask's
+    `dask_worker=`/`dask_scheduler=` spellings included). Returns
+    `["ok", Serialized result]` or `["error", Serialized exception]`.
+    """
+    import inspect
+
+    from taskcore.core.serialize import Serialized, serialize_obj
+
+    try:
+        fn, args, kwargs = payload.deserialize() if isinstance(payload, Serialized) else payload
+        kwargs = dict(kwargs or {})
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        for name in param_names:
+            if name in params:
+                kwargs[name] = server
+        result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return ["ok", serialize_obj(result)]
+    except Exception as e:
+        return ["error", serialize_obj(e)]

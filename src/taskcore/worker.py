@@ -21,13 +21,11 @@ so the scheduler can hand them to the client without another round trip.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import os
 import random
 import socket
-import sys
 import threading
 import time
 import traceback as tb_mod
@@ -38,7 +36,7 @@ from taskcore.core.serialize import Serialized, nbytes as sizeof, serialize_obj
 from taskcore.errors import CommClosedError, HandshakeError
 from taskcore.executor import TaskExecutor, current_executor, current_task_id
 from taskcore.graph import substitute
-from taskcore.utils import tune_gc
+from taskcore.utils import run_user_function, tune_gc
 from taskcore.transports import connect, listen
 from taskcore.transports.addressing import get_address_host, parse_address, unparse_host_port
 from taskcore.utils import parse_bytes
@@ -687,22 +685,8 @@ class Worker:
             self._handle(ws.UpdateData(items, "scatter", report=False))
 
     async def _run_function(self, msg):
-        try:
-            fn, args, kwargs = msg["func"].deserialize()
-            kwargs = dict(kwargs or {})
-            try:
-                params = inspect.signature(fn).parameters
-            except (TypeError, ValueError):
-                params = {}
-            for name in ("worker", "dask_worker"):
-                if name in params:
-                    kwargs[name] = self
-            result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-            reply = {"status": "ok", "result": serialize_obj(result)}
-        except Exception as e:
-            reply = {"status": "error", "result": serialize_obj(e)}
+        status, result = await run_user_function(msg["func"], self, ("worker", "dask_worker"))
+        reply = {"status": status, "result": result}
         reply.update(op="reply", reqid=msg["reqid"])
         self._send_scheduler(reply)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 from taskcore.core.protocol import StreamProtocol
 from taskcore.transports.addressing import (get_ip, parse_host_port, unparse_address,
