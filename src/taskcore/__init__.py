@@ -29,7 +29,12 @@ def __getattr__(name):
         from taskcore.nanny import Nanny
 
         return Nanny
-    if name in ("LocalCluster", "SpecCluster", "Cluster", "ProcessInterface"):
+    if name == "progress":
+        from taskcore.diagnostics import progress
+
+        return progress
+    if name in ("LocalCluster", "SpecCluster", "Cluster", "ProcessInterface", "SSHCluster",
+                "Adaptive"):
         import taskcore.deploy as deploy
 
         return getattr(deploy, name)
@@ -40,5 +45,6 @@ __all__ = [
     "Client", "Future", "as_completed", "wait", "fire_and_forget", "default_client",
     "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "CancelledError", "KilledWorker",
     "Security", "get_client", "get_worker", "secede", "rejoin", "Scheduler", "Worker", "Nanny",
-    "LocalCluster", "SpecCluster", "Cluster", "ProcessInterface",
+    "LocalCluster", "SpecCluster", "Cluster", "ProcessInterface", "progress", "SSHCluster",
+    "Adaptive",
 ]

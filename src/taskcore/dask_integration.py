@@ -1,0 +1,1107 @@
+"""Dask collections on taskcore: `Client.compute/persist/get` and the worker's executor.
+
+Install with ``pip install "taskcore[dask]"``. dask is imported lazily: without
+it, `import taskcore` works and only the calls that need dask raise an
+ImportError that names the extra.
+
+Theory of operation
+-------------------
+Client side (`client_compute`, `client_persist`, `client_get`):
+
+1. Collections become one dask expression (`collections_to_expr`, wrapped in
+   `FinalizeCompute` for compute), which dask optimizes (`expr.optimize()`,
+   which also runs the low-level fusion of graphs built from layers). dask
+   before expressions (< 2025.1) goes through `collections_to_dsk` and each
+   collection's `__dask_optimize__` instead, plus one finalize task per
+   collection from `__dask_postcompute__`.
+2. The materialized graph is converted to dask's task spec
+   (`convert_legacy_graph`: legacy tuple tasks become `Task` nodes; dask
+   before the task spec (< 2024.12) keeps tuples, run by `dask.core`) and
+   ordered with `dask.order`: the rank becomes each task's in-graph priority,
+   so reductions run depth-first as under dask's own schedulers.
+3. Keys this client already holds futures for (persisted collections) are not
+   sent again: they become dependencies, and the graph is culled behind them.
+   Aliases nobody asked for (`Alias(k -> target)`, or a key standing for a
+   future) are not tasks either: references to them point at their targets.
+4. Each remaining node becomes one task record `[key, ["dask", Serialized],
+   deps, opts]` in a single pass. The node is *encoded* (below), then pickled
+   on its own with protocol 5 and a buffer callback, so a numpy array or a
+   DataFrame embedded in the graph travels as out-of-band frames (zero copy),
+   never inside the message header. `dask.annotate(retries=, workers=,
+   resources=, allow_other_workers=)` become per-task options.
+
+The encoded form is what the worker runs. Unpickling dask's `Task` objects and
+evaluating them through `Task.__call__` costs more than most small tasks (a
+fused task calls `dask.order` on its subgraph every time it runs), so nodes are
+rewritten into plain tuples that a small evaluator (`_run`) runs:
+
+    (_CALL, func, args, kwargs, evaluate_args)   func(*args, **kwargs)
+    (_SUBGRAPH, ((key, encoded), ...), outkey, names, values)
+                                                 a fused task, in topological order,
+                                                 with `values` bound to `names` inside
+    (_INNER, key)                                a key of the enclosing subgraph
+    (_OPAQUE, node)                              any other GraphNode: node(values)
+
+References to other tasks (`TaskRef`, `Alias`) pickle as `_dep(key)`: the worker
+replaces them by the dependency's value while it unpickles the task (every
+dependency is in its data while the task runs). `DataNode`s become their value.
+
+Functions: a task's function that is a plain function, builtin, ufunc or class
+(one object shared by many tasks) is pickled once per graph with cloudpickle
+(by reference when importable, by value for lambdas, closures, `__main__` and
+modules registered with `cloudpickle.register_pickle_by_value`) and embedded
+as `_load_fn(digest, bytes)`; a worker unpickles each digest once. Callables
+made per task (partials, `toolz.Compose`) are pickled inline with the task.
+
+Pickling takes the C pickler's fast path. A byte scan of its output finds the
+rare nodes that need care: a taskcore `Future` (it becomes a dependency and
+`_dep(key)`, wherever it sits, even inside a literal), or a reference to
+`__main__` or a by-value module. Those are pickled again by `_NodePickler`,
+which routes functions and classes through the shared function table.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import io
+import pickle
+import sys
+import threading
+import time
+import types
+import weakref
+from collections.abc import Iterator, Mapping
+
+from taskcore.core.serialize import Serialized
+from taskcore.futures import CANCELLED, ERROR, LOST, Future
+
+DASK_EXTRA = 'dask collections need dask: pip install "taskcore[dask]"'
+
+_pickle_dumps = pickle.dumps
+_pickle_loads = pickle.loads
+_FunctionType = types.FunctionType
+# Task functions pickled once per graph and shared by reference (see _Encoder.func).
+_SHARED_FUNC_TYPES = frozenset({types.FunctionType, types.BuiltinFunctionType,
+                                types.MethodDescriptorType, types.WrapperDescriptorType})
+_MIN_OUT_OF_BAND = 2048          # same threshold as taskcore.core.serialize
+_FN_OUT_OF_BAND = 65536          # larger pickled functions travel as frames, not in band
+
+
+def _import_dask():
+    try:
+        import dask
+    except ImportError as e:
+        raise ImportError(DASK_EXTRA) from e
+    return dask
+
+
+# =============================================================================================
+# Worker side: load and run an encoded node
+# =============================================================================================
+
+class _Marker:
+    """A singleton tag at position 0 of an encoded tuple; pickles by name (a global)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __reduce__(self):
+        return self.name
+
+    def __repr__(self):
+        return self.name
+
+
+_CALL = _Marker("_CALL")
+_SUBGRAPH = _Marker("_SUBGRAPH")
+_INNER = _Marker("_INNER")
+_OPAQUE = _Marker("_OPAQUE")
+_LEGACY = _Marker("_LEGACY")
+
+_tls = threading.local()         # .data: the running task's {key: value} store
+_FN_CACHE: dict = {}             # digest -> function, on workers
+_FN_CACHE_MAX = 4096
+
+
+def _dep(key):
+    """Unpickling hook: the value of dependency `key` (a TaskRef, Alias or Future)."""
+    return _tls.data[key]
+
+
+def _load_fn(digest, payload):
+    """Unpickling hook: a task's function, unpickled once per worker process."""
+    f = _FN_CACHE.get(digest)
+    if f is None:
+        f = _pickle_loads(payload)
+        if len(_FN_CACHE) >= _FN_CACHE_MAX:
+            _FN_CACHE.clear()
+        _FN_CACHE[digest] = f
+    return f
+
+
+class DaskTaskDeserializationError(Exception):
+    """A dask task could not be unpickled on the worker (missing module, version skew...)."""
+
+
+def _v(x, local):
+    if type(x) is tuple and x and type(x[0]) is _Marker:
+        return _run(x, local)
+    return x
+
+
+def _run(x, local):
+    m = x[0]
+    if m is _CALL:
+        args = x[2]
+        kwargs = x[3]
+        if x[4]:
+            args = [_v(a, local) for a in args]
+            if kwargs:
+                kwargs = {k: _v(a, local) for k, a in kwargs.items()}
+        return x[1](*args, **kwargs) if kwargs else x[1](*args)
+    if m is _INNER:
+        return local[x[1]]
+    if m is _SUBGRAPH:
+        scope = {} if local is None else dict(local)
+        for key, dep in zip(x[3], x[4]):
+            scope[key] = _v(dep, local)
+        for key, enc in x[1]:
+            scope[key] = _v(enc, scope)
+        return scope[x[2]]
+    if m is _OPAQUE:
+        node = x[1]
+        data = _tls.data
+        values = {}
+        for k in node.dependencies:
+            values[k] = local[k] if local is not None and k in local else data[k]
+        return node(values)
+    if m is _LEGACY:
+        from dask.core import _execute_task
+
+        data = _tls.data
+        return _execute_task(x[1], {k: data[k] for k in x[2]})
+    raise ValueError(f"unknown encoded dask node {m!r}")
+
+
+def execute_dask_node(payload, data):
+    """Run one dask task on a worker. `data` holds every dependency (worker guarantee)."""
+    prev = getattr(_tls, "data", None)
+    _tls.data = data
+    try:
+        try:
+            obj = payload.deserialize() if type(payload) is Serialized else payload
+        except KeyError:
+            raise
+        except Exception as e:
+            raise DaskTaskDeserializationError(
+                f"could not deserialize a dask task: {type(e).__name__}: {e}") from e
+        if type(obj) is tuple and obj and type(obj[0]) is _Marker:
+            result = _run(obj, None)
+        else:
+            result = obj          # a DataNode's value, or an Alias resolved while loading
+        if inspect.iscoroutine(result):      # an async def task function
+            import asyncio
+
+            result = asyncio.run(result)
+        return result
+    finally:
+        _tls.data = prev
+
+
+# =============================================================================================
+# Client side: encode and serialize nodes
+# =============================================================================================
+
+class _Dep:
+    __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
+
+    def __reduce__(self):
+        return (_dep, (self.key,))
+
+
+class _FnRef:
+    __slots__ = ("digest", "payload", "counts")
+
+    def __init__(self, digest, payload, counts):
+        self.digest = digest
+        self.payload = payload
+        self.counts = counts     # occurrences of each _Encoder.scan name in payload
+
+    def __reduce__(self):
+        return (_load_fn, (self.digest, self.payload))
+
+
+class _Retry(Exception):
+    pass
+
+
+def _ts():
+    """dask._task_spec, or None for dask versions before the task spec (< 2024.12)."""
+    try:
+        import dask._task_spec as ts
+    except ImportError:
+        return None
+    return ts
+
+
+class _Encoder:
+    """Turns graph nodes into task records; one per submitted graph (caches functions)."""
+
+    def __init__(self, client):
+        import cloudpickle
+
+        self.client = client
+        self.cloudpickle = cloudpickle
+        self.fns: dict = {}          # id(func) -> _FnRef
+        self.keep: list = []         # the functions, so their ids stay valid
+        # Byte strings whose presence in a plain pickle means it needs the careful
+        # pickler: a taskcore Future (pickles through futures._future_from_key), or a
+        # reference to __main__ or a by-value module (must travel by value).
+        self.scan = [b"_future_from_key", b"__main__"]
+        self.scan += [m.encode() for m in cloudpickle.list_registry_pickle_by_value()]
+        self.used: dict = {}         # id -> _FnRef used by the node being encoded
+        self.aliases: dict = {}      # alias key -> the key it stands for (not sent as tasks)
+        self.shared_types = _SHARED_FUNC_TYPES
+        np = sys.modules.get("numpy")
+        if np is not None:
+            self.shared_types = self.shared_types | {np.ufunc}
+        ts = _ts()
+        self.ts = ts
+        if ts is not None:
+            self.TaskRef = ts.TaskRef
+            self.Alias = ts.Alias
+            self.DataNode = ts.DataNode
+            self.GraphNode = ts.GraphNode
+            self.task_types = frozenset(
+                t for t in (ts.Task, getattr(ts, "List", None), getattr(ts, "Tuple", None),
+                            getattr(ts, "Set", None), getattr(ts, "Dict", None))
+                if t is not None and t.__call__ is ts.Task.__call__)
+            self.subgraph_fn = getattr(ts, "_execute_subgraph", None)
+
+    # -- functions: pickled once per graph ------------------------------------------------
+    def func(self, f):
+        """How a Task's function is embedded: shared (_FnRef) or inline.
+
+        Plain functions, builtins and classes are usually one object for many
+        tasks: pickled once, embedded as bytes. Objects made per task (partials,
+        toolz.Compose, bound methods) are pickled inline with the task: hashing
+        and cloudpickling each of them once would cost more than it saves.
+        """
+        if type(f) in self.shared_types or isinstance(f, type):
+            return self.fn(f)
+        return f
+
+    def fn(self, f):
+        ref = self.fns.get(id(f))
+        if ref is None:
+            try:
+                b = self.cloudpickle.dumps(f, protocol=5)
+            except Exception as e:
+                raise TypeError(f"cannot serialize the task function {f!r}: "
+                                f"{type(e).__name__}: {e}") from e
+            digest = hashlib.md5(b).digest()
+            if len(b) > _FN_OUT_OF_BAND:
+                ref = _FnRef(digest, pickle.PickleBuffer(b), None)
+            else:
+                # A function pickled by value names __main__ (or its module) inside
+                # its bytes: remember how often, so the scan in dumps() skips those.
+                counts = tuple(b.count(name) for name in self.scan)
+                ref = _FnRef(digest, b, counts if any(counts) else None)
+            self.fns[id(f)] = ref
+            self.keep.append(f)
+        self.used[id(ref)] = ref
+        return ref
+
+    # -- nodes -> encoded tuples ----------------------------------------------------------
+    def enc(self, node, scope):
+        """(encoded, needs_evaluation) for a GraphNode or TaskRef."""
+        t = type(node)
+        if t is self.TaskRef or t is self.Alias:
+            k = node.key if t is self.TaskRef else node.target
+            if scope is not None and k in scope:
+                return (_INNER, k), True
+            if self.aliases:
+                k = self.aliases.get(k, k)
+            return _Dep(k), False
+        if t is self.DataNode:
+            return node.value, False
+        if t in self.task_types:
+            func = node.func
+            if func is self.subgraph_fn:
+                r = self.enc_subgraph(node, scope)
+                if r is not None:
+                    return r, True
+            ev = False
+            args = node.args
+            out = None
+            for i, a in enumerate(args):
+                if isinstance(a, (self.GraphNode, self.TaskRef)):
+                    if out is None:
+                        out = list(args[:i])
+                    e, ev2 = self.enc(a, scope)
+                    out.append(e)
+                    ev = ev or ev2
+                elif out is not None:
+                    out.append(a)
+            kwargs = node.kwargs
+            if kwargs:
+                kw2 = {}
+                for k, a in kwargs.items():
+                    if isinstance(a, (self.GraphNode, self.TaskRef)):
+                        a, ev2 = self.enc(a, scope)
+                        ev = ev or ev2
+                    kw2[k] = a
+                kwargs = kw2
+            else:
+                kwargs = None
+            return (_CALL, self.func(func), args if out is None else tuple(out), kwargs, ev), True
+        if self.aliases and not node.dependencies.isdisjoint(self.aliases):
+            node = node.substitute({k: self.aliases[k] for k in node.dependencies
+                                    if k in self.aliases})
+        return (_OPAQUE, node), True
+
+    def enc_subgraph(self, node, scope):
+        args = node.args
+        if len(args) < 2 or type(args[0]) is not dict:
+            return None            # an unknown layout: run dask's own _execute_subgraph
+        inner, outkey = args[0], args[1]
+        bindings = self.subgraph_bindings(args[2:])
+        if bindings is None:
+            return None
+        inkeys, deps = bindings
+        depvals = tuple(self.enc(a, scope)[0] if isinstance(a, (self.GraphNode, self.TaskRef))
+                        else a for a in deps)
+        inner_scope = set(inner)
+        inner_scope.update(inkeys)
+        if scope is not None:
+            inner_scope |= scope
+        steps = []
+        for k in _toposort(inner):
+            steps.append((k, self.enc(inner[k], inner_scope)[0]))
+        return (_SUBGRAPH, tuple(steps), outkey, inkeys, depvals)
+
+    def subgraph_bindings(self, rest):
+        """(names, value nodes) that a fused task binds inside its subgraph, or None.
+
+        dask >= 2025: _execute_subgraph(inner, outkey, names, *values), names being
+        placeholders such as "__dask_blockwise__0". dask 2024.12:
+        _execute_subgraph(inner, outkey, inkeys, external_deps), two {name: value}
+        mappings (dicts or task-spec Dicts).
+        """
+        Dict = getattr(self.ts, "Dict", None)
+        if len(rest) == 2 and all(type(m) is dict or (Dict is not None and type(m) is Dict)
+                                  for m in rest):
+            names, values = [], []
+            Tuple = getattr(self.ts, "Tuple", None)
+            for m in rest:
+                if type(m) is dict:
+                    items = m.items()
+                elif m.args and all(type(a) is Tuple and len(a.args) == 2 for a in m.args):
+                    items = [a.args for a in m.args]        # dask 2024.12: Tuple(k, v) items
+                else:
+                    items = zip(m.args[::2], m.args[1::2])  # later: k, v, k, v, ...
+                for k, v in items:
+                    names.append(k)
+                    values.append(v)
+            return tuple(names), tuple(values)
+        if not rest:
+            return (), ()
+        if isinstance(rest[0], (tuple, list)) and len(rest) - 1 == len(rest[0]):
+            return tuple(rest[0]), tuple(rest[1:])
+        return None
+
+    # -- pickling -------------------------------------------------------------------------
+    def dumps(self, obj, deps):
+        """Serialized(obj): protocol 5, buffers out of band; Futures become dependencies."""
+        frames = [None]
+
+        def buffer_callback(pb):
+            try:
+                mv = pb.raw()
+            except BufferError:        # not contiguous: pickle copies it in band
+                return True
+            if mv.nbytes < _MIN_OUT_OF_BAND:
+                return True
+            frames.append(mv)
+            return False
+
+        used, self.used = self.used, {}
+        try:
+            data = _pickle_dumps(obj, protocol=5, buffer_callback=buffer_callback)
+            # Cheap byte scans decide whether the careful (slower) pickler is needed;
+            # names found only inside the embedded functions' bytes do not count.
+            for i, name in enumerate(self.scan):
+                n = data.count(name)
+                if n:
+                    for ref in used.values():
+                        if ref.counts is not None:
+                            n -= ref.counts[i]
+                    if n > 0:
+                        raise _Retry
+        except Exception:
+            del frames[1:]
+            f = io.BytesIO()
+            _NodePickler(f, self, deps, buffer_callback).dump(obj)
+            data = f.getvalue()
+        frames[0] = data
+        return Serialized(1, frames)
+
+
+def _toposort(graph):
+    """Keys of a small {key: node} graph, dependencies first."""
+    out = []
+    done = set()
+    for root in graph:
+        if root in done:
+            continue
+        stack = [(root, False)]
+        while stack:
+            k, expanded = stack.pop()
+            if k in done:
+                continue
+            if expanded:
+                done.add(k)
+                out.append(k)
+                continue
+            stack.append((k, True))
+            for d in graph[k].dependencies:
+                if d in graph and d not in done:
+                    stack.append((d, False))
+    return out
+
+
+try:
+    from cloudpickle.cloudpickle import _should_pickle_by_reference
+except ImportError:              # a cloudpickle without the helper: a close heuristic
+    def _should_pickle_by_reference(obj, name=None):
+        import cloudpickle
+
+        module = getattr(obj, "__module__", None)
+        qualname = getattr(obj, "__qualname__", "")
+        return (module not in (None, "__main__") and "<" not in qualname
+                and module not in cloudpickle.list_registry_pickle_by_value())
+
+
+class _NodePickler(pickle.Pickler):
+    """The careful path, for nodes the plain pickle could not take as they are.
+
+    C pickle plus one hook: a taskcore Future becomes a dependency of the task
+    (`_dep(key)`), and functions and classes go through the encoder's shared
+    function table (cloudpickled, by value when they are not importable by
+    name: lambdas, closures, __main__, modules registered by value).
+    """
+
+    def __init__(self, file, encoder, deps, buffer_callback):
+        super().__init__(file, protocol=5, buffer_callback=buffer_callback)
+        self._encoder = encoder
+        self._deps = deps
+
+    def reducer_override(self, obj):
+        t = type(obj)
+        if t is Future:
+            _check_future(obj, self._encoder.client)
+            self._deps.append(obj.key)
+            return (_dep, (obj.key,))
+        if t is _FunctionType or (isinstance(obj, type) and not _should_pickle_by_reference(obj)):
+            if obj is _dep or obj is _load_fn:
+                return NotImplemented
+            return _FnRef.__reduce__(self._encoder.fn(obj))
+        return NotImplemented
+
+
+def _check_future(f, client):
+    if f.client is not client and getattr(f.client, "address", None) != client.address:
+        raise ValueError(f"{f!r} belongs to a client of another scheduler "
+                         f"({f.client.address}), not {client.address}")
+
+
+# =============================================================================================
+# Graphs from collections
+# =============================================================================================
+
+def _flatten(x):
+    if isinstance(x, list):
+        for y in x:
+            yield from _flatten(y)
+    else:
+        yield x
+
+
+def _materialize(dsk):
+    """A {key: node} dict in dask's task spec from a dict, HighLevelGraph or expression."""
+    if not isinstance(dsk, Mapping) and hasattr(dsk, "__dask_graph__"):
+        dsk = dsk.__dask_graph__()
+    if not isinstance(dsk, dict):
+        from dask.utils import ensure_dict
+
+        dsk = ensure_dict(dsk)
+    ts = _ts()
+    if ts is not None:
+        return ts.convert_legacy_graph(dsk)
+    return dict(dsk)
+
+
+def _annotations_of(obj):
+    """{annotation: {key: value}} set with dask.annotate(...) on obj's layers."""
+    try:
+        if hasattr(obj, "__dask_annotations__"):
+            return dict(obj.__dask_annotations__() or {})
+        layers = getattr(obj, "layers", None)
+        if layers:
+            out: dict = {}
+            for layer in layers.values():
+                for name, value in (getattr(layer, "annotations", None) or {}).items():
+                    d = out.setdefault(name, {})
+                    for k in layer:
+                        d[k] = value(k) if callable(value) else value
+            return out
+    except Exception:       # annotations are best effort; never fail a computation on them
+        return {}
+    return {}
+
+
+def _has_exprs():
+    try:
+        from dask.base import collections_to_expr  # noqa: F401  (dask >= 2025.1)
+        from dask._expr import FinalizeCompute  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _compute_graph(collections, optimize_graph, **kwargs):
+    """(graph, one output key per collection, annotations) to compute `collections`."""
+    if _has_exprs():
+        from dask._expr import FinalizeCompute
+        from dask.base import collections_to_expr
+
+        expr = FinalizeCompute(collections_to_expr(collections, optimize_graph)).optimize()
+        keys = list(_flatten(expr.__dask_keys__()))
+        return _materialize(expr), keys, _annotations_of(expr)
+    # dask < 2025.1: low-level graphs, __dask_optimize__ per collection type, then
+    # one finalize task per collection (its __dask_postcompute__).
+    from dask.base import collections_to_dsk, tokenize
+
+    hlg = collections_to_dsk(collections, optimize_graph, **kwargs)
+    annotations = _annotations_of(hlg)
+    dsk = dict(hlg)
+    keys = []
+    for c in collections:
+        func, extra = c.__dask_postcompute__()
+        ck = c.__dask_keys__()
+        fkey = "finalize-" + tokenize(c)
+        dsk[fkey] = (func, ck, *extra)
+        keys.append(fkey)
+    return _materialize(dsk), keys, annotations
+
+
+def _persist_graph(collections, optimize_graph, **kwargs):
+    """(graph, [output keys per collection], rebuild callables, annotations) to persist."""
+    if _has_exprs():
+        from dask._expr import CompositeExpr, _ExprSequence
+        from dask.base import collections_to_expr
+
+        expr = collections_to_expr(list(collections), optimize_graph)
+        has_composite = any(isinstance(e, CompositeExpr) for e in (
+            expr.operands if isinstance(expr, _ExprSequence) else [expr]))
+        expr = expr.optimize()
+        parts = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
+        keys = [list(_flatten(k)) for k in expr.__dask_keys__()]
+        rebuilds = []
+        for c, part in zip(collections, parts if len(parts) == len(collections)
+                           else [None] * len(collections)):
+            if has_composite and isinstance(part, CompositeExpr):
+                from dask.base import _rebuild_composite_collection
+
+                rebuilds.append(lambda d, c=c, part=part: _rebuild_composite_collection(
+                    c, part, d, cull_to_child_keys=True))
+            else:
+                func, state = c.__dask_postpersist__()
+                rebuilds.append(lambda d, func=func, state=state: func(d, *state))
+        return _materialize(expr), keys, rebuilds, _annotations_of(expr)
+    from dask.base import collections_to_dsk
+
+    dsk = collections_to_dsk(collections, optimize_graph, **kwargs)
+    keys = [list(_flatten(c.__dask_keys__())) for c in collections]
+    rebuilds = []
+    for c in collections:
+        func, state = c.__dask_postpersist__()
+        rebuilds.append(lambda d, func=func, state=state: func(d, *state))
+    return _materialize(dsk), keys, rebuilds, _annotations_of(dsk)
+
+
+# =============================================================================================
+# Submitting a graph
+# =============================================================================================
+
+def _held(client, key):
+    """True when this client holds a live future for key (its data is, or will be, there)."""
+    st = client._states.get(key)
+    return (st is not None and client._refcount.get(key, 0) > 0
+            and st.status not in (ERROR, CANCELLED, LOST))
+
+
+def _legacy_deps(all_keys, task):
+    """Keys a legacy (tuple) task refers to (dask before the task spec)."""
+    from dask.core import keys_in_tasks
+
+    return keys_in_tasks(all_keys, [task], as_list=False)
+
+
+def _cull(dsk, wanted, external):
+    """The part of dsk that `wanted` needs, not looking behind `external` keys."""
+    out = {}
+    stack = [k for k in wanted if k in dsk and k not in external]
+    legacy = _ts() is None
+    while stack:
+        k = stack.pop()
+        if k in out:
+            continue
+        node = dsk[k]
+        out[k] = node
+        for d in (_legacy_deps(dsk, node) if legacy else node.dependencies):
+            if d in dsk and d not in out and d not in external:
+                stack.append(d)
+    return out
+
+
+_timings = threading.local()
+
+
+def last_timings():
+    """Client-side seconds spent on this thread's last dask submission, by phase.
+
+    {"graph": dask's optimization and materialization, "order": dask.order,
+    "encode": building and pickling the task records, "tasks": records sent}
+    """
+    return dict(getattr(_timings, "value", {}))
+
+
+def _timed(phase, t0):
+    t = time.perf_counter()
+    d = getattr(_timings, "value", None)
+    if d is None:
+        d = _timings.value = {}
+    d[phase] = t - t0
+    return t
+
+
+def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_workers=False,
+                 resources=None, retries=None, ordering=True, annotations=None):
+    """Send graph `dsk` ({key: node}) to the scheduler; return {wanted key: Future}.
+
+    Keys held as futures by this client are reused, not recomputed. `annotations`
+    ({name: {key: value}}, from dask.annotate) become per-task options: workers,
+    allow_other_workers, resources and retries are honoured by the scheduler;
+    any other annotation is passed to the worker with the task.
+    """
+    t0 = time.perf_counter()
+    wanted = list(dict.fromkeys(wanted))
+    missing = [k for k in wanted if k not in dsk and not _held(client, k)]
+    if missing:
+        raise KeyError(f"keys not in the graph: {missing[:5]!r}")
+    with client._lock:
+        held = {k for k in dsk if _held(client, k)}
+    all_keys = dsk
+    if held:
+        dsk = _cull(dsk, wanted, held)
+    ts = _ts()
+    prio = None
+    if ordering and len(dsk) > 1:
+        from dask.order import order
+
+        prio = order(dsk)
+    t0 = _timed("order", t0)
+    common = client._task_options(workers, resources, retries, 0, allow_other_workers)
+    enc = _Encoder(client)
+    records = []
+    append = records.append
+    if ts is not None:
+        DataNode = ts.DataNode
+        Alias = ts.Alias
+        # Aliases (`Alias(k -> target)`, a future standing for another key) that
+        # nobody asked for are not tasks: references to them go to their targets.
+        # dask graphs hold many (one per output chunk of some layers); each would
+        # cost a scheduler round trip.
+        wanted_set = set(wanted)
+        aliases = enc.aliases
+        for key, node in dsk.items():
+            t = type(node)
+            if t is Alias:
+                if node.target != key and key not in wanted_set:
+                    aliases[key] = node.target
+            elif t is DataNode and type(node.value) is Future:
+                _check_future(node.value, client)
+                if node.value.key != key and key not in wanted_set:
+                    aliases[key] = node.value.key
+        for key in aliases:
+            target = aliases[key]
+            while target in aliases:
+                target = aliases[target]
+            aliases[key] = target
+        for key, node in dsk.items():
+            if aliases and key in aliases:
+                continue
+            t = type(node)
+            deps = node.dependencies
+            deps = [aliases.get(d, d) for d in deps] if aliases else list(deps)
+            if t is DataNode and type(node.value) is Future:
+                f = node.value
+                if f.key == key:
+                    continue            # a persisted key: already on the cluster
+                encoded = _Dep(f.key)
+                deps = [f.key]
+            elif t is Alias and node.target == key:
+                continue
+            else:
+                encoded = enc.enc(node, None)[0]
+            try:
+                spec = ["dask", enc.dumps(encoded, deps)]
+            except Exception as e:
+                raise TypeError(f"cannot serialize dask task {key!r}: {e}") from e
+            opts = common
+            if prio is not None:
+                opts = {"priority": prio[key]}
+                if common:
+                    opts.update(common)
+            if annotations:
+                opts = _annotate(opts, key, annotations)
+            append([key, spec, deps, opts])
+    else:
+        for key, task in dsk.items():
+            if type(task) is Future and task.key == key:
+                continue
+            deps = list(_legacy_deps(all_keys, task))
+            spec = ["dask", enc.dumps((_LEGACY, task, tuple(deps)), deps)]
+            opts = common
+            if prio is not None:
+                opts = {"priority": prio[key]}
+                if common:
+                    opts.update(common)
+            if annotations:
+                opts = _annotate(opts, key, annotations)
+            append([key, spec, deps, opts])
+    # Refs first, then the message: the keys cannot be released in between.
+    futures = {k: Future(k, client) for k in wanted}
+    if records or not held.issuperset(wanted):
+        msg = {"op": "update-graph", "tasks": records, "wanted": wanted}
+        if priority:
+            msg["priority"] = int(priority)
+        client._send_threadsafe(msg)
+    _timed("encode", t0)
+    _timings.value["tasks"] = len(records)
+    from taskcore import diagnostics
+
+    if prio is not None and len(records) > len(wanted):
+        # Execution order (dask.order ranks are a permutation): progress bars then
+        # list prefixes in the order they run.
+        ordered = [None] * len(prio)
+        for k, r in prio.items():
+            ordered[r] = k
+        if len(records) < len(ordered):
+            sent = {r[0] for r in records}
+            ordered = [k for k in ordered if k in sent]
+        diagnostics.remember_graph(client, wanted, ordered)
+    else:
+        diagnostics.remember_graph(client, wanted, [r[0] for r in records])
+    return futures
+
+
+# =============================================================================================
+# Client API
+# =============================================================================================
+
+_OPTION_ANNOTATIONS = ("workers", "allow_other_workers", "resources", "retries")
+
+
+def _annotate(opts, key, annotations):
+    """opts for one task, with its dask.annotate() values (workers, retries, ...)."""
+    out = None
+    for name, by_key in annotations.items():
+        if key not in by_key:
+            continue
+        value = by_key[key]
+        if out is None:
+            out = dict(opts) if opts else {}
+        if name == "workers":
+            out["workers"] = [value] if isinstance(value, str) else list(value)
+        elif name == "allow_other_workers":
+            out["allow_other_workers"] = bool(value)
+        elif name == "resources":
+            out["resources"] = dict(value)
+        elif name == "retries":
+            out["retries"] = int(value)
+        elif name != "priority":         # per-task user priority: not supported
+            out.setdefault("annotations", {})[name] = value
+    return opts if out is None else out
+
+
+def _submit_kwargs(kwargs):
+    """Options for submit_graph: the call's keywords, else dask.annotate()'s global ones."""
+    out = {k: kwargs[k] for k in ("workers", "allow_other_workers", "resources", "retries",
+                                  "priority") if kwargs.get(k) is not None}
+    try:
+        import dask
+
+        for k, v in dask.get_annotations().items():
+            if k in _OPTION_ANNOTATIONS or k == "priority":
+                out.setdefault(k, v)
+    except (ImportError, AttributeError):
+        pass
+    return out
+
+
+def _in_worker_task():
+    from taskcore import worker
+
+    return getattr(worker._task_local, "worker", None) is not None
+
+
+def client_get(client, dsk, keys, sync=True, asynchronous=None, **kwargs):
+    """The dask scheduler protocol: compute `keys` (nested lists) of graph `dsk`.
+
+    A synchronous client blocks and returns the results in the structure of
+    `keys`; an asynchronous client returns an awaitable (or, called from
+    another thread than its loop, blocks like a synchronous one).
+    """
+    _import_dask()
+    t0 = time.perf_counter()
+    graph = _materialize(dsk)
+    annotations = _annotations_of(dsk)
+    _timed("graph", t0)
+    flat = list(_flatten(keys))
+    futures = submit_graph(client, graph, flat, annotations=annotations,
+                           **_submit_kwargs(kwargs))
+
+    def pack(k):
+        if isinstance(k, list):
+            return [pack(x) for x in k]
+        return futures[k]
+
+    packed = pack(keys)
+    if not sync:
+        return packed
+
+    async def gather():
+        try:
+            return await client._gather_struct(packed)
+        finally:
+            for f in futures.values():
+                f.release()
+
+    if client.asynchronous or asynchronous:
+        if client._in_loop() or asynchronous:
+            return gather()
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(gather(), client.loop).result()
+    # A task that computes a graph on the cluster gives up its thread meanwhile,
+    # so a cluster of one-thread workers cannot deadlock on it.
+    seceded = False
+    if _in_worker_task():
+        from taskcore.worker import secede
+
+        try:
+            secede()
+            seceded = True
+        except Exception:
+            seceded = False
+    try:
+        return client.sync(gather)
+    finally:
+        if seceded:
+            from taskcore.worker import rejoin
+
+            rejoin()
+
+
+def client_compute(client, collections, sync=False, optimize_graph=True, progress=False,
+                   traverse=True, **kwargs):
+    """Futures for dask collections (one Future, or a list for a list); see Client.compute."""
+    dask = _import_dask()
+    singleton = not isinstance(collections, (list, tuple, set, frozenset))
+    items = [collections] if singleton else list(collections)
+    if traverse:
+        items = [dask.delayed(a) if isinstance(a, (list, set, tuple, dict, Iterator)) else a
+                 for a in items]
+    variables = [a for a in items if dask.is_dask_collection(a)]
+    futures = {}
+    names = []
+    if variables:
+        opt_kw = {k: v for k, v in kwargs.items() if k not in (
+            "workers", "allow_other_workers", "resources", "retries", "priority",
+            "fifo_timeout", "actors", "asynchronous")}
+        t0 = time.perf_counter()
+        graph, names, annotations = _compute_graph(variables, optimize_graph, **opt_kw)
+        _timed("graph", t0)
+        futures = submit_graph(client, graph, names, annotations=annotations,
+                               **_submit_kwargs(kwargs))
+    out = []
+    i = 0
+    for a in items:
+        if dask.is_dask_collection(a):
+            out.append(futures[names[i]])
+            i += 1
+        else:
+            out.append(a)
+    if progress and futures:
+        from taskcore.diagnostics import progress as show_progress
+
+        p = show_progress(list(futures.values()), client=client, _display=True)
+        if client.asynchronous and p is not None and hasattr(p, "__await__"):
+            _spawn_on_loop(client, p)
+    if sync:
+        return client.gather(out[0] if singleton else out)
+    return out[0] if singleton else out
+
+
+def client_persist(client, collections, optimize_graph=True, progress=False, **kwargs):
+    """Collections backed by futures (computing in the background); see Client.persist."""
+    dask = _import_dask()
+    singleton = not isinstance(collections, (list, tuple, set, frozenset))
+    items = [collections] if singleton else list(collections)
+    variables = [a for a in items if dask.is_dask_collection(a)]
+    results = {}
+    if variables:
+        opt_kw = {k: v for k, v in kwargs.items() if k not in (
+            "workers", "allow_other_workers", "resources", "retries", "priority",
+            "fifo_timeout", "actors", "asynchronous")}
+        t0 = time.perf_counter()
+        graph, keys, rebuilds, annotations = _persist_graph(variables, optimize_graph, **opt_kw)
+        _timed("graph", t0)
+        flat = [k for ks in keys for k in ks]
+        futures = submit_graph(client, graph, flat, annotations=annotations,
+                               **_submit_kwargs(kwargs))
+        for c, ks, rebuild in zip(variables, keys, rebuilds):
+            results[id(c)] = rebuild({k: futures[k] for k in ks})
+        if progress:
+            from taskcore.diagnostics import progress as show_progress
+
+            p = show_progress(list(futures.values()), client=client, _display=True)
+            if client.asynchronous and p is not None and hasattr(p, "__await__"):
+                _spawn_on_loop(client, p)
+    out = [results.get(id(a), a) for a in items]
+    return out[0] if singleton else out
+
+
+def _spawn_on_loop(client, awaitable):
+    import asyncio
+
+    async def run():
+        await awaitable
+
+    if client._in_loop():
+        task = asyncio.ensure_future(run())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+    else:
+        asyncio.run_coroutine_threadsafe(run(), client.loop)
+
+
+_background: set = set()
+
+
+def futures_of(obj):
+    """The taskcore Futures inside obj: futures, containers of them, persisted collections."""
+    out = []
+    seen = set()
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        t = type(x)
+        if t is Future:
+            if id(x) not in seen:
+                seen.add(id(x))
+                out.append(x)
+        elif t in (list, tuple, set, frozenset):
+            stack.extend(x)
+        elif t is dict:
+            stack.extend(x.values())
+        elif hasattr(x, "__dask_graph__") and callable(getattr(x, "__dask_graph__", None)):
+            try:
+                g = x.__dask_graph__()
+            except Exception:
+                continue
+            if g is None:
+                continue
+            for v in g.values():
+                if type(v) is Future:
+                    stack.append(v)
+                elif type(getattr(v, "value", None)) is Future:
+                    stack.append(v.value)
+    out.reverse()
+    return out
+
+
+# -- dask config while a taskcore client is dask's default scheduler -------------------------
+#
+# Without a dask.distributed client, dask's dataframes shuffle through partd files
+# on local disk ("disk"), which only works while every worker shares this host's
+# disk. While a taskcore client is dask's scheduler, shuffles default to "tasks"
+# (unless the user chose a method). Counted, so nested default clients compose.
+
+_config_lock = threading.Lock()
+_config_users = 0
+_config_set_by_us = False
+
+
+def acquire_dask_defaults():
+    """Called when a client becomes dask's default scheduler."""
+    global _config_users, _config_set_by_us
+    import dask
+
+    with _config_lock:
+        _config_users += 1
+        if _config_users == 1 and dask.config.get("dataframe.shuffle.method", None) is None:
+            dask.config.set({"dataframe.shuffle.method": "tasks"})
+            _config_set_by_us = True
+
+
+def release_dask_defaults():
+    """Called when such a client closes."""
+    global _config_users, _config_set_by_us
+    dask = sys.modules.get("dask")
+    with _config_lock:
+        _config_users = max(0, _config_users - 1)
+        if _config_users == 0 and _config_set_by_us:
+            _config_set_by_us = False
+            if dask is not None and dask.config.get("dataframe.shuffle.method", None) == "tasks":
+                dask.config.set({"dataframe.shuffle.method": None})
+
+
+class AsyncClientScheduler:
+    """What an asynchronous Client installs as dask's default scheduler.
+
+    dask.compute() is synchronous: on the client's own event loop it would
+    block the loop it waits on, so there it raises and says what to do
+    instead; from any other thread it runs the graph and blocks that thread.
+    dask.persist() returns at once, so it works everywhere.
+    """
+
+    def __init__(self, client):
+        self._client = weakref.ref(client)
+
+    @property
+    def client(self):
+        return self._client()
+
+    def __call__(self, dsk, keys, **kwargs):
+        client = self._client()
+        if client is None or client.status != "running":
+            raise RuntimeError("the asynchronous taskcore Client behind dask's default "
+                               "scheduler is closed")
+        if client._in_loop():
+            raise RuntimeError(
+                "dask.compute()/.compute() cannot block the event loop of an asynchronous "
+                "taskcore Client: use `await client.compute(collection)` (or "
+                "client.gather(client.compute(...))) instead")
+        return client_get(client, dsk, keys, **kwargs)
+
+    def persist(self, collections, optimize_graph=True, **kwargs):
+        return client_persist(self._client(), collections, optimize_graph=optimize_graph,
+                              **kwargs)

@@ -1,0 +1,482 @@
+"""dask collections on taskcore: compute, persist, get, the default scheduler.
+
+Every result is compared with dask's synchronous scheduler on the same inputs.
+Most tests share one in-process LocalCluster (2 workers x 1 thread); the
+`procs` tests use subprocess workers, where functions of this module travel
+by value (they cannot import it).
+"""
+import operator
+import os
+import subprocess
+import sys
+
+import cloudpickle
+import pytest
+
+dask = pytest.importorskip("dask")
+np = pytest.importorskip("numpy")
+pd = pytest.importorskip("pandas")
+da = pytest.importorskip("dask.array")
+dd = pytest.importorskip("dask.dataframe")
+db = pytest.importorskip("dask.bag")
+
+import taskcore  # noqa: E402
+from taskcore import Client, Future, LocalCluster, wait  # noqa: E402
+from taskcore import dask_integration as di  # noqa: E402
+from taskcore.testing import run  # noqa: E402
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                   "src")
+
+
+def inc(x):
+    return x + 1
+
+
+def add(x, y):
+    return x + y
+
+
+def boom(x):
+    raise ZeroDivisionError(f"boom on {x}")
+
+
+def counted(i, path):
+    # Functions of this module travel by value (a copy of its globals), so the
+    # calls are counted in a file.
+    with open(path, "a") as f:
+        f.write(f"{i}\n")
+    return i * 10
+
+
+def calls(path):
+    with open(path) as f:
+        return sorted(int(v) for v in f.read().split())
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster):
+    before = dask.config.get("scheduler", None)
+    with Client(cluster) as c:
+        yield c
+    assert dask.config.get("scheduler", None) == before
+
+
+def sync(x):
+    return dask.compute(x, scheduler="sync")[0]
+
+
+# -- dask.array ---------------------------------------------------------------------------
+
+def test_array_reductions_match_sync(client):
+    x = da.random.RandomState(0).random_sample((400, 400), chunks=(100, 100))
+    exprs = [(x + x.T).mean(axis=0).sum(), x.dot(x.T)[::7, 3:].std(), (x[:, ::2] - 1).max(axis=1),
+             da.concatenate([x, x * 2], axis=0).var(axis=0), x.cumsum(axis=1)[-1]]
+    got = client.gather(client.compute(exprs))
+    want = dask.compute(*exprs, scheduler="sync")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w)
+    # the same through the default scheduler and through dask.compute
+    np.testing.assert_allclose(exprs[0].compute(), want[0])
+    np.testing.assert_allclose(dask.compute(exprs[1])[0], want[1])
+
+
+def test_array_graph_of_10k_tasks(client):
+    # dask's sync scheduler needs ~6 s for this graph here, so the reference is numpy.
+    x = da.arange(8_000, chunks=1)
+    y = (x * 2 + 1).sum()
+    assert client.compute(y).result() == int((np.arange(8_000) * 2 + 1).sum())
+    assert di.last_timings()["tasks"] >= 10_000       # tasks sent to the scheduler
+
+
+def test_array_persist_and_reuse(client):
+    x = da.random.RandomState(1).random_sample((300, 300), chunks=(100, 100))
+    xp = client.persist(x + 1)
+    futures = taskcore.dask_integration.futures_of(xp)
+    assert len(futures) == 9 and all(isinstance(f, Future) for f in futures)
+    wait(futures)
+    np.testing.assert_allclose(xp.sum().compute(), sync((x + 1).sum()))
+    np.testing.assert_allclose(client.compute((xp.T @ xp)[0]).result(),
+                               sync(((x + 1).T @ (x + 1))[0]))
+    # numpy data embedded in a later graph travels with it
+    np.testing.assert_allclose((xp + np.arange(300)).sum().compute(),
+                               sync((x + 1 + np.arange(300)).sum()))
+
+
+def test_persisted_keys_are_not_recomputed(client, tmp_path):
+    path = str(tmp_path / "calls")
+    open(path, "w").close()
+    parts = [dask.delayed(counted)(i, path) for i in range(20)]
+    total = dask.delayed(sum)(parts)
+    persisted = client.persist(parts)
+    wait(taskcore.dask_integration.futures_of(persisted))
+    assert calls(path) == list(range(20))
+    assert dask.delayed(sum)(persisted).compute() == sum(i * 10 for i in range(20))
+    # the original (unpersisted) graph overlaps the persisted keys: reused too
+    assert client.compute(total).result() == sum(i * 10 for i in range(20))
+    assert calls(path) == list(range(20))
+
+
+# -- dask.dataframe -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(0)
+    n = 4000
+    left = pd.DataFrame({"k": rng.integers(0, 40, n), "v": rng.normal(size=n),
+                         "w": rng.integers(0, 100, n)})
+    right = pd.DataFrame({"k": np.arange(40), "name": [f"n{i}" for i in range(40)],
+                          "z": np.arange(40) * 1.5})
+    return left, right
+
+
+def _sorted(df):
+    df = df.reset_index()
+    return df.sort_values(list(df.columns)).reset_index(drop=True)
+
+
+def test_dataframe_reductions_match_sync(client, frames):
+    left, _ = frames
+    ddf = dd.from_pandas(left, npartitions=6)
+    exprs = [ddf.v.sum(), ddf[ddf.v > 0].groupby("k").v.mean(), ddf.describe(),
+             ddf.w.value_counts(), ddf.assign(u=ddf.v * ddf.w).u.cumsum()]
+    got = client.gather(client.compute(exprs))
+    want = dask.compute(*exprs, scheduler="sync")
+    assert got[0] == pytest.approx(want[0])
+    pd.testing.assert_series_equal(got[1].sort_index(), want[1].sort_index())
+    pd.testing.assert_frame_equal(got[2], want[2])
+    pd.testing.assert_series_equal(got[3].sort_index(), want[3].sort_index())
+    pd.testing.assert_series_equal(got[4], want[4])
+
+
+def test_dataframe_shuffle_groupby_apply_and_merge(client, frames):
+    left, right = frames
+    ddf = dd.from_pandas(left, npartitions=6)
+    rdf = dd.from_pandas(right, npartitions=3)
+    applied = ddf.groupby("k").apply(lambda g: g.v.sum() * 2 + len(g),
+                                     meta=("x", "f8"))
+    merged = ddf.merge(rdf, on="k", how="inner", shuffle_method="tasks")
+    got_a, got_m = client.compute([applied, merged], sync=True)
+    want_a, want_m = dask.compute(applied, merged, scheduler="sync")
+    pd.testing.assert_series_equal(got_a.sort_index(), want_a.sort_index())
+    pd.testing.assert_frame_equal(_sorted(got_m), _sorted(want_m))
+    assert len(got_m) == len(left)
+
+
+def test_dataframe_persist_reused(client, frames):
+    left, _ = frames
+    ddf = dd.from_pandas(left, npartitions=4)
+    p = client.persist(ddf[ddf.w > 10])
+    assert len(taskcore.dask_integration.futures_of(p)) == 4
+    got = p.groupby("k").w.sum().compute()
+    pd.testing.assert_series_equal(got.sort_index(),
+                                   sync(ddf[ddf.w > 10].groupby("k").w.sum()).sort_index())
+    assert len(p) == int((left.w > 10).sum())
+
+
+# -- dask.bag and dask.delayed ---------------------------------------------------------------
+
+def test_bag_matches_sync(client):
+    b = db.from_sequence(range(1000), npartitions=8)
+    exprs = [b.map(inc).filter(lambda v: v % 3 == 0).sum(),
+             b.map(lambda v: v % 7).frequencies(),
+             b.foldby(lambda v: v % 5, operator.add, 0),
+             b.map(lambda v: {"a": v % 4, "b": v}).pluck("a").distinct(),
+             b.map(str).topk(3)]
+    got = client.compute(exprs, sync=True)
+    want = dask.compute(*exprs, scheduler="sync")
+    assert got[0] == want[0]
+    assert sorted(got[1]) == sorted(want[1])
+    assert sorted(got[2]) == sorted(want[2])
+    assert sorted(got[3]) == sorted(want[3])
+    assert list(got[4]) == list(want[4])
+
+
+def test_delayed_graphs_match_sync(client):
+    def pair(x):
+        return x, x * 2
+
+    a = [dask.delayed(inc)(i) for i in range(10)]
+    b = dask.delayed(sum)(a)
+    c = dask.delayed(dict)(first=a[0], nested={"x": [a[1], (a[2], 3)]})
+    p, q = dask.delayed(pair, nout=2)(b)
+    d = dask.delayed(add)(p, y=q)
+    got = client.compute([b, c, d], sync=True)
+    assert got == list(dask.compute(b, c, d, scheduler="sync"))
+    assert client.compute(b).result() == 55
+    # collections nested in python containers
+    assert client.compute({"s": b, "l": [a[0], 5]}, sync=True) == {"s": 55, "l": [1, 5]}
+    assert client.compute([b, 7], sync=True) == [55, 7]
+
+
+def test_futures_inside_delayed(client):
+    f = client.submit(inc, 1)
+    g = client.submit(inc, 10)
+    assert dask.delayed(add)(f, 10).compute() == 12
+    assert dask.delayed(sum)([f, g, 100]).compute() == 113
+    assert dask.delayed(lambda d: d["a"] + d["b"][0])({"a": f, "b": [g]}).compute() == 13
+    assert dask.delayed(add)(f, y=g).compute() == 13
+    # a future as a whole delayed value, and inside a legacy tuple graph
+    assert (dask.delayed(f) + 1).compute() == 3
+    assert client.get({"x": (add, f, g), "y": (inc, "x")}, "y") == 14
+    # the futures stay valid and usable afterwards
+    assert f.result() == 2 and g.result() == 11
+
+
+def test_get_protocol_nested_keys_and_legacy_graphs(client):
+    dsk = {"a": 1, "b": (inc, "a"), "c": (add, "a", "b"), "d": (sum, ["a", "b", "c"]),
+           "e": "d", ("x", 0): (inc, "e"), ("x", 1): (add, ("x", 0), 10)}
+    assert client.get(dsk, "d") == 6
+    assert client.get(dsk, ["b", ["c", ("x", 1)]]) == [2, [3, 17]]
+    assert client.get(dsk, [("x", 0), "e"]) == [7, 6]
+    want = dask.get(dsk, ["d", ("x", 1)])
+    assert client.get(dsk, ["d", ("x", 1)]) == list(want)
+    # the task spec directly (dask >= 2024.12)
+    try:
+        from dask._task_spec import Alias, DataNode, Task, TaskRef
+    except ImportError:
+        return
+
+    spec = {"p": DataNode("p", 5), "q": Task("q", add, TaskRef("p"), 2), "r": Alias("r", "q")}
+    assert client.get(spec, ["r", "q"]) == [7, 7]
+
+
+def test_large_embedded_data_travels_out_of_band(client):
+    big = np.arange(500_000, dtype="f8")          # 4 MB
+    frame = pd.DataFrame({"a": np.arange(200_000), "b": np.ones(200_000)})
+    sent = []
+    original = client._send_threadsafe
+
+    def spy(msg):
+        if msg.get("op") == "update-graph":
+            sent.append(msg)
+        return original(msg)
+
+    client._send_threadsafe = spy
+    try:
+        x = dask.delayed(np.sum)(big)
+        y = dask.delayed(lambda df: df.a.sum() + df.b.sum())(frame)
+        assert client.compute([x, y], sync=True) == [big.sum(), frame.a.sum() + 200_000]
+    finally:
+        del client._send_threadsafe
+    specs = [rec[1][1] for msg in sent for rec in msg["tasks"]]
+    for s in specs:
+        assert s.kind == 1 and len(s.frames[0]) < 10_000   # small header pickle ...
+    sizes = sorted(f.nbytes for s in specs for f in map(memoryview, s.frames[1:]))
+    assert big.nbytes in sizes                          # ... the array as its own frame
+    assert frame.a.values.nbytes in sizes or frame.a.values.nbytes * 2 in sizes
+
+
+def _graph_inside_a_task(n):
+    from taskcore import get_client
+
+    c = get_client()
+    dsk = {("a", i): (inc, i) for i in range(n)}
+    dsk["s"] = (sum, [("a", i) for i in range(n)])
+    total = c.get(dsk, "s")                       # secedes while it waits
+    return total + dask.delayed(sum)([dask.delayed(inc)(i) for i in range(n)]).compute(
+        scheduler=c)
+
+
+def test_dask_graphs_computed_inside_tasks(client):
+    assert client.submit(_graph_inside_a_task, 10).result(timeout=30) == 110
+    with pytest.raises(KeyError, match="not in the graph"):
+        client.get({"a": 1}, "b")
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+def test_errors_keep_type_and_traceback(client):
+    x = dask.delayed(boom)(3)
+    y = dask.delayed(inc)(x)
+    with pytest.raises(ZeroDivisionError, match="boom on 3") as info:
+        y.compute()
+    assert "boom" in str(info.value.__cause__)           # the remote traceback text
+    f = client.compute(y)
+    assert isinstance(f.exception(), ZeroDivisionError)
+    assert "in boom" in f.traceback()
+    arr = da.ones((10, 10), chunks=5).map_blocks(lambda b: np.full_like(b, np.inf),
+                                                 dtype="f8")
+    assert np.isinf(arr.compute()).all()      # no error: only real exceptions err a task
+    bad = da.ones((10, 10), chunks=5).map_blocks(lambda b: boom(b.shape), dtype="f8")
+    with pytest.raises(ZeroDivisionError, match=r"boom on \(5, 5\)"):
+        bad.sum().compute()
+    # the client keeps working
+    assert dask.delayed(inc)(1).compute() == 2
+
+
+def test_compute_returns_futures(client):
+    x = dask.delayed(inc)(1)
+    f = client.compute(x)
+    assert isinstance(f, Future) and f.result() == 2
+    fs = client.compute([x, dask.delayed(inc)(x)])
+    assert isinstance(fs, list) and [f.result() for f in fs] == [2, 3]
+    assert client.compute(x, sync=True) == 2
+    assert client.compute(5) == 5
+    # persisting non-collections passes them through
+    assert client.persist([x, 3])[1] == 3
+
+
+def flaky(x, path):
+    """Fails on its first call (counted in a file), then returns x."""
+    with open(path, "a+") as f:
+        f.seek(0)
+        n = len(f.read())
+        f.write(".")
+    if n == 0:
+        raise OSError("first call fails")
+    return x
+
+
+def test_annotations_and_placement_options(client, tmp_path):
+    path = str(tmp_path / "flaky")
+    with dask.annotate(retries=2):
+        d = dask.delayed(flaky)(7, path)
+    assert d.compute() == 7                       # retried after the first failure
+    path2 = str(tmp_path / "flaky2")
+    assert client.compute(dask.delayed(flaky)(8, path2), retries=1, sync=True) == 8
+    first = sorted(client.nthreads())[0]
+    parts = [dask.delayed(_on_worker)(dask_key_name=f"where-{i}") for i in range(6)]
+    assert set(client.compute(parts, workers=[first], sync=True)) == {first}
+    with dask.annotate(workers=[first]):
+        parts = [dask.delayed(_on_worker)(dask_key_name=f"where2-{i}") for i in range(6)]
+    assert set(dask.compute(*parts)) == {first}
+
+
+# -- the default scheduler --------------------------------------------------------------------
+
+def _on_worker():
+    from taskcore import get_worker
+
+    return get_worker().address
+
+
+def test_default_scheduler_switch_and_restore(cluster):
+    with dask.config.set(scheduler="sync"):
+        c1 = Client(cluster)
+        try:
+            assert dask.config.get("scheduler") == c1.get
+            # dataframe shuffles through tasks, not partd files on one host's disk
+            assert dask.config.get("dataframe.shuffle.method") == "tasks"
+            addr = dask.delayed(_on_worker)().compute()
+            assert addr in c1.nthreads()
+            assert dask.compute(dask.delayed(inc)(1)) == (2,)
+            assert dask.persist(dask.delayed(inc)(1))[0].compute() == 2
+            c2 = Client(cluster)
+            assert dask.config.get("scheduler") == c2.get
+            c1.close()                  # closed first: the second keeps the default
+            assert dask.config.get("scheduler") == c2.get
+            c2.close()                  # restores "sync", not the closed first client
+            assert dask.config.get("scheduler") == "sync"
+            assert dask.config.get("dataframe.shuffle.method", None) is None
+        finally:
+            c1.close()
+        # a client that is not the default leaves dask alone
+        with Client(cluster, set_as_default=False):
+            assert dask.config.get("scheduler") == "sync"
+        assert dask.config.get("scheduler") == "sync"
+
+
+def test_default_scheduler_installed_when_dask_imported_later():
+    code = """
+import sys
+from taskcore import Client, LocalCluster
+assert "dask" not in sys.modules, "taskcore imported dask eagerly"
+with LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as cl, Client(cl) as c:
+    import dask
+    assert dask.config.get("scheduler") == c.get
+    assert dask.delayed(sum)([1, 2]).compute() == 3
+assert dask.config.get("scheduler", None) is None
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=SRC)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_without_dask_only_dask_calls_fail():
+    code = """
+import sys
+sys.modules["dask"] = None        # as if dask were not installed
+from taskcore import Client, LocalCluster
+with LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as cl, Client(cl) as c:
+    assert c.submit(sum, [1, 2]).result() == 3
+    try:
+        c.get({"x": 1}, "x")
+    except ImportError as e:
+        assert "taskcore[dask]" in str(e), e
+        print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=SRC)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+# -- asynchronous clients ------------------------------------------------------------------------
+
+def test_async_client():
+    from taskcore.testing import cluster as acluster
+
+    async def main():
+        async with acluster(n_workers=2) as (s, ws):
+            async with Client(s.address, asynchronous=True) as c:
+                x = da.arange(100, chunks=10)
+                f = c.compute(x.sum())
+                assert await f == 4950
+                assert await c.get({"a": (inc, 1), "b": (inc, "a")}, ["b", "a"]) == [3, 2]
+                xp = c.persist(x + 1)
+                await taskcore.wait(di.futures_of(xp))
+                assert await c.compute(xp.sum()) == 5050
+                with pytest.raises(RuntimeError, match="await client.compute"):
+                    x.sum().compute()          # blocking dask.compute on the client's loop
+                # from another thread, the default scheduler works (it blocks that thread)
+                import asyncio
+
+                loop = asyncio.get_running_loop()
+                v = await loop.run_in_executor(None, lambda: x.sum().compute())
+                assert v == 4950
+
+    run(main(), timeout=60)
+
+
+# -- subprocess workers ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def procs():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as c, \
+            Client(c, set_as_default=False) as client:
+        yield client
+
+
+def local_scale(block, factor):
+    return block * factor
+
+
+def test_subprocess_workers_run_module_functions_and_lambdas(procs):
+    x = da.random.RandomState(3).random_sample((200, 200), chunks=(50, 50))
+    y = x.map_blocks(local_scale, 3.0).map_blocks(lambda b: b + 1)
+    np.testing.assert_allclose(procs.compute(y.sum(), sync=True), sync(y.sum()))
+    b = db.from_sequence(range(100), npartitions=4).map(lambda v: inc(v) * 2)
+    assert procs.compute(b.sum(), sync=True) == sync(b.sum())
+    ddf = dd.from_pandas(pd.DataFrame({"k": np.arange(1000) % 7, "v": np.arange(1000.0)}),
+                         npartitions=4)
+    got = procs.compute(ddf.groupby("k").v.apply(lambda s: s.max() - s.min(),
+                                                 meta=("v", "f8")), sync=True)
+    want = sync(ddf.groupby("k").v.apply(lambda s: s.max() - s.min(), meta=("v", "f8")))
+    pd.testing.assert_series_equal(got.sort_index(), want.sort_index())
+    xp = procs.persist(x)
+    np.testing.assert_allclose(procs.compute(xp.mean(), sync=True), sync(x.mean()))
+    f = procs.submit(inc, 41)
+    assert procs.compute(dask.delayed(local_scale)(f, 2), sync=True) == 84
