@@ -3,48 +3,43 @@
 Switching from dask.distributed is one import::
 
     from taskcore import Client, LocalCluster
+
+Every public name is imported on first use, so `import taskcore` (and the CLIs'
+option checking) stays light.
 """
 
 __version__ = "0.1.0"
 
-from taskcore.client import Client, default_client
-from taskcore.errors import CancelledError, KilledWorker
-from taskcore.futures import (ALL_COMPLETED, FIRST_COMPLETED, FIRST_EXCEPTION, Future,
-                              as_completed, fire_and_forget, wait)
-from taskcore.security import Security
-from taskcore.worker import get_client, get_worker, rejoin, secede
+_LAZY = {
+    "Client": "taskcore.client", "default_client": "taskcore.client",
+    "Future": "taskcore.futures", "as_completed": "taskcore.futures", "wait": "taskcore.futures",
+    "fire_and_forget": "taskcore.futures", "ALL_COMPLETED": "taskcore.futures",
+    "FIRST_COMPLETED": "taskcore.futures", "FIRST_EXCEPTION": "taskcore.futures",
+    "CancelledError": "taskcore.errors", "KilledWorker": "taskcore.errors",
+    "Security": "taskcore.security",
+    "get_client": "taskcore.worker", "get_worker": "taskcore.worker",
+    "secede": "taskcore.worker", "rejoin": "taskcore.worker", "Worker": "taskcore.worker",
+    "Scheduler": "taskcore.scheduler", "Nanny": "taskcore.nanny",
+    "progress": "taskcore.diagnostics",
+    "LocalCluster": "taskcore.deploy", "SpecCluster": "taskcore.deploy",
+    "Cluster": "taskcore.deploy", "ProcessInterface": "taskcore.deploy",
+    "SSHCluster": "taskcore.deploy", "Adaptive": "taskcore.deploy",
+}
 
 
 def __getattr__(name):
-    # Servers and deployment classes import lazily: `import taskcore` stays light.
-    if name == "Scheduler":
-        from taskcore.scheduler import Scheduler
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'taskcore' has no attribute {name!r}")
+    import importlib
 
-        return Scheduler
-    if name == "Worker":
-        from taskcore.worker import Worker
-
-        return Worker
-    if name == "Nanny":
-        from taskcore.nanny import Nanny
-
-        return Nanny
-    if name == "progress":
-        from taskcore.diagnostics import progress
-
-        return progress
-    if name in ("LocalCluster", "SpecCluster", "Cluster", "ProcessInterface", "SSHCluster",
-                "Adaptive"):
-        import taskcore.deploy as deploy
-
-        return getattr(deploy, name)
-    raise AttributeError(f"module 'taskcore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
 
-__all__ = [
-    "Client", "Future", "as_completed", "wait", "fire_and_forget", "default_client",
-    "ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION", "CancelledError", "KilledWorker",
-    "Security", "get_client", "get_worker", "secede", "rejoin", "Scheduler", "Worker", "Nanny",
-    "LocalCluster", "SpecCluster", "Cluster", "ProcessInterface", "progress", "SSHCluster",
-    "Adaptive",
-]
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = sorted(_LAZY)
