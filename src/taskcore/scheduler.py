@@ -416,6 +416,8 @@ class Scheduler:
                 fut = peer.replies.pop(msg["reqid"], None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
+            elif op == "long-running":
+                self._execute(self.state.task_long_running(peer.id, msg["id"], "long-running"))
             elif op == "closing":
                 peer.closing = True
             elif op == "retire":

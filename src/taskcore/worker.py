@@ -425,7 +425,7 @@ class Worker:
                           f"task {ins.key!r} asked to be rescheduled, which taskcore does not "
                           "support")), "traceback": None})
             elif t is ws.LongRunningMsg:
-                pass  # the scheduler keeps counting the task as processing
+                send({"op": "long-running", "id": ins.id, "key": ins.key})
             else:
                 logger.error("unhandled worker instruction %r", ins)
         return inline

@@ -7,6 +7,7 @@ liveness means that afterwards nothing is left waiting, queued, no-worker or
 processing, and every wanted key is in memory or erred.
 """
 import math
+import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -32,6 +33,7 @@ from taskcore.core.scheduler_state import (
     WorkerHeartbeat,
 )
 
+MAX_STEPS = int(os.environ.get("TASKCORE_FUZZ_STEPS", "40"))
 POOL = [f"w{i}" for i in range(4)]
 CLIENTS = ["c0", "c1", "fire-and-forget"]
 ACTIONS = [
@@ -292,7 +294,7 @@ class Driver:
 @given(st.data())
 def test_random_event_sequences(data):
     d = Driver(data)
-    for _ in range(data.draw(st.integers(1, 40), label="steps")):
+    for _ in range(data.draw(st.integers(1, MAX_STEPS), label="steps")):
         getattr(d, data.draw(st.sampled_from(ACTIONS), label="action"))()
     d.heal_and_drain()
     # Releasing every client's keys forgets everything.

@@ -1304,3 +1304,46 @@ def test_killed_worker_message_and_pickle():
     assert err.missing == ("b",)
     inv = pickle.loads(pickle.dumps(InvalidTransition("a", "memory", "processing")))
     assert inv.start == "memory"
+
+
+def test_regression_lost_input_of_resource_queued_task():
+    """Found by the fuzzer: a worker leaves holding the input of a task queued
+    on resources.  "Start over" (input lost) must win over "re-place it"
+    (worker set changed), or the task would sit in no-worker without input."""
+    s = new_state(allowed_failures=0)
+    submit(s, [("a", "f", [], 0), ("b", "g", ["a"], 1)], ["b"], resources={"b": {"GPU": 1}})
+    out = add_workers(s, ("w0", 2, {"GPU": 1}))
+    [ct_a] = computes(out)
+    out = submit(s, [("c", "f", [], 0)], ["c"], resources={"c": {"GPU": 1}}, sid="g2")
+    assert computes(out)[0].key == "c"                 # holds the only GPU
+    finish(s, ct_a)
+    assert s.task_state("b") == "queued"               # waits for the GPU
+    out = s.handle_stimulus(RemoveWorker("w0"))
+    assert s.task_state("a") == "queued"               # recompute the lost input
+    assert s.task_state("b") == "waiting"
+    assert s.task_state("c") == "erred"                # allowed_failures=0
+    out = add_workers(s, ("w1", 1, {"GPU": 1}))
+    run_all(s, out)
+    assert s.task_state("b") == "memory"
+
+
+def test_root_queue_lazy_deletion_and_compaction():
+    s = new_state(validate=False)          # O(n) validation per stimulus: too slow here
+    tasks = [(f"r-{i}", "f", [], i) for i in range(3000)]
+    submit(s, tasks, [t[0] for t in tasks])
+    assert s.state_counts()["queued"] == 3000
+    # cancel most of them one by one: stale heap entries pile up, then compact
+    for i in range(0, 2900):
+        s.handle_stimulus(Cancel("c1", [f"r-{i}"]))
+    s.validate_state()
+    assert s.queued_keys() == [f"r-{i}" for i in range(2900, 3000)]
+    # resubmitted keys are queued again (new ids); at equal user priority an
+    # older graph goes first
+    submit(s, tasks[:5], [t[0] for t in tasks[:5]], sid="again")
+    assert s.queued_keys()[-5:] == [f"r-{i}" for i in range(5)]
+    out = add_workers(s, ("w1", 1))
+    assert [c.key for c in computes(out)] == ["r-2900", "r-2901"]
+    s.validate_state()
+    run_all(s, out)
+    assert s.state_counts()["memory"] == 105
+    s.validate_state()

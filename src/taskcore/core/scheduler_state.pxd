@@ -16,6 +16,7 @@ Stimuli (events in)                      Instructions (out)
 UpdateGraph        client submits graph  ComputeTask      worker: run this task
 TaskFinished       worker: task done     FreeKeys         worker: drop these tasks
 TaskErred          worker: task raised                    (cancel if running, drop
+TaskLongRunning    task seceded
 AddWorker          worker joined                          the replica if in memory)
 RemoveWorker       worker left/died      StealRequest     victim: give this task up
 WorkerHeartbeat    worker metrics        AcquireReplicas  worker: fetch these keys
@@ -84,6 +85,7 @@ cdef enum:
     EV_UPDATE_DATA
     EV_RELEASE_WORKER_DATA
     EV_RETIRE_WORKERS
+    EV_LONG_RUNNING
 
 # Ordering key of the ready queues: ((-user priority, graph generation),
 # (rank inside the graph, task id)); the smallest runs first.
@@ -129,7 +131,10 @@ cdef class WorkerState:
     cdef TaskState _proc_head
     cdef TaskState _proc_tail
     cdef readonly Py_ssize_t n_processing
-    # Ordered set (dict -> None).
+    # Processing tasks that seceded (long-running: they wait on other tasks
+    # and hold no thread).  Each adds one slot while it lasts and adds nothing
+    # to occupancy.  Invariant: slots == base slots + n_long_running.
+    cdef readonly Py_ssize_t n_long_running    # Ordered set (dict -> None).
     # Invariant: ts in ws.has_what <=> ws holds a replica of ts
     cdef readonly dict has_what
     cdef readonly double occupancy          # sum of est_duration over processing
@@ -137,9 +142,10 @@ cdef class WorkerState:
     # Root-task slots: ceil(nthreads * worker_saturation), at least 1.
     cdef readonly Py_ssize_t slots
     cdef int status                         # WorkerStatus
-    # Invariant: _is_idle <=> status == RUNNING and len(processing) < slots
-    #            <=> ws in SchedulerState._idle
+    # Invariant: _is_idle <=> status == RUNNING and n_processing < slots
+    #            <=> SchedulerState._idle[_idle_pos] is ws
     cdef bint _is_idle
+    cdef Py_ssize_t _idle_pos               # index in SchedulerState._idle, or -1
     cdef readonly double last_seen
     cdef readonly object metrics
     cdef int _incoming                      # steals in flight towards this worker
@@ -147,19 +153,19 @@ cdef class WorkerState:
     cdef int64_t _tally                     # scratch: bytes held (placement)
     cdef int64_t _mark                      # scratch stamp for _tally
     cdef list _free_ids                     # FreeKeys batched in this stimulus
+    cdef list _free_keys
     cdef tuple _as_holders                  # cached (address,): no allocation
                                             # for the common single-holder case
-    cdef list _free_keys
 
 
-# Not tracked by the cyclic GC: a scheduler holds millions of long-lived
-# TaskStates and GC passes over them cost more than the state machine itself
-# (measured: 2.8 -> 5-8 us per task).  Its lists are untracked as well.  The
-# reference cycles (dependencies <-> dependents, self-blame, processing_on <->
-# ws.processing) are broken explicitly: on forget, and by SchedulerState's
-# __dealloc__ (which is why SchedulerState is no_gc_clear).
+# Not tracked by the cyclic GC (@cython.no_gc on the class in the .pyx): a
+# scheduler holds millions of long-lived TaskStates and GC passes over them
+# cost more than the state machine itself (measured: 2.8 -> 5-8 us per task).
+# Its lists are untracked as well.  The reference cycles (dependencies <->
+# dependents, self-blame, processing_on <-> the worker's processing list) are
+# broken explicitly: on forget, and by SchedulerState's __dealloc__ (which is
+# why SchedulerState is no_gc_clear).
 @cython.final
-@cython.no_gc
 cdef class TaskState:
     cdef readonly Py_ssize_t id             # never reused; the wire id
     cdef object _id_obj                     # id as a Python int, boxed once
@@ -185,6 +191,7 @@ cdef class TaskState:
     cdef WorkerState processing_on          # set <=> state == processing
     cdef TaskState _proc_prev               # links of processing_on's list
     cdef TaskState _proc_next
+    cdef bint _seceded                      # long-running (see WorkerState)
     cdef readonly int64_t nbytes
     cdef readonly object typename
     cdef int64_t prio_user                  # -(user priority): smaller first
@@ -241,6 +248,12 @@ cdef class TaskFinished(Stimulus):
     cdef readonly int64_t nbytes
     cdef readonly object typename
     cdef readonly double duration           # < 0: unknown
+
+@cython.final
+cdef class TaskLongRunning(Stimulus):
+    cdef readonly str worker
+    cdef readonly Py_ssize_t task_id
+    cdef readonly object key
 
 @cython.final
 cdef class TaskErred(Stimulus):
@@ -419,7 +432,6 @@ cdef class WorkersRetiring(Instruction):
 # --------------------------------------------------------------------------
 
 @cython.final
-@cython.no_gc_clear
 cdef class SchedulerState:
     # configuration (constructor arguments; never read from global config)
     cdef readonly bint validate
@@ -445,7 +457,12 @@ cdef class SchedulerState:
     cdef readonly dict workers              # address -> WorkerState
     cdef dict _names                        # name -> WorkerState
     cdef list _running                      # status RUNNING, by id
-    cdef dict _idle                         # {WorkerState: None}, see _is_idle
+    # Idle workers (see WorkerState._is_idle), borrowed references: a worker
+    # leaves this vector before it leaves self.workers.  A vector with
+    # swap-removal instead of a dict: workers cross the slot limit on almost
+    # every task.
+    cdef vector[PyObject*] _idle
+    cdef vector[PyObject*] _scratch         # _pick: holders (borrowed)
     cdef dict _addresses_by_id              # every worker ever, for story()
     cdef Py_ssize_t _next_worker_id
     cdef int64_t _stamp
@@ -455,7 +472,14 @@ cdef class SchedulerState:
     cdef ClientState _faf                   # the "fire-and-forget" client, if any
 
     # ready containers
-    cdef cpp_set[QueueKey] _root_queue      # queued root tasks
+    # Queued root tasks: a binary min-heap with lazy deletion.  A task that
+    # leaves the queue other than by being popped leaves a stale entry,
+    # skipped when popped (an entry is live iff its task is still queued in
+    # the root queue; duplicates of one task carry the same key, so any of
+    # them may place it).  The heap is rebuilt when stale entries dominate.
+    # A heap instead of a std::set: no node allocation per task.
+    cdef vector[QueueKey] _root_heap
+    cdef Py_ssize_t _n_root_queued          # tasks in the root queue (live)
     cdef cpp_set[QueueKey] _constrained_queue  # queued restricted tasks
     cdef bint _filling                      # inside _fill_slots: roots may be placed
     cdef bint _constrained_dirty            # resources freed / workers changed
@@ -473,6 +497,9 @@ cdef class SchedulerState:
     cdef WorkerState _ctx_worker            # processing -> memory: who computed it
     cdef list _ctx_holders                  # released -> memory: scatter holders
     cdef WorkerState _decided               # output of _decide()
+    cdef WorkerState _best                  # _pick/_consider scratch
+    cdef double _best_cost
+    cdef double _best_load
 
     # bounded transition log (ring buffer)
     cdef list _log_keys
@@ -505,6 +532,7 @@ cdef class SchedulerState:
                             object typename, double duration) except -1
     cdef int _task_erred(self, WorkerState ws, TaskState ts, object exception,
                          object traceback) except -1
+    cdef int _task_long_running(self, WorkerState ws, TaskState ts) except -1
     cdef int _update_graph(self, UpdateGraph ev) except -1
     cdef int _add_worker(self, AddWorker ev) except -1
     cdef int _remove_worker(self, RemoveWorker ev) except -1
@@ -538,9 +566,11 @@ cdef class SchedulerState:
     cdef int _decide(self, TaskState ts) except -1
     cdef int _decide_restricted(self, TaskState ts) except -1
     cdef WorkerState _pick(self, TaskState ts, list candidates)
+    cdef inline void _consider(self, WorkerState ws, int64_t total, int64_t stamp) noexcept
     cdef WorkerState _best_idle(self)
     cdef int _dispatch(self, TaskState ts) except -1
     cdef void _leave_ready_containers(self, TaskState ts) noexcept
+    cdef void _compact_root_heap(self)
     cdef int _add_to_processing(self, TaskState ts, WorkerState ws) except -1
     cdef WorkerState _exit_processing(self, TaskState ts)
     cdef void _update_idle(self, WorkerState ws) noexcept
