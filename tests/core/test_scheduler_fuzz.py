@@ -41,6 +41,7 @@ ACTIONS = [
     "finish", "finish", "finish", "finish", "err", "release", "wants", "cancel",
     "retry", "balance", "steal_response", "missing_data", "release_worker_data",
     "scatter", "add_keys", "client_removed", "retire", "stale_report", "heartbeat",
+    "long_running",
 ]
 
 
@@ -249,6 +250,12 @@ class Driver:
                 self.tf(w, tid, 1, "int", 0.1, "stale")
             else:
                 self.te(w, tid, RuntimeError("stale"), None, "stale")
+
+    def long_running(self):
+        pairs = self.processing_pairs()
+        if pairs:
+            w, k = self.draw(st.sampled_from(pairs))
+            self.check(self.s.task_long_running(w, self.s.id_of(k), "secede"))
 
     def heartbeat(self):
         if self.s.workers:

@@ -33,6 +33,7 @@ from taskcore.core.scheduler_state import (
     TaskErred,
     TaskErredReport,
     TaskFinished,
+    TaskLongRunning,
     TaskRetried,
     UpdateData,
     UpdateGraph,
@@ -1347,3 +1348,51 @@ def test_root_queue_lazy_deletion_and_compaction():
     run_all(s, out)
     assert s.state_counts()["memory"] == 105
     s.validate_state()
+
+
+def test_long_running_task_frees_its_slot():
+    """Tasks that secede (they wait on tasks they submitted) must not hold the
+    slots the sub-tasks need, or the queue deadlocks."""
+    s = new_state(worker_saturation=1.0)
+    add_workers(s, ("w1", 2))
+    out = submit(s, [("parent-0", "f", [], 0), ("parent-1", "f", [], 1)],
+                 ["parent-0", "parent-1"])
+    parents = computes(out)
+    assert len(parents) == 2 and s.worker_info("w1")["processing"] == 2
+    # the parents submit children and wait for them: no slot left
+    out = submit(s, [(f"child-{i}", "g", [], i) for i in range(4)],
+                 [f"child-{i}" for i in range(4)], sid="children")
+    assert not computes(out) and s.state_counts()["queued"] == 4
+    out0 = s.task_long_running("w1", parents[0].task_id, "secede-0")
+    assert [c.key for c in computes(out0)] == ["child-0"]
+    out = s.handle_stimulus(TaskLongRunning("w1", parents[1].task_id, stimulus_id="secede-1"))
+    assert [c.key for c in computes(out)] == ["child-1"]
+    out = out0 + out
+    info = s.worker_info("w1")
+    assert info["long_running"] == 2 and s.workers["w1"].slots == 4
+    assert s.occupancy()["w1"] == pytest.approx(2 * 0.5)   # seceded tasks hold no thread
+    # a repeated report changes nothing
+    assert s.task_long_running("w1", parents[0].task_id) == []
+    run_all(s, out)
+    assert all(s.task_state(f"child-{i}") == "memory" for i in range(4))
+    # the parents finish: their extra slots go away
+    for p in parents:
+        finish(s, p)
+    assert s.workers["w1"].slots == 2 and s.worker_info("w1")["long_running"] == 0
+
+
+def test_long_running_task_is_not_stolen_and_worker_death_resets():
+    s = new_state(worker_saturation=float("inf"))
+    add_workers(s, ("w1", 1))
+    out = submit(s, [(f"t{i}", "f", [], i) for i in range(3)], ["t0", "t1", "t2"])
+    cts = computes(out)
+    for ct in cts:
+        s.task_long_running("w1", ct.task_id)
+    add_workers(s, ("w2", 1))
+    assert of(s.handle_stimulus(BalanceTick()), StealRequest) == []
+    # stale / wrong-worker reports are ignored
+    assert s.task_long_running("w2", cts[0].task_id) == []
+    assert s.task_long_running("w1", 999) == []
+    out = s.handle_stimulus(RemoveWorker("w1"))
+    assert {c.worker for c in computes(out)} == {"w2"}
+    assert s.worker_info("w2")["long_running"] == 0

@@ -47,6 +47,7 @@ class WorkerState:
     resources: dict[str, float]
     used_resources: dict[str, float]
     n_processing: int
+    n_long_running: int          # seceded tasks (each adds a slot while it lasts)
     has_what: dict[TaskState, None]
     occupancy: float
     nbytes: int
@@ -139,6 +140,13 @@ class TaskFinished(Stimulus):
     duration: float
     def __init__(self, worker: str, task_id: int = -1, nbytes: int = 0, typename: Any = None,
                  duration: float = -1.0, stimulus_id: str = "", key: Key = None) -> None: ...
+
+class TaskLongRunning(Stimulus):
+    worker: str
+    task_id: int
+    key: Key
+    def __init__(self, worker: str, task_id: int = -1, stimulus_id: str = "",
+                 key: Key = None) -> None: ...
 
 class TaskErred(Stimulus):
     worker: str
@@ -344,6 +352,8 @@ class SchedulerState:
                       duration: float = -1.0, stimulus_id: str = "") -> list[Instruction]: ...
     def task_erred(self, worker: str, task_id: int, exception: Any, traceback: Any = None,
                    stimulus_id: str = "") -> list[Instruction]: ...
+    def task_long_running(self, worker: str, task_id: int,
+                          stimulus_id: str = "long-running") -> list[Instruction]: ...
     def transition(self, key: Key, finish: str,
                    stimulus_id: str = "manual-transition") -> list[Instruction]: ...
     def validate_state(self) -> None: ...
