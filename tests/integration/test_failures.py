@@ -148,6 +148,8 @@ def test_garbage_on_scheduler_port_does_not_disturb_clients(procs):
     procs.worker(addr)
     host, port = addr.replace("tcp://", "").rsplit(":", 1)
 
+    garbage_sent = [0]
+
     async def garbage(stop):
         i = 0
         while not stop.is_set():
@@ -159,6 +161,7 @@ def test_garbage_on_scheduler_port_does_not_disturb_clients(procs):
             except OSError:
                 pass
             i += 1
+            garbage_sent[0] = i
             await asyncio.sleep(0.01)
         return i
 
@@ -167,11 +170,14 @@ def test_garbage_on_scheduler_port_does_not_disturb_clients(procs):
         g = asyncio.ensure_future(garbage(stop))
         async with Client(addr, asynchronous=True) as c:
             await c._rpc("wait_for_workers", n=1, timeout=20)
-            for _ in range(5):
+            # Compute for as long as it takes the garbage sender to hit the port 20 times.
+            rounds = 0
+            while (rounds < 5 or garbage_sent[0] < 20) and rounds < 500:
                 fs = c.map(slowinc, range(100), [0] * 100, pure=False)
                 assert await c.gather(fs) == list(range(1, 101))
+                rounds += 1
         stop.set()
-        assert await g > 10
+        assert await g >= 20
 
     run(main(), timeout=90)
 
