@@ -36,3 +36,32 @@ def peer(*args):
 @pytest.fixture
 def quick():
     return QUICK
+
+
+@pytest.fixture(scope="session")
+def ours():
+    """taskcore LocalCluster(2 workers x 1 thread, processes) and a client on it."""
+    from taskcore import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
+    # Not dask's default scheduler: dask.distributed's nannies pickle dask's config.
+    client = Client(cluster, set_as_default=False)
+    client.wait_for_workers(2, timeout=60)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """The baseline: dask.distributed's LocalCluster(2 workers x 1 thread, processes)."""
+    distributed = pytest.importorskip("distributed", reason="pip install '.[bench]' for dask")
+    import logging
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
+    client = distributed.Client(cluster, set_as_default=False)
+    yield client
+    client.close()
+    cluster.close()

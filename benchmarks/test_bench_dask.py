@@ -39,33 +39,6 @@ def _best(fn, rounds):
     return best, value
 
 
-@pytest.fixture(scope="module")
-def ours():
-    from taskcore import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
-    # Not dask's default scheduler: dask.distributed's nannies pickle dask's config.
-    client = Client(cluster, set_as_default=False)
-    client.wait_for_workers(2, timeout=60)
-    yield client
-    client.close()
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
-def dask_client():
-    distributed = pytest.importorskip("distributed", reason="pip install '.[bench]' for dask")
-    import logging
-
-    logging.getLogger("distributed").setLevel(logging.ERROR)
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
-    client = distributed.Client(cluster, set_as_default=False)
-    yield client
-    client.close()
-    cluster.close()
-
-
 def test_dask_array_reduction(benchmark, ours, dask_client):
     # One collection (its random seeds are drawn when it is built), computed by all three;
     # each compute builds, optimizes and submits its graph again.

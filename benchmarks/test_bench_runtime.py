@@ -43,33 +43,6 @@ def add(a, b):
     return a + b
 
 
-@pytest.fixture(scope="module")
-def ours():
-    from taskcore import Client, LocalCluster
-
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True)
-    # Not the default dask scheduler: dask's own nannies pickle dask's config.
-    client = Client(cluster, set_as_default=False)
-    client.wait_for_workers(2, timeout=60)
-    yield client
-    client.close()
-    cluster.close()
-
-
-@pytest.fixture(scope="module")
-def dask_client():
-    distributed = pytest.importorskip("distributed", reason="pip install '.[bench]' for dask")
-    import logging
-
-    logging.getLogger("distributed").setLevel(logging.ERROR)
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=None)
-    client = distributed.Client(cluster, set_as_default=False)
-    yield client
-    client.close()
-    cluster.close()
-
-
 def _map(client, n):
     fs = client.map(inc, range(n), pure=False)
     r = client.gather(fs)
