@@ -203,6 +203,33 @@ def install_shutdown_signals(loop: asyncio.AbstractEventLoop, on_signal) -> None
             pass
 
 
+def shutdown_event(what: str = "shutting down") -> asyncio.Event:
+    """An Event set by the first SIGTERM or SIGINT (installed before start-up, so a
+    signal during start-up still ends in a clean exit)."""
+    stop = asyncio.Event()
+
+    def on_signal(sig):
+        logging.getLogger("taskcore.cli").info("received %s; %s", getattr(sig, "name", sig),
+                                               what)
+        stop.set()
+
+    install_shutdown_signals(asyncio.get_running_loop(), on_signal)
+    return stop
+
+
+def run_cli(parse_args, run, argv=None):
+    """The shared `main`: parse, set up logging, run `run(args)` on uvloop, exit with its code."""
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    import uvloop
+
+    try:
+        code = uvloop.run(run(args))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        code = 0
+    sys.exit(code)
+
+
 def remove_shutdown_signals(loop: asyncio.AbstractEventLoop) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

@@ -15,10 +15,9 @@ import logging
 import os
 import sys
 
-from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, announce,
-                                 duration_type, install_shutdown_signals, port_type,
-                                 remove_shutdown_signals, resolve_protocol, security_from_args,
-                                 setup_logging)
+from taskcore.cli.common import (add_logging_options, add_tls_options, announce, duration_type,
+                                 Parser, port_type, remove_shutdown_signals, resolve_protocol,
+                                 run_cli, security_from_args, shutdown_event)
 
 logger = logging.getLogger("taskcore.cli.scheduler")
 PROG = "core-scheduler"
@@ -79,14 +78,7 @@ async def run(args) -> int:
     from taskcore.utils import write_json_atomic
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal(sig):
-        logger.info("received %s; shutting down", getattr(sig, "name", sig))
-        stop.set()
-
-    # Installed before starting, so a signal during startup still ends in a clean exit.
-    install_shutdown_signals(loop, on_signal)
+    stop = shutdown_event("shutting down")
     kwargs = dict(host=args.host, port=args.port, protocol=args.protocol,
                   idle_timeout=args.idle_timeout)
     if args.security is not None:
@@ -151,15 +143,7 @@ def _remove_scheduler_file(path, address):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    setup_logging(args.log_level)
-    import uvloop
-
-    try:
-        code = uvloop.run(run(args))
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        code = 0
-    sys.exit(code)
+    run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import asyncio
 import logging
 import sys
 
-from taskcore.cli.common import (Parser, add_logging_options, announce, duration_type,
-                                 install_shutdown_signals, memory_limit_type, port_type,
-                                 positive_int, remove_shutdown_signals, setup_logging)
+from taskcore.cli.common import (add_logging_options, announce, duration_type, memory_limit_type,
+                                 Parser, port_type, positive_int, remove_shutdown_signals,
+                                 run_cli, shutdown_event)
 
 logger = logging.getLogger("taskcore.cli.ssh")
 PROG = "core-ssh"
@@ -110,13 +110,7 @@ async def run(args) -> int:
     from taskcore.deploy.ssh import SSHCluster
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal(sig):
-        logger.info("received %s; closing the cluster", getattr(sig, "name", sig))
-        stop.set()
-
-    install_shutdown_signals(loop, on_signal)
+    stop = shutdown_event("closing the cluster")
     stopper = asyncio.ensure_future(stop.wait())
     cluster = None
     try:
@@ -155,15 +149,7 @@ async def run(args) -> int:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    setup_logging(args.log_level)
-    import uvloop
-
-    try:
-        code = uvloop.run(run(args))
-    except KeyboardInterrupt:
-        code = 0
-    sys.exit(code)
+    run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ import json
 import logging
 import sys
 
-from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, address_type,
-                                 announce, duration_type, install_shutdown_signals,
-                                 memory_limit_type, positive_int,
+from taskcore.cli.common import (add_logging_options, add_tls_options, address_type, announce,
+                                 duration_type, memory_limit_type, Parser, positive_int,
                                  remove_shutdown_signals, resolve_protocol, resources_type,
-                                 security_from_args, setup_logging, wait_for_scheduler_file)
+                                 run_cli, security_from_args, shutdown_event,
+                                 wait_for_scheduler_file)
 
 logger = logging.getLogger("taskcore.cli.worker")
 PROG = "core-worker"
@@ -168,13 +168,7 @@ def _describe(server, nanny: bool) -> dict:
 
 async def run(args) -> int:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    def on_signal(sig):
-        logger.info("received %s; shutting down", getattr(sig, "name", sig))
-        stop.set()
-
-    install_shutdown_signals(loop, on_signal)
+    stop = shutdown_event("shutting down")
     stopper = asyncio.ensure_future(stop.wait())
     servers = []
     try:
@@ -242,15 +236,7 @@ async def _close_all(servers):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    setup_logging(args.log_level)
-    import uvloop
-
-    try:
-        code = uvloop.run(run(args))
-    except KeyboardInterrupt:
-        code = 0
-    sys.exit(code)
+    run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
