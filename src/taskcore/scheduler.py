@@ -37,7 +37,7 @@ from taskcore.core.scheduler_state import (AcquireReplicas, AddKeys, AddWorker, 
                                            UpdateGraph, WorkerHeartbeat, WorkersRetiring)
 from taskcore.core.serialize import Serialized, serialize_obj
 from taskcore.errors import CommClosedError
-from taskcore.utils import run_user_function, tune_gc
+from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
 from taskcore.transports import listen
 from taskcore.transports.addressing import parse_address, unparse_host_port
 
@@ -60,7 +60,7 @@ class _Peer:
         self.closing = False
 
 
-class Scheduler:
+class Scheduler(ServerLifecycle):
     """`Scheduler(host, port, protocol, security, idle_timeout, scheduler_file, ...)`.
 
     `await Scheduler(...).start()`, then `address`; `await close()`; `await finished()`.
@@ -113,17 +113,6 @@ class Scheduler:
     def addresses(self):
         return [lst.contact_address for lst in self.listeners]
 
-    def __await__(self):
-        return self.start().__await__()
-
-    async def __aenter__(self):
-        if self.status != "running":
-            await self.start()
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
-
     async def start(self):
         if self.status == "running":
             return self
@@ -141,15 +130,6 @@ class Scheduler:
             write_scheduler_file(self.scheduler_file, self.address)
         logger.info("scheduler at %s", ", ".join(self.addresses))
         return self
-
-    def _spawn(self, coro):
-        t = asyncio.ensure_future(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
-
-    async def finished(self):
-        await asyncio.shield(self._closed)
 
     async def close(self, reason="scheduler-close"):
         if self.status in ("closing", "closed"):

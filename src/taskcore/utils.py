@@ -451,3 +451,32 @@ async def run_user_function(payload, server, param_names):
         return ["ok", serialize_obj(result)]
     except Exception as e:
         return ["error", serialize_obj(e)]
+
+
+class ServerLifecycle:
+    """What Scheduler and Worker share: `await server`, `async with server`, `finished()`
+    and `_spawn` for background tasks that are cancelled on close.
+
+    Subclasses provide `start()`, `close()`, `status`, `_closed` (a future resolved on
+    close) and `_tasks` (a set).
+    """
+
+    def __await__(self):
+        return self.start().__await__()
+
+    async def __aenter__(self):
+        if self.status != "running":
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def finished(self):
+        await asyncio.shield(self._closed)
+
+    def _spawn(self, coro):
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t

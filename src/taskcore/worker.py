@@ -36,7 +36,7 @@ from taskcore.core.serialize import Serialized, nbytes as sizeof, serialize_obj
 from taskcore.errors import CommClosedError, HandshakeError
 from taskcore.executor import TaskExecutor, current_executor, current_task_id
 from taskcore.graph import substitute
-from taskcore.utils import run_user_function, tune_gc
+from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
 from taskcore.transports import connect, listen
 from taskcore.transports.addressing import get_address_host, parse_address, unparse_host_port
 from taskcore.utils import parse_bytes
@@ -58,7 +58,7 @@ def _memory_limit(limit, nthreads):
     return parse_bytes(limit)
 
 
-class Worker:
+class Worker(ServerLifecycle):
     """`Worker(scheduler_address, nthreads=1, memory_limit="auto", name=None, ...)`."""
 
     def __init__(self, scheduler_address=None, nthreads=1, memory_limit="auto", name=None,
@@ -132,23 +132,6 @@ class Worker:
     @property
     def address(self):
         return self.listener.contact_address if self.listener else None
-
-    def __await__(self):
-        return self.start().__await__()
-
-    async def __aenter__(self):
-        if self.status != "running":
-            await self.start()
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
-
-    def _spawn(self, coro):
-        t = asyncio.ensure_future(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
 
     async def start(self):
         if self.status == "running":
@@ -227,9 +210,6 @@ class Worker:
                 return
             except (OSError, asyncio.TimeoutError, HandshakeError, CommClosedError, ValueError):
                 await asyncio.sleep(0.2)
-
-    async def finished(self):
-        await asyncio.shield(self._closed)
 
     async def close(self, reason="worker-close", report=True, timeout=5):
         if self.status in ("closing", "closed"):
