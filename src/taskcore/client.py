@@ -460,7 +460,16 @@ class Client:
     # -- incoming messages (on the loop) -------------------------------------------
     def _handle(self, msg):
         op = msg.get("op")
-        if op == "key-in-memory":
+        if op == "keys-in-memory":
+            states = self._states
+            keys, data = msg["keys"], msg["data"]
+            if len(keys) != len(data):
+                raise ValueError("keys-in-memory: columns of different lengths")
+            for key, d in zip(keys, data):
+                st = states.get(key)
+                if st is not None:
+                    st.finish(d, d is not None, None)
+        elif op == "key-in-memory":
             st = self._states.get(msg["key"])
             if st is not None:
                 st.finish(msg.get("data"), "data" in msg, msg.get("type"))

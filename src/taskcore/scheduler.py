@@ -195,14 +195,27 @@ class Scheduler(ServerLifecycle):
         self._execute(self.state.handle_stimulus(*stimuli))
 
     def _execute(self, instructions):
+        """Carry out the state machine's instructions.
+
+        The two per-task instructions are batched per peer as columns, one
+        message each per call: `compute-tasks` to a worker and `keys-in-memory`
+        to a client. A dict per task cost more to pack and unpack than the
+        whole state-machine transition. Any other instruction first flushes
+        the open batches, so every peer still sees messages in instruction order.
+        """
         workers = self.workers
         clients = self.clients
+        inline = self._inline
+        compute = {}   # worker peer -> [ids, keys, specs, priorities, deps]
+        in_memory = {}  # client peer -> [keys, inline data or None]
         for ins in instructions:
             t = type(ins)
             if t is ComputeTask:
                 peer = workers.get(ins.worker)
-                if peer is not None:
-                    # Optional fields only when set: every field costs pack + unpack.
+                if peer is None:
+                    continue
+                if ins.resources or ins.annotations:
+                    self._flush_batches(compute, in_memory)
                     msg = {"op": "compute-task", "id": ins.task_id, "key": ins.key,
                            "spec": ins.run_spec, "priority": ins.priority,
                            "deps": ins.dependencies}
@@ -211,16 +224,30 @@ class Scheduler(ServerLifecycle):
                     if ins.annotations:
                         msg["annotations"] = ins.annotations
                     self._send(peer, msg)
-            elif t is KeyInMemory:
-                msg = {"op": "key-in-memory", "key": ins.key}
-                data = self._inline.get(ins.task_id)
-                if data is not None:
-                    msg["data"] = data
+                    continue
+                cols = compute.get(peer)
+                if cols is None:
+                    cols = compute[peer] = ([], [], [], [], [])
+                cols[0].append(ins.task_id)
+                cols[1].append(ins.key)
+                cols[2].append(ins.run_spec)
+                cols[3].append(ins.priority)
+                cols[4].append(ins.dependencies)
+                continue
+            if t is KeyInMemory:
+                data = inline.get(ins.task_id) if inline else None
                 for c in ins.clients:
                     peer = clients.get(c)
                     if peer is not None:
-                        self._send(peer, msg)
-            elif t is FreeKeys:
+                        cols = in_memory.get(peer)
+                        if cols is None:
+                            cols = in_memory[peer] = ([], [])
+                        cols[0].append(ins.key)
+                        cols[1].append(data)
+                continue
+            if compute or in_memory:
+                self._flush_batches(compute, in_memory)
+            if t is FreeKeys:
                 peer = workers.get(ins.worker)
                 if peer is not None:
                     self._send(peer, {"op": "free-keys", "ids": ins.task_ids, "keys": ins.keys})
@@ -249,6 +276,17 @@ class Scheduler(ServerLifecycle):
                 self._spawn(self._finish_retirement(list(ins.workers)))
             else:
                 logger.error("unhandled instruction %r", ins)
+        if compute or in_memory:
+            self._flush_batches(compute, in_memory)
+
+    def _flush_batches(self, compute, in_memory):
+        for peer, (ids, keys, specs, prios, deps) in compute.items():
+            self._send(peer, {"op": "compute-tasks", "ids": ids, "keys": keys, "specs": specs,
+                              "priorities": prios, "deps": deps})
+        for peer, (keys, data) in in_memory.items():
+            self._send(peer, {"op": "keys-in-memory", "keys": keys, "data": data})
+        compute.clear()
+        in_memory.clear()
 
     def _to_clients(self, clients, msg):
         for c in clients:
@@ -362,7 +400,23 @@ class Scheduler(ServerLifecycle):
     def _worker_msg(self, peer, msg):
         try:
             op = msg["op"]
-            if op == "task-finished":
+            if op == "tasks-finished":
+                ids = msg["ids"]
+                data = msg["data"]
+                if len(data) != len(ids):
+                    raise ValueError("tasks-finished: columns of different lengths")
+                inline = self._inline
+                for tid, d in zip(ids, data):
+                    if d is not None:
+                        inline[tid] = d
+                try:
+                    self._execute(self.state.tasks_finished(
+                        peer.id, ids, msg["nbytes"], msg["types"], msg["durations"],
+                        "task-finished"))
+                finally:
+                    if inline:
+                        inline.clear()
+            elif op == "task-finished":
                 tid = msg["id"]
                 data = msg.get("data")
                 if data is not None:

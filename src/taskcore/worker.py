@@ -121,6 +121,8 @@ class Worker(ServerLifecycle):
         self._client = None
         self._pending_scatter: dict = {}
         self._inline: dict = {}      # task id -> small result (Serialized) to report inline
+        self._out_finished = None    # batched reports, see _flush_out
+        self._out_released = None
         self._durations: dict = {}   # key prefix -> average run time (s), for inline runs
         self.inline_threshold = inline_threshold
         self.inline_budget = inline_budget
@@ -295,17 +297,21 @@ class Worker(ServerLifecycle):
         """
         instructions = self.state.handle_stimulus(*events)
         deadline = None
-        while True:
-            inline = self._execute(instructions)
-            if not inline:
-                return
-            results = self._run_inline(inline)
-            if deadline is None:
-                deadline = time.monotonic() + self.inline_budget
-            if time.monotonic() > deadline:
-                self.loop.call_soon(self._on_results, results)
-                return
-            instructions = self.state.handle_stimulus(*self._result_events(results))
+        try:
+            while True:
+                inline = self._execute(instructions)
+                if not inline:
+                    return
+                results = self._run_inline(inline)
+                if deadline is None:
+                    deadline = time.monotonic() + self.inline_budget
+                if time.monotonic() > deadline:
+                    self.loop.call_soon(self._on_results, results)
+                    return
+                instructions = self.state.handle_stimulus(*self._result_events(results))
+        finally:
+            if self._out_finished is not None or self._out_released is not None:
+                self._flush_out()
 
     # -- inline execution of tiny tasks -------------------------------------------------
     #
@@ -365,6 +371,7 @@ class Worker(ServerLifecycle):
         """Carry out instructions; return the Execute instructions that are to run inline."""
         send = self._send_scheduler
         inline = []  # Execute instructions to run on the loop (tiny tasks)
+        small = self._inline
         for ins in instructions:
             t = type(ins)
             if t is ws.Execute:
@@ -373,24 +380,36 @@ class Worker(ServerLifecycle):
                     inline.append((ins.id, ins.key, fn))
                 else:
                     self.executor.submit(ins.id, fn)
-            elif t is ws.TaskFinishedMsg:
-                msg = {"op": "task-finished", "id": ins.id, "nbytes": ins.nbytes,
-                       "type": ins.type_name, "duration": ins.stop - ins.start}
-                small = self._inline.pop(ins.id, None) if self._inline else None
-                if small is not None:
-                    msg["data"] = small
-                send(msg)
-            elif t is ws.TaskErredMsg:
+                continue
+            if t is ws.TaskFinishedMsg:
+                cols = self._out_finished
+                if cols is None:
+                    if self._out_released is not None:
+                        self._flush_out()       # a release before a finish stays before it
+                    cols = self._out_finished = ([], [], [], [], [])
+                cols[0].append(ins.id)
+                cols[1].append(ins.nbytes)
+                cols[2].append(ins.type_name)
+                cols[3].append(ins.stop - ins.start)
+                cols[4].append(small.pop(ins.id, None) if small else None)
+                continue
+            if t is ws.ReleaseWorkerDataMsg:
+                if self._out_released is None:
+                    self._out_released = []
+                self._out_released.append(ins.key)
+                continue
+            if t is ws.DropData:
+                self.data.pop(ins.key, None)
+                continue
+            if self._out_finished is not None or self._out_released is not None:
+                self._flush_out()
+            if t is ws.TaskErredMsg:
                 send({"op": "task-erred", "id": ins.id, "key": ins.key,
                       "exception": ins.exception, "traceback": ins.traceback})
             elif t is ws.GatherDep:
                 self._spawn(self._gather_dep(ins.worker, ins.ids, ins.keys, ins.stimulus_id))
-            elif t is ws.DropData:
-                self.data.pop(ins.key, None)
             elif t is ws.AddKeysMsg:
                 send({"op": "add-keys", "keys": [self.state.get_task(i).key for i in ins.ids]})
-            elif t is ws.ReleaseWorkerDataMsg:
-                send({"op": "release-worker-data", "keys": [ins.key]})
             elif t is ws.MissingDataMsg:
                 send({"op": "missing-data", "key": ins.key, "holder": ins.errant_worker})
             elif t is ws.StealResponseMsg:
@@ -410,6 +429,20 @@ class Worker(ServerLifecycle):
                 logger.error("unhandled worker instruction %r", ins)
         return inline
 
+    def _flush_out(self):
+        """Send the batched reports: every task finished since the last flush as
+        one `tasks-finished` message of columns, then the released keys. `_handle`
+        flushes when it returns, and `_execute` before any other message, so the
+        scheduler sees reports in the order the state machine made them."""
+        cols, released = self._out_finished, self._out_released
+        self._out_finished = self._out_released = None
+        if cols is not None:
+            ids, nbytes, types, durations, data = cols
+            self._send_scheduler({"op": "tasks-finished", "ids": ids, "nbytes": nbytes,
+                                  "types": types, "durations": durations, "data": data})
+        if released is not None:
+            self._send_scheduler({"op": "release-worker-data", "keys": released})
+
     def _retry_busy(self, worker):
         if self.status == "running":
             self._handle(ws.RetryBusyWorker(worker, "retry-busy-worker"))
@@ -418,7 +451,16 @@ class Worker(ServerLifecycle):
     def _scheduler_msg(self, msg):
         op = msg.get("op")
         try:
-            if op == "compute-task":
+            if op == "compute-tasks":
+                ids, keys, specs, prios, deps = (msg["ids"], msg["keys"], msg["specs"],
+                                                 msg["priorities"], msg["deps"])
+                n = len(ids)
+                if not (len(keys) == len(specs) == len(prios) == len(deps) == n):
+                    raise ValueError("compute-tasks: columns of different lengths")
+                CT = ws.ComputeTask
+                self._handle(*[CT(ids[i], keys[i], specs[i], prios[i], "compute-task", deps[i],
+                                  None, None) for i in range(n)])
+            elif op == "compute-task":
                 self._handle(ws.ComputeTask(msg["id"], msg["key"], msg["spec"],
                                             msg["priority"], "compute-task", msg["deps"],
                                             msg.get("resources"), msg.get("annotations")))

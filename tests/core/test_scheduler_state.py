@@ -354,6 +354,39 @@ def test_queueing_disabled_sends_everything():
     assert per == {"w1": 20, "w2": 20}
 
 
+def test_tiny_task_backlog_beyond_slots():
+    """Once a prefix is known to take microseconds, a worker holds up to
+    `tiny_task_backlog` seconds of it per thread beyond its slots; unknown or
+    slow prefixes still get only the slots."""
+    s = new_state(tiny_task_backlog=0.001)
+    add_workers(s, ("w1", 1))
+    tasks = [(f"inc-{i}", "inc", [], i) for i in range(2000)]
+    out = submit(s, tasks, [t[0] for t in tasks])
+    first = computes(out)
+    assert len(first) == 2                                # unknown duration: the slots
+    out = s.tasks_finished("w1", [c.task_id for c in first], [8, 8], ["int", "int"],
+                           [1e-6, 1e-6], "fin")
+    assert len(of(out, KeyInMemory)) == 2
+    cts = computes(out)
+    # 1 ms of 1 us tasks: ~1000 held at once, never the whole queue.
+    assert 900 <= len(cts) <= 1100, len(cts)
+    assert s.state_counts()["queued"] == 2000 - 2 - len(cts)
+    # A slow prefix only gets the slots, even on a worker open for tiny ones.
+    slow = [(f"slow-{i}", "f", [], -1) for i in range(10)]
+    assert not computes(submit(s, slow, [t[0] for t in slow], sid="ug2"))
+    s2 = new_state(tiny_task_backlog=0)                   # 0 turns it off
+    add_workers(s2, ("w1", 1))
+    out = submit(s2, tasks, [t[0] for t in tasks])
+    first = computes(out)
+    out = s2.tasks_finished("w1", [c.task_id for c in first], [8, 8], ["int", "int"],
+                            [1e-6, 1e-6], "fin")
+    assert len(computes(out)) == 2
+    with pytest.raises(ValueError, match="different lengths"):
+        s2.tasks_finished("w1", [1, 2], [8], ["int"], [0.1], "bad")
+    with pytest.raises(ValueError, match="tiny_task_backlog"):
+        new_state(tiny_task_backlog=-1)
+
+
 def test_root_tasks_wait_for_first_worker():
     s = new_state()
     out = submit(s, [("a", "f", [], 0), ("b", "f", [], 1)], ["a", "b"])

@@ -5,6 +5,7 @@ import sys
 import psutil
 import pytest
 
+from taskcore.client import Client
 from taskcore.deploy.local import LocalCluster, default_sizes
 from taskcore.testing import run
 
@@ -55,11 +56,13 @@ def test_processes_sync_start_scale_close():
         for w in cluster.workers.values():
             assert w.worker_address.startswith("tcp://127.0.0.1:")
             assert w.memory_limit == min(2**30, w.memory_limit)
+        # The scheduler runs in its own process too (scheduler_process defaults to True).
+        assert cluster.scheduler.pid in children() - pids
         cluster.scale(3)
-        assert len(cluster.workers) == 3 and len(children() - before) == 3
+        assert len(cluster.workers) == 3 and len(children() - before) == 4
         cluster.scale(1)
         assert sorted(cluster.workers) == [0]
-        assert len(children() - before) == 1
+        assert len(children() - before) == 2
         cluster.wait_for_workers(1, timeout=10)
         r = repr(cluster)
         assert "LocalCluster(" in r and "workers=1" in r and "threads=1" in r
@@ -70,6 +73,22 @@ def test_processes_sync_start_scale_close():
     assert children() - before == set()
 
 
+def test_scheduler_in_this_process_on_request():
+    real_servers()
+    from taskcore.scheduler import Scheduler
+
+    before = children()
+    with LocalCluster(n_workers=1, threads_per_worker=1, scheduler_process=False,
+                      memory_limit=None) as cluster:
+        assert isinstance(cluster.scheduler, Scheduler)
+        assert len(children() - before) == 1          # the worker only
+        with Client(cluster) as client:
+            assert client.submit(lambda x: x + 1, 1).result() == 2
+    assert children() - before == set()
+    with pytest.raises(ValueError, match="scheduler_process"):
+        LocalCluster(processes=False, scheduler_process=True)
+
+
 def test_processes_with_plain_worker_processes():
     real_servers()
     before = children()
@@ -78,7 +97,7 @@ def test_processes_with_plain_worker_processes():
         (w,) = cluster.workers.values()
         assert w.address.startswith("tcp://") and w.pid in children()
         cluster.scale(2)
-        assert len(children() - before) == 2
+        assert len(children() - before) == 3      # two workers and the scheduler
     assert children() - before == set()
 
 

@@ -142,7 +142,8 @@ cdef class WorkerState:
     # Root-task slots: ceil(nthreads * worker_saturation), at least 1.
     cdef readonly Py_ssize_t slots
     cdef int status                         # WorkerStatus
-    # Invariant: _is_idle <=> status == RUNNING and n_processing < slots
+    # Invariant: _is_idle <=> SchedulerState._is_open(self) (running, and a
+    # slot free or only a tiny backlog of known-short tasks)
     #            <=> SchedulerState._idle[_idle_pos] is ws
     cdef bint _is_idle
     cdef Py_ssize_t _idle_pos               # index in SchedulerState._idle, or -1
@@ -443,6 +444,9 @@ cdef class SchedulerState:
     cdef readonly double steal_ratio
     cdef readonly Py_ssize_t transition_log_length
     cdef bint _queuing                      # worker_saturation is finite
+    # Seconds of learned work per thread a worker may hold beyond its slots
+    # (see SchedulerState._is_open); 0 turns the allowance off.
+    cdef readonly double tiny_task_backlog
 
     # tasks: the key -> id mapping is the only place keys are hashed
     cdef readonly dict tasks                # key -> TaskState
@@ -513,6 +517,8 @@ cdef class SchedulerState:
     # fast paths (also reached through handle_stimulus)
     cpdef list task_finished(self, str worker, object task_id, int64_t nbytes=*,
                              object typename=*, double duration=*, str stimulus_id=*)
+    cpdef list tasks_finished(self, str worker, list task_ids, list nbytes, list typenames,
+                              list durations, str stimulus_id=*)
     cpdef list task_erred(self, str worker, object task_id, object exception,
                           object traceback=*, str stimulus_id=*)
 
@@ -573,6 +579,7 @@ cdef class SchedulerState:
     cdef void _compact_root_heap(self)
     cdef int _add_to_processing(self, TaskState ts, WorkerState ws) except -1
     cdef WorkerState _exit_processing(self, TaskState ts)
+    cdef bint _is_open(self, WorkerState ws) noexcept
     cdef void _update_idle(self, WorkerState ws) noexcept
     cdef void _add_replica(self, TaskState ts, WorkerState ws) noexcept
     cdef void _remove_replica(self, TaskState ts, WorkerState ws) noexcept

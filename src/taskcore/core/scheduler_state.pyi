@@ -327,6 +327,7 @@ class SchedulerState:
     validate: bool
     allowed_failures: int
     worker_saturation: float
+    tiny_task_backlog: float
     bandwidth: float
     unknown_task_duration: float
     work_stealing: bool
@@ -346,10 +347,14 @@ class SchedulerState:
         work_stealing: bool = True,
         steal_ratio: float = 1.0,
         transition_log_length: int = 100_000,
+        tiny_task_backlog: float = 0.002,
     ) -> None: ...
     def handle_stimulus(self, *stimuli: Stimulus) -> list[Instruction]: ...
     def task_finished(self, worker: str, task_id: int, nbytes: int = 0, typename: Any = None,
                       duration: float = -1.0, stimulus_id: str = "") -> list[Instruction]: ...
+    def tasks_finished(self, worker: str, task_ids: list[int], nbytes: list[int],
+                       typenames: list[Any], durations: list[float],
+                       stimulus_id: str = "") -> list[Instruction]: ...
     def task_erred(self, worker: str, task_id: int, exception: Any, traceback: Any = None,
                    stimulus_id: str = "") -> list[Instruction]: ...
     def task_long_running(self, worker: str, task_id: int,

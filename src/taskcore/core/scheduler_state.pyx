@@ -882,6 +882,10 @@ cdef inline bint _is_active(int state) noexcept:
         or state == TS_PROCESSING
 
 
+# Hard cap on the tiny-task allowance, per thread, whatever the durations say.
+cdef Py_ssize_t _TINY_MAX_EXTRA = 4096
+
+
 cdef int _t_released_waiting(SchedulerState s, TaskState ts) except -1:
     """The task is needed: hold its dependencies and compute the missing ones."""
     cdef list deps = ts.dependencies
@@ -1250,18 +1254,22 @@ cdef class SchedulerState:
     def __init__(self, *, bint validate=False, int allowed_failures=3,
                  double worker_saturation=1.1, double bandwidth=100e6,
                  double unknown_task_duration=0.5, bint work_stealing=True,
-                 double steal_ratio=1.0, Py_ssize_t transition_log_length=100_000):
+                 double steal_ratio=1.0, Py_ssize_t transition_log_length=100_000,
+                 double tiny_task_backlog=0.002):
         cdef int i
         if worker_saturation <= 0:
             raise ValueError("worker_saturation must be > 0 (inf disables queueing)")
         if bandwidth <= 0:
             raise ValueError("bandwidth must be > 0")
+        if tiny_task_backlog < 0:
+            raise ValueError("tiny_task_backlog must be >= 0 (0 disables it)")
         if transition_log_length < 1:
             raise ValueError("transition_log_length must be >= 1")
         self.validate = validate
         self.allowed_failures = allowed_failures
         self.worker_saturation = worker_saturation
         self._queuing = not isinf(worker_saturation)
+        self.tiny_task_backlog = tiny_task_backlog
         self.bandwidth = bandwidth
         self.unknown_task_duration = unknown_task_duration
         self.work_stealing = work_stealing
@@ -1397,6 +1405,30 @@ cdef class SchedulerState:
                 self._task_finished(<WorkerState>wobj, <TaskState>tobj, nbytes, typename,
                                     duration)
         # else: the worker was removed; its report is stale and its data gone.
+        return self._end()
+
+    cpdef list tasks_finished(self, str worker, list task_ids, list nbytes, list typenames,
+                              list durations, str stimulus_id=""):
+        """Batch of ``task_finished``: one stimulus for every task a worker
+        reported in one message (columns of equal length), one instruction list."""
+        cdef PyObject* wobj
+        cdef PyObject* tobj
+        cdef Py_ssize_t i, n = len(task_ids)
+        cdef WorkerState ws
+        if len(nbytes) != n or len(typenames) != n or len(durations) != n:
+            raise ValueError("tasks_finished: columns of different lengths")
+        self._begin(stimulus_id)
+        wobj = PyDict_GetItem(self.workers, worker)
+        if wobj != NULL:
+            ws = <WorkerState>wobj
+            for i in range(n):
+                tid = task_ids[i]
+                tobj = PyDict_GetItem(self._by_id, tid)
+                if tobj == NULL:
+                    self._emit_unknown_free(ws, tid, None)
+                else:
+                    self._task_finished(ws, <TaskState>tobj, nbytes[i], typenames[i],
+                                        durations[i])
         return self._end()
 
     def task_long_running(self, str worker, object task_id, str stimulus_id="long-running"):
@@ -2623,7 +2655,7 @@ cdef class SchedulerState:
             valid = fit
         if self._queuing and not ts.dependencies:
             # Restricted root tasks respect the slots too.
-            fit = [w for w in valid if (<WorkerState>w).n_processing < (<WorkerState>w).slots]
+            fit = [w for w in valid if self._is_open(<WorkerState>w)]
             if not fit:
                 return TS_QUEUED
             valid = fit
@@ -2724,8 +2756,7 @@ cdef class SchedulerState:
             for name, amount in ts.resources.items():
                 ws.used_resources[name] = ws.used_resources.get(name, 0.0) + amount
         ts.state = TS_PROCESSING
-        if ws._is_idle and ws.n_processing >= ws.slots:
-            self._update_idle(ws)
+        self._update_idle(ws)
         self._emit_to_worker(ws, _compute_task(ts, ws, self._stimulus_id))
         return 0
 
@@ -2751,14 +2782,27 @@ cdef class SchedulerState:
             ts._seceded = False
             ws.n_long_running -= 1
             ws.slots -= 1                           # the seceded task gave its slot back
-            if ws._is_idle and ws.n_processing >= ws.slots:
-                self._update_idle(ws)
-        if not ws._is_idle and ws.status == WS_RUNNING and ws.n_processing < ws.slots:
-            self._update_idle(ws)
+        self._update_idle(ws)
         return ws
 
+    cdef inline bint _is_open(self, WorkerState ws) noexcept:
+        """May this worker take another root task?  Below its slots, yes.
+        Beyond them, only while its processing work is known to be tiny: the
+        learned durations of what it holds add up to less than
+        ``tiny_task_backlog`` seconds per thread (an unknown duration counts
+        as ``unknown_task_duration``, so this never applies to new prefixes).
+        Two slots per worker would make a stream of microsecond tasks wait a
+        scheduler round trip each (~13k/s on 2 workers); a ~2 ms backlog keeps
+        memory bounded just the same, since tiny tasks make small results."""
+        if ws.status != WS_RUNNING:
+            return False
+        if ws.n_processing < ws.slots:
+            return True
+        return (ws.occupancy < self.tiny_task_backlog * ws.nthreads
+                and ws.n_processing < ws.slots + _TINY_MAX_EXTRA * ws.nthreads)
+
     cdef void _update_idle(self, WorkerState ws) noexcept:
-        cdef bint idle = ws.status == WS_RUNNING and ws.n_processing < ws.slots
+        cdef bint idle = self._is_open(ws)
         if idle == ws._is_idle:
             return
         cdef WorkerState last
@@ -3039,7 +3083,7 @@ cdef class SchedulerState:
                     f"{ws.address}: has_what mismatch for {ts.key!r}"
                 nb += ts.nbytes
             assert nb == ws.nbytes, f"{ws.address}: nbytes {ws.nbytes} != {nb}"
-            assert ws._is_idle == (ws.status == WS_RUNNING and ws.n_processing < ws.slots)
+            assert ws._is_idle == self._is_open(ws)
             assert ws._is_idle == (ws._idle_pos >= 0)
             if ws._is_idle:
                 assert <object>self._idle[ws._idle_pos] is ws

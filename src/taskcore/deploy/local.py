@@ -66,7 +66,7 @@ class LocalCluster(SpecCluster):
                  worker_class: str | type = "nanny", scheduler_kwargs: dict | None = None,
                  env: dict | None = None, log_level: str = "warning",
                  shutdown_on_close: bool = True, worker_groups: dict | None = None,
-                 **worker_kwargs):
+                 scheduler_process: bool | None = None, **worker_kwargs):
         if protocol is None:
             protocol = "tcp" if processes else "inproc"
             if security is not None and getattr(security, "enabled", False) and processes:
@@ -102,6 +102,15 @@ class LocalCluster(SpecCluster):
         if security is not None:
             sched_opts.setdefault("security", security)
         scheduler = {"cls": Scheduler, "options": sched_opts}
+        if scheduler_process is None:
+            scheduler_process = processes
+        if scheduler_process and not processes:
+            raise ValueError("scheduler_process=True needs processes=True")
+        if scheduler_process and not detached:
+            from taskcore.deploy.process import SchedulerProcess
+
+            scheduler = {"cls": SchedulerProcess,
+                         "options": dict(sched_opts, log_level=log_level)}
 
         opts = dict(nthreads=threads, memory_limit=self.memory_limit, **worker_kwargs)
         if security is not None:
