@@ -306,9 +306,10 @@ class Worker(ServerLifecycle):
                 if deadline is None:
                     deadline = time.monotonic() + self.inline_budget
                 if time.monotonic() > deadline:
-                    self.loop.call_soon(self._on_results, results)
+                    self.loop.call_soon(self._on_inline_results, results)
                     return
-                instructions = self.state.handle_stimulus(*self._result_events(results))
+                event = self._result_event
+                instructions = self.state.handle_stimulus(*[event(*r) for r in results])
         finally:
             if self._out_finished is not None or self._out_released is not None:
                 self._flush_out()
@@ -346,20 +347,34 @@ class Worker(ServerLifecycle):
             self._durations[p] = avg * 0.8 + duration * 0.2
 
     def _run_inline(self, inline):
+        """Run tiny tasks (Execute instructions) here on the loop; return their
+        results as (id, key, ok, value, start, stop). One pass for the whole list: the thread-local flags are
+        set once, and no closure is built per task (this loop is the per-task
+        cost of a stream of microsecond tasks)."""
         results = []
         now = time.time
-        for tid, key, fn in inline:
-            _task_local.inline = True
-            start = now()
-            try:
-                r = (tid, True, fn(), start, now())
-            except BaseException as e:  # noqa: B902 - the task's error is its result
-                r = (tid, False, e, start, now())
-            _task_local.inline = False
-            if getattr(_task_local, "interacted", False):
-                _task_local.interacted = False
-                self._durations[self._prefix(key)] = _NEVER_INLINE
-            results.append(r)
+        local = _task_local
+        local.inline = True
+        local.worker = self
+        local.interacted = False
+        try:
+            for ins in inline:
+                key = ins.key
+                start = now()
+                try:
+                    value = self._run_spec(key, ins.run_spec)
+                    ok = True
+                except BaseException as e:  # noqa: B902 - the task's error is its result
+                    value = e
+                    ok = False
+                stop = now()
+                if local.interacted:
+                    local.interacted = False
+                    self._durations[self._prefix(key)] = _NEVER_INLINE
+                results.append((ins.id, key, ok, value, start, stop))
+        finally:
+            local.inline = False
+            local.worker = None
         return results
 
     def _send_scheduler(self, msg):
@@ -375,11 +390,10 @@ class Worker(ServerLifecycle):
         for ins in instructions:
             t = type(ins)
             if t is ws.Execute:
-                fn = self._task_callable(ins.id, ins.key, ins.run_spec)
                 if self._inline_ok(ins.key):
-                    inline.append((ins.id, ins.key, fn))
+                    inline.append(ins)
                 else:
-                    self.executor.submit(ins.id, fn)
+                    self.executor.submit(ins.id, self._task_callable(ins.key, ins.run_spec))
                 continue
             if t is ws.TaskFinishedMsg:
                 cols = self._out_finished
@@ -505,73 +519,80 @@ class Worker(ServerLifecycle):
             return f
         return fser.deserialize()
 
-    def _task_callable(self, tid, key, spec):
-        data = self.data
-        worker = self
-
-        def run():
-            _task_local.worker = worker
+    def _run_spec(self, key, spec):
+        """Run one task's spec here (the caller sets `_task_local.worker`)."""
+        kind = spec[0]
+        if kind == "call":
             try:
-                kind = spec[0]
-                if kind == "call":
-                    try:
-                        func = worker._function(spec[1])
-                        args, kwargs = spec[2], spec[3]
-                        if isinstance(args, Serialized):
-                            args, kwargs = args.deserialize()
-                            args = substitute(args, data)
-                            if kwargs:
-                                kwargs = substitute(kwargs, data)
-                    except Exception as e:
-                        raise _DeserializeError(
-                            f"could not deserialize task {key!r} on worker {worker.address}: "
-                            f"{type(e).__name__}: {e}") from e
-                    return func(*args, **kwargs) if kwargs else func(*args)
-                if kind == "dask":
-                    from taskcore.dask_integration import execute_dask_node
+                func = self._function(spec[1])
+                args, kwargs = spec[2], spec[3]
+                if isinstance(args, Serialized):
+                    args, kwargs = args.deserialize()
+                    args = substitute(args, self.data)
+                    if kwargs:
+                        kwargs = substitute(kwargs, self.data)
+            except Exception as e:
+                raise _DeserializeError(
+                    f"could not deserialize task {key!r} on worker {self.address}: "
+                    f"{type(e).__name__}: {e}") from e
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if kind == "dask":
+            from taskcore.dask_integration import execute_dask_node
 
-                    return execute_dask_node(spec[1], data)
-                raise ValueError(f"unknown run spec kind {kind!r} for task {key!r}")
+            return execute_dask_node(spec[1], self.data)
+        raise ValueError(f"unknown run spec kind {kind!r} for task {key!r}")
+
+    def _task_callable(self, key, spec):
+        """A callable for a task thread."""
+        def run():
+            _task_local.worker = self
+            try:
+                return self._run_spec(key, spec)
             finally:
                 _task_local.worker = None
 
         return run
 
     def _on_results(self, results):
-        """Results from task threads (or deferred inline ones), on the loop."""
+        """Results from task threads, on the loop: (tid, ok, value, start, stop)."""
         if self.status in ("closing", "closed"):
             return
-        self._handle(*self._result_events(results))
-
-    def _result_events(self, results):
         events = []
+        get_task = self.state.get_task
         for tid, ok, value, start, stop in results:
-            ts = self.state.get_task(tid)
-            if ts is None:
-                continue
-            key = ts.key
-            if ok:
-                t = type(value)
-                try:
-                    nb = 28 if t is int or t is float else sizeof(value)
-                except Exception:
-                    nb = 1024
-                if nb <= self.inline_result_bytes:
-                    try:
-                        s = serialize_obj(value)
-                    except Exception as e:
-                        events.append(self._failure(tid, key, TypeError(
-                            f"the result of task {key!r} (type {t.__name__}) cannot be "
-                            f"serialized: {e}"), start, stop))
-                        continue
-                    if s.nbytes <= self.inline_result_bytes:
-                        self._inline[tid] = s
-                self.data[key] = value
-                events.append(ws.ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute"))
-            else:
-                events.append(self._failure(tid, key, value, start, stop))
-            self._record_duration(key, stop - start)
-        return events
+            ts = get_task(tid)
+            if ts is not None:
+                events.append(self._result_event(tid, ts.key, ok, value, start, stop))
+        self._handle(*events)
+
+    def _on_inline_results(self, results):
+        """Deferred results of inline tasks (the inline budget ran out): like
+        thread results, a task released meanwhile is dropped."""
+        if self.status in ("closing", "closed"):
+            return
+        get_task = self.state.get_task
+        self._handle(*[self._result_event(*r) for r in results if get_task(r[0]) is not None])
+
+    def _result_event(self, tid, key, ok, value, start, stop):
+        self._record_duration(key, stop - start)
+        if not ok:
+            return self._failure(tid, key, value, start, stop)
+        t = type(value)
+        try:
+            nb = 28 if t is int or t is float else sizeof(value)
+        except Exception:
+            nb = 1024
+        if nb <= self.inline_result_bytes:
+            try:
+                s = serialize_obj(value)
+            except Exception as e:
+                return self._failure(tid, key, TypeError(
+                    f"the result of task {key!r} (type {t.__name__}) cannot be "
+                    f"serialized: {e}"), start, stop)
+            if s.nbytes <= self.inline_result_bytes:
+                self._inline[tid] = s
+        self.data[key] = value
+        return ws.ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
 
     def _failure(self, tid, key, exc, start, stop):
         text = "".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__))
