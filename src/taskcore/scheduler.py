@@ -27,9 +27,10 @@ import time
 import uuid
 
 from taskcore.core.scheduler_state import (AcquireReplicas, AddKeys, AddWorker, BalanceTick,
+                                           batch_instructions,
                                            Cancel, ClientReleasesKeys, ClientRemoved,
                                            ClientWantsKeys, ComputeTask, FreeKeys, KeyForgotten,
-                                           KeyInMemory, KeyLost, MissingData,
+                                           KeyLost, MissingData,
                                            ReleaseWorkerData, RemoveWorker, Retry,
                                            RetireWorkers, SchedulerState, StealRequest,
                                            StealResponse, TaskCancelled,
@@ -197,25 +198,22 @@ class Scheduler(ServerLifecycle):
     def _execute(self, instructions):
         """Carry out the state machine's instructions.
 
-        The two per-task instructions are batched per peer as columns, one
-        message each per call: `compute-tasks` to a worker and `keys-in-memory`
-        to a client. A dict per task cost more to pack and unpack than the
-        whole state-machine transition. Any other instruction first flushes
-        the open batches, so every peer still sees messages in instruction order.
+        The two per-task instructions go out batched per peer as columns,
+        `compute-tasks` to a worker and `keys-in-memory` to a client, grouped in
+        Cython by `batch_instructions` (order kept: a run of them is flushed
+        before the next other instruction). A dict per task cost more to pack and
+        unpack than the state-machine transition that made it.
         """
         workers = self.workers
         clients = self.clients
-        inline = self._inline
-        compute = {}   # worker peer -> [ids, keys, specs, priorities, deps]
-        in_memory = {}  # client peer -> [keys, inline data or None]
-        for ins in instructions:
+        for ins in batch_instructions(instructions):
             t = type(ins)
-            if t is ComputeTask:
+            if t is tuple:
+                self._send_batches(*ins)
+                continue
+            if t is ComputeTask:  # with resources or annotations: on its own
                 peer = workers.get(ins.worker)
-                if peer is None:
-                    continue
-                if ins.resources or ins.annotations:
-                    self._flush_batches(compute, in_memory)
+                if peer is not None:
                     msg = {"op": "compute-task", "id": ins.task_id, "key": ins.key,
                            "spec": ins.run_spec, "priority": ins.priority,
                            "deps": ins.dependencies}
@@ -224,30 +222,7 @@ class Scheduler(ServerLifecycle):
                     if ins.annotations:
                         msg["annotations"] = ins.annotations
                     self._send(peer, msg)
-                    continue
-                cols = compute.get(peer)
-                if cols is None:
-                    cols = compute[peer] = ([], [], [], [], [])
-                cols[0].append(ins.task_id)
-                cols[1].append(ins.key)
-                cols[2].append(ins.run_spec)
-                cols[3].append(ins.priority)
-                cols[4].append(ins.dependencies)
-                continue
-            if t is KeyInMemory:
-                data = inline.get(ins.task_id) if inline else None
-                for c in ins.clients:
-                    peer = clients.get(c)
-                    if peer is not None:
-                        cols = in_memory.get(peer)
-                        if cols is None:
-                            cols = in_memory[peer] = ([], [])
-                        cols[0].append(ins.key)
-                        cols[1].append(data)
-                continue
-            if compute or in_memory:
-                self._flush_batches(compute, in_memory)
-            if t is FreeKeys:
+            elif t is FreeKeys:
                 peer = workers.get(ins.worker)
                 if peer is not None:
                     self._send(peer, {"op": "free-keys", "ids": ins.task_ids, "keys": ins.keys})
@@ -276,17 +251,20 @@ class Scheduler(ServerLifecycle):
                 self._spawn(self._finish_retirement(list(ins.workers)))
             else:
                 logger.error("unhandled instruction %r", ins)
-        if compute or in_memory:
-            self._flush_batches(compute, in_memory)
 
-    def _flush_batches(self, compute, in_memory):
-        for peer, (ids, keys, specs, prios, deps) in compute.items():
-            self._send(peer, {"op": "compute-tasks", "ids": ids, "keys": keys, "specs": specs,
-                              "priorities": prios, "deps": deps})
-        for peer, (keys, data) in in_memory.items():
-            self._send(peer, {"op": "keys-in-memory", "keys": keys, "data": data})
-        compute.clear()
-        in_memory.clear()
+    def _send_batches(self, compute, in_memory):
+        for addr, (ids, keys, specs, prios, deps) in compute.items():
+            peer = self.workers.get(addr)
+            if peer is not None:
+                self._send(peer, {"op": "compute-tasks", "ids": ids, "keys": keys,
+                                  "specs": specs, "priorities": prios, "deps": deps})
+        if in_memory:
+            inline = self._inline
+            for cid, (keys, tids) in in_memory.items():
+                peer = self.clients.get(cid)
+                if peer is not None:
+                    data = [inline.get(t) for t in tids] if inline else [None] * len(tids)
+                    self._send(peer, {"op": "keys-in-memory", "keys": keys, "data": data})
 
     def _to_clients(self, clients, msg):
         for c in clients:
@@ -526,6 +504,14 @@ class Scheduler(ServerLifecycle):
                 self._send(peer, {"op": "reply", "reqid": reqid, "error": serialize_obj(e)})
 
     def _update_graph(self, client, msg):
+        records = msg["tasks"]
+        if [r[3] for r in records].count(None) == len(records):
+            # No per-task options (the common case): the records
+            # [key, spec, deps, None] go to the state machine as they are.
+            self._handle(UpdateGraph(client, records, msg["wanted"],
+                                     priority=int(msg.get("priority", 0)),
+                                     stimulus_id=f"update-graph-{next(self._stim)}"))
+            return
         tasks = []
         workers = {}
         aow = set()

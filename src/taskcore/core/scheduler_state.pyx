@@ -1169,6 +1169,77 @@ cdef void _init_table() noexcept:
 _init_table()
 
 
+def batch_instructions(list instructions):
+    """Group the per-task instructions for the wire, keeping the order.
+
+    Returns a list whose items are either an instruction to carry out on its
+    own, or a pair ``(compute, in_memory)`` that stands for a run of
+    consecutive ``ComputeTask`` (without resources or annotations) and
+    ``KeyInMemory`` instructions:
+
+    * ``compute``: {worker address: [ids, keys, run specs, priorities, deps]},
+      the columns of one ``compute-tasks`` message; priorities as [p0, p1, p2]
+      and dependencies as [[dep id, dep key, nbytes, [holders]], ...] (lists,
+      which msgpack decodes natively; tuples would cost an ext hook each);
+    * ``in_memory``: {client id: [keys, task ids]}.
+
+    This is the server's per-task send loop, done on typed fields here: in
+    Python it cost more than the transitions that made the instructions.
+    """
+    cdef list out = []
+    cdef dict compute = None
+    cdef dict in_memory = None
+    cdef list cols, deps
+    cdef ComputeTask ct
+    cdef KeyInMemory km
+    cdef PyObject* found
+    for obj in instructions:
+        if type(obj) is ComputeTask:
+            ct = <ComputeTask>obj
+            if ct.resources or ct.annotations:
+                compute = None
+                out.append(obj)
+                continue
+            if compute is None:
+                compute = {}
+                in_memory = {}
+                out.append((compute, in_memory))
+            found = PyDict_GetItem(compute, ct.worker)
+            if found == NULL:
+                cols = [[], [], [], [], []]
+                compute[ct.worker] = cols
+            else:
+                cols = <list>found
+            (<list>cols[0]).append(ct.task_id)
+            (<list>cols[1]).append(ct.key)
+            (<list>cols[2]).append(ct.run_spec)
+            (<list>cols[3]).append([ct._p0, ct._p1, ct._p2])
+            if ct.dependencies:
+                deps = [[d[0], d[1], d[2], list(d[3])] for d in ct.dependencies]
+            else:
+                deps = []
+            (<list>cols[4]).append(deps)
+        elif type(obj) is KeyInMemory:
+            km = <KeyInMemory>obj
+            if compute is None:
+                compute = {}
+                in_memory = {}
+                out.append((compute, in_memory))
+            for c in km.clients:
+                found = PyDict_GetItem(in_memory, c)
+                if found == NULL:
+                    cols = [[], []]
+                    in_memory[c] = cols
+                else:
+                    cols = <list>found
+                (<list>cols[0]).append(km.key)
+                (<list>cols[1]).append(km.task_id)
+        else:
+            compute = None
+            out.append(obj)
+    return out
+
+
 def transition_table():
     """The legal (start, finish) pairs as names, and the ones routed via released."""
     direct = sorted((_NAMES[a], _NAMES[b]) for a in range(N_TASK_STATES)
