@@ -153,13 +153,6 @@ def _replace_futures(obj, deps):
     return obj
 
 
-def _is_native_flat(args):
-    for a in args:
-        if type(a) not in _NATIVE:
-            return False
-    return True
-
-
 class Client:
     """Connect to a taskcore scheduler and run work on its cluster.
 
@@ -426,8 +419,27 @@ class Client:
                 msgs.append({"op": "release-keys", "keys": release})
         if self.comm is None or self.comm.closed:
             return
+        send = self.comm.send
+        # Consecutive single-task update-graphs without options (a loop of
+        # submit calls) go out as one graph: one scheduler stimulus instead of
+        # one per task. The order of the records keeps their relative priority.
+        graph = None
         for m in msgs:
-            self.comm.send(m)
+            if (m.get("op") == "update-graph" and len(m) == 3 and len(m["tasks"]) == 1
+                    and m["tasks"][0][3] is None):
+                if graph is None:
+                    graph = {"op": "update-graph", "tasks": list(m["tasks"]),
+                             "wanted": list(m["wanted"])}
+                else:
+                    graph["tasks"] += m["tasks"]
+                    graph["wanted"] += m["wanted"]
+                continue
+            if graph is not None:
+                send(graph)
+                graph = None
+            send(m)
+        if graph is not None:
+            send(graph)
 
     # -- reference counting ----------------------------------------------------------
     def _inc_ref(self, key):
@@ -437,6 +449,20 @@ class Client:
             if st is None:
                 st = self._states[key] = FutureState(key, self.loop)
             return st
+
+    def _inc_refs(self, keys):
+        """`_inc_ref` for many keys under one lock acquisition; returns their states."""
+        out = []
+        append = out.append
+        refcount, states, loop = self._refcount, self._states, self.loop
+        with self._lock:
+            for key in keys:
+                refcount[key] = refcount.get(key, 0) + 1
+                st = states.get(key)
+                if st is None:
+                    st = states[key] = FutureState(key, loop)
+                append(st)
+        return out
 
     def _dec_ref(self, key):
         with self._lock:
@@ -550,12 +576,33 @@ class Client:
     def _make_task(self, func, args, kwargs, key, pure, fser=None, ftok=None):
         """One task record: [key, run_spec, dependency keys, options]."""
         if key is None:
-            ftok = ftok or _func_token(func)
-            tok = _tokenize(ftok, args, kwargs) if pure else self._unique()
+            if pure:
+                tok = _tokenize(ftok or _func_token(func), args, kwargs)
+            else:
+                tok = self._unique()
             key = f"{_funcname(func)}-{tok}"
         fser = fser or self._serialized_function(func)
-        if not kwargs and _is_native_flat(args):
-            return key, ["call", fser, list(args), None], []
+        if not kwargs:
+            # Flat arguments of msgpack-native values and Futures need no pickling:
+            # a Future's slot carries its key, and `refs` lists those slots.
+            refs = None
+            for i, a in enumerate(args):
+                t = type(a)
+                if t is Future:
+                    if refs is None:
+                        refs = []
+                    refs.append(i)
+                elif t not in _NATIVE:
+                    break
+            else:
+                if refs is None:
+                    return key, ["call", fser, list(args), None], []
+                lst = list(args)
+                deps = []
+                for i in refs:
+                    lst[i] = k = lst[i].key
+                    deps.append(k)
+                return key, ["call", fser, lst, None, refs], deps
         deps = []
         args2 = _replace_futures(args, deps)
         kwargs2 = _replace_futures(kwargs, deps) if kwargs else None
@@ -583,7 +630,8 @@ class Client:
 
     def _submit_tasks(self, records, wanted_keys):
         """Send task records; return futures for wanted_keys (refs taken first)."""
-        futures = [Future(k, self) for k in wanted_keys]
+        states = self._inc_refs(wanted_keys)
+        futures = [Future(k, self, st) for k, st in zip(wanted_keys, states)]
         self._send_threadsafe({"op": "update-graph", "tasks": records, "wanted": list(wanted_keys)})
         return futures
 

@@ -136,11 +136,14 @@ class Future:
     __slots__ = ("key", "client", "_state", "_released", "__weakref__")
 
     def __init__(self, key, client=None, state=None):
-        from taskcore.client import default_client
+        if client is None:
+            from taskcore.client import default_client
 
+            client = default_client()
         self.key = key
-        self.client = client if client is not None else default_client()
-        self._state = state if state is not None else self.client._inc_ref(key)
+        self.client = client
+        # `state` given: the caller already took this Future's reference (_inc_refs).
+        self._state = state if state is not None else client._inc_ref(key)
         self._released = False
 
     # -- status ---------------------------------------------------------------

@@ -7,6 +7,10 @@ client builds it, the worker executes it:
         func is a Serialized function (shared by every task of a map, so it is
         pickled once), args is a list of msgpack-native values or a Serialized
         (args, kwargs) tuple in which dependencies appear as TaskRef(key).
+    ["call", func, args, None, refs]
+        flat msgpack-native args in which the slots listed in refs hold the
+        keys of dependencies, replaced by their values before the call (the
+        common `submit(f, future, 1)` costs no pickling).
     ["dask", node]
         node is a Serialized dask task-spec node (`dask._task_spec`); it is
         called with a {key: value} mapping of its dependencies.

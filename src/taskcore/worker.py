@@ -531,6 +531,11 @@ class Worker(ServerLifecycle):
                     args = substitute(args, self.data)
                     if kwargs:
                         kwargs = substitute(kwargs, self.data)
+                elif len(spec) > 4:                 # flat args; these slots hold keys
+                    args = list(args)
+                    data = self.data
+                    for i in spec[4]:
+                        args[i] = data[args[i]]
             except Exception as e:
                 raise _DeserializeError(
                     f"could not deserialize task {key!r} on worker {self.address}: "

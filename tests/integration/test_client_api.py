@@ -66,6 +66,30 @@ def test_submit_map_gather():
     client_test(t)
 
 
+def test_run_spec_forms_and_merged_submits():
+    """Flat args with Futures travel unpickled (slots hold keys, listed in refs);
+    anything else is pickled with TaskRefs. A burst of submits, which the client
+    sends as one merged graph, keeps every result and dependency right."""
+    async def t(c, s, ws):
+        f = c.submit(inc, 1)
+        key, spec, deps = c._make_task(add, (f, 2), None, None, False)
+        assert spec[2] == [f.key, 2] and spec[4] == [0] and deps == [f.key]
+        key, spec, deps = c._make_task(add, (f, f), None, None, False)
+        assert spec[2] == [f.key, f.key] and spec[4] == [0, 1] and deps == [f.key, f.key]
+        key, spec, deps = c._make_task(sum, ([f, 1],), None, None, False)
+        assert len(spec) == 4 and deps == [f.key]          # nested: pickled
+        assert await c.submit(add, f, f) == 4
+        x = c.submit(inc, 0)
+        chain = [x]
+        for _ in range(200):
+            chain.append(c.submit(add, chain[-1], 1, pure=False))
+        both = c.submit(add, chain[100], chain[-1], pure=False)
+        assert await both == 101 + 201
+        assert await c.gather(chain) == list(range(1, 202))
+
+    client_test(t)
+
+
 def test_pure_keys_dedup_and_explicit_key():
     async def t(c, s, ws):
         a = c.submit(inc, 10)
