@@ -440,6 +440,9 @@ class Client:
             send(m)
         if graph is not None:
             send(graph)
+        # This runs as a plain loop callback: write now rather than one more
+        # loop iteration later (a sync submit -> result round trip waits on it).
+        self.comm.flush()
 
     # -- reference counting ----------------------------------------------------------
     def _inc_ref(self, key):

@@ -40,6 +40,7 @@ cdef class StreamProtocol:
     cdef void _protocol_error(self, exc)
     cdef void _wake_all(self)
     cpdef send(self, msg)
+    cpdef flush(self)
     cdef int _flush(self) except -1
     cdef object _dumps_each(self, list batch)
     cdef int _write_frames(self, list frames) except -1

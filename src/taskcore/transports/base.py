@@ -53,6 +53,9 @@ class Comm(abc.ABC):
     @abc.abstractmethod
     def send(self, msg): ...
 
+    def flush(self):
+        """Write what `send` queued now (optional; comms batch per tick anyway)."""
+
     @abc.abstractmethod
     async def close(self): ...
 

@@ -95,6 +95,10 @@ class InprocComm:
             self.flush_scheduled = True
             self.loop.call_soon(self._flush)
 
+    def flush(self):
+        if self.flush_scheduled:
+            self._flush()
+
     async def write(self, msg):
         self.send(msg)
 
