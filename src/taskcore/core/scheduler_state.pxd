@@ -447,6 +447,7 @@ cdef class SchedulerState:
     # Seconds of learned work per thread a worker may hold beyond its slots
     # (see SchedulerState._is_open); 0 turns the allowance off.
     cdef readonly double tiny_task_backlog
+    cdef WorkerState _last_root             # co-assignment of roots (see _decide)
 
     # tasks: the key -> id mapping is the only place keys are hashed
     cdef readonly dict tasks                # key -> TaskState

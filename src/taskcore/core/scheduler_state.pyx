@@ -2674,9 +2674,16 @@ cdef class SchedulerState:
             # priority order; _fill_slots (end of stimulus) places them.
             if not self._filling:
                 return TS_QUEUED
-            ws = self._best_idle()
-            if ws is None:
-                return TS_QUEUED
+            # Co-assignment: consecutive roots (in priority order, so usually
+            # neighbours in the graph, e.g. the two inputs of one reduction
+            # step) stay on one worker while it is open, instead of
+            # alternating workers and making every sibling pair a transfer.
+            ws = self._last_root
+            if ws is None or not ws._is_idle:
+                ws = self._best_idle()
+                if ws is None:
+                    return TS_QUEUED
+                self._last_root = ws
             self._decided = ws
             return TS_PROCESSING
         if not self._running:

@@ -1627,7 +1627,8 @@ cdef class WorkerState:
         if st == S_MEMORY:
             self.memory_bytes -= ts.nbytes
             self._instructions.append(_mk_drop(ts, self._stim))
-            self._instructions.append(ReleaseWorkerDataMsg(ts.id, ts.key, self._stim))
+            if not ts.free_requested:               # our own decision: tell the scheduler
+                self._instructions.append(ReleaseWorkerDataMsg(ts.id, ts.key, self._stim))
         elif st == S_MISSING:
             self._missing.discard(ts)
         ts.waiting_count = 0
@@ -2149,9 +2150,11 @@ cdef class WorkerState:
             self._log_event(ts, E_FREE)
             ts.replica_wanted = False
             ts.scatter_pending = False
+            # The scheduler asked: it already dropped this replica, so releasing
+            # it sends no ReleaseWorkerDataMsg back (see _t_release).
+            ts.free_requested = True
             if ts.dependents:
                 # something here still needs it: release when the last one lets go
-                ts.free_requested = True
                 self._log_event(ts, E_FREE_DEFERRED)
             else:
                 self._push_rec(ts, S_RELEASED)
