@@ -497,11 +497,10 @@ class Client:
             for key, d in zip(keys, data):
                 st = states.get(key)
                 if st is not None:
-                    st.finish(d, d is not None, None)
-        elif op == "key-in-memory":
-            st = self._states.get(msg["key"])
-            if st is not None:
-                st.finish(msg.get("data"), "data" in msg, msg.get("type"))
+                    if type(d) is list:      # a msgpack-native result, as [value]
+                        st.finish(d[0], True, None)
+                    else:                    # Serialized, or None: fetch from a worker
+                        st.finish(d, d is not None, None)
         elif op == "task-erred":
             st = self._states.get(msg["key"])
             if st is not None:

@@ -394,18 +394,6 @@ class Scheduler(ServerLifecycle):
                 finally:
                     if inline:
                         inline.clear()
-            elif op == "task-finished":
-                tid = msg["id"]
-                data = msg.get("data")
-                if data is not None:
-                    self._inline[tid] = data
-                try:
-                    self._execute(self.state.task_finished(
-                        peer.id, tid, msg.get("nbytes", 0), msg.get("type"),
-                        msg.get("duration", -1.0), msg.get("stimulus_id", "task-finished")))
-                finally:
-                    if data is not None:
-                        self._inline.pop(tid, None)
             elif op == "task-erred":
                 self._execute(self.state.task_erred(
                     peer.id, msg["id"], msg.get("exception"), msg.get("traceback"),

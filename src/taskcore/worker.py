@@ -44,6 +44,8 @@ from taskcore.utils import parse_bytes
 logger = logging.getLogger("taskcore.worker")
 
 _NATIVE = (int, float, str, bytes, bool, type(None))
+_I64 = 1 << 63
+_U64 = 1 << 64
 _task_local = threading.local()  # .worker: the Worker whose task runs on this thread
 _NEVER_INLINE = float("inf")
 
@@ -587,6 +589,13 @@ class Worker(ServerLifecycle):
             nb = 28 if t is int or t is float else sizeof(value)
         except Exception:
             nb = 1024
+        if t is int or t is float or t is bool or value is None:
+            # msgpack-native scalars ride along as [value]: no pickling here, no
+            # ext hook at the client. (Huge ints do not fit msgpack; pickle those.)
+            if t is not int or -_I64 <= value < _U64:
+                self._inline[tid] = [value]
+                self.data[key] = value
+                return ws.ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
         if nb <= self.inline_result_bytes:
             try:
                 s = serialize_obj(value)
