@@ -91,9 +91,10 @@ class Driver:
             for addr, ws in s.workers.items():
                 roots = [t for t in ws.processing if not t.dependencies]
                 # Beyond the slots only through the tiny-task backlog (learned
-                # durations below tiny_task_backlog per thread), and never unbounded.
+                # durations below tiny_task_backlog per thread) and sibling roots
+                # (at most one per root placed in a slot), never unbounded.
                 extra = 0 if s.tiny_task_backlog == 0 else 4096 * ws.nthreads
-                assert len(roots) <= ws.slots + extra, (addr, len(roots), ws.slots)
+                assert len(roots) <= 2 * ws.slots + extra, (addr, len(roots), ws.slots)
                 used, total = {}, ws.resources
                 for t in ws.processing:
                     for k, v in (t.resource_restrictions or {}).items():

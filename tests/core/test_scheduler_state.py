@@ -387,6 +387,26 @@ def test_tiny_task_backlog_beyond_slots():
         new_state(tiny_task_backlog=-1)
 
 
+def test_sibling_roots_go_to_one_worker():
+    """Two roots feeding one dependent are placed together even with one slot per
+    worker, so the dependent needs no transfer; unrelated roots still spread."""
+    s = new_state(worker_saturation=1.0)
+    add_workers(s, ("w1", 1), ("w2", 1))
+    tasks = [(f"a-{i}", "f", [], i) for i in range(4)]
+    tasks += [("d-0", "g", ["a-0", "a-1"], 10), ("d-1", "g", ["a-2", "a-3"], 11)]
+    out = submit(s, tasks, ["d-0", "d-1"])
+    where = {c.key: c.worker for c in computes(out)}
+    assert set(where) == {"a-0", "a-1", "a-2", "a-3"}
+    assert where["a-0"] == where["a-1"] and where["a-2"] == where["a-3"]
+    assert where["a-0"] != where["a-2"]
+    # Lone roots (no shared dependent) keep to the slots.
+    s2 = new_state(worker_saturation=1.0)
+    add_workers(s2, ("w1", 1), ("w2", 1))
+    lone = [(f"b-{i}", "f", [], i) for i in range(4)]
+    out = submit(s2, lone, [t[0] for t in lone])
+    assert sorted(c.worker for c in computes(out)) == ["w1", "w2"]
+
+
 def test_root_tasks_wait_for_first_worker():
     s = new_state()
     out = submit(s, [("a", "f", [], 0), ("b", "f", [], 1)], ["a", "b"])

@@ -448,6 +448,7 @@ cdef class SchedulerState:
     # (see SchedulerState._is_open); 0 turns the allowance off.
     cdef readonly double tiny_task_backlog
     cdef WorkerState _last_root             # co-assignment of roots (see _decide)
+    cdef WorkerState _sibling_to            # set while _place_sibling places a root
 
     # tasks: the key -> id mapping is the only place keys are hashed
     cdef readonly dict tasks                # key -> TaskState
@@ -581,6 +582,7 @@ cdef class SchedulerState:
     cdef int _add_to_processing(self, TaskState ts, WorkerState ws) except -1
     cdef WorkerState _exit_processing(self, TaskState ts)
     cdef bint _is_open(self, WorkerState ws) noexcept
+    cdef int _place_sibling(self, TaskState ts) except -1
     cdef void _update_idle(self, WorkerState ws) noexcept
     cdef void _add_replica(self, TaskState ts, WorkerState ws) noexcept
     cdef void _remove_replica(self, TaskState ts, WorkerState ws) noexcept

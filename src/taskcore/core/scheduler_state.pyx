@@ -882,6 +882,20 @@ cdef inline bint _is_active(int state) noexcept:
         or state == TS_PROCESSING
 
 
+cdef bint _share_dependent(TaskState a, TaskState b):
+    """Do a and b have a dependent in common?  (Bounded: first 8 of each.)"""
+    cdef Py_ssize_t i, j, na = len(a.dependents), nb = len(b.dependents)
+    if na > 8:
+        na = 8
+    if nb > 8:
+        nb = 8
+    for i in range(na):
+        for j in range(nb):
+            if a.dependents[i] is b.dependents[j]:
+                return True
+    return False
+
+
 # Hard cap on the tiny-task allowance, per thread, whatever the durations say.
 cdef Py_ssize_t _TINY_MAX_EXTRA = 4096
 
@@ -1750,6 +1764,8 @@ cdef class SchedulerState:
                     self._root_heap.push_back(k)
                     push_heap(self._root_heap.begin(), self._root_heap.end(), _QUEUE_ORDER)
                     break
+                if ts.state == TS_PROCESSING:
+                    self._place_sibling(ts)
         finally:
             self._filling = False
         if self._constrained_dirty:
@@ -2610,6 +2626,39 @@ cdef class SchedulerState:
                 if dts.n_waiting_on == 0:
                     self._rec(dts, TS_PROCESSING)
 
+    cdef int _place_sibling(self, TaskState ts) except -1:
+        """The next queued root goes with ``ts`` when the two feed a common
+        dependent (e.g. blocks (i, j) and (j, i) of ``x + x.T``, or the two
+        inputs of a reduction step): one root beyond the slots, so that
+        dependent needs no transfer. Otherwise refills alternate workers and
+        split nearly every such pair."""
+        cdef QueueKey k
+        cdef PyObject* found
+        cdef TaskState nxt
+        cdef WorkerState ws = ts.processing_on
+        if not ts.dependents or self._n_root_queued == 0:
+            return 0
+        while not self._root_heap.empty():
+            k = self._root_heap.front()
+            found = PyDict_GetItem(self._by_id, k.second.second)
+            if found != NULL:
+                nxt = <TaskState>found
+                if nxt.state == TS_QUEUED and not nxt._in_constrained:
+                    break
+            # stale entry at the top: drop it
+            pop_heap(self._root_heap.begin(), self._root_heap.end(), _QUEUE_ORDER)
+            self._root_heap.pop_back()
+        else:
+            return 0
+        if not nxt.dependents or not _share_dependent(ts, nxt):
+            return 0
+        pop_heap(self._root_heap.begin(), self._root_heap.end(), _QUEUE_ORDER)
+        self._root_heap.pop_back()
+        self._sibling_to = ws
+        self._transition(nxt, TS_PROCESSING)
+        self._sibling_to = None
+        return 0
+
     cdef int _dispatch(self, TaskState ts) except -1:
         """Place a ready task: processing, or the outcome queued / no-worker."""
         cdef int outcome = self._decide(ts)
@@ -2679,7 +2728,9 @@ cdef class SchedulerState:
             # step) stay on one worker while it is open, instead of
             # alternating workers and making every sibling pair a transfer.
             ws = self._last_root
-            if ws is None or not ws._is_idle:
+            if self._sibling_to is not None:
+                ws = self._sibling_to            # see _place_sibling
+            elif ws is None or not ws._is_idle:
                 ws = self._best_idle()
                 if ws is None:
                     return TS_QUEUED
