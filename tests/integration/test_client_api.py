@@ -90,6 +90,34 @@ def test_run_spec_forms_and_merged_submits():
     client_test(t)
 
 
+def test_malformed_task_columns_are_dropped_not_fatal(caplog):
+    """A peer registered as a worker that sends hot-path messages with columns of
+    different lengths, or of the wrong types, only gets them logged and dropped: the
+    scheduler, the real workers and the client carry on."""
+    from taskcore.transports import connect
+
+    async def t(c, s, ws):
+        comm = await connect(s.address, role="worker")
+        comm.send({"op": "register-worker", "address": "tcp://127.0.0.1:1", "nthreads": 1,
+                   "name": "impostor"})
+        assert (await comm.read())["op"] == "registered"
+        comm.send({"op": "tasks-finished", "ids": [1, 2], "nbytes": [8], "types": ["int"],
+                   "durations": [0.1], "data": [None, None]})
+        comm.send({"op": "tasks-finished", "ids": "nope", "nbytes": 3, "types": None,
+                   "durations": [], "data": []})
+        await asyncio.sleep(0.2)
+        assert "tcp://127.0.0.1:1" in s.workers           # still connected
+        await comm.close()                                 # it would never run tasks
+        while "tcp://127.0.0.1:1" in s.workers:
+            await asyncio.sleep(0.01)
+        assert await c.gather(c.map(inc, range(100), pure=False)) == list(range(1, 101))
+        assert s.status == "running"
+
+    with caplog.at_level("ERROR", logger="taskcore"):
+        client_test(t)
+    assert "columns of different lengths" in caplog.text
+
+
 def test_pure_keys_dedup_and_explicit_key():
     async def t(c, s, ws):
         a = c.submit(inc, 10)
