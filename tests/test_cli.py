@@ -44,6 +44,8 @@ def run_cli(args, timeout=30):
     (WORKER + ["tcp://127.0.0.1:8786", "--log-level", "loud"], ["log level"]),
     (SCHED + ["--port", "99999"], ["out of range"]),
     (SCHED + ["--idle-timeout", "whenever"], ["duration"]),
+    (SCHED + ["--allowed-failures", "-1"], ["--allowed-failures", ">= 0"]),
+    (SCHED + ["--allowed-failures", "few"], ["--allowed-failures", "invalid int"]),
     (SCHED + ["--protocol", "carrier-pigeon"], ["invalid choice"]),
     (SCHED + ["--tls-ca-file", "/no/such/ca.pem", "--tls-cert", "/x", "--tls-key", "/y"],
      ["does not exist"]),
@@ -105,6 +107,8 @@ def test_scheduler_defaults():
     a = cli_scheduler.parse_args([])
     assert a.port == 8786 and a.host == "127.0.0.1" and a.protocol == "tcp"
     assert a.scheduler_file is None and a.idle_timeout is None
+    assert a.allowed_failures is None            # the Scheduler's default (2)
+    assert cli_scheduler.parse_args(["--allowed-failures", "0"]).allowed_failures == 0
 
 
 def test_wait_for_scheduler_file(tmp_path):

@@ -70,7 +70,7 @@ class Scheduler(ServerLifecycle):
     def __init__(self, host="127.0.0.1", port=0, protocol="tcp", security=None,
                  idle_timeout=None, scheduler_file=None, listen_addresses=None,
                  worker_ttl=60.0, heartbeat_interval=0.5, balance_interval=0.1,
-                 allowed_failures=3, validate=False, worker_saturation=1.1, token=None,
+                 allowed_failures=2, validate=False, worker_saturation=1.1, token=None,
                  inline_result_bytes=16_384, name=None, **kwargs):
         if listen_addresses is None:
             if protocol == "inproc":

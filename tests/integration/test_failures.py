@@ -115,12 +115,12 @@ def _suicide():
 
 def test_task_that_kills_workers_becomes_killed_worker(procs):
     addr = procs.scheduler()
-    for _ in range(4):  # allowed_failures=3: the 4th death ends it
+    for _ in range(3):  # allowed_failures=2 (default): the 3rd death ends it
         procs.worker(addr)
 
     async def main():
         async with Client(addr, asynchronous=True) as c:
-            await c._rpc("wait_for_workers", n=4, timeout=20)
+            await c._rpc("wait_for_workers", n=3, timeout=20)
             f = c.submit(_suicide)
             with pytest.raises(KilledWorker):
                 await asyncio.wait_for(f._result(), 60)

@@ -38,6 +38,9 @@ def build_parser() -> Parser:
                    help="write {\"address\": ...} JSON here once listening")
     p.add_argument("--idle-timeout", type=duration_type, default=None, metavar="DURATION",
                    help="exit after this long without clients or work, like 1h")
+    p.add_argument("--allowed-failures", type=int, default=None, metavar="N",
+                   help="a task that was running on N+1 workers that died errs with "
+                        "KilledWorker (default 2: the third death)")
     # Other Scheduler keyword arguments as a JSON object (set by launchers such as SSHCluster's
     # scheduler_options=; not for people).
     p.add_argument("--scheduler-options", default=None, help=argparse.SUPPRESS)
@@ -53,6 +56,8 @@ def parse_args(argv=None):
     args.protocol = resolve_protocol(parser, args.protocol, args.security)
     if args.host and args.interface:
         parser.error("give --host or --interface, not both")
+    if args.allowed_failures is not None and args.allowed_failures < 0:
+        parser.error(f"--allowed-failures must be >= 0, got {args.allowed_failures}")
     if args.interface:
         from taskcore.utils import get_ip_interface
 
@@ -83,6 +88,8 @@ async def run(args) -> int:
                   idle_timeout=args.idle_timeout)
     if args.security is not None:
         kwargs["security"] = args.security
+    if args.allowed_failures is not None:
+        kwargs["allowed_failures"] = args.allowed_failures
     kwargs.update(getattr(args, "extra", None) or {})
     try:
         scheduler = Scheduler(**kwargs)

@@ -340,7 +340,7 @@ class SchedulerState:
         self,
         *,
         validate: bool = False,
-        allowed_failures: int = 3,
+        allowed_failures: int = 2,
         worker_saturation: float = 1.1,
         bandwidth: float = 100e6,
         unknown_task_duration: float = 0.5,

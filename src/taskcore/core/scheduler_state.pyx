@@ -1336,7 +1336,7 @@ cdef inline str _key_prefix(object key):
 cdef class SchedulerState:
     """The scheduler's task-state machine.  See the module docstring."""
 
-    def __init__(self, *, bint validate=False, int allowed_failures=3,
+    def __init__(self, *, bint validate=False, int allowed_failures=2,
                  double worker_saturation=1.1, double bandwidth=100e6,
                  double unknown_task_duration=0.5, bint work_stealing=True,
                  double steal_ratio=1.0, Py_ssize_t transition_log_length=100_000,
