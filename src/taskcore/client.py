@@ -188,7 +188,6 @@ class Client:
         self._outbox: list = []
         self._outbox_scheduled = False
         self._release_pending: list = []
-        self._release_timer = False      # a delayed flush of releases is armed
         self._reqids = itertools.count(1)
         self._uid = uuid.uuid4().hex[:12]
         self._counter = itertools.count()
@@ -331,11 +330,33 @@ class Client:
             return self._close()
         if self._runner is None:
             return
+        if self._runner.in_loop_thread():
+            # On the loop's own thread (the last reference dropped by a loop callback,
+            # so __del__ runs here): waiting on the loop would deadlock, so abort.
+            self._abort_on_loop()
+            return
         try:
             self._runner.run_sync(self._close, timeout=timeout or self.timeout)
         finally:
             self._runner.release()
             self._runner = None
+
+    def _abort_on_loop(self):
+        """Close without waiting, on the loop thread: drop the connections at once and
+        let go of the loop (its thread stops by itself if no other client uses it)."""
+        global _default_client
+        self.status = "closed"
+        for comm in self._worker_comms.values():
+            comm.abort()
+        self._worker_comms.clear()
+        if self.comm is not None:
+            self.comm.abort()
+        with _default_lock:
+            if _default_client is self:
+                _default_client = None
+        self._restore_dask_scheduler()
+        runner, self._runner = self._runner, None
+        runner.release()
 
     async def _close(self, fast=False):
         global _default_client
@@ -454,20 +475,6 @@ class Client:
                 st = self._states[key] = FutureState(key, self.loop)
             return st
 
-    def _inc_refs(self, keys):
-        """`_inc_ref` for many keys under one lock acquisition; returns their states."""
-        out = []
-        append = out.append
-        refcount, states, loop = self._refcount, self._states, self.loop
-        with self._lock:
-            for key in keys:
-                refcount[key] = refcount.get(key, 0) + 1
-                st = states.get(key)
-                if st is None:
-                    st = states[key] = FutureState(key, loop)
-                append(st)
-        return out
-
     def _dec_ref(self, key):
         with self._lock:
             n = self._refcount.get(key, 0) - 1
@@ -479,31 +486,13 @@ class Client:
                 self._states.pop(key, None)
                 return
             self._release_pending.append(key)
-            # Releases wait up to RELEASE_DELAY for other traffic to ride with (the
-            # next submit of a loop, usually) instead of costing a message, and a
-            # wake-up of every process on the way, each.
-            if self._outbox_scheduled or self._release_timer:
+            if self._outbox_scheduled:
                 return
-            self._release_timer = True
+            self._outbox_scheduled = True
         try:
-            if self._in_loop():
-                self._arm_release_timer()
-            else:
-                self.loop.call_soon_threadsafe(self._arm_release_timer)
+            self.loop.call_soon_threadsafe(self._flush_outbox)
         except RuntimeError:  # loop closed during interpreter shutdown
             pass
-
-    RELEASE_DELAY = 0.02
-
-    def _arm_release_timer(self):
-        self.loop.call_later(self.RELEASE_DELAY, self._release_timer_fired)
-
-    def _release_timer_fired(self):
-        with self._lock:
-            self._release_timer = False
-            if self._outbox_scheduled or not self._release_pending:
-                return                    # gone out with other messages meanwhile
-        self._flush_outbox()
 
     # -- incoming messages (on the loop) -------------------------------------------
     def _handle(self, msg):
@@ -650,10 +639,33 @@ class Client:
         return opts or None
 
     def _submit_tasks(self, records, wanted_keys):
-        """Send task records; return futures for wanted_keys (refs taken first)."""
-        states = self._inc_refs(wanted_keys)
+        """Send task records; return futures for wanted_keys.
+
+        The references are taken and the message queued under one acquisition of
+        the client's lock (a `for` loop of `submit` pays for each acquisition, and
+        the loop thread takes the same lock)."""
+        if self.status == "closed":
+            raise RuntimeError("this client is closed")
+        msg = {"op": "update-graph", "tasks": records, "wanted": list(wanted_keys)}
+        states = []
+        append = states.append
+        refcount, known, loop = self._refcount, self._states, self.loop
+        with self._lock:
+            for key in wanted_keys:
+                refcount[key] = refcount.get(key, 0) + 1
+                st = known.get(key)
+                if st is None:
+                    st = known[key] = FutureState(key, loop)
+                append(st)
+            self._outbox.append(msg)
+            schedule = not self._outbox_scheduled
+            self._outbox_scheduled = True
         futures = [Future(k, self, st) for k, st in zip(wanted_keys, states)]
-        self._send_threadsafe({"op": "update-graph", "tasks": records, "wanted": list(wanted_keys)})
+        if schedule:
+            if self._in_loop():
+                loop.call_soon(self._flush_outbox)
+            else:
+                loop.call_soon_threadsafe(self._flush_outbox)
         return futures
 
     # -- public API: submitting --------------------------------------------------------
@@ -665,11 +677,13 @@ class Client:
             raise TypeError(f"First argument to submit must be callable, got {func!r}")
         if actor or actors:
             raise NotImplementedError("actors are not supported by taskcore")
+        explicit = key is not None
         key, spec, deps = self._make_task(func, args, kwargs, key, pure)
-        with self._lock:
-            existing = key in self._states
-        if existing:
-            return Future(key, self)
+        if pure or explicit:                 # pure=False keys are new by construction
+            with self._lock:
+                existing = key in self._states
+            if existing:
+                return Future(key, self)
         opts = self._task_options(workers, resources, retries, priority, allow_other_workers)
         return self._submit_tasks([[key, spec, deps, opts]], [key])[0]
 

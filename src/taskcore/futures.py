@@ -142,7 +142,7 @@ class Future:
             client = default_client()
         self.key = key
         self.client = client
-        # `state` given: the caller already took this Future's reference (_inc_refs).
+        # `state` given: the caller already took this Future's reference (_submit_tasks).
         self._state = state if state is not None else client._inc_ref(key)
         self._released = False
 

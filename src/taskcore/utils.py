@@ -320,6 +320,10 @@ class LoopRunner:
                 LoopRunner._shared_refs = 0
         self.stop()
 
+    def in_loop_thread(self) -> bool:
+        """Is the caller running on this runner's loop thread?"""
+        return self._thread is not None and threading.current_thread() is self._thread
+
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
