@@ -188,6 +188,7 @@ class Client:
         self._outbox: list = []
         self._outbox_scheduled = False
         self._release_pending: list = []
+        self._release_timer = False      # a delayed flush of releases is armed
         self._reqids = itertools.count(1)
         self._uid = uuid.uuid4().hex[:12]
         self._counter = itertools.count()
@@ -486,13 +487,31 @@ class Client:
                 self._states.pop(key, None)
                 return
             self._release_pending.append(key)
-            if self._outbox_scheduled:
+            # Releases wait up to RELEASE_DELAY for other traffic to ride with (the
+            # next submit of a loop, usually) instead of costing a message, and a
+            # wake-up of every process on the way, each.
+            if self._outbox_scheduled or self._release_timer:
                 return
-            self._outbox_scheduled = True
+            self._release_timer = True
         try:
-            self.loop.call_soon_threadsafe(self._flush_outbox)
+            # Always through call_soon_threadsafe, even on the loop's own thread:
+            # this runs from Future.__del__, i.e. wherever a garbage collection
+            # happens, possibly inside the event loop's own C code.
+            self.loop.call_soon_threadsafe(self._arm_release_timer)
         except RuntimeError:  # loop closed during interpreter shutdown
             pass
+
+    RELEASE_DELAY = 0.02
+
+    def _arm_release_timer(self):
+        self.loop.call_later(self.RELEASE_DELAY, self._release_timer_fired)
+
+    def _release_timer_fired(self):
+        with self._lock:
+            self._release_timer = False
+            if self._outbox_scheduled or not self._release_pending:
+                return                    # gone out with other messages meanwhile
+        self._flush_outbox()
 
     # -- incoming messages (on the loop) -------------------------------------------
     def _handle(self, msg):

@@ -236,10 +236,16 @@ class Worker(ServerLifecycle):
         if self.executor is not None:
             self.executor.shutdown()
         if self._client is not None:
+            # get_client()'s Client is synchronous: its connections live on the shared
+            # loop thread, so close it through its own API from a helper thread. (Its
+            # _close() run here touched that loop's transports from this thread,
+            # which crashed libuv now and then.)
             try:
-                await self._client._close()
+                await asyncio.wait_for(
+                    self.loop.run_in_executor(None, self._client.close, 5), 10)
             except Exception:
                 pass
+            self._client = None
         for t in list(self._tasks):
             t.cancel()
         self.status = "closed"

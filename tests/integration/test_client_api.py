@@ -405,6 +405,33 @@ def test_get_client_secede_rejoin_inside_tasks():
     client_test(t, n_workers=1, nthreads=1)
 
 
+def test_worker_closes_the_client_its_tasks_used():
+    """get_client() inside a task makes a synchronous Client on the shared loop thread;
+    the worker closes it through its own API when it closes (its connections are not
+    touched from the worker's loop) and gives its share of the loop back."""
+    from taskcore.utils import LoopRunner
+
+    def uses_client(x):
+        from taskcore.worker import get_client, secede
+        f = get_client().submit(inc, x)
+        secede()                      # the inner task needs this worker's only thread
+        return f.result()
+
+    refs_before = LoopRunner._shared_refs if LoopRunner._shared is not None else 0
+
+    async def t(c, s, ws):
+        assert await c.submit(uses_client, 1, pure=False) == 2
+        (w,) = ws
+        inner = w._client
+        assert inner is not None and inner.status == "running"
+        await w.close()
+        assert inner.status == "closed" and w._client is None
+
+    client_test(t, n_workers=1)
+    refs_after = LoopRunner._shared_refs if LoopRunner._shared is not None else 0
+    assert refs_after == refs_before
+
+
 def test_future_callbacks_and_sync_result_from_thread():
     async def t(c, s, ws):
         got = []
