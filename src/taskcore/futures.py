@@ -20,6 +20,7 @@ from taskcore.errors import CancelledError, FutureLostError
 
 PENDING, FINISHED, ERROR, CANCELLED, LOST = "pending", "finished", "error", "cancelled", "lost"
 _event_lock = threading.Lock()
+_allocate_lock = threading.Lock
 
 
 class RemoteTraceback(Exception):
@@ -47,7 +48,7 @@ class FutureState:
         self.exception = None
         self.traceback = None
         self.type = None
-        self._event = None        # threading.Event, created only if a thread waits
+        self._event = None        # locks of threads blocked in wait_sync, if any
         self._waiters = None
         self.callbacks = None
 
@@ -56,9 +57,11 @@ class FutureState:
 
     def _set(self, status):
         self.status = status
-        ev = self._event
-        if ev is not None:
-            ev.set()
+        if self._event is not None:
+            with _event_lock:
+                locks, self._event = self._event, None
+            for lock in locks:
+                lock.release()
         if self._waiters:
             for w in self._waiters:
                 if not w.done():
@@ -96,8 +99,6 @@ class FutureState:
         self.has_data = False
         self.exception = None
         self.traceback = None
-        if self._event is not None:
-            self._event.clear()
 
     async def wait(self):
         """Wait on the client's loop."""
@@ -109,16 +110,27 @@ class FutureState:
             await w
 
     def wait_sync(self, timeout=None):
-        """Wait from any thread (the loop thread must not call this)."""
+        """Wait from any thread (the loop thread must not call this).
+
+        Each waiting thread blocks on a lock of its own that `_set` releases: one C
+        lock instead of a threading.Event (a Condition and its Python code on both
+        sides), which shows in a submit -> result round trip."""
         if self.status != PENDING:
             return True
-        if self._event is None:
-            with _event_lock:
-                if self._event is None:
-                    self._event = threading.Event()
-            if self.status != PENDING:  # finished before the event existed
+        lock = _allocate_lock()
+        lock.acquire()
+        with _event_lock:
+            if self.status != PENDING:  # finished meanwhile: nobody would release us
                 return True
-        return self._event.wait(timeout)
+            if self._event is None:
+                self._event = []
+            self._event.append(lock)
+        if lock.acquire(True, -1 if timeout is None else max(timeout, 0)):
+            return True
+        with _event_lock:               # timed out: withdraw
+            if self._event is not None and lock in self._event:
+                self._event.remove(lock)
+        return self.status != PENDING
 
     def add_callback(self, cb):
         """cb(state) runs on the client's loop once the state is done."""

@@ -493,6 +493,19 @@ def test_sync_client_api():
             assert set(c.nthreads()) == {w.address for w in holder["ws"]}
             assert c.has_what()
             assert c.wait_for_workers(2, timeout=5) == 2
+            # result(timeout) from several threads at once: a timeout withdraws only
+            # that waiter; the others wake when the result lands.
+            slow = c.submit(slowinc, 1, 0.5, pure=False)
+            with pytest.raises(TimeoutError):
+                slow.result(timeout=0.05)
+            got = []
+            waiters = [threading.Thread(target=lambda: got.append(slow.result(timeout=10)))
+                       for _ in range(3)]
+            for t in waiters:
+                t.start()
+            for t in waiters:
+                t.join(15)
+            assert got == [2, 2, 2] and slow.result() == 2
             with pytest.raises(MyError):
                 c.submit(fail, 1).result()
             assert isinstance(c.submit(fail, 2).exception(), MyError)
