@@ -407,6 +407,25 @@ def test_sibling_roots_go_to_one_worker():
     assert sorted(c.worker for c in computes(out)) == ["w1", "w2"]
 
 
+def test_root_joins_its_sibling_beyond_the_slots():
+    """A root whose sibling (another input of its dependent) runs on a full worker goes
+    there anyway, by at most its slots again, rather than to whichever worker freed a
+    slot: the dependent then needs no transfer."""
+    s = new_state(worker_saturation=1.0)
+    add_workers(s, ("w1", 1), ("w2", 1))
+    tasks = [(f"a-{i}", "f", [], i) for i in range(4)]
+    tasks += [("d-0", "g", ["a-0", "a-2"], 10), ("d-1", "g", ["a-1", "a-3"], 11)]
+    out = submit(s, tasks, ["d-0", "d-1"])
+    first = {c.key: c for c in computes(out)}
+    assert set(first) == {"a-0", "a-1"}
+    assert first["a-0"].worker != first["a-1"].worker
+    w_a0, w_a1 = first["a-0"].worker, first["a-1"].worker
+    out = finish(s, first["a-1"])                 # a slot frees on a-1's worker ...
+    placed = {c.key: c.worker for c in computes(out)}
+    assert placed["a-2"] == w_a0                  # ... but a-2 joins a-0, its sibling
+    assert placed.get("a-3", w_a1) == w_a1        # a-3 joins a-1 (in memory there)
+
+
 def test_root_tasks_wait_for_first_worker():
     s = new_state()
     out = submit(s, [("a", "f", [], 0), ("b", "f", [], 1)], ["a", "b"])

@@ -882,6 +882,40 @@ cdef inline bint _is_active(int state) noexcept:
         or state == TS_PROCESSING
 
 
+cdef WorkerState _sibling_home(TaskState ts):
+    """A worker that holds or runs a sibling of root ``ts`` (another input of one
+    of its dependents) and may take ``ts``, or None.  Bounded: 4 dependents x 8
+    inputs."""
+    cdef Py_ssize_t i, j, ni, nj
+    cdef TaskState d, dep
+    cdef WorkerState ws
+    if not ts.dependents:
+        return None
+    ni = min(len(ts.dependents), 4)
+    for i in range(ni):
+        d = <TaskState>ts.dependents[i]
+        if not d.dependencies:
+            continue
+        nj = min(len(d.dependencies), 8)
+        for j in range(nj):
+            dep = <TaskState>d.dependencies[j]
+            if dep is ts:
+                continue
+            if dep.state == TS_PROCESSING:
+                ws = dep.processing_on
+            elif dep.state == TS_MEMORY:
+                ws = dep.holder
+            else:
+                continue
+            # Open, or full by less than its slots again: a root may join its
+            # sibling beyond the slots (as in _place_sibling), so the dependent
+            # needs no transfer; never more than 2 x slots.
+            if ws is not None and (ws._is_idle or (ws.status == WS_RUNNING and
+                                                   ws.n_processing < 2 * ws.slots)):
+                return ws
+    return None
+
+
 cdef bint _share_dependent(TaskState a, TaskState b):
     """Do a and b have a dependent in common?  (Bounded: first 8 of each.)"""
     cdef Py_ssize_t i, j, na = len(a.dependents), nb = len(b.dependents)
@@ -2730,6 +2764,8 @@ cdef class SchedulerState:
             ws = self._last_root
             if self._sibling_to is not None:
                 ws = self._sibling_to            # see _place_sibling
+            elif (sib := _sibling_home(ts)) is not None:
+                ws = sib                         # where a sibling already went
             elif ws is None or not ws._is_idle:
                 ws = self._best_idle()
                 if ws is None:
