@@ -45,6 +45,7 @@ def run_cli(args, timeout=30):
     (SCHED + ["--port", "99999"], ["out of range"]),
     (SCHED + ["--idle-timeout", "whenever"], ["duration"]),
     (SCHED + ["--allowed-failures", "-1"], ["--allowed-failures", ">= 0"]),
+    (SCHED + ["--scheduler-options", '{"bogus": 1}'], ["unknown options", "bogus"]),
     (SCHED + ["--allowed-failures", "few"], ["--allowed-failures", "invalid int"]),
     (SCHED + ["--protocol", "carrier-pigeon"], ["invalid choice"]),
     (SCHED + ["--tls-ca-file", "/no/such/ca.pem", "--tls-cert", "/x", "--tls-key", "/y"],

@@ -71,7 +71,9 @@ class Scheduler(ServerLifecycle):
                  idle_timeout=None, scheduler_file=None, listen_addresses=None,
                  worker_ttl=60.0, heartbeat_interval=0.5, balance_interval=0.1,
                  allowed_failures=2, validate=False, worker_saturation=1.1, token=None,
-                 inline_result_bytes=16_384, name=None, **kwargs):
+                 inline_result_bytes=16_384, name=None, tiny_task_backlog=0.002, **kwargs):
+        if kwargs:
+            raise TypeError(f"Scheduler got unknown options: {sorted(kwargs)}")
         if listen_addresses is None:
             if protocol == "inproc":
                 listen_addresses = ["inproc://"]
@@ -90,7 +92,8 @@ class Scheduler(ServerLifecycle):
         self.name = name
         self.id = f"Scheduler-{uuid.uuid4()}"
         self.state = SchedulerState(validate=validate, allowed_failures=allowed_failures,
-                                    worker_saturation=worker_saturation)
+                                    worker_saturation=worker_saturation,
+                                    tiny_task_backlog=tiny_task_backlog)
         self.listeners = []
         self.workers: dict = {}       # address -> _Peer
         self.clients: dict = {}       # client id -> _Peer

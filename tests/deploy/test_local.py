@@ -73,6 +73,14 @@ def test_processes_sync_start_scale_close():
     assert children() - before == set()
 
 
+def test_scheduler_options_reach_the_state_machine():
+    from taskcore.scheduler import Scheduler
+
+    assert Scheduler(tiny_task_backlog=0, allowed_failures=5).state.tiny_task_backlog == 0
+    with pytest.raises(TypeError, match="unknown options.*bogus"):
+        Scheduler(bogus=1)
+
+
 def test_scheduler_in_this_process_on_request():
     real_servers()
     from taskcore.scheduler import Scheduler
