@@ -1,7 +1,13 @@
-"""Builds the Cython hot path in src/taskcore/core.
+"""Builds the Cython hot path in src/taskcore/core, and compiles the servers' glue.
 
-There is deliberately no pure-Python fallback: if an extension fails to compile,
-the install fails (ARCHITECTURE.md section 3).
+There is deliberately no pure-Python fallback for the core: if an extension
+fails to compile, the install fails (ARCHITECTURE.md section 3).
+
+The glue modules in COMPILED_GLUE are ordinary Python (they stay readable,
+testable and importable as .py), and Cython compiles them as well: the message
+dispatch around the state machines runs on every hop of a round trip, and
+compiled it costs about a quarter less CPU per round trip (measured with
+per-thread CPU times over 20,000 submit -> result round trips).
 """
 import glob
 import os
@@ -22,6 +28,14 @@ extensions = [
     for path in sorted(glob.glob("src/taskcore/core/*.pyx"))
 ]
 
+COMPILED_GLUE = ["scheduler", "worker", "client", "futures"]
+glue = [
+    Extension(f"taskcore.{name}", [f"src/taskcore/{name}.py"], extra_compile_args=COMPILE_ARGS)
+    for name in COMPILED_GLUE
+]
+
+common = dict(annotate=bool(os.environ.get("TASKCORE_ANNOTATE")),
+              nthreads=int(os.environ.get("TASKCORE_BUILD_JOBS", "2")))
 setup(
     ext_modules=cythonize(
         extensions,
@@ -32,7 +46,9 @@ setup(
             "cdivision": True,
             "embedsignature": True,
         },
-        annotate=bool(os.environ.get("TASKCORE_ANNOTATE")),
-        nthreads=int(os.environ.get("TASKCORE_BUILD_JOBS", "2")),
-    ),
+        **common,
+    )
+    # The glue keeps Python's semantics exactly: bounds-checked, wrapping
+    # indexing and Python division (a malformed message must still raise).
+    + cythonize(glue, compiler_directives={"language_level": 3, "binding": True}, **common),
 )

@@ -77,3 +77,14 @@ def dask_cluster():
 def dask_client():
     with dask_cluster() as client:
         yield client
+
+
+def pytest_sessionstart(session):
+    from taskcore.testing import stale_extensions
+
+    stale = stale_extensions()
+    if stale:
+        import pytest
+
+        pytest.exit(f"compiled modules are older than their sources {stale}: rebuild with "
+                    "`pip install --no-build-isolation -e .` (scripts/test.sh does)", returncode=2)

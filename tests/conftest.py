@@ -9,3 +9,14 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def pytest_sessionstart(session):
+    from taskcore.testing import stale_extensions
+
+    stale = stale_extensions()
+    if stale:
+        import pytest
+
+        pytest.exit(f"compiled modules are older than their sources {stale}: rebuild with "
+                    "`pip install --no-build-isolation -e .` (scripts/test.sh does)", returncode=2)

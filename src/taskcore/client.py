@@ -422,50 +422,56 @@ class Client:
             self.loop.call_soon_threadsafe(self._flush_outbox)
 
     def _in_loop(self):
-        try:
-            return asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            return False
+        # The non-raising variant: outside the loop thread (every sync submit)
+        # get_running_loop() would build and raise a RuntimeError each time.
+        return asyncio._get_running_loop() is self.loop
 
-    def _flush_outbox(self):
+    def _flush_outbox(self, releases=False):
+        """Send the queued messages; with `releases`, the pending releases too.
+
+        Releases go out on their own timer (`RELEASE_DELAY`), not with every
+        flush: in a submit -> result loop each submit would otherwise carry the
+        previous key's release, and the scheduler and the worker would handle a
+        release (and a free-keys) on the critical path of every round trip."""
         with self._lock:
             msgs, self._outbox = self._outbox, []
-            release, self._release_pending = self._release_pending, []
             self._outbox_scheduled = False
-        if release:
-            # Keys re-referenced since their release was queued are kept.
-            with self._lock:
+            if releases and self._release_pending:
+                # Keys re-referenced since their release was queued are kept.
+                release, self._release_pending = self._release_pending, []
                 release = [k for k in release if not self._refcount.get(k)]
                 for k in release:
                     self._states.pop(k, None)
-            if release:
-                msgs.append({"op": "release-keys", "keys": release})
-        if self.comm is None or self.comm.closed:
-            return
-        send = self.comm.send
-        # Consecutive single-task update-graphs without options (a loop of
-        # submit calls) go out as one graph: one scheduler stimulus instead of
-        # one per task. The order of the records keeps their relative priority.
-        graph = None
-        for m in msgs:
-            if (m.get("op") == "update-graph" and len(m) == 3 and len(m["tasks"]) == 1
-                    and m["tasks"][0][3] is None):
-                if graph is None:
-                    graph = {"op": "update-graph", "tasks": list(m["tasks"]),
-                             "wanted": list(m["wanted"])}
-                else:
-                    graph["tasks"] += m["tasks"]
-                    graph["wanted"] += m["wanted"]
-                continue
+                if release:
+                    msgs.append({"op": "release-keys", "keys": release})
+            if self.comm is None or self.comm.closed:
+                return
+            send = self.comm.send
+            # Consecutive single-task update-graphs without options (a loop of
+            # submit calls) go out as one graph: one scheduler stimulus instead of
+            # one per task. The order of the records keeps their relative priority.
+            if len(msgs) == 1:          # one submit (a round trip): nothing to merge
+                send(msgs[0])
+                msgs = ()
+            graph = None
+            for m in msgs:
+                # ["update-graph", records, wanted] of one task without options
+                if type(m) is list and len(m[1]) == 1 and m[1][0][3] is None:
+                    if graph is None:
+                        graph = ["update-graph", list(m[1]), list(m[2])]
+                    else:
+                        graph[1] += m[1]
+                        graph[2] += m[2]
+                    continue
+                if graph is not None:
+                    send(graph)
+                    graph = None
+                send(m)
             if graph is not None:
                 send(graph)
-                graph = None
-            send(m)
-        if graph is not None:
-            send(graph)
-        # This runs as a plain loop callback: write now rather than one more
-        # loop iteration later (a sync submit -> result round trip waits on it).
-        self.comm.flush()
+            # This runs as a plain loop callback: write now rather than one more
+            # loop iteration later (a sync submit -> result round trip waits on it).
+            self.comm.flush()
 
     # -- reference counting ----------------------------------------------------------
     def _inc_ref(self, key):
@@ -487,10 +493,10 @@ class Client:
                 self._states.pop(key, None)
                 return
             self._release_pending.append(key)
-            # Releases wait up to RELEASE_DELAY for other traffic to ride with (the
-            # next submit of a loop, usually) instead of costing a message, and a
-            # wake-up of every process on the way, each.
-            if self._outbox_scheduled or self._release_timer:
+            # Releases are collected for RELEASE_DELAY and go out as one message:
+            # one wake-up of the scheduler (and of the workers it frees keys on)
+            # for all of them, off the path of the next submit.
+            if self._release_timer:
                 return
             self._release_timer = True
         try:
@@ -509,18 +515,22 @@ class Client:
     def _release_timer_fired(self):
         with self._lock:
             self._release_timer = False
-            if self._outbox_scheduled or not self._release_pending:
-                return                    # gone out with other messages meanwhile
-        self._flush_outbox()
+            if not self._release_pending:
+                return
+        self._flush_outbox(releases=True)
 
     # -- incoming messages (on the loop) -------------------------------------------
     def _handle(self, msg):
-        op = msg.get("op")
-        if op == "keys-in-memory":
-            states = self._states
-            keys, data = msg["keys"], msg["data"]
+        if type(msg) is list:             # the positional hot message (docs/contracts.md)
+            if len(msg) != 3:
+                raise ValueError(f"positional message {msg[:1]}: 3 fields expected, "
+                                 f"got {len(msg)}")
+            op, keys, data = msg
+            if op != "keys-in-memory":
+                raise ValueError(f"unknown positional message {op!r}")
             if len(keys) != len(data):
                 raise ValueError("keys-in-memory: columns of different lengths")
+            states = self._states
             for key, d in zip(keys, data):
                 st = states.get(key)
                 if st is not None:
@@ -528,7 +538,9 @@ class Client:
                         st.finish(d[0], True, None)
                     else:                    # Serialized, or None: fetch from a worker
                         st.finish(d, d is not None, None)
-        elif op == "task-erred":
+            return
+        op = msg.get("op")
+        if op == "task-erred":
             st = self._states.get(msg["key"])
             if st is not None:
                 st.set_error(msg.get("exception"), msg.get("traceback"))
@@ -665,7 +677,7 @@ class Client:
         the loop thread takes the same lock)."""
         if self.status == "closed":
             raise RuntimeError("this client is closed")
-        msg = {"op": "update-graph", "tasks": records, "wanted": list(wanted_keys)}
+        msg = ["update-graph", records, list(wanted_keys)]     # positional (contracts.md)
         states = []
         append = states.append
         refcount, known, loop = self._refcount, self._states, self.loop

@@ -259,15 +259,14 @@ class Scheduler(ServerLifecycle):
         for addr, (ids, keys, specs, prios, deps) in compute.items():
             peer = self.workers.get(addr)
             if peer is not None:
-                self._send(peer, {"op": "compute-tasks", "ids": ids, "keys": keys,
-                                  "specs": specs, "priorities": prios, "deps": deps})
+                self._send(peer, ["compute-tasks", ids, keys, specs, prios, deps])
         if in_memory:
             inline = self._inline
             for cid, (keys, tids) in in_memory.items():
                 peer = self.clients.get(cid)
                 if peer is not None:
                     data = [inline.get(t) for t in tids] if inline else [None] * len(tids)
-                    self._send(peer, {"op": "keys-in-memory", "keys": keys, "data": data})
+                    self._send(peer, ["keys-in-memory", keys, data])
 
     def _to_clients(self, clients, msg):
         for c in clients:
@@ -380,10 +379,13 @@ class Scheduler(ServerLifecycle):
     # -- worker messages ---------------------------------------------------------------------------
     def _worker_msg(self, peer, msg):
         try:
-            op = msg["op"]
-            if op == "tasks-finished":
-                ids = msg["ids"]
-                data = msg["data"]
+            if type(msg) is list:         # the positional hot message (docs/contracts.md)
+                if len(msg) != 6:
+                    raise ValueError(f"positional message {msg[:1]}: 6 fields expected, "
+                                     f"got {len(msg)}")
+                op, ids, nbytes, types, durations, data = msg
+                if op != "tasks-finished":
+                    raise ValueError(f"unknown positional message {op!r}")
                 if len(data) != len(ids):
                     raise ValueError("tasks-finished: columns of different lengths")
                 inline = self._inline
@@ -392,12 +394,13 @@ class Scheduler(ServerLifecycle):
                         inline[tid] = d
                 try:
                     self._execute(self.state.tasks_finished(
-                        peer.id, ids, msg["nbytes"], msg["types"], msg["durations"],
-                        "task-finished"))
+                        peer.id, ids, nbytes, types, durations, "task-finished"))
                 finally:
                     if inline:
                         inline.clear()
-            elif op == "task-erred":
+                return
+            op = msg["op"]
+            if op == "task-erred":
                 self._execute(self.state.task_erred(
                     peer.id, msg["id"], msg.get("exception"), msg.get("traceback"),
                     msg.get("stimulus_id", "task-erred")))
@@ -469,9 +472,19 @@ class Scheduler(ServerLifecycle):
     # -- client messages -------------------------------------------------------------------------------
     def _client_msg(self, peer, msg):
         try:
+            if type(msg) is list:         # the positional update-graph (docs/contracts.md)
+                if len(msg) != 3:
+                    raise ValueError(f"positional message {msg[:1]}: 3 fields expected, "
+                                     f"got {len(msg)}")
+                op, records, wanted = msg
+                if op != "update-graph":
+                    raise ValueError(f"unknown positional message {op!r}")
+                self._update_graph(peer.id, records, wanted, 0)
+                return
             op = msg["op"]
             if op == "update-graph":
-                self._update_graph(peer.id, msg)
+                self._update_graph(peer.id, msg["tasks"], msg["wanted"],
+                                   int(msg.get("priority", 0)))
             elif op == "release-keys":
                 self._handle(ClientReleasesKeys(peer.id, list(msg["keys"]),
                                                 stimulus_id="client-releases-keys"))
@@ -494,13 +507,11 @@ class Scheduler(ServerLifecycle):
             if reqid is not None:
                 self._send(peer, {"op": "reply", "reqid": reqid, "error": serialize_obj(e)})
 
-    def _update_graph(self, client, msg):
-        records = msg["tasks"]
+    def _update_graph(self, client, records, wanted, priority):
         if [r[3] for r in records].count(None) == len(records):
             # No per-task options (the common case): the records
             # [key, spec, deps, None] go to the state machine as they are.
-            self._handle(UpdateGraph(client, records, msg["wanted"],
-                                     priority=int(msg.get("priority", 0)),
+            self._handle(UpdateGraph(client, records, wanted, priority=priority,
                                      stimulus_id=f"update-graph-{next(self._stim)}"))
             return
         tasks = []
@@ -509,7 +520,7 @@ class Scheduler(ServerLifecycle):
         resources = {}
         retries = {}
         annotations = {}
-        for rec in msg["tasks"]:
+        for rec in records:
             key, spec, deps, opts = rec
             if opts:
                 if "priority" in opts:
@@ -528,11 +539,10 @@ class Scheduler(ServerLifecycle):
                     annotations[key] = opts["annotations"]
             else:
                 tasks.append((key, spec, deps))
-        self._handle(UpdateGraph(client, tasks, msg["wanted"], workers=workers or None,
+        self._handle(UpdateGraph(client, tasks, wanted, workers=workers or None,
                                  allow_other_workers=aow or False,
                                  resources=resources or None, retries=retries or 0,
-                                 annotations=annotations or None,
-                                 priority=int(msg.get("priority", 0)),
+                                 annotations=annotations or None, priority=priority,
                                  stimulus_id=f"update-graph-{next(self._stim)}"))
 
     def _client_rpc(self, peer, msg):

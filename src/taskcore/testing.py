@@ -21,6 +21,24 @@ def run(coro, timeout=60):
     return uvloop.run(guarded())
 
 
+def stale_extensions():
+    """Compiled modules older than their source (.pyx, or .py for the compiled
+    glue, see setup.py): an in-place build left behind by an edit. Tests and
+    benchmarks refuse to run on them, which would test yesterday's code."""
+    import glob
+    import importlib.machinery
+
+    pkg = os.path.dirname(os.path.abspath(__file__))
+    stale = []
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for so in glob.glob(os.path.join(pkg, "**", "*" + suffix), recursive=True):
+            stem = so[: -len(suffix)]
+            for src in (stem + ".pyx", stem + ".py"):
+                if os.path.exists(src) and os.path.getmtime(src) > os.path.getmtime(so):
+                    stale.append(os.path.relpath(src, os.path.dirname(pkg)))
+    return stale
+
+
 def require(condition, reason):
     """Skip when a system component is missing, but only outside CI.
 

@@ -31,7 +31,15 @@ import time
 import traceback as tb_mod
 import uuid
 
-from taskcore.core import worker_state as ws
+# Imported names, not module attributes: no attribute lookup per use on the hot path.
+from taskcore.core.worker_state import (
+    AcquireReplicas, AddKeysMsg, ComputeTask, DropData, Execute, ExecuteFailure,
+    ExecuteSuccess, FindMissingResult, FreeKeys, GatherDep, GatherDepBusy, GatherDepFailure,
+    GatherDepNetworkFailure, GatherDepSuccess, LongRunningMsg, MissingDataMsg, PauseEvent,
+    ReleaseWorkerDataMsg, RemoveReplicas, RequestRefreshWhoHas, RescheduleMsg,
+    RetryBusyWorker, RetryBusyWorkerLater, SecedeEvent, StealRequest, StealResponseMsg,
+    TaskErredMsg, TaskFinishedMsg, UnpauseEvent, UpdateData, WorkerState,
+)
 from taskcore.core.serialize import Serialized, nbytes as sizeof, serialize_obj
 from taskcore.errors import CommClosedError, HandshakeError
 from taskcore.executor import TaskExecutor, current_executor, current_task_id
@@ -46,6 +54,17 @@ logger = logging.getLogger("taskcore.worker")
 _NATIVE = (int, float, str, bytes, bool, type(None))
 _I64 = 1 << 63
 _U64 = 1 << 64
+
+
+def _key_prefix(key):
+    """The prefix of a key ("inc" for "inc-3f2a"): tasks sharing it share a duration estimate."""
+    if type(key) is tuple and key:
+        key = key[0]
+    if type(key) is str:
+        return key.partition("-")[0]
+    return key
+
+
 _task_local = threading.local()  # .worker: the Worker whose task runs on this thread
 _NEVER_INLINE = float("inf")
 
@@ -167,7 +186,7 @@ class Worker(ServerLifecycle):
         return self
 
     def _new_state(self):
-        self.state = ws.WorkerState(self.nthreads, self.resources or None, self.address,
+        self.state = WorkerState(self.nthreads, self.resources or None, self.address,
                                     validate=self.validate)
         self.data.clear()
 
@@ -290,10 +309,10 @@ class Worker(ServerLifecycle):
                 if frac > 0.8 and not paused:
                     paused = True
                     logger.warning("memory at %.0f%% of the limit: pausing", frac * 100)
-                    self._handle(ws.PauseEvent("memory-pause"))
+                    self._handle(PauseEvent("memory-pause"))
                 elif frac < 0.7 and paused:
                     paused = False
-                    self._handle(ws.UnpauseEvent("memory-unpause"))
+                    self._handle(UnpauseEvent("memory-unpause"))
 
     # -- the state machine ----------------------------------------------------------------
     def _handle(self, *events):
@@ -332,22 +351,14 @@ class Worker(ServerLifecycle):
     # thread, to be measured; a prefix whose task used get_client(), secede()
     # or get_worker() goes back to threads for good.
 
-    @staticmethod
-    def _prefix(key):
-        if type(key) is tuple and key:
-            key = key[0]
-        if type(key) is str:
-            return key.partition("-")[0]
-        return key
-
     def _inline_ok(self, key):
         if not self.inline_threshold:
             return False
-        avg = self._durations.get(self._prefix(key))
+        avg = self._durations.get(_key_prefix(key))
         return avg is not None and avg < self.inline_threshold
 
     def _record_duration(self, key, duration):
-        p = self._prefix(key)
+        p = _key_prefix(key)
         avg = self._durations.get(p)
         if avg is None:
             self._durations[p] = duration
@@ -361,10 +372,12 @@ class Worker(ServerLifecycle):
         cost of a stream of microsecond tasks)."""
         results = []
         now = time.time
-        local = _task_local
-        local.inline = True
-        local.worker = self
-        local.interacted = False
+        # This thread's own dict of `_task_local`: item access instead of the
+        # thread-local's attribute protocol (a per-thread lookup on every access).
+        local = _task_local.__dict__
+        local["inline"] = True
+        local["worker"] = self
+        local["interacted"] = False
         try:
             for ins in inline:
                 key = ins.key
@@ -376,13 +389,13 @@ class Worker(ServerLifecycle):
                     value = e
                     ok = False
                 stop = now()
-                if local.interacted:
-                    local.interacted = False
-                    self._durations[self._prefix(key)] = _NEVER_INLINE
+                if local["interacted"]:
+                    local["interacted"] = False
+                    self._durations[_key_prefix(key)] = _NEVER_INLINE
                 results.append((ins.id, key, ok, value, start, stop))
         finally:
-            local.inline = False
-            local.worker = None
+            local["inline"] = False
+            local["worker"] = None
         return results
 
     def _send_scheduler(self, msg):
@@ -397,13 +410,13 @@ class Worker(ServerLifecycle):
         small = self._inline
         for ins in instructions:
             t = type(ins)
-            if t is ws.Execute:
+            if t is Execute:
                 if self._inline_ok(ins.key):
                     inline.append(ins)
                 else:
                     self.executor.submit(ins.id, self._task_callable(ins.key, ins.run_spec))
                 continue
-            if t is ws.TaskFinishedMsg:
+            if t is TaskFinishedMsg:
                 cols = self._out_finished
                 if cols is None:
                     if self._out_released is not None:
@@ -415,37 +428,37 @@ class Worker(ServerLifecycle):
                 cols[3].append(ins.stop - ins.start)
                 cols[4].append(small.pop(ins.id, None) if small else None)
                 continue
-            if t is ws.ReleaseWorkerDataMsg:
+            if t is ReleaseWorkerDataMsg:
                 if self._out_released is None:
                     self._out_released = []
                 self._out_released.append(ins.key)
                 continue
-            if t is ws.DropData:
+            if t is DropData:
                 self.data.pop(ins.key, None)
                 continue
             if self._out_finished is not None or self._out_released is not None:
                 self._flush_out()
-            if t is ws.TaskErredMsg:
+            if t is TaskErredMsg:
                 send({"op": "task-erred", "id": ins.id, "key": ins.key,
                       "exception": ins.exception, "traceback": ins.traceback})
-            elif t is ws.GatherDep:
+            elif t is GatherDep:
                 self._spawn(self._gather_dep(ins.worker, ins.ids, ins.keys, ins.stimulus_id))
-            elif t is ws.AddKeysMsg:
+            elif t is AddKeysMsg:
                 send({"op": "add-keys", "keys": [self.state.get_task(i).key for i in ins.ids]})
-            elif t is ws.MissingDataMsg:
+            elif t is MissingDataMsg:
                 send({"op": "missing-data", "key": ins.key, "holder": ins.errant_worker})
-            elif t is ws.StealResponseMsg:
+            elif t is StealResponseMsg:
                 send({"op": "steal-response", "id": ins.id, "key": ins.key, "state": ins.state})
-            elif t is ws.RequestRefreshWhoHas:
+            elif t is RequestRefreshWhoHas:
                 self._spawn(self._refresh_who_has(ins.ids))
-            elif t is ws.RetryBusyWorkerLater:
+            elif t is RetryBusyWorkerLater:
                 self.loop.call_later(0.15, self._retry_busy, ins.worker)
-            elif t is ws.RescheduleMsg:
+            elif t is RescheduleMsg:
                 send({"op": "task-erred", "id": ins.id, "key": ins.key,
                       "exception": serialize_obj(RuntimeError(
                           f"task {ins.key!r} asked to be rescheduled, which taskcore does not "
                           "support")), "traceback": None})
-            elif t is ws.LongRunningMsg:
+            elif t is LongRunningMsg:
                 send({"op": "long-running", "id": ins.id, "key": ins.key})
             else:
                 logger.error("unhandled worker instruction %r", ins)
@@ -460,40 +473,45 @@ class Worker(ServerLifecycle):
         self._out_finished = self._out_released = None
         if cols is not None:
             ids, nbytes, types, durations, data = cols
-            self._send_scheduler({"op": "tasks-finished", "ids": ids, "nbytes": nbytes,
-                                  "types": types, "durations": durations, "data": data})
+            self._send_scheduler(["tasks-finished", ids, nbytes, types, durations, data])
         if released is not None:
             self._send_scheduler({"op": "release-worker-data", "keys": released})
 
     def _retry_busy(self, worker):
         if self.status == "running":
-            self._handle(ws.RetryBusyWorker(worker, "retry-busy-worker"))
+            self._handle(RetryBusyWorker(worker, "retry-busy-worker"))
 
     # -- scheduler messages ------------------------------------------------------------------
     def _scheduler_msg(self, msg):
-        op = msg.get("op")
+        op = None
         try:
-            if op == "compute-tasks":
-                ids, keys, specs, prios, deps = (msg["ids"], msg["keys"], msg["specs"],
-                                                 msg["priorities"], msg["deps"])
+            if type(msg) is list:         # the positional hot message (docs/contracts.md)
+                if len(msg) != 6:
+                    raise ValueError(f"positional message {msg[:1]}: 6 fields expected, "
+                                     f"got {len(msg)}")
+                op, ids, keys, specs, prios, deps = msg
+                if op != "compute-tasks":
+                    raise ValueError(f"unknown positional message {op!r}")
                 n = len(ids)
                 if not (len(keys) == len(specs) == len(prios) == len(deps) == n):
                     raise ValueError("compute-tasks: columns of different lengths")
-                CT = ws.ComputeTask
+                CT = ComputeTask
                 self._handle(*[CT(ids[i], keys[i], specs[i], prios[i], "compute-task", deps[i],
                                   None, None) for i in range(n)])
-            elif op == "compute-task":
-                self._handle(ws.ComputeTask(msg["id"], msg["key"], msg["spec"],
+                return
+            op = msg["op"]
+            if op == "compute-task":
+                self._handle(ComputeTask(msg["id"], msg["key"], msg["spec"],
                                             msg["priority"], "compute-task", msg["deps"],
                                             msg.get("resources"), msg.get("annotations")))
             elif op == "free-keys":
-                self._handle(ws.FreeKeys(msg["ids"], "free-keys"))
+                self._handle(FreeKeys(msg["ids"], "free-keys"))
             elif op == "steal-request":
-                self._handle(ws.StealRequest(msg["id"], "steal-request"))
+                self._handle(StealRequest(msg["id"], "steal-request"))
             elif op == "acquire-replicas":
-                self._handle(ws.AcquireReplicas(msg["who_has"], "acquire-replicas"))
+                self._handle(AcquireReplicas(msg["who_has"], "acquire-replicas"))
             elif op == "remove-replicas":
-                self._handle(ws.RemoveReplicas(msg["ids"], "remove-replicas"))
+                self._handle(RemoveReplicas(msg["ids"], "remove-replicas"))
             elif op == "update-data":
                 self._update_data(msg)
             elif op == "scatter-ids":
@@ -601,7 +619,7 @@ class Worker(ServerLifecycle):
             if t is not int or -_I64 <= value < _U64:
                 self._inline[tid] = [value]
                 self.data[key] = value
-                return ws.ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
+                return ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
         if nb <= self.inline_result_bytes:
             try:
                 s = serialize_obj(value)
@@ -612,7 +630,7 @@ class Worker(ServerLifecycle):
             if s.nbytes <= self.inline_result_bytes:
                 self._inline[tid] = s
         self.data[key] = value
-        return ws.ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
+        return ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
 
     def _failure(self, tid, key, exc, start, stop):
         text = "".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__))
@@ -620,7 +638,7 @@ class Worker(ServerLifecycle):
             s = serialize_obj(exc)
         except Exception:
             s = serialize_obj(RuntimeError(f"{type(exc).__name__}: {exc}"))
-        return ws.ExecuteFailure(tid, s, text, start, stop, "execute-failure")
+        return ExecuteFailure(tid, s, text, start, stop, "execute-failure")
 
     # -- data transfer ------------------------------------------------------------------------
     async def _peer(self, address):
@@ -646,12 +664,12 @@ class Worker(ServerLifecycle):
         except (OSError, CommClosedError, HandshakeError) as e:
             logger.info("fetch from %s failed: %s", worker, e)
             if self.status == "running":
-                self._handle(ws.GatherDepNetworkFailure(worker, "gather-dep-network-failure", ids))
+                self._handle(GatherDepNetworkFailure(worker, "gather-dep-network-failure", ids))
             return
         if self.status != "running":
             return
         if reply.get("status") == "busy":
-            self._handle(ws.GatherDepBusy(worker, "gather-dep-busy", ids))
+            self._handle(GatherDepBusy(worker, "gather-dep-busy", ids))
             return
         got = {}
         errors = reply.get("errors") or {}
@@ -663,12 +681,12 @@ class Worker(ServerLifecycle):
                 self.data[k] = v
                 got[by_key[k]] = sizeof(v)
         except Exception as e:
-            self._handle(ws.GatherDepFailure(worker, serialize_obj(e), str(e),
+            self._handle(GatherDepFailure(worker, serialize_obj(e), str(e),
                                              "gather-dep-failure", ids))
             return
         if errors:
             logger.warning("peer %s could not send %s", worker, errors)
-        self._handle(ws.GatherDepSuccess(worker, got, stimulus_id))
+        self._handle(GatherDepSuccess(worker, got, stimulus_id))
 
     async def _refresh_who_has(self, ids):
         keys = []
@@ -689,7 +707,7 @@ class Worker(ServerLifecycle):
         by_key = {self.state.get_task(i).key: i for i in ids if self.state.get_task(i) is not None}
         result = {by_key[k]: v for k, v in who_has.items() if k in by_key}
         if self.status == "running":
-            self._handle(ws.FindMissingResult(result, "find-missing-result"))
+            self._handle(FindMissingResult(result, "find-missing-result"))
 
     async def _handle_peer(self, comm):
         """Serve get-data (peers and clients) on an incoming connection."""
@@ -745,7 +763,7 @@ class Worker(ServerLifecycle):
                 self.data[k] = v
                 items.append((tid, k, sizeof(v)))
         if items:
-            self._handle(ws.UpdateData(items, "scatter", report=False))
+            self._handle(UpdateData(items, "scatter", report=False))
 
     async def _run_function(self, msg):
         status, result = await run_user_function(msg["func"], self, ("worker", "dask_worker"))
@@ -818,7 +836,7 @@ def secede():
         raise ValueError("secede() called outside of a task thread")
     w = getattr(_task_local, "worker", None)
     if ex.secede() and w is not None:
-        w.loop.call_soon_threadsafe(w._handle, ws.SecedeEvent(tid, "secede"))
+        w.loop.call_soon_threadsafe(w._handle, SecedeEvent(tid, "secede"))
 
 
 def rejoin():

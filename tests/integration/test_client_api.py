@@ -101,10 +101,11 @@ def test_malformed_task_columns_are_dropped_not_fatal(caplog):
         comm.send({"op": "register-worker", "address": "tcp://127.0.0.1:1", "nthreads": 1,
                    "name": "impostor"})
         assert (await comm.read())["op"] == "registered"
-        comm.send({"op": "tasks-finished", "ids": [1, 2], "nbytes": [8], "types": ["int"],
-                   "durations": [0.1], "data": [None, None]})
-        comm.send({"op": "tasks-finished", "ids": "nope", "nbytes": 3, "types": None,
-                   "durations": [], "data": []})
+        # ["tasks-finished", ids, nbytes, types, durations, data]
+        comm.send(["tasks-finished", [1, 2], [8], ["int"], [0.1], [None, None]])
+        comm.send(["tasks-finished", "nope", 3, None, [], []])
+        comm.send(["tasks-finished", [1]])                 # wrong arity
+        comm.send(["no-such-op", 1, 2, 3, 4, 5])
         await asyncio.sleep(0.2)
         assert "tcp://127.0.0.1:1" in s.workers           # still connected
         await comm.close()                                 # it would never run tasks
@@ -116,6 +117,27 @@ def test_malformed_task_columns_are_dropped_not_fatal(caplog):
     with caplog.at_level("ERROR", logger="taskcore"):
         client_test(t)
     assert "columns of different lengths" in caplog.text
+    assert "6 fields expected, got 2" in caplog.text
+    assert "unknown positional message 'no-such-op'" in caplog.text
+
+
+def test_malformed_positional_messages_to_a_worker_are_logged_and_dropped(caplog):
+    """The worker's side of the positional hot messages: a wrong arity, an unknown
+    op or columns of different lengths is logged and dropped; the worker keeps
+    computing."""
+    async def t(c, s, ws):
+        w = ws[0]
+        w._scheduler_msg(["compute-tasks", [1]])
+        w._scheduler_msg(["compute-tasks", [1, 2], ["a"], [None], [[0, 0, 0]], [[]]])
+        w._scheduler_msg(["no-such-op", 1, 2, 3, 4, 5])
+        assert await c.gather(c.map(inc, range(20), pure=False)) == list(range(1, 21))
+        assert w.status == "running"
+
+    with caplog.at_level("ERROR", logger="taskcore"):
+        client_test(t, n_workers=1)
+    assert "6 fields expected, got 2" in caplog.text
+    assert "compute-tasks: columns of different lengths" in caplog.text
+    assert "unknown positional message 'no-such-op'" in caplog.text
 
 
 def test_pure_keys_dedup_and_explicit_key():
