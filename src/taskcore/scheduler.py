@@ -26,8 +26,8 @@ import os
 import time
 import uuid
 
+from taskcore.core.scheduler_dispatch import HotPath, Route
 from taskcore.core.scheduler_state import (AcquireReplicas, AddKeys, AddWorker, BalanceTick,
-                                           batch_instructions,
                                            Cancel, ClientReleasesKeys, ClientRemoved,
                                            ClientWantsKeys, ComputeTask, FreeKeys, KeyForgotten,
                                            KeyLost, MissingData,
@@ -107,6 +107,9 @@ class Scheduler(ServerLifecycle):
         self._last_activity = time.monotonic()
         self._stim = itertools.count(1)
         self.start_time = time.time()
+        # The round trip's four messages, compiled (core/scheduler_dispatch.pyx); the rest is here.
+        self._hot = HotPath(self.state, self.workers, self.clients, self._inline,
+                            self._execute_one, self._stim, self._update_graph)
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -202,71 +205,55 @@ class Scheduler(ServerLifecycle):
         """Carry out the state machine's instructions.
 
         The two per-task instructions go out batched per peer as columns,
-        `compute-tasks` to a worker and `keys-in-memory` to a client, grouped in
-        Cython by `batch_instructions` (order kept: a run of them is flushed
-        before the next other instruction). A dict per task cost more to pack and
-        unpack than the state-machine transition that made it.
+        `compute-tasks` to a worker and `keys-in-memory` to a client (compiled, in
+        `HotPath.execute`: order kept, a run of them is flushed before the next
+        other instruction); every other instruction comes back to `_execute_one`.
         """
-        workers = self.workers
-        clients = self.clients
-        for ins in batch_instructions(instructions):
-            t = type(ins)
-            if t is tuple:
-                self._send_batches(*ins)
-                continue
-            if t is ComputeTask:  # with resources or annotations: on its own
-                peer = workers.get(ins.worker)
-                if peer is not None:
-                    msg = {"op": "compute-task", "id": ins.task_id, "key": ins.key,
-                           "spec": ins.run_spec, "priority": ins.priority,
-                           "deps": ins.dependencies}
-                    if ins.resources:
-                        msg["resources"] = ins.resources
-                    if ins.annotations:
-                        msg["annotations"] = ins.annotations
-                    self._send(peer, msg)
-            elif t is FreeKeys:
-                peer = workers.get(ins.worker)
-                if peer is not None:
-                    self._send(peer, {"op": "free-keys", "ids": ins.task_ids, "keys": ins.keys})
-            elif t is TaskErredReport:
-                msg = {"op": "task-erred", "key": ins.key, "exception": ins.exception,
-                       "traceback": ins.traceback}
-                for c in ins.clients:
-                    peer = clients.get(c)
-                    if peer is not None:
-                        self._send(peer, msg)
-            elif t is StealRequest:
-                peer = workers.get(ins.worker)
-                if peer is not None:
-                    self._send(peer, {"op": "steal-request", "id": ins.task_id, "key": ins.key})
-            elif t is AcquireReplicas:
-                peer = workers.get(ins.worker)
-                if peer is not None:
-                    self._send(peer, {"op": "acquire-replicas", "who_has": ins.who_has})
-            elif t is KeyLost:
-                self._to_clients(ins.clients, {"op": "key-lost", "keys": [ins.key]})
-            elif t is TaskCancelled or t is KeyForgotten:
-                self._to_clients(ins.clients, {"op": "key-cancelled", "keys": [ins.key]})
-            elif t is TaskRetried:
-                pass  # the retrying client already reset its futures
-            elif t is WorkersRetiring:
-                self._spawn(self._finish_retirement(list(ins.workers)))
-            else:
-                logger.error("unhandled instruction %r", ins)
+        self._hot.execute(instructions)
 
-    def _send_batches(self, compute, in_memory):
-        for addr, (ids, keys, specs, prios, deps) in compute.items():
-            peer = self.workers.get(addr)
+    def _execute_one(self, ins):
+        """One instruction other than a batched ComputeTask/KeyInMemory."""
+        t = type(ins)
+        if t is ComputeTask:  # with resources or annotations: on its own
+            peer = self.workers.get(ins.worker)
             if peer is not None:
-                self._send(peer, ["compute-tasks", ids, keys, specs, prios, deps])
-        if in_memory:
-            inline = self._inline
-            for cid, (keys, tids) in in_memory.items():
-                peer = self.clients.get(cid)
+                msg = {"op": "compute-task", "id": ins.task_id, "key": ins.key,
+                       "spec": ins.run_spec, "priority": ins.priority,
+                       "deps": ins.dependencies}
+                if ins.resources:
+                    msg["resources"] = ins.resources
+                if ins.annotations:
+                    msg["annotations"] = ins.annotations
+                self._send(peer, msg)
+        elif t is FreeKeys:
+            peer = self.workers.get(ins.worker)
+            if peer is not None:
+                self._send(peer, {"op": "free-keys", "ids": ins.task_ids, "keys": ins.keys})
+        elif t is TaskErredReport:
+            msg = {"op": "task-erred", "key": ins.key, "exception": ins.exception,
+                   "traceback": ins.traceback}
+            for c in ins.clients:
+                peer = self.clients.get(c)
                 if peer is not None:
-                    data = [inline.get(t) for t in tids] if inline else [None] * len(tids)
-                    self._send(peer, ["keys-in-memory", keys, data])
+                    self._send(peer, msg)
+        elif t is StealRequest:
+            peer = self.workers.get(ins.worker)
+            if peer is not None:
+                self._send(peer, {"op": "steal-request", "id": ins.task_id, "key": ins.key})
+        elif t is AcquireReplicas:
+            peer = self.workers.get(ins.worker)
+            if peer is not None:
+                self._send(peer, {"op": "acquire-replicas", "who_has": ins.who_has})
+        elif t is KeyLost:
+            self._to_clients(ins.clients, {"op": "key-lost", "keys": [ins.key]})
+        elif t is TaskCancelled or t is KeyForgotten:
+            self._to_clients(ins.clients, {"op": "key-cancelled", "keys": [ins.key]})
+        elif t is TaskRetried:
+            pass  # the retrying client already reset its futures
+        elif t is WorkersRetiring:
+            self._spawn(self._finish_retirement(list(ins.workers)))
+        else:
+            logger.error("unhandled instruction %r", ins)
 
     def _to_clients(self, clients, msg):
         for c in clients:
@@ -309,7 +296,7 @@ class Scheduler(ServerLifecycle):
         self.clients[cid] = peer
         self._last_activity = time.monotonic()
         comm.send({"op": "registered", "info": self._info()})
-        comm.set_message_handler(lambda m: self._client_msg(peer, m))
+        comm.set_message_handler(Route(self._hot, peer, self._client_msg, False))
         try:
             await comm.lost
         finally:
@@ -340,7 +327,7 @@ class Scheduler(ServerLifecycle):
         peer = _Peer(comm, "worker", addr, info=dict(msg))
         self.workers[addr] = peer
         comm.send({"op": "registered", "address": addr, "scheduler": self.address})
-        comm.set_message_handler(lambda m: self._worker_msg(peer, m))
+        comm.set_message_handler(Route(self._hot, peer, self._worker_msg, True))
         self._handle(stimulus)
         self._worker_event.set()
         logger.info("registered worker %s (%s threads)", addr, msg.get("nthreads"))
@@ -379,26 +366,6 @@ class Scheduler(ServerLifecycle):
     # -- worker messages ---------------------------------------------------------------------------
     def _worker_msg(self, peer, msg):
         try:
-            if type(msg) is list:         # the positional hot message (docs/contracts.md)
-                if len(msg) != 6:
-                    raise ValueError(f"positional message {msg[:1]}: 6 fields expected, "
-                                     f"got {len(msg)}")
-                op, ids, nbytes, types, durations, data = msg
-                if op != "tasks-finished":
-                    raise ValueError(f"unknown positional message {op!r}")
-                if len(data) != len(ids):
-                    raise ValueError("tasks-finished: columns of different lengths")
-                inline = self._inline
-                for tid, d in zip(ids, data):
-                    if d is not None:
-                        inline[tid] = d
-                try:
-                    self._execute(self.state.tasks_finished(
-                        peer.id, ids, nbytes, types, durations, "task-finished"))
-                finally:
-                    if inline:
-                        inline.clear()
-                return
             op = msg["op"]
             if op == "task-erred":
                 self._execute(self.state.task_erred(
@@ -472,15 +439,6 @@ class Scheduler(ServerLifecycle):
     # -- client messages -------------------------------------------------------------------------------
     def _client_msg(self, peer, msg):
         try:
-            if type(msg) is list:         # the positional update-graph (docs/contracts.md)
-                if len(msg) != 3:
-                    raise ValueError(f"positional message {msg[:1]}: 3 fields expected, "
-                                     f"got {len(msg)}")
-                op, records, wanted = msg
-                if op != "update-graph":
-                    raise ValueError(f"unknown positional message {op!r}")
-                self._update_graph(peer.id, records, wanted, 0)
-                return
             op = msg["op"]
             if op == "update-graph":
                 self._update_graph(peer.id, msg["tasks"], msg["wanted"],

@@ -33,17 +33,16 @@ import uuid
 
 # Imported names, not module attributes: no attribute lookup per use on the hot path.
 from taskcore.core.worker_state import (
-    AcquireReplicas, AddKeysMsg, ComputeTask, DropData, Execute, ExecuteFailure,
-    ExecuteSuccess, FindMissingResult, FreeKeys, GatherDep, GatherDepBusy, GatherDepFailure,
-    GatherDepNetworkFailure, GatherDepSuccess, LongRunningMsg, MissingDataMsg, PauseEvent,
-    ReleaseWorkerDataMsg, RemoveReplicas, RequestRefreshWhoHas, RescheduleMsg,
-    RetryBusyWorker, RetryBusyWorkerLater, SecedeEvent, StealRequest, StealResponseMsg,
-    TaskErredMsg, TaskFinishedMsg, UnpauseEvent, UpdateData, WorkerState,
+    AcquireReplicas, AddKeysMsg, ComputeTask, ExecuteFailure, FindMissingResult, FreeKeys,
+    GatherDep, GatherDepBusy, GatherDepFailure, GatherDepNetworkFailure, GatherDepSuccess,
+    LongRunningMsg, MissingDataMsg, PauseEvent, RemoveReplicas, RequestRefreshWhoHas,
+    RescheduleMsg, RetryBusyWorker, RetryBusyWorkerLater, SecedeEvent, StealRequest,
+    StealResponseMsg, TaskErredMsg, UnpauseEvent, UpdateData, WorkerState,
 )
 from taskcore.core.serialize import Serialized, nbytes as sizeof, serialize_obj
+from taskcore.core.worker_dispatch import WorkerHotPath
 from taskcore.errors import CommClosedError, HandshakeError
 from taskcore.executor import TaskExecutor, current_executor, current_task_id
-from taskcore.graph import substitute
 from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
 from taskcore.transports import connect, listen
 from taskcore.transports.addressing import get_address_host, parse_address, unparse_host_port
@@ -56,17 +55,7 @@ _I64 = 1 << 63
 _U64 = 1 << 64
 
 
-def _key_prefix(key):
-    """The prefix of a key ("inc" for "inc-3f2a"): tasks sharing it share a duration estimate."""
-    if type(key) is tuple and key:
-        key = key[0]
-    if type(key) is str:
-        return key.partition("-")[0]
-    return key
-
-
 _task_local = threading.local()  # .worker: the Worker whose task runs on this thread
-_NEVER_INLINE = float("inf")
 
 
 def _memory_limit(limit, nthreads):
@@ -142,8 +131,6 @@ class Worker(ServerLifecycle):
         self._client = None
         self._pending_scatter: dict = {}
         self._inline: dict = {}      # task id -> small result (Serialized) to report inline
-        self._out_finished = None    # batched reports, see _flush_out
-        self._out_released = None
         self._durations: dict = {}   # key prefix -> average run time (s), for inline runs
         self.inline_threshold = inline_threshold
         self.inline_budget = inline_budget
@@ -188,6 +175,10 @@ class Worker(ServerLifecycle):
     def _new_state(self):
         self.state = WorkerState(self.nthreads, self.resources or None, self.address,
                                     validate=self.validate)
+        # The tiny-task loop, compiled (core/worker_dispatch.pyx); the rest is here.
+        self._hot = WorkerHotPath(self, self.state, self.data, self._inline, self._durations,
+                                  self._funcs, _task_local, self.inline_threshold,
+                                  self.inline_budget, self.inline_result_bytes)
         self.data.clear()
 
     async def _register(self):
@@ -316,166 +307,44 @@ class Worker(ServerLifecycle):
 
     # -- the state machine ----------------------------------------------------------------
     def _handle(self, *events):
-        """Feed events to the state machine and carry out its instructions.
-
-        Tiny tasks run inline (see `_run_inline`), and their results are fed
-        straight back, iteratively, for up to `inline_budget` seconds; what is
-        left then continues on the next loop iteration so I/O is not starved.
-        """
-        instructions = self.state.handle_stimulus(*events)
-        deadline = None
-        try:
-            while True:
-                inline = self._execute(instructions)
-                if not inline:
-                    return
-                results = self._run_inline(inline)
-                if deadline is None:
-                    deadline = time.monotonic() + self.inline_budget
-                if time.monotonic() > deadline:
-                    self.loop.call_soon(self._on_inline_results, results)
-                    return
-                event = self._result_event
-                instructions = self.state.handle_stimulus(*[event(*r) for r in results])
-        finally:
-            if self._out_finished is not None or self._out_released is not None:
-                self._flush_out()
-
-    # -- inline execution of tiny tasks -------------------------------------------------
-    #
-    # Handing a task to a thread and its result back costs ~20 µs of CPU in
-    # this process (GIL hand-offs and wake-ups), far more than a tiny task
-    # itself. So a task whose key prefix runs in under `inline_threshold`
-    # seconds on average (an exponential average over its recent runs) runs
-    # right here on the event loop. The first task of every prefix runs on a
-    # thread, to be measured; a prefix whose task used get_client(), secede()
-    # or get_worker() goes back to threads for good.
-
-    def _inline_ok(self, key):
-        if not self.inline_threshold:
-            return False
-        avg = self._durations.get(_key_prefix(key))
-        return avg is not None and avg < self.inline_threshold
-
-    def _record_duration(self, key, duration):
-        p = _key_prefix(key)
-        avg = self._durations.get(p)
-        if avg is None:
-            self._durations[p] = duration
-        elif avg != _NEVER_INLINE:
-            self._durations[p] = avg * 0.8 + duration * 0.2
-
-    def _run_inline(self, inline):
-        """Run tiny tasks (Execute instructions) here on the loop; return their
-        results as (id, key, ok, value, start, stop). One pass for the whole list: the thread-local flags are
-        set once, and no closure is built per task (this loop is the per-task
-        cost of a stream of microsecond tasks)."""
-        results = []
-        now = time.time
-        # This thread's own dict of `_task_local`: item access instead of the
-        # thread-local's attribute protocol (a per-thread lookup on every access).
-        local = _task_local.__dict__
-        local["inline"] = True
-        local["worker"] = self
-        local["interacted"] = False
-        try:
-            for ins in inline:
-                key = ins.key
-                start = now()
-                try:
-                    value = self._run_spec(key, ins.run_spec)
-                    ok = True
-                except BaseException as e:  # noqa: B902 - the task's error is its result
-                    value = e
-                    ok = False
-                stop = now()
-                if local["interacted"]:
-                    local["interacted"] = False
-                    self._durations[_key_prefix(key)] = _NEVER_INLINE
-                results.append((ins.id, key, ok, value, start, stop))
-        finally:
-            local["inline"] = False
-            local["worker"] = None
-        return results
+        """Feed events to the state machine and carry out its instructions (the
+        compiled loop: `WorkerHotPath.handle`, which runs tiny tasks inline)."""
+        self._hot.handle(list(events))
 
     def _send_scheduler(self, msg):
         comm = self.scheduler_comm
         if comm is not None and not comm.closed:
             comm.send(msg)
 
-    def _execute(self, instructions):
-        """Carry out instructions; return the Execute instructions that are to run inline."""
+    def _execute_one(self, ins):
+        """One instruction the compiled loop does not carry out itself (it has
+        flushed its batched reports first, so the order is kept)."""
         send = self._send_scheduler
-        inline = []  # Execute instructions to run on the loop (tiny tasks)
-        small = self._inline
-        for ins in instructions:
-            t = type(ins)
-            if t is Execute:
-                if self._inline_ok(ins.key):
-                    inline.append(ins)
-                else:
-                    self.executor.submit(ins.id, self._task_callable(ins.key, ins.run_spec))
-                continue
-            if t is TaskFinishedMsg:
-                cols = self._out_finished
-                if cols is None:
-                    if self._out_released is not None:
-                        self._flush_out()       # a release before a finish stays before it
-                    cols = self._out_finished = ([], [], [], [], [])
-                cols[0].append(ins.id)
-                cols[1].append(ins.nbytes)
-                cols[2].append(ins.type_name)
-                cols[3].append(ins.stop - ins.start)
-                cols[4].append(small.pop(ins.id, None) if small else None)
-                continue
-            if t is ReleaseWorkerDataMsg:
-                if self._out_released is None:
-                    self._out_released = []
-                self._out_released.append(ins.key)
-                continue
-            if t is DropData:
-                self.data.pop(ins.key, None)
-                continue
-            if self._out_finished is not None or self._out_released is not None:
-                self._flush_out()
-            if t is TaskErredMsg:
-                send({"op": "task-erred", "id": ins.id, "key": ins.key,
-                      "exception": ins.exception, "traceback": ins.traceback})
-            elif t is GatherDep:
-                self._spawn(self._gather_dep(ins.worker, ins.ids, ins.keys, ins.stimulus_id))
-            elif t is AddKeysMsg:
-                send({"op": "add-keys", "keys": [self.state.get_task(i).key for i in ins.ids]})
-            elif t is MissingDataMsg:
-                send({"op": "missing-data", "key": ins.key, "holder": ins.errant_worker})
-            elif t is StealResponseMsg:
-                send({"op": "steal-response", "id": ins.id, "key": ins.key, "state": ins.state})
-            elif t is RequestRefreshWhoHas:
-                self._spawn(self._refresh_who_has(ins.ids))
-            elif t is RetryBusyWorkerLater:
-                self.loop.call_later(0.15, self._retry_busy, ins.worker)
-            elif t is RescheduleMsg:
-                send({"op": "task-erred", "id": ins.id, "key": ins.key,
-                      "exception": serialize_obj(RuntimeError(
-                          f"task {ins.key!r} asked to be rescheduled, which taskcore does not "
-                          "support")), "traceback": None})
-            elif t is LongRunningMsg:
-                send({"op": "long-running", "id": ins.id, "key": ins.key})
-            else:
-                logger.error("unhandled worker instruction %r", ins)
-        return inline
-
-    def _flush_out(self):
-        """Send the batched reports: every task finished since the last flush as
-        one `tasks-finished` message of columns, then the released keys. `_handle`
-        flushes when it returns, and `_execute` before any other message, so the
-        scheduler sees reports in the order the state machine made them."""
-        cols, released = self._out_finished, self._out_released
-        self._out_finished = self._out_released = None
-        if cols is not None:
-            ids, nbytes, types, durations, data = cols
-            self._send_scheduler(["tasks-finished", ids, nbytes, types, durations, data])
-        if released is not None:
-            self._send_scheduler({"op": "release-worker-data", "keys": released})
+        t = type(ins)
+        if t is TaskErredMsg:
+            send({"op": "task-erred", "id": ins.id, "key": ins.key,
+                  "exception": ins.exception, "traceback": ins.traceback})
+        elif t is GatherDep:
+            self._spawn(self._gather_dep(ins.worker, ins.ids, ins.keys, ins.stimulus_id))
+        elif t is AddKeysMsg:
+            send({"op": "add-keys", "keys": [self.state.get_task(i).key for i in ins.ids]})
+        elif t is MissingDataMsg:
+            send({"op": "missing-data", "key": ins.key, "holder": ins.errant_worker})
+        elif t is StealResponseMsg:
+            send({"op": "steal-response", "id": ins.id, "key": ins.key, "state": ins.state})
+        elif t is RequestRefreshWhoHas:
+            self._spawn(self._refresh_who_has(ins.ids))
+        elif t is RetryBusyWorkerLater:
+            self.loop.call_later(0.15, self._retry_busy, ins.worker)
+        elif t is RescheduleMsg:
+            send({"op": "task-erred", "id": ins.id, "key": ins.key,
+                  "exception": serialize_obj(RuntimeError(
+                      f"task {ins.key!r} asked to be rescheduled, which taskcore does not "
+                      "support")), "traceback": None})
+        elif t is LongRunningMsg:
+            send({"op": "long-running", "id": ins.id, "key": ins.key})
+        else:
+            logger.error("unhandled worker instruction %r", ins)
 
     def _retry_busy(self, worker):
         if self.status == "running":
@@ -486,18 +355,7 @@ class Worker(ServerLifecycle):
         op = None
         try:
             if type(msg) is list:         # the positional hot message (docs/contracts.md)
-                if len(msg) != 6:
-                    raise ValueError(f"positional message {msg[:1]}: 6 fields expected, "
-                                     f"got {len(msg)}")
-                op, ids, keys, specs, prios, deps = msg
-                if op != "compute-tasks":
-                    raise ValueError(f"unknown positional message {op!r}")
-                n = len(ids)
-                if not (len(keys) == len(specs) == len(prios) == len(deps) == n):
-                    raise ValueError("compute-tasks: columns of different lengths")
-                CT = ComputeTask
-                self._handle(*[CT(ids[i], keys[i], specs[i], prios[i], "compute-task", deps[i],
-                                  None, None) for i in range(n)])
+                self._hot.compute_tasks(msg)
                 return
             op = msg["op"]
             if op == "compute-task":
@@ -530,55 +388,12 @@ class Worker(ServerLifecycle):
             logger.exception("error handling %r from the scheduler", str(msg)[:200])
 
     # -- executing tasks --------------------------------------------------------------------
-    def _function(self, fser):
-        if not isinstance(fser, Serialized):
-            return fser
-        frames = fser.frames
-        if len(frames) == 1 and len(frames[0]) <= 65536:
-            k = bytes(frames[0])
-            f = self._funcs.get(k)
-            if f is None:
-                f = fser.deserialize()
-                if len(self._funcs) > 1000:
-                    self._funcs.clear()
-                self._funcs[k] = f
-            return f
-        return fser.deserialize()
-
-    def _run_spec(self, key, spec):
-        """Run one task's spec here (the caller sets `_task_local.worker`)."""
-        kind = spec[0]
-        if kind == "call":
-            try:
-                func = self._function(spec[1])
-                args, kwargs = spec[2], spec[3]
-                if isinstance(args, Serialized):
-                    args, kwargs = args.deserialize()
-                    args = substitute(args, self.data)
-                    if kwargs:
-                        kwargs = substitute(kwargs, self.data)
-                elif len(spec) > 4:                 # flat args; these slots hold keys
-                    args = list(args)
-                    data = self.data
-                    for i in spec[4]:
-                        args[i] = data[args[i]]
-            except Exception as e:
-                raise _DeserializeError(
-                    f"could not deserialize task {key!r} on worker {self.address}: "
-                    f"{type(e).__name__}: {e}") from e
-            return func(*args, **kwargs) if kwargs else func(*args)
-        if kind == "dask":
-            from taskcore.dask_integration import execute_dask_node
-
-            return execute_dask_node(spec[1], self.data)
-        raise ValueError(f"unknown run spec kind {kind!r} for task {key!r}")
-
     def _task_callable(self, key, spec):
         """A callable for a task thread."""
         def run():
             _task_local.worker = self
             try:
-                return self._run_spec(key, spec)
+                return self._hot.run_spec(key, spec)
             finally:
                 _task_local.worker = None
 
@@ -593,7 +408,7 @@ class Worker(ServerLifecycle):
         for tid, ok, value, start, stop in results:
             ts = get_task(tid)
             if ts is not None:
-                events.append(self._result_event(tid, ts.key, ok, value, start, stop))
+                events.append(self._hot.result_event(tid, ts.key, ok, value, start, stop))
         self._handle(*events)
 
     def _on_inline_results(self, results):
@@ -602,35 +417,8 @@ class Worker(ServerLifecycle):
         if self.status in ("closing", "closed"):
             return
         get_task = self.state.get_task
-        self._handle(*[self._result_event(*r) for r in results if get_task(r[0]) is not None])
-
-    def _result_event(self, tid, key, ok, value, start, stop):
-        self._record_duration(key, stop - start)
-        if not ok:
-            return self._failure(tid, key, value, start, stop)
-        t = type(value)
-        try:
-            nb = 28 if t is int or t is float else sizeof(value)
-        except Exception:
-            nb = 1024
-        if t is int or t is float or t is bool or value is None:
-            # msgpack-native scalars ride along as [value]: no pickling here, no
-            # ext hook at the client. (Huge ints do not fit msgpack; pickle those.)
-            if t is not int or -_I64 <= value < _U64:
-                self._inline[tid] = [value]
-                self.data[key] = value
-                return ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
-        if nb <= self.inline_result_bytes:
-            try:
-                s = serialize_obj(value)
-            except Exception as e:
-                return self._failure(tid, key, TypeError(
-                    f"the result of task {key!r} (type {t.__name__}) cannot be "
-                    f"serialized: {e}"), start, stop)
-            if s.nbytes <= self.inline_result_bytes:
-                self._inline[tid] = s
-        self.data[key] = value
-        return ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
+        event = self._hot.result_event
+        self._handle(*[event(*r) for r in results if get_task(r[0]) is not None])
 
     def _failure(self, tid, key, exc, start, stop):
         text = "".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__))
@@ -779,10 +567,6 @@ class Worker(ServerLifecycle):
             self._client = Client(self.scheduler_address, security=self.security,
                                   set_as_default=False, timeout=self.connection_timeout)
         return self._client
-
-
-class _DeserializeError(Exception):
-    """A task's function or arguments could not be deserialized on the worker."""
 
 
 def _interface_ip(interface):

@@ -599,3 +599,7 @@ cdef class SchedulerState:
     cdef void _report_erred(self, TaskState ts, tuple clients)
 
     cdef int _validate_task(self, TaskState ts) except -1
+
+
+# Grouping of ComputeTask/KeyInMemory runs per peer (batch_instructions), for dispatch.pyx.
+cdef list batch_list(list instructions)

@@ -1218,6 +1218,11 @@ _init_table()
 
 
 def batch_instructions(list instructions):
+    """Group the per-task instructions for the wire, keeping the order (see batch_list)."""
+    return batch_list(instructions)
+
+
+cdef list batch_list(list instructions):
     """Group the per-task instructions for the wire, keeping the order.
 
     Returns a list whose items are either an instruction to carry out on its

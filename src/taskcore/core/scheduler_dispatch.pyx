@@ -1,0 +1,183 @@
+# distutils: language = c++
+# cython: language_level=3, boundscheck=True, wraparound=False
+"""The scheduler's hot message handlers, compiled.
+
+A tiny task's round trip makes the scheduler handle two messages (a client's
+`update-graph`, a worker's `tasks-finished`) and send two (`compute-tasks`,
+`keys-in-memory`). `Scheduler` (scheduler.py) owns every message and every
+instruction; `HotPath` takes those four, with typed access to the state
+machine (`_begin`/`_dispatch_event`/`_end`, `tasks_finished` as C calls), the
+instruction records and the comms. ARCHITECTURE section 9 measured the
+dispatch around the state machine as most of a scheduler's remaining CPU, and
+it belongs in Cython with it; here it took the scheduler's share of a round
+trip from ~89k to ~77k instructions (callgrind, benchmarks/callgrind_roundtrip.py).
+
+Everything else (instructions other than the two per-task ones, messages
+with per-task options) goes back to the Scheduler's Python, unchanged.
+"""
+cimport cython
+from taskcore.core.protocol cimport StreamProtocol
+from taskcore.core.scheduler_state cimport SchedulerState, UpdateGraph, batch_list
+
+import logging
+
+from taskcore.errors import CommClosedError
+
+_logger = logging.getLogger("taskcore.scheduler")
+
+cdef object _CommClosedError = CommClosedError
+
+
+@cython.final
+cdef class HotPath:
+    """Compiled handlers for the round trip's four messages (see the module doc).
+
+    `workers`, `clients` and `inline` are the Scheduler's own dicts (shared, not
+    copied); `other(instruction)` carries out any instruction this class does
+    not batch itself.
+    """
+    cdef SchedulerState state
+    cdef dict workers             # address -> peer (with .comm)
+    cdef dict clients             # client id -> peer
+    cdef dict inline              # task id -> inline result, filled per tasks-finished
+    cdef object other             # Scheduler._execute_one
+    cdef object stim              # the Scheduler's stimulus counter (itertools.count)
+    cdef object general_graph     # Scheduler._update_graph, for records with options
+
+    def __init__(self, SchedulerState state, dict workers, dict clients, dict inline, other,
+                 stim, general_graph):
+        self.state = state
+        self.workers = workers
+        self.clients = clients
+        self.inline = inline
+        self.other = other
+        self.stim = stim
+        self.general_graph = general_graph
+
+    cpdef bint update_graph(self, str client, list records, list wanted) except -1:
+        """A positional `update-graph` whose records carry no options; returns False
+        (nothing done) when one does, for the Scheduler's general path."""
+        cdef SchedulerState st = self.state
+        for rec in records:
+            if type(rec) is not list or len(<list>rec) != 4 or (<list>rec)[3] is not None:
+                return False
+        sid = f"update-graph-{next(self.stim)}"
+        ev = UpdateGraph(client, records, wanted, stimulus_id=sid)
+        st._begin(sid)
+        st._dispatch_event(<UpdateGraph>ev)
+        self.execute(st._end())
+        return True
+
+    cpdef int client_update_graph(self, str client, list msg) except -1:
+        """["update-graph", records, wanted] from `client`."""
+        if len(msg) != 3:
+            raise ValueError(f"positional message {msg[:1]}: 3 fields expected, "
+                             f"got {len(msg)}")
+        if msg[0] != "update-graph":
+            raise ValueError(f"unknown positional message {msg[0]!r}")
+        records = msg[1]
+        wanted = msg[2]
+        if not self.update_graph(client, records, wanted):
+            self.general_graph(client, records, wanted, 0)   # per-task options
+        return 0
+
+    cpdef int tasks_finished(self, str worker, list msg) except -1:
+        """["tasks-finished", ids, nbytes, types, durations, data] from `worker`."""
+        cdef list ids, data
+        cdef dict inline = self.inline
+        cdef Py_ssize_t i, n
+        if len(msg) != 6:
+            raise ValueError(f"positional message {msg[:1]}: 6 fields expected, "
+                             f"got {len(msg)}")
+        if msg[0] != "tasks-finished":
+            raise ValueError(f"unknown positional message {msg[0]!r}")
+        ids = msg[1]
+        data = msg[5]
+        n = len(ids)
+        if len(data) != n:
+            raise ValueError("tasks-finished: columns of different lengths")
+        for i in range(n):
+            d = data[i]
+            if d is not None:
+                inline[ids[i]] = d
+        try:
+            self.execute(self.state.tasks_finished(worker, ids, msg[2], msg[3], msg[4],
+                                                   "task-finished"))
+        finally:
+            if inline:
+                inline.clear()
+        return 0
+
+    cpdef int execute(self, list instructions) except -1:
+        """Carry out instructions: runs of `compute-tasks`/`keys-in-memory` batched
+        per peer (order kept, see `batch_instructions`), anything else by `other`."""
+        cdef dict compute, in_memory
+        cdef list cols, tids, out
+        cdef dict inline = self.inline
+        cdef Py_ssize_t i
+        for item in batch_list(instructions):
+            if type(item) is not tuple:
+                self.other(item)
+                continue
+            compute, in_memory = <tuple>item
+            for addr, c in compute.items():
+                peer = self.workers.get(addr)
+                if peer is not None:
+                    cols = <list>c
+                    _send(peer, ["compute-tasks", cols[0], cols[1], cols[2], cols[3], cols[4]])
+            if in_memory:
+                for cid, c in in_memory.items():
+                    peer = self.clients.get(cid)
+                    if peer is None:
+                        continue
+                    cols = <list>c
+                    tids = <list>cols[1]
+                    if inline:
+                        out = [inline.get(t) for t in tids]
+                    else:
+                        out = [None] * len(tids)
+                    _send(peer, ["keys-in-memory", cols[0], out])
+        return 0
+
+
+cdef inline int _send(object peer, list msg) except -1:
+    comm = peer.comm
+    try:
+        if isinstance(comm, StreamProtocol):
+            (<StreamProtocol>comm).send(msg)
+        else:                          # inproc:// and other transports
+            comm.send(msg)
+    except _CommClosedError:
+        pass                           # the peer is gone; its removal follows
+    return 0
+
+
+@cython.final
+cdef class Route:
+    """A comm's message handler: positional messages to the compiled handlers,
+    every other message to `fallback(peer, msg)` (the Scheduler's Python). A
+    malformed positional message is logged and dropped, as the Scheduler does
+    with any malformed message: the connection and the scheduler carry on."""
+    cdef HotPath hot
+    cdef object peer
+    cdef object fallback
+    cdef bint from_worker
+
+    def __init__(self, HotPath hot, peer, fallback, bint from_worker):
+        self.hot = hot
+        self.peer = peer
+        self.fallback = fallback
+        self.from_worker = from_worker
+
+    def __call__(self, msg):
+        if type(msg) is not list:
+            self.fallback(self.peer, msg)
+            return
+        try:
+            if self.from_worker:
+                self.hot.tasks_finished(self.peer.id, <list>msg)
+            else:
+                self.hot.client_update_graph(self.peer.id, <list>msg)
+        except Exception:
+            _logger.exception("error handling %r from %s %s", str(msg)[:200],
+                              "worker" if self.from_worker else "client", self.peer.id)
