@@ -196,6 +196,7 @@ class Client:
         self._worker_comms: dict = {}
         self._worker_locks: dict = {}
         self._func_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._last_func = None           # (function, its Serialized): one entry, see below
         self.scheduler_info_cache = {}
         self._previous_dask_scheduler = None
         self._dask_scheduler = None       # what _install_dask_scheduler put into dask.config
@@ -444,34 +445,34 @@ class Client:
                     self._states.pop(k, None)
                 if release:
                     msgs.append({"op": "release-keys", "keys": release})
-            if self.comm is None or self.comm.closed:
-                return
-            send = self.comm.send
-            # Consecutive single-task update-graphs without options (a loop of
-            # submit calls) go out as one graph: one scheduler stimulus instead of
-            # one per task. The order of the records keeps their relative priority.
-            if len(msgs) == 1:          # one submit (a round trip): nothing to merge
-                send(msgs[0])
-                msgs = ()
-            graph = None
-            for m in msgs:
-                # ["update-graph", records, wanted] of one task without options
-                if type(m) is list and len(m[1]) == 1 and m[1][0][3] is None:
-                    if graph is None:
-                        graph = ["update-graph", list(m[1]), list(m[2])]
-                    else:
-                        graph[1] += m[1]
-                        graph[2] += m[2]
-                    continue
-                if graph is not None:
-                    send(graph)
-                    graph = None
-                send(m)
+        if self.comm is None or self.comm.closed:
+            return
+        send = self.comm.send
+        if len(msgs) == 1:                  # one submit (a round trip): nothing to merge
+            send(msgs[0])
+            msgs = ()
+        # Consecutive single-task update-graphs without options (a loop of
+        # submit calls) go out as one graph: one scheduler stimulus instead of
+        # one per task. The order of the records keeps their relative priority.
+        graph = None
+        for m in msgs:
+            # ["update-graph", records, wanted] of one task without options
+            if type(m) is list and len(m[1]) == 1 and m[1][0][3] is None:
+                if graph is None:
+                    graph = ["update-graph", list(m[1]), list(m[2])]
+                else:
+                    graph[1] += m[1]
+                    graph[2] += m[2]
+                continue
             if graph is not None:
                 send(graph)
-            # This runs as a plain loop callback: write now rather than one more
-            # loop iteration later (a sync submit -> result round trip waits on it).
-            self.comm.flush()
+                graph = None
+            send(m)
+        if graph is not None:
+            send(graph)
+        # This runs as a plain loop callback: write now rather than one more
+        # loop iteration later (a sync submit -> result round trip waits on it).
+        self.comm.flush()
 
     # -- reference counting ----------------------------------------------------------
     def _inc_ref(self, key):
@@ -603,15 +604,20 @@ class Client:
 
     # -- building tasks --------------------------------------------------------------
     def _serialized_function(self, func):
+        # The last function used, first: a loop of submits of one function skips
+        # the weak dictionary (whose lookup is Python code making a weakref).
+        last = self._last_func
+        if last is not None and last[0] is func:
+            return last[1]
         try:
-            return self._func_cache[func]
+            s = self._func_cache[func]
         except (KeyError, TypeError):
-            pass
-        s = serialize_obj(func)
-        try:
-            self._func_cache[func] = s
-        except TypeError:
-            pass
+            s = serialize_obj(func)
+            try:
+                self._func_cache[func] = s
+            except TypeError:
+                pass
+        self._last_func = (func, s)
         return s
 
     def _make_task(self, func, args, kwargs, key, pure, fser=None, ftok=None):
@@ -693,7 +699,7 @@ class Client:
             self._outbox_scheduled = True
         futures = [Future(k, self, st) for k, st in zip(wanted_keys, states)]
         if schedule:
-            if self._in_loop():
+            if asyncio._get_running_loop() is loop:     # _in_loop(), without the call
                 loop.call_soon(self._flush_outbox)
             else:
                 loop.call_soon_threadsafe(self._flush_outbox)

@@ -172,10 +172,11 @@ class Future:
     # -- results --------------------------------------------------------------
     def result(self, timeout=None):
         """The task's result; re-raises the task's exception with the remote traceback."""
-        if self.client.asynchronous:
+        client = self.client
+        if client.asynchronous:
             return self._result()
         st = self._state
-        if not self.client._in_loop():
+        if asyncio._get_running_loop() is not client.loop:    # not client._in_loop()
             # Fast path: wait in this thread and take a result that came back inline,
             # without a round trip through the client's loop thread (two fewer
             # cross-thread wake-ups per call).

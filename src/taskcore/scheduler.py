@@ -107,7 +107,7 @@ class Scheduler(ServerLifecycle):
         self._last_activity = time.monotonic()
         self._stim = itertools.count(1)
         self.start_time = time.time()
-        # The round trip's four messages, compiled (core/scheduler_dispatch.pyx); the rest is here.
+        # A round trip's messages, compiled (core/scheduler_dispatch.pyx); the rest is here.
         self._hot = HotPath(self.state, self.workers, self.clients, self._inline,
                             self._execute_one, self._stim, self._update_graph)
 

@@ -50,11 +50,6 @@ from taskcore.utils import parse_bytes
 
 logger = logging.getLogger("taskcore.worker")
 
-_NATIVE = (int, float, str, bytes, bool, type(None))
-_I64 = 1 << 63
-_U64 = 1 << 64
-
-
 _task_local = threading.local()  # .worker: the Worker whose task runs on this thread
 
 
@@ -127,7 +122,7 @@ class Worker(ServerLifecycle):
         self._outgoing = 0
         self._tasks = set()
         self._closed = None
-        self._funcs: dict = {}
+        self._funcs: dict = {}       # pickled function -> function (WorkerHotPath.function)
         self._client = None
         self._pending_scatter: dict = {}
         self._inline: dict = {}      # task id -> small result (Serialized) to report inline
