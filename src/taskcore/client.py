@@ -36,6 +36,7 @@ from collections.abc import Iterator
 
 import msgpack
 
+from taskcore.core.protocol import check_positional
 from taskcore.core.serialize import Serialized, serialize_obj
 from taskcore.errors import CommClosedError
 from taskcore.futures import (ERROR, FINISHED, PENDING, Future, FutureState, RemoteTraceback,
@@ -523,12 +524,8 @@ class Client:
     # -- incoming messages (on the loop) -------------------------------------------
     def _handle(self, msg):
         if type(msg) is list:             # the positional hot message (docs/contracts.md)
-            if len(msg) != 3:
-                raise ValueError(f"positional message {msg[:1]}: 3 fields expected, "
-                                 f"got {len(msg)}")
-            op, keys, data = msg
-            if op != "keys-in-memory":
-                raise ValueError(f"unknown positional message {op!r}")
+            check_positional(msg, "keys-in-memory", 3)
+            keys, data = msg[1], msg[2]
             if len(keys) != len(data):
                 raise ValueError("keys-in-memory: columns of different lengths")
             states = self._states

@@ -1,6 +1,8 @@
 # Framed, batched message protocol over an asyncio stream transport (see protocol.pyx).
 from taskcore.core.wire cimport FrameDecoder, Limits
 
+cpdef int check_positional(list msg, str op, Py_ssize_t nfields) except -1
+
 cdef class LoopFlusher:
     cdef int depth      # nesting of I/O callbacks running on this loop
     cdef list dirty     # comms whose outbox is flushed when depth returns to 0

@@ -4,6 +4,9 @@ from typing import Any, Callable
 
 from taskcore.core.wire import Limits
 
+def check_positional(msg: list, op: str, nfields: int) -> int:
+    """Validate a positional message `[op, field, ...]`: its op and arity."""
+
 class StreamProtocol:
     """Framed, batched message protocol; mixed with asyncio.BufferedProtocol in tcp.py."""
 

@@ -53,6 +53,17 @@ cdef object _CommClosedError = CommClosedError
 cdef Py_ssize_t SMALL_WRITE = 64 * 1024
 
 
+cpdef int check_positional(list msg, str op, Py_ssize_t nfields) except -1:
+    """Validate a positional message (docs/contracts.md: `[op, field, ...]`): the
+    expected op and arity, else a ValueError naming what is wrong."""
+    if len(msg) != nfields:
+        raise ValueError(f"positional message {msg[:1]}: {nfields} fields expected, "
+                         f"got {len(msg)}")
+    if msg[0] != op:
+        raise ValueError(f"unknown positional message {msg[0]!r}")
+    return 0
+
+
 @cython.final
 cdef class LoopFlusher:
     """Per-event-loop record of comms with queued output inside I/O callbacks."""

@@ -16,7 +16,7 @@ Everything else (instructions other than the two per-task ones, messages
 with per-task options) goes back to the Scheduler's Python, unchanged.
 """
 cimport cython
-from taskcore.core.protocol cimport StreamProtocol
+from taskcore.core.protocol cimport StreamProtocol, check_positional
 from taskcore.core.scheduler_state cimport SchedulerState, UpdateGraph, batch_list
 
 import logging
@@ -70,11 +70,7 @@ cdef class HotPath:
 
     cpdef int client_update_graph(self, str client, list msg) except -1:
         """["update-graph", records, wanted] from `client`."""
-        if len(msg) != 3:
-            raise ValueError(f"positional message {msg[:1]}: 3 fields expected, "
-                             f"got {len(msg)}")
-        if msg[0] != "update-graph":
-            raise ValueError(f"unknown positional message {msg[0]!r}")
+        check_positional(msg, "update-graph", 3)
         records = msg[1]
         wanted = msg[2]
         if not self.update_graph(client, records, wanted):
@@ -86,11 +82,7 @@ cdef class HotPath:
         cdef list ids, data
         cdef dict inline = self.inline
         cdef Py_ssize_t i, n
-        if len(msg) != 6:
-            raise ValueError(f"positional message {msg[:1]}: 6 fields expected, "
-                             f"got {len(msg)}")
-        if msg[0] != "tasks-finished":
-            raise ValueError(f"unknown positional message {msg[0]!r}")
+        check_positional(msg, "tasks-finished", 6)
         ids = msg[1]
         data = msg[5]
         n = len(ids)

@@ -20,7 +20,7 @@ every prefix runs on a thread, to be measured; a prefix whose task used
 get_client(), secede() or get_worker() goes back to threads for good.
 """
 cimport cython
-from taskcore.core.protocol cimport StreamProtocol
+from taskcore.core.protocol cimport StreamProtocol, check_positional
 from taskcore.core.serialize cimport Serialized
 
 import time
@@ -89,11 +89,7 @@ cdef class WorkerHotPath:
         """["compute-tasks", ids, keys, specs, priorities, deps] from the scheduler."""
         cdef list ids, keys, specs, prios, deps
         cdef Py_ssize_t i, n
-        if len(msg) != 6:
-            raise ValueError(f"positional message {msg[:1]}: 6 fields expected, "
-                             f"got {len(msg)}")
-        if msg[0] != "compute-tasks":
-            raise ValueError(f"unknown positional message {msg[0]!r}")
+        check_positional(msg, "compute-tasks", 6)
         ids, keys, specs, prios, deps = msg[1], msg[2], msg[3], msg[4], msg[5]
         n = len(ids)
         if not (len(keys) == len(specs) == len(prios) == len(deps) == n):
