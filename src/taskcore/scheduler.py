@@ -215,35 +215,24 @@ class Scheduler(ServerLifecycle):
         """One instruction other than a batched ComputeTask/KeyInMemory."""
         t = type(ins)
         if t is ComputeTask:  # with resources or annotations: on its own
-            peer = self.workers.get(ins.worker)
-            if peer is not None:
-                msg = {"op": "compute-task", "id": ins.task_id, "key": ins.key,
-                       "spec": ins.run_spec, "priority": ins.priority,
-                       "deps": ins.dependencies}
-                if ins.resources:
-                    msg["resources"] = ins.resources
-                if ins.annotations:
-                    msg["annotations"] = ins.annotations
-                self._send(peer, msg)
+            msg = {"op": "compute-task", "id": ins.task_id, "key": ins.key,
+                   "spec": ins.run_spec, "priority": ins.priority, "deps": ins.dependencies}
+            if ins.resources:
+                msg["resources"] = ins.resources
+            if ins.annotations:
+                msg["annotations"] = ins.annotations
+            self._to_worker(ins.worker, msg)
         elif t is FreeKeys:
-            peer = self.workers.get(ins.worker)
-            if peer is not None:
-                self._send(peer, {"op": "free-keys", "ids": ins.task_ids, "keys": ins.keys})
+            self._to_worker(ins.worker, {"op": "free-keys", "ids": ins.task_ids, "keys": ins.keys})
         elif t is TaskErredReport:
-            msg = {"op": "task-erred", "key": ins.key, "exception": ins.exception,
-                   "traceback": ins.traceback}
-            for c in ins.clients:
-                peer = self.clients.get(c)
-                if peer is not None:
-                    self._send(peer, msg)
+            self._to_clients(ins.clients, {"op": "task-erred", "key": ins.key,
+                                           "exception": ins.exception,
+                                           "traceback": ins.traceback})
         elif t is StealRequest:
-            peer = self.workers.get(ins.worker)
-            if peer is not None:
-                self._send(peer, {"op": "steal-request", "id": ins.task_id, "key": ins.key})
+            self._to_worker(ins.worker, {"op": "steal-request", "id": ins.task_id,
+                                         "key": ins.key})
         elif t is AcquireReplicas:
-            peer = self.workers.get(ins.worker)
-            if peer is not None:
-                self._send(peer, {"op": "acquire-replicas", "who_has": ins.who_has})
+            self._to_worker(ins.worker, {"op": "acquire-replicas", "who_has": ins.who_has})
         elif t is KeyLost:
             self._to_clients(ins.clients, {"op": "key-lost", "keys": [ins.key]})
         elif t is TaskCancelled or t is KeyForgotten:
@@ -254,6 +243,11 @@ class Scheduler(ServerLifecycle):
             self._spawn(self._finish_retirement(list(ins.workers)))
         else:
             logger.error("unhandled instruction %r", ins)
+
+    def _to_worker(self, addr, msg):
+        peer = self.workers.get(addr)
+        if peer is not None:
+            self._send(peer, msg)
 
     def _to_clients(self, clients, msg):
         for c in clients:
