@@ -460,12 +460,9 @@ class Scheduler(ServerLifecycle):
                 self._send(peer, {"op": "reply", "reqid": reqid, "error": serialize_obj(e)})
 
     def _update_graph(self, client, records, wanted, priority):
-        if [r[3] for r in records].count(None) == len(records):
-            # No per-task options (the common case): the records
-            # [key, spec, deps, None] go to the state machine as they are.
-            self._handle(UpdateGraph(client, records, wanted, priority=priority,
-                                     stimulus_id=f"update-graph-{next(self._stim)}"))
-            return
+        if self._hot.update_graph(client, records, wanted, priority):
+            return             # no per-task options (the common case): compiled
+        # The general path: per-task options become the stimulus' mappings.
         tasks = []
         workers = {}
         aow = set()

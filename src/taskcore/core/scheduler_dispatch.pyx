@@ -54,15 +54,17 @@ cdef class HotPath:
         self.stim = stim
         self.general_graph = general_graph
 
-    cpdef bint update_graph(self, str client, list records, list wanted) except -1:
-        """A positional `update-graph` whose records carry no options; returns False
-        (nothing done) when one does, for the Scheduler's general path."""
+    cpdef bint update_graph(self, str client, object records, object wanted,
+                            long long priority=0) except -1:
+        """A graph whose records [key, spec, deps, None] carry no per-task options,
+        straight to the state machine; returns False (nothing done) when one does,
+        for the Scheduler's general path (`Scheduler._update_graph`)."""
         cdef SchedulerState st = self.state
         for rec in records:
             if type(rec) is not list or len(<list>rec) != 4 or (<list>rec)[3] is not None:
                 return False
         sid = f"update-graph-{next(self.stim)}"
-        ev = UpdateGraph(client, records, wanted, stimulus_id=sid)
+        ev = UpdateGraph(client, records, wanted, priority=priority, stimulus_id=sid)
         st._begin(sid)
         st._dispatch_event(<UpdateGraph>ev)
         self.execute(st._end())
@@ -73,7 +75,7 @@ cdef class HotPath:
         check_positional(msg, "update-graph", 3)
         records = msg[1]
         wanted = msg[2]
-        if not self.update_graph(client, records, wanted):
+        if not self.update_graph(client, records, wanted, 0):
             self.general_graph(client, records, wanted, 0)   # per-task options
         return 0
 
