@@ -36,10 +36,10 @@ from collections.abc import Iterator
 
 import msgpack
 
-from taskcore.core.protocol import check_positional
+from taskcore.core.client_dispatch import ClientHotPath
 from taskcore.core.serialize import Serialized, serialize_obj
 from taskcore.errors import CommClosedError
-from taskcore.futures import (ERROR, FINISHED, PENDING, Future, FutureState, RemoteTraceback,
+from taskcore.futures import (ERROR, FINISHED, PENDING, Future, RemoteTraceback,
                               _futures_in)
 from taskcore.graph import TaskRef
 from taskcore.transports import connect
@@ -164,12 +164,15 @@ class Client:
     def __init__(self, address=None, loop=None, timeout=10, set_as_default=True,
                  scheduler_file=None, security=None, asynchronous=False, name=None,
                  direct_to_workers=None, connection_limit=512, **kwargs):
+        # The compiled half (core/client_dispatch.pyx): reference counts, future
+        # states, the outbox and the lock live there; the attributes below alias them.
+        self._uid = uuid.uuid4().hex[:12]
+        self._hot = ClientHotPath(self, asynchronous, self.RELEASE_DELAY)
         self.asynchronous = asynchronous
         self.timeout = timeout
         self.security = security
         self.name = name
         self.id = f"{name or 'Client'}-{uuid.uuid4()}"
-        self.status = "newly-created"
         self.cluster = None
         self._set_as_default = set_as_default
         if address is not None and not isinstance(address, str):
@@ -182,22 +185,13 @@ class Client:
         if address is None:
             raise ValueError("Client needs a scheduler address, a cluster, or scheduler_file=")
         self.address = address
-        self.comm = None
-        self._states: dict = {}
-        self._refcount: dict = {}
-        self._lock = threading.Lock()
-        self._outbox: list = []
-        self._outbox_scheduled = False
-        self._release_pending: list = []
-        self._release_timer = False      # a delayed flush of releases is armed
+        self._states: dict = self._hot.states
+        self._refcount: dict = self._hot.refcount
+        self._lock = self._hot.lock
         self._reqids = itertools.count(1)
-        self._uid = uuid.uuid4().hex[:12]
-        self._counter = itertools.count()
         self._replies: dict = {}
         self._worker_comms: dict = {}
         self._worker_locks: dict = {}
-        self._func_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-        self._last_func = None           # (function, its Serialized): one entry, see below
         self.scheduler_info_cache = {}
         self._previous_dask_scheduler = None
         self._dask_scheduler = None       # what _install_dask_scheduler put into dask.config
@@ -252,7 +246,7 @@ class Client:
         if not isinstance(reply, dict) or reply.get("op") != "registered":
             raise ConnectionError(f"scheduler {self.address} refused the client: {reply!r}")
         self.scheduler_info_cache = reply.get("info", {})
-        self.comm.set_message_handler(self._handle)
+        self.comm.set_message_handler(self._hot.handle)
         self.comm.on_close = self._on_comm_closed
         self.status = "running"
         if self._set_as_default:
@@ -411,132 +405,50 @@ class Client:
 
     # -- sending from any thread -----------------------------------------------------
     def _send_threadsafe(self, msg):
-        if self.status == "closed":
-            raise RuntimeError("this client is closed")
-        with self._lock:
-            self._outbox.append(msg)
-            if self._outbox_scheduled:
-                return
-            self._outbox_scheduled = True
-        if self._in_loop():
-            self.loop.call_soon(self._flush_outbox)
-        else:
-            self.loop.call_soon_threadsafe(self._flush_outbox)
+        self._hot.enqueue(msg)
 
     def _in_loop(self):
         # The non-raising variant: outside the loop thread (every sync submit)
         # get_running_loop() would build and raise a RuntimeError each time.
         return asyncio._get_running_loop() is self.loop
 
-    def _flush_outbox(self, releases=False):
-        """Send the queued messages; with `releases`, the pending releases too.
+    # The compiled half keeps these; Future and the hot path read them there.
+    @property
+    def status(self):
+        return self._hot.status
 
-        Releases go out on their own timer (`RELEASE_DELAY`), not with every
-        flush: in a submit -> result loop each submit would otherwise carry the
-        previous key's release, and the scheduler and the worker would handle a
-        release (and a free-keys) on the critical path of every round trip."""
-        with self._lock:
-            msgs, self._outbox = self._outbox, []
-            self._outbox_scheduled = False
-            if releases and self._release_pending:
-                # Keys re-referenced since their release was queued are kept.
-                release, self._release_pending = self._release_pending, []
-                release = [k for k in release if not self._refcount.get(k)]
-                for k in release:
-                    self._states.pop(k, None)
-                if release:
-                    msgs.append({"op": "release-keys", "keys": release})
-        if self.comm is None or self.comm.closed:
-            return
-        send = self.comm.send
-        if len(msgs) == 1:                  # one submit (a round trip): nothing to merge
-            send(msgs[0])
-            msgs = ()
-        # Consecutive single-task update-graphs without options (a loop of
-        # submit calls) go out as one graph: one scheduler stimulus instead of
-        # one per task. The order of the records keeps their relative priority.
-        graph = None
-        for m in msgs:
-            # ["update-graph", records, wanted] of one task without options
-            if type(m) is list and len(m[1]) == 1 and m[1][0][3] is None:
-                if graph is None:
-                    graph = ["update-graph", list(m[1]), list(m[2])]
-                else:
-                    graph[1] += m[1]
-                    graph[2] += m[2]
-                continue
-            if graph is not None:
-                send(graph)
-                graph = None
-            send(m)
-        if graph is not None:
-            send(graph)
-        # This runs as a plain loop callback: write now rather than one more
-        # loop iteration later (a sync submit -> result round trip waits on it).
-        self.comm.flush()
+    @status.setter
+    def status(self, value):
+        self._hot.status = value
 
-    # -- reference counting ----------------------------------------------------------
+    @property
+    def loop(self):
+        return self._hot.loop
+
+    @loop.setter
+    def loop(self, value):
+        self._hot.loop = value
+
+    @property
+    def comm(self):
+        return self._hot.comm
+
+    @comm.setter
+    def comm(self, value):
+        self._hot.comm = value
+
+    # -- reference counting (see ClientHotPath) -----------------------------------------
     def _inc_ref(self, key):
-        with self._lock:
-            self._refcount[key] = self._refcount.get(key, 0) + 1
-            st = self._states.get(key)
-            if st is None:
-                st = self._states[key] = FutureState(key, self.loop)
-            return st
+        return self._hot.inc_ref(key)
 
     def _dec_ref(self, key):
-        with self._lock:
-            n = self._refcount.get(key, 0) - 1
-            if n > 0:
-                self._refcount[key] = n
-                return
-            self._refcount.pop(key, None)
-            if self.status != "running":
-                self._states.pop(key, None)
-                return
-            self._release_pending.append(key)
-            # Releases are collected for RELEASE_DELAY and go out as one message:
-            # one wake-up of the scheduler (and of the workers it frees keys on)
-            # for all of them, off the path of the next submit.
-            if self._release_timer:
-                return
-            self._release_timer = True
-        try:
-            # Always through call_soon_threadsafe, even on the loop's own thread:
-            # this runs from Future.__del__, i.e. wherever a garbage collection
-            # happens, possibly inside the event loop's own C code.
-            self.loop.call_soon_threadsafe(self._arm_release_timer)
-        except RuntimeError:  # loop closed during interpreter shutdown
-            pass
+        self._hot.dec_ref(key)
 
-    RELEASE_DELAY = 0.02
-
-    def _arm_release_timer(self):
-        self.loop.call_later(self.RELEASE_DELAY, self._release_timer_fired)
-
-    def _release_timer_fired(self):
-        with self._lock:
-            self._release_timer = False
-            if not self._release_pending:
-                return
-        self._flush_outbox(releases=True)
+    RELEASE_DELAY = 0.02      # seconds releases are collected before they go out
 
     # -- incoming messages (on the loop) -------------------------------------------
-    def _handle(self, msg):
-        if type(msg) is list:             # the positional hot message (docs/contracts.md)
-            check_positional(msg, "keys-in-memory", 3)
-            keys, data = msg[1], msg[2]
-            if len(keys) != len(data):
-                raise ValueError("keys-in-memory: columns of different lengths")
-            states = self._states
-            for key, d in zip(keys, data):
-                st = states.get(key)
-                if st is not None:
-                    if type(d) is list:      # a msgpack-native result, as [value]
-                        st.finish(d[0], True, None)
-                    else:                    # Serialized, or None: fetch from a worker
-                        st.finish(d, d is not None, None)
-            return
+    def _handle_other(self, msg):
+        """Every message but the positional keys-in-memory (ClientHotPath.handle)."""
         op = msg.get("op")
         if op == "task-erred":
             st = self._states.get(msg["key"])
@@ -600,61 +512,9 @@ class Client:
         return await fut
 
     # -- building tasks --------------------------------------------------------------
-    def _serialized_function(self, func):
-        # The last function used, first: a loop of submits of one function skips
-        # the weak dictionary (whose lookup is Python code making a weakref).
-        last = self._last_func
-        if last is not None and last[0] is func:
-            return last[1]
-        try:
-            s = self._func_cache[func]
-        except (KeyError, TypeError):
-            s = serialize_obj(func)
-            try:
-                self._func_cache[func] = s
-            except TypeError:
-                pass
-        self._last_func = (func, s)
-        return s
-
     def _make_task(self, func, args, kwargs, key, pure, fser=None, ftok=None):
-        """One task record: [key, run_spec, dependency keys, options]."""
-        if key is None:
-            if pure:
-                tok = _tokenize(ftok or _func_token(func), args, kwargs)
-            else:
-                tok = self._unique()
-            key = f"{_funcname(func)}-{tok}"
-        fser = fser or self._serialized_function(func)
-        if not kwargs:
-            # Flat arguments of msgpack-native values and Futures need no pickling:
-            # a Future's slot carries its key, and `refs` lists those slots.
-            refs = None
-            for i, a in enumerate(args):
-                t = type(a)
-                if t is Future:
-                    if refs is None:
-                        refs = []
-                    refs.append(i)
-                elif t not in _NATIVE:
-                    break
-            else:
-                if refs is None:
-                    return key, ["call", fser, list(args), None], []
-                lst = list(args)
-                deps = []
-                for i in refs:
-                    lst[i] = k = lst[i].key
-                    deps.append(k)
-                return key, ["call", fser, lst, None, refs], deps
-        deps = []
-        args2 = _replace_futures(args, deps)
-        kwargs2 = _replace_futures(kwargs, deps) if kwargs else None
-        return key, ["call", fser, serialize_obj((args2, kwargs2)), None], deps
-
-    def _unique(self):
-        """A key suffix unique to this client (pure=False): cheaper than a uuid per task."""
-        return f"{self._uid}-{next(self._counter)}"
+        """One task record's parts: (key, run spec, dependency keys)."""
+        return self._hot.make_task(func, tuple(args), kwargs, key, pure, fser, ftok)
 
     @staticmethod
     def _task_options(workers, resources, retries, priority, allow_other_workers, annotations=None):
@@ -673,34 +533,8 @@ class Client:
         return opts or None
 
     def _submit_tasks(self, records, wanted_keys):
-        """Send task records; return futures for wanted_keys.
-
-        The references are taken and the message queued under one acquisition of
-        the client's lock (a `for` loop of `submit` pays for each acquisition, and
-        the loop thread takes the same lock)."""
-        if self.status == "closed":
-            raise RuntimeError("this client is closed")
-        msg = ["update-graph", records, list(wanted_keys)]     # positional (contracts.md)
-        states = []
-        append = states.append
-        refcount, known, loop = self._refcount, self._states, self.loop
-        with self._lock:
-            for key in wanted_keys:
-                refcount[key] = refcount.get(key, 0) + 1
-                st = known.get(key)
-                if st is None:
-                    st = known[key] = FutureState(key, loop)
-                append(st)
-            self._outbox.append(msg)
-            schedule = not self._outbox_scheduled
-            self._outbox_scheduled = True
-        futures = [Future(k, self, st) for k, st in zip(wanted_keys, states)]
-        if schedule:
-            if asyncio._get_running_loop() is loop:     # _in_loop(), without the call
-                loop.call_soon(self._flush_outbox)
-            else:
-                loop.call_soon_threadsafe(self._flush_outbox)
-        return futures
+        """Send task records; return futures for wanted_keys (ClientHotPath.submit)."""
+        return self._hot.submit(records, list(wanted_keys))
 
     # -- public API: submitting --------------------------------------------------------
     def submit(self, func, *args, key=None, workers=None, resources=None, retries=None,
@@ -711,15 +545,11 @@ class Client:
             raise TypeError(f"First argument to submit must be callable, got {func!r}")
         if actor or actors:
             raise NotImplementedError("actors are not supported by taskcore")
-        explicit = key is not None
-        key, spec, deps = self._make_task(func, args, kwargs, key, pure)
-        if pure or explicit:                 # pure=False keys are new by construction
-            with self._lock:
-                existing = key in self._states
-            if existing:
-                return Future(key, self)
-        opts = self._task_options(workers, resources, retries, priority, allow_other_workers)
-        return self._submit_tasks([[key, spec, deps, opts]], [key])[0]
+        if workers is None and not resources and not retries and not priority:
+            opts = None
+        else:
+            opts = self._task_options(workers, resources, retries, priority, allow_other_workers)
+        return self._hot.submit_call(func, args, kwargs, key, pure, opts)
 
     def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
             priority=0, allow_other_workers=False, fifo_timeout="100 ms", actor=False,
@@ -739,7 +569,8 @@ class Client:
         else:
             keys = [None] * len(arglists)
         prefix = key if isinstance(key, str) else _funcname(func)
-        fser = self._serialized_function(func)
+        make_task = self._hot.make_task
+        fser = self._hot.wire_function(func)
         ftok = _func_token(func)
         opts = self._task_options(workers, resources, retries, priority, allow_other_workers)
         records = []
@@ -752,9 +583,9 @@ class Client:
         try:
             for args, k in zip(arglists, keys):
                 if k is None:
-                    tok = _tokenize(ftok, args, kwargs) if pure else self._unique()
+                    tok = _tokenize(ftok, args, kwargs) if pure else self._hot.unique()
                     k = f"{prefix}-{tok}"
-                k, spec, deps = self._make_task(func, args, kwargs, k, pure, fser, ftok)
+                k, spec, deps = make_task(func, args, kwargs, k, pure, fser, ftok)
                 out_keys.append(k)
                 if k not in seen:
                     seen.add(k)

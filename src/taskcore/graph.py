@@ -4,8 +4,10 @@ A run spec is opaque to the scheduler (it never unpickles user code). The
 client builds it, the worker executes it:
 
     ["call", func, args, kwargs]
-        func is a Serialized function (shared by every task of a map, so it is
-        pickled once), args is a list of msgpack-native values or a Serialized
+        func is the function's pickle: its bytes when that is one frame of at
+        most 64 kB (a plain msgpack bin on the wire: no ext hooks at the
+        client, scheduler or worker), else a Serialized. Every task of a map
+        shares it, so the function is pickled once. args is a list of msgpack-native values or a Serialized
         (args, kwargs) tuple in which dependencies appear as TaskRef(key).
     ["call", func, args, None, refs]
         flat msgpack-native args in which the slots listed in refs hold the

@@ -23,6 +23,7 @@ cimport cython
 from taskcore.core.protocol cimport StreamProtocol, check_positional
 from taskcore.core.serialize cimport Serialized
 
+import pickle
 import time
 
 from taskcore.core.serialize import nbytes as sizeof, serialize_obj
@@ -36,6 +37,7 @@ cdef object _I64 = 1 << 63
 cdef object _U64 = 1 << 64
 cdef object _now = time.time
 cdef object _monotonic = time.monotonic
+cdef object _pickle_loads = pickle.loads
 
 
 class DeserializeError(Exception):
@@ -232,21 +234,26 @@ cdef class WorkerHotPath:
         return results
 
     cpdef object function(self, object fser):
-        """The task's function: unpickled once per distinct pickle (a cache of up to
-        1,000), since every task of a map carries the same one."""
-        if type(fser) is not Serialized:
-            return fser
-        frames = (<Serialized>fser).frames
-        if len(frames) == 1 and len(frames[0]) <= 65536:
+        """The task's function, from its pickle's bytes or a Serialized (graph.py):
+        unpickled once per distinct pickle (a cache of up to 1,000), since every
+        task of a map carries the same one."""
+        cdef type t = type(fser)
+        if t is bytes:
+            k = fser
+        elif t is Serialized:
+            frames = (<Serialized>fser).frames
+            if len(frames) != 1 or len(frames[0]) > 65536:
+                return fser.deserialize()
             k = bytes(frames[0])
-            f = self.funcs.get(k)
-            if f is None:
-                f = fser.deserialize()
-                if len(self.funcs) > 1000:
-                    self.funcs.clear()
-                self.funcs[k] = f
-            return f
-        return fser.deserialize()
+        else:
+            return fser                     # a function object (inproc:// keeps objects)
+        f = self.funcs.get(k)
+        if f is None:
+            f = _pickle_loads(k) if t is bytes else fser.deserialize()
+            if len(self.funcs) > 1000:
+                self.funcs.clear()
+            self.funcs[k] = f
+        return f
 
     cpdef object run_spec(self, object key, object spec):
         """Run one task's spec on the calling thread (which set `worker` in the

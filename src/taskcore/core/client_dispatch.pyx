@@ -1,0 +1,765 @@
+# cython: language_level=3, boundscheck=True, wraparound=False
+"""The client's hot path, compiled: `Future`, `FutureState` and `ClientHotPath`.
+
+A sync `submit(f, x).result()` crosses two threads of the client process (the
+caller, which builds the task and waits, and the loop thread, which sends it
+and receives the result), and callgrind put the client at ~81k of a round
+trip's ~206k instructions (benchmarks/callgrind_roundtrip.py), most of it
+attribute lookups and method calls on Python objects: the Future, its shared
+state, the Client's dicts, its lock. Here they are C structs and C calls:
+
+- `FutureState` (one per key per client) keeps the status and the inline
+  result. A thread waiting in `wait_sync` blocks on a bare C lock of its own
+  (`_Waiter`), released by `_set`, with the GIL dropped while it waits.
+- `Future` is the user's handle; `result()` on a finished state returns the
+  inline result without touching the loop thread.
+- `ClientHotPath` holds the Client's reference counts, states, outbox and
+  release queue, and does submit (references + queueing), the flush to the
+  scheduler, the positional `keys-in-memory` message and the releases.
+  `Client` (client.py) owns everything else and delegates these.
+
+Locking. The reference counts, the states and the outbox are shared by the
+caller threads, the loop thread and any thread where a garbage collection
+finalizes a Future. `RLock` guards them: a C lock that is reentrant, because
+a collection may run `Future.__del__` (hence `dec_ref`) inside a critical
+section of the same thread, and that drops the GIL while it waits, because
+the holder may need the GIL to finish.
+"""
+cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.pythread cimport (PY_LOCK_ACQUIRED, PY_LOCK_INTR, PyLockStatus, PyThread_allocate_lock,
+                               PyThread_free_lock, PyThread_get_thread_ident,
+                               PyThread_release_lock, PyThread_type_lock)
+from taskcore.core.protocol cimport StreamProtocol, check_positional
+from taskcore.core.serialize cimport SER_PICKLE, Serialized, serialize_obj
+
+import asyncio
+import threading
+import weakref
+
+from taskcore.errors import CancelledError, FutureLostError
+
+cdef extern from "pythread.h":
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock lock, long long microseconds,
+                                             int intr_flag) nogil
+
+PENDING = "pending"
+FINISHED = "finished"
+ERROR = "error"
+CANCELLED = "cancelled"
+LOST = "lost"
+cdef str _PENDING = PENDING
+cdef str _FINISHED = FINISHED
+cdef str _ERROR = ERROR
+cdef str _CANCELLED = CANCELLED
+cdef str _LOST = LOST
+
+cdef object _get_running_loop = asyncio._get_running_loop
+cdef object _CommClosedError = None        # set by ClientHotPath.__init__ (import cycle)
+
+
+# ------------------------------------------------------------------ locks
+
+cdef int _acquire_timed(PyThread_type_lock lock, double timeout) except -1:
+    """Acquire `lock` with the GIL dropped; a signal handler may interrupt the wait
+    (Ctrl-C in a blocking `result()`), as in `threading.Lock.acquire`. Returns 1 when
+    acquired, 0 on timeout (`timeout` < 0: none)."""
+    cdef long long us = -1 if timeout < 0 else <long long>(timeout * 1e6)
+    cdef PyLockStatus r
+    while True:
+        with nogil:
+            r = PyThread_acquire_lock_timed(lock, us, 1)
+        if r == PY_LOCK_INTR:
+            PyErr_CheckSignals()      # raises if a handler raised (KeyboardInterrupt)
+            continue                  # (a retry restarts the timeout: as CPython < 3.2)
+        return r == PY_LOCK_ACQUIRED
+
+
+@cython.final
+cdef class RLock:
+    """A reentrant lock in C (see the module doc), usable as `with lock:` from Python."""
+    cdef PyThread_type_lock lock
+    cdef unsigned long owner
+    cdef long count
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError("cannot allocate a lock")
+        self.owner = 0
+        self.count = 0
+
+    def __dealloc__(self):
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+    cdef inline int acquire(self) except -1:
+        cdef unsigned long me = PyThread_get_thread_ident()
+        if self.count and self.owner == me:
+            self.count += 1
+            return 0
+        if PyThread_acquire_lock_timed(self.lock, 0, 0) != PY_LOCK_ACQUIRED:
+            _acquire_timed(self.lock, -1.0)
+        self.owner = me
+        self.count = 1
+        return 0
+
+    cdef inline void release(self):
+        self.count -= 1
+        if self.count == 0:
+            self.owner = 0
+            PyThread_release_lock(self.lock)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+@cython.final
+@cython.freelist(8)
+cdef class _Waiter:
+    """One blocked `wait_sync` call: a C lock, taken at creation, that `_set` releases."""
+    cdef PyThread_type_lock lock
+
+    def __cinit__(self):
+        self.lock = PyThread_allocate_lock()
+        if self.lock == NULL:
+            raise MemoryError("cannot allocate a lock")
+        PyThread_acquire_lock_timed(self.lock, 0, 0)
+
+    def __dealloc__(self):
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+
+# ------------------------------------------------------------------ FutureState
+
+@cython.final
+cdef class FutureState:
+    """Shared state of one key on one client; changed only on the client's loop."""
+    cdef public object key
+    cdef public str status
+    cdef public object data          # inline result (Serialized or object), if sent
+    cdef public bint has_data
+    cdef public object exception
+    cdef public object traceback
+    cdef public object type
+    cdef public object loop
+    cdef list _event                 # _Waiters of threads blocked in wait_sync
+    cdef list _waiters               # asyncio futures of coroutines in wait()
+    cdef public list callbacks
+
+    def __init__(self, key, loop):
+        self.key = key
+        self.loop = loop
+        self.status = _PENDING
+        self.has_data = False
+
+    cpdef bint done(self):
+        return self.status != _PENDING
+
+    cpdef _set(self, str status):
+        cdef list locks
+        self.status = status
+        if self._event is not None:
+            locks, self._event = self._event, None
+            for w in locks:
+                PyThread_release_lock((<_Waiter>w).lock)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, None
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+        if self.callbacks:
+            cbs, self.callbacks = self.callbacks, None
+            for cb in cbs:
+                cb(self)
+
+    cpdef finish(self, data=None, bint has_data=False, type=None):
+        self.type = type
+        if has_data:
+            self.data = data
+            self.has_data = True
+        self._set(_FINISHED)
+
+    def set_error(self, exception, traceback):
+        self.exception = exception
+        self.traceback = traceback
+        self._set(_ERROR)
+
+    def cancel(self, reason=None):
+        self.exception = CancelledError(reason or f"key {self.key!r} was cancelled")
+        self._set(_CANCELLED)
+
+    def lose(self):
+        self.exception = FutureLostError(f"key {self.key!r} was lost by the scheduler")
+        self._set(_LOST)
+
+    def reset(self):
+        """Back to pending (retry, or the scheduler recomputing a lost key)."""
+        self.status = _PENDING
+        self.data = None
+        self.has_data = False
+        self.exception = None
+        self.traceback = None
+
+    async def wait(self):
+        """Wait on the client's loop."""
+        while self.status == _PENDING:
+            w = self.loop.create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(w)
+            await w
+
+    cpdef bint wait_sync(self, timeout=None) except -1:
+        """Wait from any thread but the loop's; False on timeout.
+
+        Atomic under the GIL, without a lock of its own: `_set` runs on the loop
+        thread with the GIL held and swaps `_event` out before releasing its
+        waiters. The status is checked again after our waiter is in the list: if
+        `_set` ran in between (a garbage collection can switch threads while the
+        list is allocated), it has either released our waiter or left the status
+        set for us to see."""
+        cdef _Waiter w
+        if self.status != _PENDING:
+            return True
+        w = _Waiter()
+        if self._event is None:
+            self._event = []
+        self._event.append(w)
+        if self.status != _PENDING:
+            return True
+        if _acquire_timed(w.lock, -1.0 if timeout is None else max(<double>timeout, 0.0)):
+            return True
+        if self._event is not None and w in self._event:     # timed out: withdraw
+            self._event.remove(w)
+        return self.status != _PENDING
+
+    def add_callback(self, cb):
+        """cb(state) runs on the client's loop once the state is done."""
+        if self.done():
+            cb(self)
+        else:
+            if self.callbacks is None:
+                self.callbacks = []
+            self.callbacks.append(cb)
+
+
+# ------------------------------------------------------------------ Future
+
+cdef object _default_client():
+    from taskcore.client import default_client
+
+    return default_client()
+
+
+def _future_from_key(key):
+    return Future(key)
+
+
+cdef class Future:
+    """A remote key. Awaitable, picklable into tasks (arrives there as its data)."""
+    cdef readonly object key
+    cdef readonly object client
+    cdef readonly FutureState _state
+    cdef ClientHotPath _hot
+    cdef bint _released
+    cdef object __weakref__
+
+    def __init__(self, key, client=None, FutureState state=None):
+        if client is None:
+            client = _default_client()
+        self.key = key
+        self.client = client
+        self._hot = client._hot
+        # `state` given: the caller already took this Future's reference (submit).
+        self._state = state if state is not None else self._hot.inc_ref(key)
+        self._released = False
+
+    # -- status -----------------------------------------------------------------
+    @property
+    def status(self):
+        return self._state.status
+
+    def done(self):
+        return self._state.done()
+
+    def cancelled(self):
+        return self._state.status == _CANCELLED
+
+    # -- results ----------------------------------------------------------------
+    def result(self, timeout=None):
+        """The task's result; re-raises the task's exception with the remote traceback."""
+        cdef FutureState st = self._state
+        if self._hot.asynchronous:
+            return self._result()
+        if _get_running_loop() is not self._hot.loop:
+            # Wait in this thread and take a result that came back inline, without
+            # a round trip through the client's loop thread (two fewer cross-thread
+            # wake-ups per call).
+            if st.status == _PENDING and not st.wait_sync(timeout):
+                raise TimeoutError(f"result of {self.key!r} not ready after {timeout} s")
+            if st.has_data and st.status == _FINISHED:
+                return _inline_value(st)
+        return self.client.sync(self._result, timeout=timeout)
+
+    async def _result(self, raiseit=True):
+        cdef FutureState st = self._state
+        if st.status == _PENDING:
+            await st.wait()
+        if st.has_data and st.status == _FINISHED:
+            return _inline_value(st)
+        if st.status == _ERROR:
+            exc = self.client._materialize_exception(st)
+            if raiseit:
+                raise exc
+            return exc
+        if st.status == _CANCELLED or st.status == _LOST:
+            if raiseit:
+                raise st.exception
+            return st.exception
+        return (await self.client._gather([self]))[0]
+
+    def exception(self, timeout=None):
+        if self._hot.asynchronous:
+            return self._exception()
+        return self.client.sync(self._exception, timeout=timeout)
+
+    async def _exception(self):
+        await self._state.wait()
+        if self._state.status == _ERROR:
+            return self.client._materialize_exception(self._state)
+        if self._state.status == _CANCELLED or self._state.status == _LOST:
+            return self._state.exception
+        return None
+
+    def traceback(self, timeout=None):
+        """The remote traceback as text, or None if the task did not err."""
+        if self._hot.asynchronous:
+            return self._traceback()
+        return self.client.sync(self._traceback, timeout=timeout)
+
+    async def _traceback(self):
+        await self._state.wait()
+        if self._state.status == _ERROR:
+            exc = self.client._materialize_exception(self._state)
+            return getattr(exc, "__taskcore_traceback__", None)
+        return None
+
+    def __await__(self):
+        return self._result().__await__()
+
+    def cancel(self, force=False):
+        return self.client.cancel([self], force=force)
+
+    def retry(self):
+        return self.client.retry([self])
+
+    def add_done_callback(self, fn):
+        """Call fn(future) once done. Runs in a separate thread so fn may block on results."""
+
+        def cb(state):
+            threading.Thread(target=fn, args=(self,), daemon=True).start()
+
+        self._hot.loop.call_soon_threadsafe(self._state.add_callback, cb)
+
+    # -- lifetime ---------------------------------------------------------------
+    def release(self):
+        if not self._released:
+            self._released = True
+            self._hot.dec_ref(self.key)
+
+    def __del__(self):
+        if not self._released and self._hot is not None:
+            self._released = True
+            try:
+                self._hot.dec_ref(self.key)
+            except Exception:  # interpreter shutdown
+                pass
+
+    def __reduce__(self):
+        # Pickled by the client into task arguments it is replaced by a TaskRef
+        # before this ever runs; pickled anywhere else, it becomes a Future of the
+        # unpickling process's default client.
+        return (_future_from_key, (self.key,))
+
+    def __repr__(self):
+        return f"<Future: {self.status}, key: {self.key!r}>"
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return (isinstance(other, Future) and (<Future>other).key == self.key
+                and (<Future>other).client is self.client)
+
+
+cdef object _inline_value(FutureState st):
+    d = st.data
+    if type(d) is Serialized:
+        d = (<Serialized>d).deserialize()
+        st.data = d
+    return d
+
+
+# ------------------------------------------------------------------ ClientHotPath
+
+@cython.final
+cdef class ClientHotPath:
+    """The Client's shared bookkeeping and its per-round-trip work (see the module
+    doc). `Client._states`, `._refcount` and `._lock` are these same objects."""
+    cdef readonly object client
+    cdef readonly dict states            # key -> FutureState
+    cdef readonly dict refcount          # key -> number of live Futures
+    cdef readonly RLock lock
+    cdef list outbox                     # messages queued for the loop thread
+    cdef bint outbox_scheduled           # a flush is queued on the loop
+    cdef list release_pending            # keys whose last Future went
+    cdef bint release_timer              # a delayed flush of releases is armed
+    cdef public object loop
+    cdef public object comm
+    cdef public bint asynchronous
+    cdef public str status               # the Client's status
+    cdef public double release_delay
+    cdef object flush_cb                 # self.flush_outbox, bound once
+    cdef object other                    # Client._handle_other(msg)
+    # building tasks
+    cdef object func_cache               # function -> its wire form (weak keys)
+    cdef object last_func                # the last function used, its wire form and name:
+    cdef object last_wire                # a loop of submits of one function skips the
+    cdef str last_name                   # weak dictionary (a Python-level lookup)
+    cdef str uid                         # unique keys (pure=False): "<name>-<uid>-<n>"
+    cdef long long counter
+    cdef object py_tokenize, py_func_token, py_funcname, py_replace_futures  # client.py's
+
+    def __init__(self, client, bint asynchronous, double release_delay):
+        global _CommClosedError
+        from taskcore.errors import CommClosedError
+
+        _CommClosedError = CommClosedError
+        self.client = client
+        self.states = {}
+        self.refcount = {}
+        self.lock = RLock()
+        self.outbox = []
+        self.outbox_scheduled = False
+        self.release_pending = []
+        self.release_timer = False
+        self.asynchronous = asynchronous
+        self.status = "newly-created"
+        self.release_delay = release_delay
+        self.flush_cb = self.flush_outbox
+        self.other = client._handle_other
+        import taskcore.client as c
+
+        self.func_cache = weakref.WeakKeyDictionary()
+        self.last_func = None
+        self.uid = client._uid
+        self.counter = 0
+        self.py_tokenize = c._tokenize
+        self.py_func_token = c._func_token
+        self.py_funcname = c._funcname
+        self.py_replace_futures = c._replace_futures
+
+    # -- building tasks ---------------------------------------------------------
+    cpdef object wire_function(self, object func):
+        """The function as a run spec carries it: its pickle's bytes when the pickle
+        is one frame of at most 64 kB (a msgpack bin: no ext hooks at the client,
+        the scheduler or the worker), else a Serialized. Made once per function."""
+        if func is self.last_func:
+            return self.last_wire
+        try:
+            w = self.func_cache[func]
+        except (KeyError, TypeError):
+            s = serialize_obj(func)
+            w = s
+            frames = (<Serialized>s).frames
+            if ((<Serialized>s).kind == SER_PICKLE and len(frames) == 1
+                    and type(frames[0]) is bytes and len(<bytes>frames[0]) <= 65536):
+                w = frames[0]
+            try:
+                self.func_cache[func] = w
+            except TypeError:
+                pass
+        self.last_func = func
+        self.last_wire = w
+        self.last_name = self.py_funcname(func)
+        return w
+
+    cdef str funcname(self, object func):
+        if func is not self.last_func:
+            self.wire_function(func)
+        return self.last_name
+
+    cpdef str unique(self):
+        """A key suffix unique to this client (pure=False): cheaper than a uuid per task."""
+        cdef long long n = self.counter
+        self.counter += 1
+        return f"{self.uid}-{n}"
+
+    cpdef tuple make_task(self, object func, tuple args, object kwargs, object key, bint pure,
+                          object fser=None, object ftok=None):
+        """One task record's parts: (key, run spec, dependency keys); see graph.py."""
+        cdef list lst, deps, refs = None
+        cdef Py_ssize_t i, n
+        if key is None:
+            if pure:
+                tok = self.py_tokenize(ftok or self.py_func_token(func), args, kwargs)
+            else:
+                tok = self.unique()
+            key = f"{self.funcname(func)}-{tok}"
+        if fser is None:
+            fser = self.wire_function(func)
+        if not kwargs:
+            # Flat arguments of msgpack-native values and Futures need no pickling:
+            # a Future's slot carries its key, and `refs` lists those slots.
+            n = len(args)
+            for i in range(n):
+                a = args[i]
+                t = type(a)
+                if t is Future:
+                    if refs is None:
+                        refs = []
+                    refs.append(i)
+                elif not (t is int or t is str or t is float or a is None or t is bool
+                          or t is bytes):
+                    break
+            else:
+                if refs is None:
+                    return key, ["call", fser, list(args), None], []
+                lst = list(args)
+                deps = []
+                for i in refs:
+                    k = (<Future>lst[i]).key
+                    lst[i] = k
+                    deps.append(k)
+                return key, ["call", fser, lst, None, refs], deps
+        deps = []
+        args2 = self.py_replace_futures(args, deps)
+        kwargs2 = self.py_replace_futures(kwargs, deps) if kwargs else None
+        return key, ["call", fser, serialize_obj((args2, kwargs2)), None], deps
+
+    cpdef object submit_call(self, object func, tuple args, object kwargs, object key,
+                             bint pure, object opts):
+        """`Client.submit` after its argument checks: one task, one Future."""
+        cdef bint explicit = key is not None, existing
+        key, spec, deps = self.make_task(func, args, kwargs, key, pure)
+        if pure or explicit:                 # pure=False keys are new by construction
+            self.lock.acquire()
+            existing = key in self.states
+            self.lock.release()
+            if existing:
+                return Future(key, self.client)
+        return self.submit([[key, spec, deps, opts]], [key])[0]
+
+    # -- references -------------------------------------------------------------
+    cpdef FutureState inc_ref(self, object key):
+        cdef FutureState st
+        self.lock.acquire()
+        try:
+            self.refcount[key] = self.refcount.get(key, 0) + 1
+            st = self.states.get(key)
+            if st is None:
+                st = FutureState(key, self.loop)
+                self.states[key] = st
+        finally:
+            self.lock.release()
+        return st
+
+    cpdef int dec_ref(self, object key) except -1:
+        cdef Py_ssize_t n
+        self.lock.acquire()
+        try:
+            n = self.refcount.get(key, 0) - 1
+            if n > 0:
+                self.refcount[key] = n
+                return 0
+            self.refcount.pop(key, None)
+            if self.status != "running":
+                self.states.pop(key, None)
+                return 0
+            self.release_pending.append(key)
+            # Releases are collected for `release_delay` and go out as one message:
+            # one wake-up of the scheduler (and of the workers it frees keys on)
+            # for all of them, off the path of the next submit.
+            if self.release_timer:
+                return 0
+            self.release_timer = True
+        finally:
+            self.lock.release()
+        try:
+            # Always through call_soon_threadsafe, even on the loop's own thread:
+            # this runs from Future.__del__, i.e. wherever a garbage collection
+            # happens, possibly inside the event loop's own C code.
+            self.loop.call_soon_threadsafe(self._arm_release_timer)
+        except RuntimeError:      # loop closed during interpreter shutdown
+            pass
+        return 0
+
+    def _arm_release_timer(self):
+        self.loop.call_later(self.release_delay, self._release_timer_fired)
+
+    def _release_timer_fired(self):
+        self.lock.acquire()
+        try:
+            self.release_timer = False
+            if not self.release_pending:
+                return
+        finally:
+            self.lock.release()
+        self.flush_outbox(True)
+
+    # -- sending ----------------------------------------------------------------
+    cpdef list submit(self, list records, list wanted):
+        """Queue ["update-graph", records, wanted] and return Futures for `wanted`.
+
+        The references are taken and the message queued under one acquisition of
+        the lock (a `for` loop of submits pays for each one, and the loop thread
+        takes the same lock)."""
+        cdef list futures = []
+        cdef FutureState st
+        cdef Future f
+        cdef Py_ssize_t n
+        cdef bint schedule
+        if self.status == "closed":
+            raise RuntimeError("this client is closed")
+        msg = ["update-graph", records, wanted]          # positional (contracts.md)
+        self.lock.acquire()
+        try:
+            for key in wanted:
+                n = self.refcount.get(key, 0)
+                self.refcount[key] = n + 1
+                st = self.states.get(key)
+                if st is None:
+                    st = FutureState(key, self.loop)
+                    self.states[key] = st
+                f = Future.__new__(Future)
+                f.key = key
+                f.client = self.client
+                f._hot = self
+                f._state = st
+                futures.append(f)
+            self.outbox.append(msg)
+            schedule = not self.outbox_scheduled
+            self.outbox_scheduled = True
+        finally:
+            self.lock.release()
+        if schedule:
+            self.wake()
+        return futures
+
+    cpdef int enqueue(self, object msg) except -1:
+        """Queue any message for the scheduler, from any thread."""
+        cdef bint schedule
+        if self.status == "closed":
+            raise RuntimeError("this client is closed")
+        self.lock.acquire()
+        self.outbox.append(msg)
+        schedule = not self.outbox_scheduled
+        self.outbox_scheduled = True
+        self.lock.release()
+        if schedule:
+            self.wake()
+        return 0
+
+    cdef int wake(self) except -1:
+        if _get_running_loop() is self.loop:
+            self.loop.call_soon(self.flush_cb)
+        else:
+            self.loop.call_soon_threadsafe(self.flush_cb)
+        return 0
+
+    cpdef int flush_outbox(self, bint releases=False) except -1:
+        """Send the queued messages; with `releases`, the pending releases too.
+
+        Releases go out on their own timer (`release_delay`), not with every
+        flush: in a submit -> result loop each submit would otherwise carry the
+        previous key's release, and the scheduler and the worker would handle a
+        release (and a free-keys) on the critical path of every round trip."""
+        cdef list msgs, release, graph = None
+        cdef StreamProtocol sp = None
+        self.lock.acquire()
+        try:
+            msgs, self.outbox = self.outbox, []
+            self.outbox_scheduled = False
+            if releases and self.release_pending:
+                # Keys re-referenced since their release was queued are kept.
+                release, self.release_pending = self.release_pending, []
+                release = [k for k in release if not self.refcount.get(k)]
+                for k in release:
+                    self.states.pop(k, None)
+                if release:
+                    msgs.append({"op": "release-keys", "keys": release})
+        finally:
+            self.lock.release()
+        comm = self.comm
+        if comm is None or comm.closed:
+            return 0
+        if isinstance(comm, StreamProtocol):
+            sp = <StreamProtocol>comm
+        if len(msgs) == 1:                  # one submit (a round trip): nothing to merge
+            self.send(sp, comm, msgs[0])
+        else:
+            # Consecutive single-task update-graphs without options (a loop of
+            # submit calls) go out as one graph: one scheduler stimulus instead of
+            # one per task. The order of the records keeps their relative priority.
+            for m in msgs:
+                if (type(m) is list and len(<list>(<list>m)[1]) == 1
+                        and (<list>(<list>(<list>m)[1])[0])[3] is None):
+                    if graph is None:
+                        graph = ["update-graph", list((<list>m)[1]), list((<list>m)[2])]
+                    else:
+                        (<list>graph[1]).extend((<list>m)[1])
+                        (<list>graph[2]).extend((<list>m)[2])
+                    continue
+                if graph is not None:
+                    self.send(sp, comm, graph)
+                    graph = None
+                self.send(sp, comm, m)
+            if graph is not None:
+                self.send(sp, comm, graph)
+        # This runs as a plain loop callback: write now rather than one more loop
+        # iteration later (a sync submit -> result round trip waits on it).
+        if sp is not None:
+            sp.flush()
+        else:
+            comm.flush()
+        return 0
+
+    cdef inline int send(self, StreamProtocol sp, object comm, object msg) except -1:
+        if sp is not None:
+            sp.send(msg)
+        else:
+            comm.send(msg)
+        return 0
+
+    # -- receiving --------------------------------------------------------------
+    def handle(self, msg):
+        """The comm's message handler: ["keys-in-memory", keys, data] here, every
+        other message to `Client._handle_other`."""
+        cdef list keys, data
+        cdef Py_ssize_t i, n
+        cdef FutureState st
+        if type(msg) is not list:
+            self.other(msg)
+            return
+        check_positional(<list>msg, "keys-in-memory", 3)
+        keys = (<list>msg)[1]
+        data = (<list>msg)[2]
+        n = len(keys)
+        if len(data) != n:
+            raise ValueError("keys-in-memory: columns of different lengths")
+        states = self.states
+        for i in range(n):
+            st = states.get(keys[i])
+            if st is not None:
+                d = data[i]
+                if type(d) is list:          # a msgpack-native result, as [value]
+                    st.finish((<list>d)[0], True, None)
+                else:                        # Serialized, or None: fetch from a worker
+                    st.finish(d, d is not None, None)
