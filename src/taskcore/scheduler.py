@@ -109,7 +109,7 @@ class Scheduler(ServerLifecycle):
         self.start_time = time.time()
         # A round trip's messages, compiled (core/scheduler_dispatch.pyx); the rest is here.
         self._hot = HotPath(self.state, self.workers, self.clients, self._inline,
-                            self._execute_one, self._stim, self._update_graph)
+                            self._execute_one, self._update_graph)
 
     # -- lifecycle ---------------------------------------------------------------------
     @property

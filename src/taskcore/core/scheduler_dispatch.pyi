@@ -1,5 +1,5 @@
 """Type stub for the compiled taskcore.core.scheduler_dispatch (see scheduler_dispatch.pyx)."""
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from taskcore.core.scheduler_state import SchedulerState
 
@@ -7,7 +7,7 @@ class HotPath:
     """Compiled handlers for a round trip's four messages; the rest stays in Scheduler."""
 
     def __init__(self, state: SchedulerState, workers: dict, clients: dict, inline: dict,
-                 other: Callable[[Any], None], stim: Iterator[int],
+                 other: Callable[[Any], None],
                  general_graph: Callable[[str, list, list, int], None]) -> None: ...
     def update_graph(self, client: str, records: list, wanted: list,
                      priority: int = 0) -> bool: ...

@@ -41,18 +41,18 @@ cdef class HotPath:
     cdef dict clients             # client id -> peer
     cdef dict inline              # task id -> inline result, filled per tasks-finished
     cdef object other             # Scheduler._execute_one
-    cdef object stim              # the Scheduler's stimulus counter (itertools.count)
     cdef object general_graph     # Scheduler._update_graph, for records with options
+    cdef long long graphs         # update-graph stimuli handled here (their ids)
 
     def __init__(self, SchedulerState state, dict workers, dict clients, dict inline, other,
-                 stim, general_graph):
+                 general_graph):
         self.state = state
         self.workers = workers
         self.clients = clients
         self.inline = inline
         self.other = other
-        self.stim = stim
         self.general_graph = general_graph
+        self.graphs = 0
 
     cpdef bint update_graph(self, str client, object records, object wanted,
                             long long priority=0) except -1:
@@ -63,7 +63,8 @@ cdef class HotPath:
         for rec in records:
             if type(rec) is not list or len(<list>rec) != 4 or (<list>rec)[3] is not None:
                 return False
-        sid = f"update-graph-{next(self.stim)}"
+        self.graphs += 1
+        sid = f"update-graph-h{self.graphs}"
         ev = UpdateGraph(client, records, wanted, priority=priority, stimulus_id=sid)
         st._begin(sid)
         st._dispatch_event(<UpdateGraph>ev)
@@ -106,31 +107,29 @@ cdef class HotPath:
         """Carry out instructions: runs of `compute-tasks`/`keys-in-memory` batched
         per peer (order kept, see `batch_instructions`), anything else by `other`."""
         cdef dict compute, in_memory
-        cdef list cols, tids, out
+        cdef list msg, tids
         cdef dict inline = self.inline
-        cdef Py_ssize_t i
         for item in batch_list(instructions):
             if type(item) is not tuple:
                 self.other(item)
                 continue
             compute, in_memory = <tuple>item
-            for addr, c in compute.items():
+            for addr, m in compute.items():
                 peer = self.workers.get(addr)
                 if peer is not None:
-                    cols = <list>c
-                    _send(peer, ["compute-tasks", cols[0], cols[1], cols[2], cols[3], cols[4]])
+                    _send(peer, <list>m)
             if in_memory:
-                for cid, c in in_memory.items():
+                for cid, m in in_memory.items():
                     peer = self.clients.get(cid)
                     if peer is None:
                         continue
-                    cols = <list>c
-                    tids = <list>cols[1]
+                    msg = <list>m                 # ["keys-in-memory", keys, task ids]
+                    tids = <list>msg[2]
                     if inline:
-                        out = [inline.get(t) for t in tids]
+                        msg[2] = [inline.get(t) for t in tids]
                     else:
-                        out = [None] * len(tids)
-                    _send(peer, ["keys-in-memory", cols[0], out])
+                        msg[2] = [None] * len(tids)
+                    _send(peer, msg)
         return 0
 
 

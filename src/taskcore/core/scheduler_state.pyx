@@ -1230,11 +1230,12 @@ cdef list batch_list(list instructions):
     consecutive ``ComputeTask`` (without resources or annotations) and
     ``KeyInMemory`` instructions:
 
-    * ``compute``: {worker address: [ids, keys, run specs, priorities, deps]},
-      the columns of one ``compute-tasks`` message; priorities as [p0, p1, p2]
+    * ``compute``: {worker address: ["compute-tasks", ids, keys, run specs,
+      priorities, deps]}, one message with its columns; priorities as [p0, p1, p2]
       and dependencies as [[dep id, dep key, nbytes, [holders]], ...] (lists,
       which msgpack decodes natively; tuples would cost an ext hook each);
-    * ``in_memory``: {client id: [keys, task ids]}.
+    * ``in_memory``: {client id: ["keys-in-memory", keys, task ids]}, a message
+      whose last column the server replaces by the inline results.
 
     This is the server's per-task send loop, done on typed fields here: in
     Python it cost more than the transitions that made the instructions.
@@ -1259,19 +1260,19 @@ cdef list batch_list(list instructions):
                 out.append((compute, in_memory))
             found = PyDict_GetItem(compute, ct.worker)
             if found == NULL:
-                cols = [[], [], [], [], []]
+                cols = ["compute-tasks", [], [], [], [], []]
                 compute[ct.worker] = cols
             else:
                 cols = <list>found
-            (<list>cols[0]).append(ct.task_id)
-            (<list>cols[1]).append(ct.key)
-            (<list>cols[2]).append(ct.run_spec)
-            (<list>cols[3]).append([ct._p0, ct._p1, ct._p2])
+            (<list>cols[1]).append(ct.task_id)
+            (<list>cols[2]).append(ct.key)
+            (<list>cols[3]).append(ct.run_spec)
+            (<list>cols[4]).append([ct._p0, ct._p1, ct._p2])
             if ct.dependencies:
                 deps = [[d[0], d[1], d[2], list(d[3])] for d in ct.dependencies]
             else:
                 deps = []
-            (<list>cols[4]).append(deps)
+            (<list>cols[5]).append(deps)
         elif type(obj) is KeyInMemory:
             km = <KeyInMemory>obj
             if compute is None:
@@ -1281,12 +1282,12 @@ cdef list batch_list(list instructions):
             for c in km.clients:
                 found = PyDict_GetItem(in_memory, c)
                 if found == NULL:
-                    cols = [[], []]
+                    cols = ["keys-in-memory", [], []]
                     in_memory[c] = cols
                 else:
                     cols = <list>found
-                (<list>cols[0]).append(km.key)
-                (<list>cols[1]).append(km.task_id)
+                (<list>cols[1]).append(km.key)
+                (<list>cols[2]).append(km.task_id)
         else:
             compute = None
             out.append(obj)

@@ -22,6 +22,7 @@ get_client(), secede() or get_worker() goes back to threads for good.
 cimport cython
 from taskcore.core.protocol cimport StreamProtocol, check_positional
 from taskcore.core.serialize cimport Serialized
+from taskcore.core.worker_state cimport WorkerState
 
 import pickle
 import time
@@ -58,12 +59,14 @@ cpdef object key_prefix(object key):
 @cython.final
 cdef class WorkerHotPath:
     """See the module doc. The dicts are the Worker's own (shared, not copied)."""
-    cdef object state               # WorkerState
+    cdef WorkerState state
     cdef object worker              # the Worker: rare instructions, failures, threads
     cdef dict data                  # key -> value, the worker's data store
     cdef dict small                 # task id -> small result to report inline
     cdef dict durations             # key prefix -> average run time (s)
     cdef dict funcs                 # pickled function bytes -> function
+    cdef bytes last_pickle          # the last function's pickle and the function: a
+    cdef object last_function       # map's tasks skip hashing the pickle again
     cdef object task_local          # the worker module's threading.local
     cdef double threshold
     cdef double budget
@@ -85,6 +88,7 @@ cdef class WorkerHotPath:
         self.result_bytes = result_bytes
         self.out_ids = None
         self.out_released = None
+        self.last_pickle = None
 
     # -- messages -------------------------------------------------------------------
     cpdef int compute_tasks(self, list msg) except -1:
@@ -107,7 +111,7 @@ cdef class WorkerHotPath:
         continues on the next loop iteration)."""
         cdef list inline, results
         cdef double deadline = -1.0
-        instructions = self.state.handle_stimulus(*events)
+        instructions = self.state.handle_events(events)
         try:
             while True:
                 inline = self.execute(instructions)
@@ -119,8 +123,8 @@ cdef class WorkerHotPath:
                 if _monotonic() > deadline:
                     self.worker.loop.call_soon(self.worker._on_inline_results, results)
                     return 0
-                instructions = self.state.handle_stimulus(
-                    *[self.result_event(r[0], r[1], r[2], r[3], r[4], r[5]) for r in results])
+                instructions = self.state.handle_events(
+                    [self.result_event(r[0], r[1], r[2], r[3], r[4], r[5]) for r in results])
         finally:
             if self.out_ids is not None or self.out_released is not None:
                 self.flush_out()
@@ -239,6 +243,8 @@ cdef class WorkerHotPath:
         task of a map carries the same one."""
         cdef type t = type(fser)
         if t is bytes:
+            if self.last_pickle is not None and <bytes>fser == self.last_pickle:
+                return self.last_function
             k = fser
         elif t is Serialized:
             frames = (<Serialized>fser).frames
@@ -253,6 +259,9 @@ cdef class WorkerHotPath:
             if len(self.funcs) > 1000:
                 self.funcs.clear()
             self.funcs[k] = f
+        if t is bytes:
+            self.last_pickle = <bytes>fser
+            self.last_function = f
         return f
 
     cpdef object run_spec(self, object key, object spec):

@@ -372,6 +372,7 @@ cdef class WorkerState:
     cdef int _flight_failed(self, list tasks, int code) except -1
     cdef TaskState _execute_done(self, int64_t tid)
     # handlers
+    cpdef list handle_events(self, list events)
     cdef int _dispatch(self, object ev) except -1
     cdef int _handle_compute(self, object ev) except -1
     cdef int _handle_free_keys(self, object ev) except -1

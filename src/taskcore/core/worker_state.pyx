@@ -1208,6 +1208,10 @@ cdef class WorkerState:
     # ------------------------------------------------------------------
     def handle_stimulus(self, *events):
         """Feed events, get the list of instructions to execute, in order."""
+        return self.handle_events(list(events))
+
+    cpdef list handle_events(self, list events):
+        """`handle_stimulus` with the events in a list (a C call from worker_dispatch)."""
         cdef list instrs = []
         cdef object ev
         self._instructions = instrs
