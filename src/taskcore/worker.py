@@ -191,7 +191,7 @@ class Worker(ServerLifecycle):
             await comm.close()
             raise ValueError(f"scheduler refused worker registration: {reply.get('message', reply)}")
         self.scheduler_comm = comm
-        comm.set_message_handler(self._scheduler_msg)
+        comm.set_message_handler(self._hot.on_message)
         self._spawn(self._watch_scheduler(comm))
 
     async def _watch_scheduler(self, comm):

@@ -38,7 +38,7 @@ cdef class StreamProtocol:
     cdef readonly long long bytes_read
     cdef readonly long long bytes_written
 
-    cdef int _deliver(self, tuple item) except -1
+    cdef object _deliver(self, tuple item)
     cdef void _protocol_error(self, exc)
     cdef void _wake_all(self)
     cpdef send(self, msg)

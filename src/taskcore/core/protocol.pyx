@@ -158,6 +158,7 @@ cdef class StreamProtocol:
     def buffer_updated(self, Py_ssize_t nbytes):
         cdef list done
         cdef tuple item
+        cdef list handled = []
         cdef LoopFlusher fl = self.flusher
         self.bytes_read += nbytes
         fl.enter()
@@ -165,7 +166,9 @@ cdef class StreamProtocol:
             try:
                 done = self.decoder.buffer_updated(nbytes)
                 for item in done:
-                    self._deliver(item)
+                    # The handled messages are freed after the flush below, when
+                    # this returns: replies go out before the deallocations.
+                    handled.append(self._deliver(item))
             except _ProtocolError as e:
                 self._protocol_error(e)
             except Exception as e:
@@ -206,7 +209,8 @@ cdef class StreamProtocol:
 
     # -- receiving ------------------------------------------------------------------
 
-    cdef int _deliver(self, tuple item) except -1:
+    cdef object _deliver(self, tuple item):
+        """Decode one wire message and hand its messages on; returns them."""
         frames, flags = item
         if flags is not None:
             frames = decompress_frames(frames, flags, self.limits.max_frame_size)
@@ -235,7 +239,7 @@ cdef class StreamProtocol:
                 self.read_waiter = None
                 if not w.done():
                     w.set_result(None)
-        return 0
+        return batch
 
     cdef void _protocol_error(self, exc):
         logger.warning("closing connection from %s: %s", self.peer_address, exc)

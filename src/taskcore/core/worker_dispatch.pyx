@@ -22,14 +22,14 @@ get_client(), secede() or get_worker() goes back to threads for good.
 cimport cython
 from taskcore.core.protocol cimport StreamProtocol, check_positional
 from taskcore.core.serialize cimport Serialized
-from taskcore.core.worker_state cimport WorkerState
+from taskcore.core.worker_state cimport (ComputeTask, DropData, Execute, ExecuteSuccess,
+                                         ReleaseWorkerDataMsg, TaskFinishedMsg, WorkerState)
 
+import logging
 import pickle
 import time
 
 from taskcore.core.serialize import nbytes as sizeof, serialize_obj
-from taskcore.core.worker_state import (ComputeTask, DropData, Execute, ExecuteSuccess,
-                                        ReleaseWorkerDataMsg, TaskFinishedMsg)
 from taskcore.graph import substitute
 
 NEVER_INLINE = float("inf")     # the recorded duration of a prefix that must use threads
@@ -39,6 +39,7 @@ cdef object _U64 = 1 << 64
 cdef object _now = time.time
 cdef object _monotonic = time.monotonic
 cdef object _pickle_loads = pickle.loads
+_logger = logging.getLogger("taskcore.worker")
 
 
 class DeserializeError(Exception):
@@ -91,6 +92,18 @@ cdef class WorkerHotPath:
         self.last_pickle = None
 
     # -- messages -------------------------------------------------------------------
+    def on_message(self, msg):
+        """The scheduler comm's message handler: ["compute-tasks", ...] here, every
+        other message to `Worker._scheduler_msg`. A malformed one is logged and
+        dropped; the connection carries on."""
+        if type(msg) is not list:
+            self.worker._scheduler_msg(msg)
+            return
+        try:
+            self.compute_tasks(<list>msg)
+        except Exception:
+            _logger.exception("error handling %r from the scheduler", str(msg)[:200])
+
     cpdef int compute_tasks(self, list msg) except -1:
         """["compute-tasks", ids, keys, specs, priorities, deps] from the scheduler."""
         cdef list ids, keys, specs, prios, deps
@@ -100,8 +113,8 @@ cdef class WorkerHotPath:
         n = len(ids)
         if not (len(keys) == len(specs) == len(prios) == len(deps) == n):
             raise ValueError("compute-tasks: columns of different lengths")
-        self.handle([ComputeTask(ids[i], keys[i], specs[i], prios[i], "compute-task",
-                                 deps[i], None, None) for i in range(n)])
+        self.handle([_compute_task(ids[i], keys[i], specs[i], prios[i], deps[i])
+                     for i in range(n)])
         return 0
 
     # -- the loop -------------------------------------------------------------------
@@ -133,15 +146,19 @@ cdef class WorkerHotPath:
         """Carry out instructions; return the Execute instructions to run inline."""
         cdef list inline = []
         cdef dict small = self.small
+        cdef Execute ex
+        cdef TaskFinishedMsg fin
         for ins in instructions:
             t = type(ins)
             if t is Execute:
-                if self.inline_ok(ins.key):
-                    inline.append(ins)
+                ex = <Execute>ins
+                if self.inline_ok(ex.key):
+                    inline.append(ex)
                 else:
                     self.worker.executor.submit(
-                        ins.id, self.worker._task_callable(ins.key, ins.run_spec))
+                        ex.id, self.worker._task_callable(ex.key, ex.run_spec))
             elif t is TaskFinishedMsg:
+                fin = <TaskFinishedMsg>ins
                 if self.out_ids is None:
                     if self.out_released is not None:
                         self.flush_out()        # a release before a finish stays before it
@@ -150,18 +167,18 @@ cdef class WorkerHotPath:
                     self.out_types = []
                     self.out_durations = []
                     self.out_data = []
-                tid = ins.id
+                tid = fin.id
                 self.out_ids.append(tid)
-                self.out_nbytes.append(ins.nbytes)
-                self.out_types.append(ins.type_name)
-                self.out_durations.append(ins.stop - ins.start)
+                self.out_nbytes.append(fin.nbytes)
+                self.out_types.append(fin.type_name)
+                self.out_durations.append(fin.stop - fin.start)
                 self.out_data.append(small.pop(tid, None) if small else None)
             elif t is ReleaseWorkerDataMsg:
                 if self.out_released is None:
                     self.out_released = []
-                self.out_released.append(ins.key)
+                self.out_released.append((<ReleaseWorkerDataMsg>ins).key)
             elif t is DropData:
-                self.data.pop(ins.key, None)
+                self.data.pop((<DropData>ins).key, None)
             else:
                 if self.out_ids is not None or self.out_released is not None:
                     self.flush_out()
@@ -214,6 +231,7 @@ cdef class WorkerHotPath:
         cdef list results = []
         cdef dict local = self.task_local.__dict__
         cdef double start, stop
+        cdef Execute ins
         local["inline"] = True
         local["worker"] = self.worker
         local["interacted"] = False
@@ -313,7 +331,7 @@ cdef class WorkerHotPath:
             if t is not int or -_I64 <= value < _U64:
                 self.small[tid] = [value]
                 self.data[key] = value
-                return ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
+                return _execute_success(tid, nb, t.__name__, start, stop)
         if nb <= self.result_bytes:
             try:
                 s = serialize_obj(value)
@@ -324,4 +342,29 @@ cdef class WorkerHotPath:
             if s.nbytes <= self.result_bytes:
                 self.small[tid] = s
         self.data[key] = value
-        return ExecuteSuccess(tid, nb, t.__name__, start, stop, "execute")
+        return _execute_success(tid, nb, t.__name__, start, stop)
+
+
+# Events made here without the Python-level __init__ call (argument parsing):
+# the fields are set directly, as the classes' __init__ would.
+cdef ComputeTask _compute_task(object tid, object key, object spec, object prio, object deps):
+    cdef ComputeTask ev = ComputeTask.__new__(ComputeTask)
+    ev.id = tid
+    ev.key = key
+    ev.run_spec = spec
+    ev.priority = prio
+    ev.stimulus_id = "compute-task"
+    ev.who_has = deps
+    return ev
+
+
+cdef ExecuteSuccess _execute_success(object tid, object nb, object type_name, double start,
+                                     double stop):
+    cdef ExecuteSuccess ev = ExecuteSuccess.__new__(ExecuteSuccess)
+    ev.id = tid
+    ev.nbytes = nb
+    ev.type_name = type_name
+    ev.start = start
+    ev.stop = stop
+    ev.stimulus_id = "execute"
+    return ev

@@ -269,6 +269,57 @@ cdef class StateMachineEvent:
 cdef class Instruction:
     cdef readonly object stimulus_id
 
+# The events and instructions of a tiny task's path, declared here for
+# worker_dispatch.pyx's typed access (the others are declared in the .pyx).
+@cython.no_gc
+@cython.final
+cdef class ComputeTask(StateMachineEvent):
+    cdef readonly int64_t id
+    cdef readonly object key
+    cdef readonly object run_spec
+    cdef readonly object priority
+    cdef readonly object who_has
+    cdef readonly object resource_restrictions
+    cdef readonly object annotations
+
+@cython.no_gc
+@cython.final
+cdef class ExecuteSuccess(StateMachineEvent):
+    cdef readonly int64_t id
+    cdef readonly int64_t nbytes
+    cdef readonly object type_name
+    cdef readonly double start
+    cdef readonly double stop
+
+@cython.no_gc
+@cython.final
+cdef class Execute(Instruction):
+    cdef readonly int64_t id
+    cdef readonly object key
+    cdef readonly object run_spec
+
+@cython.no_gc
+@cython.final
+cdef class DropData(Instruction):
+    cdef readonly int64_t id
+    cdef readonly object key
+
+@cython.no_gc
+@cython.final
+cdef class TaskFinishedMsg(Instruction):
+    cdef readonly int64_t id
+    cdef readonly object key
+    cdef readonly int64_t nbytes
+    cdef readonly object type_name
+    cdef readonly double start
+    cdef readonly double stop
+
+@cython.no_gc
+@cython.final
+cdef class ReleaseWorkerDataMsg(Instruction):
+    cdef readonly int64_t id
+    cdef readonly object key
+
 # ---------------------------------------------------------------------------
 # 5. The machine
 # ---------------------------------------------------------------------------

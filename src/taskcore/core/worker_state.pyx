@@ -486,13 +486,6 @@ cdef class ComputeTask(StateMachineEvent):
     every dependency (nbytes < 0: unknown).  priority: tuple of at most four
     ints (smaller runs first).  resource_restrictions: {name: amount} or None.
     """
-    cdef readonly int64_t id
-    cdef readonly object key
-    cdef readonly object run_spec
-    cdef readonly object priority
-    cdef readonly object who_has
-    cdef readonly object resource_restrictions
-    cdef readonly object annotations
     _fields = ("id", "key", "run_spec", "priority", "who_has", "resource_restrictions",
                "annotations")
 
@@ -563,11 +556,6 @@ cdef class UpdateData(StateMachineEvent):
 @cython.final
 cdef class ExecuteSuccess(StateMachineEvent):
     """A thread finished the task; the value is in the server's data store."""
-    cdef readonly int64_t id
-    cdef readonly int64_t nbytes
-    cdef readonly object type_name
-    cdef readonly double start
-    cdef readonly double stop
     _fields = ("id", "nbytes", "type_name", "start", "stop")
 
     def __init__(self, int64_t id, int64_t nbytes, type_name, double start, double stop,
@@ -815,9 +803,6 @@ cdef class Instruction:
 @cython.final
 cdef class Execute(Instruction):
     """Run the task in a thread (run_spec and key included: no lookup needed)."""
-    cdef readonly int64_t id
-    cdef readonly object key
-    cdef readonly object run_spec
     _fields = ("id", "key", "run_spec")
 
     def __init__(self, int64_t id, key, run_spec, stimulus_id):
@@ -861,8 +846,6 @@ cdef class RetryBusyWorkerLater(Instruction):
 @cython.final
 cdef class DropData(Instruction):
     """Delete `key` from the server's data store (idempotent)."""
-    cdef readonly int64_t id
-    cdef readonly object key
     _fields = ("id", "key")
 
     def __init__(self, int64_t id, key, stimulus_id):
@@ -874,12 +857,6 @@ cdef class DropData(Instruction):
 @cython.no_gc
 @cython.final
 cdef class TaskFinishedMsg(Instruction):
-    cdef readonly int64_t id
-    cdef readonly object key
-    cdef readonly int64_t nbytes
-    cdef readonly object type_name
-    cdef readonly double start
-    cdef readonly double stop
     _fields = ("id", "key", "nbytes", "type_name", "start", "stop")
     op = "task-finished"
 
@@ -920,8 +897,6 @@ cdef class TaskErredMsg(Instruction):
 @cython.final
 cdef class ReleaseWorkerDataMsg(Instruction):
     """We dropped our replica."""
-    cdef readonly int64_t id
-    cdef readonly object key
     _fields = ("id", "key")
     op = "release-worker-data"
 
