@@ -30,7 +30,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport (PY_LOCK_ACQUIRED, PY_LOCK_INTR, PyLockStatus, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_get_thread_ident,
                                PyThread_release_lock, PyThread_type_lock)
-from taskcore.core.protocol cimport StreamProtocol, check_positional
+from taskcore.core.protocol cimport LoopFlusher, StreamProtocol, check_positional
 from taskcore.core.serialize cimport SER_PICKLE, Serialized, serialize_obj
 
 import asyncio
@@ -681,8 +681,9 @@ cdef class ClientHotPath:
         flush: in a submit -> result loop each submit would otherwise carry the
         previous key's release, and the scheduler and the worker would handle a
         release (and a free-keys) on the critical path of every round trip."""
-        cdef list msgs, release, graph = None
+        cdef list msgs, release
         cdef StreamProtocol sp = None
+        cdef LoopFlusher fl = None
         self.lock.acquire()
         try:
             msgs, self.outbox = self.outbox, []
@@ -702,6 +703,22 @@ cdef class ClientHotPath:
             return 0
         if isinstance(comm, StreamProtocol):
             sp = <StreamProtocol>comm
+            # Inside enter/leave, send() only queues (no call_soon for a flush of
+            # its own); leave() writes everything queued, now: this is a plain loop
+            # callback and a sync submit -> result round trip waits on it.
+            fl = sp.flusher
+            fl.enter()
+        try:
+            self.send_all(sp, comm, msgs)
+        finally:
+            if fl is not None:
+                fl.leave()
+            else:
+                comm.flush()
+        return 0
+
+    cdef int send_all(self, StreamProtocol sp, object comm, list msgs) except -1:
+        cdef list graph = None
         if len(msgs) == 1:                  # one submit (a round trip): nothing to merge
             self.send(sp, comm, msgs[0])
         else:
@@ -723,12 +740,6 @@ cdef class ClientHotPath:
                 self.send(sp, comm, m)
             if graph is not None:
                 self.send(sp, comm, graph)
-        # This runs as a plain loop callback: write now rather than one more loop
-        # iteration later (a sync submit -> result round trip waits on it).
-        if sp is not None:
-            sp.flush()
-        else:
-            comm.flush()
         return 0
 
     cdef inline int send(self, StreamProtocol sp, object comm, object msg) except -1:
