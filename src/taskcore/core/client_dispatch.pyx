@@ -744,7 +744,7 @@ cdef class ClientHotPath:
 
     cdef inline int send(self, StreamProtocol sp, object comm, object msg) except -1:
         if sp is not None:
-            sp.send(msg)
+            sp.queue(msg)
         else:
             comm.send(msg)
         return 0

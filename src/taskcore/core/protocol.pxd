@@ -41,7 +41,7 @@ cdef class StreamProtocol:
     cdef object _deliver(self, tuple item)
     cdef void _protocol_error(self, exc)
     cdef void _wake_all(self)
-    cpdef send(self, msg)
+    cdef int queue(self, object msg) except -1
     cpdef flush(self)
     cdef int _flush(self) except -1
     cdef object _dumps_each(self, list batch)

@@ -301,8 +301,14 @@ cdef class StreamProtocol:
 
     # -- sending --------------------------------------------------------------------
 
-    cpdef send(self, msg):
+    def send(self, msg):
         """Queue `msg`; it goes out, batched, at the end of this callback or tick."""
+        self.queue(msg)
+
+    cdef int queue(self, object msg) except -1:
+        """`send` for compiled callers: a plain C call. (A cpdef method would first
+        look itself up on the instance, every call, since TCPComm is a Python
+        subclass that might override it.)"""
         if self.closed:
             raise self.exc if self.exc is not None else _CommClosedError("comm closed")
         self.outbox.append(msg)
@@ -312,6 +318,7 @@ cdef class StreamProtocol:
                 self.flusher.dirty.append(self)
             else:
                 self.loop.call_soon(self._flush_cb)
+        return 0
 
     cpdef flush(self):
         """Write what `send` queued now rather than at the end of this callback or
@@ -327,7 +334,7 @@ cdef class StreamProtocol:
         Writers in the same tick still share one flush (they all wait on the same
         future), but a writer that never yields cannot pile up an unbounded outbox.
         """
-        self.send(msg)
+        self.queue(msg)
         if self.flush_scheduled:
             if self.flushed is None:
                 self.flushed = self.loop.create_future()

@@ -137,7 +137,7 @@ cdef inline int _send(object peer, list msg) except -1:
     comm = peer.comm
     try:
         if isinstance(comm, StreamProtocol):
-            (<StreamProtocol>comm).send(msg)
+            (<StreamProtocol>comm).queue(msg)
         else:                          # inproc:// and other transports
             comm.send(msg)
     except _CommClosedError:

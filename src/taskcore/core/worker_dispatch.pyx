@@ -200,7 +200,7 @@ cdef class WorkerHotPath:
             msg = ["tasks-finished", ids, self.out_nbytes, self.out_types,
                    self.out_durations, self.out_data]
             if isinstance(comm, StreamProtocol):
-                (<StreamProtocol>comm).send(msg)
+                (<StreamProtocol>comm).queue(msg)
             else:
                 comm.send(msg)
         if released is not None:
