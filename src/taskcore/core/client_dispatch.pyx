@@ -770,7 +770,9 @@ cdef class ClientHotPath:
             st = states.get(keys[i])
             if st is not None:
                 d = data[i]
-                if type(d) is list:          # a msgpack-native result, as [value]
+                if d is None:                # not sent: fetch it from a worker
+                    st.finish(None, False, None)
+                elif type(d) is list:        # [None], a task that returned None
                     st.finish((<list>d)[0], True, None)
-                else:                        # Serialized, or None: fetch from a worker
-                    st.finish(d, d is not None, None)
+                else:                        # a scalar as itself, or a Serialized
+                    st.finish(d, True, None)

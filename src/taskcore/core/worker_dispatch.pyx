@@ -326,10 +326,11 @@ cdef class WorkerHotPath:
         except Exception:
             nb = 1024
         if t is int or t is float or t is bool or value is None:
-            # msgpack-native scalars ride along as [value]: no pickling here, no
-            # ext hook at the client. (Huge ints do not fit msgpack; pickle those.)
+            # msgpack-native scalars ride along as themselves (None as [None]: a
+            # bare None means "not sent"): no pickling here, no ext hook at the
+            # client. (Huge ints do not fit msgpack; pickle those.)
             if t is not int or -_I64 <= value < _U64:
-                self.small[tid] = [value]
+                self.small[tid] = value if value is not None else [None]
                 self.data[key] = value
                 return _execute_success(tid, nb, t.__name__, start, stop)
         if nb <= self.result_bytes:
