@@ -506,6 +506,18 @@ def test_sync_client_api():
         with Client(holder["s"].address) as c:
             f = c.submit(inc, 1)
             assert f.result(timeout=10) == 2
+            # result() writes its own submit to the socket before it blocks
+            # (StreamProtocol.write_now); a submit nobody waits on goes out through
+            # the loop thread all the same.
+            before = c.comm.direct_writes
+            assert [c.submit(inc, i, pure=False).result() for i in range(5)] == [1, 2, 3, 4, 5]
+            assert c.comm.direct_writes > before
+            lone = c.submit(inc, 41, pure=False)
+            for _ in range(500):
+                if lone.done():
+                    break
+                time.sleep(0.01)
+            assert lone.done() and lone.result() == 42
             assert c.gather(c.map(inc, range(10))) == list(range(1, 11))
             [x] = c.scatter([5])
             assert c.submit(inc, x).result() == 6

@@ -302,8 +302,10 @@ cdef class Future:
             # Wait in this thread and take a result that came back inline, without
             # a round trip through the client's loop thread (two fewer cross-thread
             # wake-ups per call).
-            if st.status == _PENDING and not st.wait_sync(timeout):
-                raise TimeoutError(f"result of {self.key!r} not ready after {timeout} s")
+            if st.status == _PENDING:
+                self._hot.write_pending()
+                if not st.wait_sync(timeout):
+                    raise TimeoutError(f"result of {self.key!r} not ready after {timeout} s")
             if st.has_data and st.status == _FINISHED:
                 return _inline_value(st)
         return self.client.sync(self._result, timeout=timeout)
@@ -311,6 +313,7 @@ cdef class Future:
     async def _result(self, raiseit=True):
         cdef FutureState st = self._state
         if st.status == _PENDING:
+            self._hot.write_pending()
             await st.wait()
         if st.has_data and st.status == _FINISHED:
             return _inline_value(st)
@@ -665,6 +668,35 @@ cdef class ClientHotPath:
         self.lock.release()
         if schedule:
             self.wake()
+        return 0
+
+    cdef int write_pending(self) except -1:
+        """The caller is about to wait for a result: send what is queued now.
+
+        On the loop's thread (an awaiting coroutine) that is the flush itself,
+        one loop iteration early. From another thread (a blocking `result()`), if
+        exactly one message is queued (a submit), this thread writes it to the
+        socket itself rather than wait for the loop thread to wake up and flush
+        it (see protocol.pyx, `write_now`); the lock keeps it in order with
+        anything queued after it. The loop thread was woken by the submit all
+        the same and finds nothing to send: a submit not followed by a blocking
+        call still goes out."""
+        cdef StreamProtocol sp
+        comm = self.comm
+        if not self.outbox:
+            return 0
+        if _get_running_loop() is self.loop:
+            self.flush_outbox(False)
+            return 0
+        if not isinstance(comm, StreamProtocol):
+            return 0
+        sp = <StreamProtocol>comm
+        self.lock.acquire()
+        try:
+            if len(self.outbox) == 1 and sp.write_now(self.outbox[0]):
+                self.outbox = []
+        finally:
+            self.lock.release()
         return 0
 
     cdef int wake(self) except -1:

@@ -1,4 +1,5 @@
 # Framed, batched message protocol over an asyncio stream transport (see protocol.pyx).
+from cpython.pythread cimport PyThread_type_lock
 from taskcore.core.wire cimport FrameDecoder, Limits
 
 cpdef int check_positional(list msg, str op, Py_ssize_t nfields) except -1
@@ -37,6 +38,11 @@ cdef class StreamProtocol:
     cdef public object handshake_info # the peer's handshake message
     cdef readonly long long bytes_read
     cdef readonly long long bytes_written
+    # write_now: a blocking caller thread writes to the socket itself
+    cdef PyThread_type_lock wlock     # held around every write to the socket
+    cdef int wfd                      # our dup of the socket, or -1: no write_now
+    cdef bytes tail                   # what a write_now left unwritten; the loop writes it next
+    cdef readonly long long direct_writes
 
     cdef object _deliver(self, tuple item)
     cdef void _protocol_error(self, exc)
@@ -46,3 +52,5 @@ cdef class StreamProtocol:
     cdef int _flush(self) except -1
     cdef object _dumps_each(self, list batch)
     cdef int _write_frames(self, list frames) except -1
+    cdef int _lock_writes(self) except -1
+    cdef bint write_now(self, object msg) except -1
