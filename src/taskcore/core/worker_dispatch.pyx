@@ -34,8 +34,8 @@ from taskcore.graph import substitute
 
 NEVER_INLINE = float("inf")     # the recorded duration of a prefix that must use threads
 cdef double _NEVER = NEVER_INLINE
-cdef object _I64 = 1 << 63
-cdef object _U64 = 1 << 64
+cdef object _I64_MIN = -(1 << 63)
+cdef object _U64_END = 1 << 64
 cdef object _now = time.time
 cdef object _monotonic = time.monotonic
 cdef object _pickle_loads = pickle.loads
@@ -137,13 +137,14 @@ cdef class WorkerHotPath:
                     self.worker.loop.call_soon(self.worker._on_inline_results, results)
                     return 0
                 instructions = self.state.handle_events(
-                    [self.result_event(r[0], r[1], r[2], r[3], r[4], r[5]) for r in results])
+                    [self.result_event(r[0], r[1], r[2], r[3], r[4], r[5], r[6])
+                     for r in results])
         finally:
             if self.out_ids is not None or self.out_released is not None:
                 self.flush_out()
 
     cpdef list execute(self, list instructions):
-        """Carry out instructions; return the Execute instructions to run inline."""
+        """Carry out instructions; return (Execute, key prefix) of those to run inline."""
         cdef list inline = []
         cdef dict small = self.small
         cdef Execute ex
@@ -152,8 +153,9 @@ cdef class WorkerHotPath:
             t = type(ins)
             if t is Execute:
                 ex = <Execute>ins
-                if self.inline_ok(ex.key):
-                    inline.append(ex)
+                p = self.inline_prefix(ex.key)
+                if p is not None:
+                    inline.append((ex, p))
                 else:
                     self.worker.executor.submit(
                         ex.id, self.worker._task_callable(ex.key, ex.run_spec))
@@ -209,13 +211,20 @@ cdef class WorkerHotPath:
 
     # -- inline execution -----------------------------------------------------------
     cpdef bint inline_ok(self, object key):
-        if not self.threshold:
-            return False
-        avg = self.durations.get(key_prefix(key))
-        return avg is not None and <double>avg < self.threshold
+        return self.inline_prefix(key) is not None
 
-    cdef int record_duration(self, object key, double duration) except -1:
+    cdef object inline_prefix(self, object key):
+        """The key's prefix if its tasks run inline, else None (the prefix goes on
+        with the task, to record its duration without being computed again)."""
+        if not self.threshold:
+            return None
         p = key_prefix(key)
+        avg = self.durations.get(p)
+        if avg is not None and <double>avg < self.threshold:
+            return p
+        return None
+
+    cdef int record_duration(self, object p, double duration) except -1:
         avg = self.durations.get(p)
         if avg is None:
             self.durations[p] = duration
@@ -224,19 +233,23 @@ cdef class WorkerHotPath:
         return 0
 
     cpdef list run_inline(self, list inline):
-        """Run tiny tasks (Execute instructions) here on the loop; return their
-        results as (id, key, ok, value, start, stop). The thread-local flags are
-        set once for the whole list, through this thread's own dict of the
-        thread-local (item access, not the per-thread attribute protocol)."""
+        """Run tiny tasks ((Execute, key prefix) pairs) here on the loop; return
+        their results as (id, key, ok, value, start, stop, prefix). The
+        thread-local flags are set once for the whole list, through this thread's
+        own dict of the thread-local (item access, not the per-thread attribute
+        protocol)."""
         cdef list results = []
         cdef dict local = self.task_local.__dict__
         cdef double start, stop
         cdef Execute ins
+        cdef tuple item
         local["inline"] = True
         local["worker"] = self.worker
         local["interacted"] = False
         try:
-            for ins in inline:
+            for item in inline:
+                ins = <Execute>item[0]
+                p = item[1]
                 key = ins.key
                 start = _now()
                 try:
@@ -248,8 +261,8 @@ cdef class WorkerHotPath:
                 stop = _now()
                 if local["interacted"]:
                     local["interacted"] = False
-                    self.durations[key_prefix(key)] = NEVER_INLINE
-                results.append((ins.id, key, ok, value, start, stop))
+                    self.durations[p] = NEVER_INLINE
+                results.append((ins.id, key, ok, value, start, stop, p))
         finally:
             local["inline"] = False
             local["worker"] = None
@@ -314,10 +327,10 @@ cdef class WorkerHotPath:
         raise ValueError(f"unknown run spec kind {kind!r} for task {key!r}")
 
     cpdef object result_event(self, object tid, object key, bint ok, object value,
-                              double start, double stop):
+                              double start, double stop, object prefix=None):
         """The state-machine event for a task's outcome; the value goes to the data
         store, and a small result to the next `tasks-finished` as well."""
-        self.record_duration(key, stop - start)
+        self.record_duration(key_prefix(key) if prefix is None else prefix, stop - start)
         if not ok:
             return self.worker._failure(tid, key, value, start, stop)
         t = type(value)
@@ -329,10 +342,10 @@ cdef class WorkerHotPath:
             # msgpack-native scalars ride along as themselves (None as [None]: a
             # bare None means "not sent"): no pickling here, no ext hook at the
             # client. (Huge ints do not fit msgpack; pickle those.)
-            if t is not int or -_I64 <= value < _U64:
+            if t is not int or _I64_MIN <= value < _U64_END:
                 self.small[tid] = value if value is not None else [None]
                 self.data[key] = value
-                return _execute_success(tid, nb, t.__name__, start, stop)
+                return _execute_success(tid, nb, _SCALAR_NAMES[t], start, stop)
         if nb <= self.result_bytes:
             try:
                 s = serialize_obj(value)
@@ -344,6 +357,9 @@ cdef class WorkerHotPath:
                 self.small[tid] = s
         self.data[key] = value
         return _execute_success(tid, nb, t.__name__, start, stop)
+
+
+cdef dict _SCALAR_NAMES = {int: "int", float: "float", bool: "bool", type(None): "NoneType"}
 
 
 # Events made here without the Python-level __init__ call (argument parsing):
