@@ -129,6 +129,7 @@ def test_malformed_positional_messages_to_a_worker_are_logged_and_dropped(caplog
         w = ws[0]
         handler = w.scheduler_comm.on_message      # the comm's own handler
         handler(["compute-tasks", [1]])
+        handler(["compute-tasks", 1, "a"])          # the one-task form, short
         handler(["compute-tasks", [1, 2], ["a"], [None], [[0, 0, 0]], [[]]])
         w._scheduler_msg(["no-such-op", 1, 2, 3, 4, 5])
         assert await c.gather(c.map(inc, range(20), pure=False)) == list(range(1, 21))
@@ -137,6 +138,7 @@ def test_malformed_positional_messages_to_a_worker_are_logged_and_dropped(caplog
     with caplog.at_level("ERROR", logger="taskcore"):
         client_test(t, n_workers=1)
     assert "6 fields expected, got 2" in caplog.text
+    assert "6 fields expected, got 3" in caplog.text
     assert "compute-tasks: columns of different lengths" in caplog.text
     assert "unknown positional message 'no-such-op'" in caplog.text
 

@@ -631,7 +631,10 @@ cdef class ClientHotPath:
         cdef bint schedule
         if self.status == "closed":
             raise RuntimeError("this client is closed")
-        msg = ["update-graph", records, wanted]          # positional (contracts.md)
+        if len(records) == 1 and len(wanted) == 1:      # one task: no columns around it
+            msg = ["update-graph", records[0], wanted[0]]
+        else:
+            msg = ["update-graph", records, wanted]      # positional (contracts.md)
         self.lock.acquire()
         try:
             for key in wanted:
@@ -758,13 +761,14 @@ cdef class ClientHotPath:
             # submit calls) go out as one graph: one scheduler stimulus instead of
             # one per task. The order of the records keeps their relative priority.
             for m in msgs:
-                if (type(m) is list and len(<list>(<list>m)[1]) == 1
-                        and (<list>(<list>(<list>m)[1])[0])[3] is None):
+                # ["update-graph", record, key]: one task, as `submit` queues it
+                if (type(m) is list and type((<list>m)[2]) is not list
+                        and (<list>(<list>m)[1])[3] is None):
                     if graph is None:
-                        graph = ["update-graph", list((<list>m)[1]), list((<list>m)[2])]
+                        graph = ["update-graph", [(<list>m)[1]], [(<list>m)[2]]]
                     else:
-                        (<list>graph[1]).extend((<list>m)[1])
-                        (<list>graph[2]).extend((<list>m)[2])
+                        (<list>graph[1]).append((<list>m)[1])
+                        (<list>graph[2]).append((<list>m)[2])
                     continue
                 if graph is not None:
                     self.send(sp, comm, graph)
@@ -787,24 +791,29 @@ cdef class ClientHotPath:
         other message to `Client._handle_other`."""
         cdef list keys, data
         cdef Py_ssize_t i, n
-        cdef FutureState st
         if type(msg) is not list:
             self.other(msg)
             return
         check_positional(<list>msg, "keys-in-memory", 3)
+        if type((<list>msg)[1]) is not list:         # one key: its fields, no columns
+            self.finish_key((<list>msg)[1], (<list>msg)[2])
+            return
         keys = (<list>msg)[1]
         data = (<list>msg)[2]
         n = len(keys)
         if len(data) != n:
             raise ValueError("keys-in-memory: columns of different lengths")
-        states = self.states
         for i in range(n):
-            st = states.get(keys[i])
-            if st is not None:
-                d = data[i]
-                if d is None:                # not sent: fetch it from a worker
-                    st.finish(None, False, None)
-                elif type(d) is list:        # [None], a task that returned None
-                    st.finish((<list>d)[0], True, None)
-                else:                        # a scalar as itself, or a Serialized
-                    st.finish(d, True, None)
+            self.finish_key(keys[i], data[i])
+
+    cdef int finish_key(self, object key, object d) except -1:
+        cdef FutureState st = self.states.get(key)
+        if st is None:
+            return 0
+        if d is None:                        # not sent: fetch it from a worker
+            st.finish(None, False, None)
+        elif type(d) is list:                # [None], a task that returned None
+            st.finish((<list>d)[0], True, None)
+        else:                                # a scalar as itself, or a Serialized
+            st.finish(d, True, None)
+        return 0

@@ -76,16 +76,23 @@ cdef class HotPath:
         check_positional(msg, "update-graph", 3)
         records = msg[1]
         wanted = msg[2]
+        if type(wanted) is not list:          # one task: ["update-graph", record, key]
+            records = [records]
+            wanted = [wanted]
         if not self.update_graph(client, records, wanted, 0):
             self.general_graph(client, records, wanted, 0)   # per-task options
         return 0
 
     cpdef int tasks_finished(self, str worker, list msg) except -1:
-        """["tasks-finished", ids, nbytes, types, durations, data] from `worker`."""
+        """["tasks-finished", ids, nbytes, types, durations, data] from `worker`
+        (one task's fields as they are, rather than one-element columns, when it
+        reports one task: see `_one_row`)."""
         cdef list ids, data
         cdef dict inline = self.inline
         cdef Py_ssize_t i, n
         check_positional(msg, "tasks-finished", 6)
+        if type(msg[1]) is not list:
+            msg = [msg[0], [msg[1]], [msg[2]], [msg[3]], [msg[4]], [msg[5]]]
         ids = msg[1]
         data = msg[5]
         n = len(ids)
@@ -117,7 +124,7 @@ cdef class HotPath:
             for addr, m in compute.items():
                 peer = self.workers.get(addr)
                 if peer is not None:
-                    _send(peer, <list>m)
+                    _send(peer, _one_row(<list>m))
             if in_memory:
                 for cid, m in in_memory.items():
                     peer = self.clients.get(cid)
@@ -129,8 +136,20 @@ cdef class HotPath:
                         msg[2] = [inline.get(t) for t in tids]
                     else:
                         msg[2] = [None] * len(tids)
-                    _send(peer, msg)
+                    _send(peer, _one_row(msg))
         return 0
+
+
+cdef list _one_row(list msg):
+    """A positional message of one task goes with that task's fields in place of
+    one-element columns (docs/contracts.md): a round trip's messages carry one task
+    each, and every list less is one less to build, pack, unpack and free."""
+    cdef Py_ssize_t i, n = len(msg)
+    if len(<list>msg[1]) != 1:
+        return msg
+    for i in range(1, n):
+        msg[i] = (<list>msg[i])[0]
+    return msg
 
 
 cdef inline int _send(object peer, list msg) except -1:

@@ -105,10 +105,14 @@ cdef class WorkerHotPath:
             _logger.exception("error handling %r from the scheduler", str(msg)[:200])
 
     cpdef int compute_tasks(self, list msg) except -1:
-        """["compute-tasks", ids, keys, specs, priorities, deps] from the scheduler."""
+        """["compute-tasks", ids, keys, specs, priorities, deps] from the scheduler;
+        for one task, its id, key, spec, priority and deps in place of the columns."""
         cdef list ids, keys, specs, prios, deps
         cdef Py_ssize_t i, n
         check_positional(msg, "compute-tasks", 6)
+        if type(msg[1]) is not list:                    # one task
+            self.handle([_compute_task(msg[1], msg[2], msg[3], msg[4], msg[5])])
+            return 0
         ids, keys, specs, prios, deps = msg[1], msg[2], msg[3], msg[4], msg[5]
         n = len(ids)
         if not (len(keys) == len(specs) == len(prios) == len(deps) == n):
@@ -199,8 +203,12 @@ cdef class WorkerHotPath:
         if comm is None or comm.closed:
             return 0
         if ids is not None:
-            msg = ["tasks-finished", ids, self.out_nbytes, self.out_types,
-                   self.out_durations, self.out_data]
+            if len(ids) == 1:       # one task: its fields, not one-element columns
+                msg = ["tasks-finished", ids[0], self.out_nbytes[0], self.out_types[0],
+                       self.out_durations[0], self.out_data[0]]
+            else:
+                msg = ["tasks-finished", ids, self.out_nbytes, self.out_types,
+                       self.out_durations, self.out_data]
             if isinstance(comm, StreamProtocol):
                 (<StreamProtocol>comm).queue(msg)
             else:
