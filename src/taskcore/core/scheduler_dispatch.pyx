@@ -91,8 +91,17 @@ cdef class HotPath:
         cdef dict inline = self.inline
         cdef Py_ssize_t i, n
         check_positional(msg, "tasks-finished", 6)
-        if type(msg[1]) is not list:
-            msg = [msg[0], [msg[1]], [msg[2]], [msg[3]], [msg[4]], [msg[5]]]
+        if type(msg[1]) is not list:                     # one task: its fields
+            d = msg[5]
+            if d is not None:
+                inline[msg[1]] = d
+            try:
+                self.execute(self.state.task_finished(worker, msg[1], msg[2], msg[3], msg[4],
+                                                      "task-finished"))
+            finally:
+                if inline:
+                    inline.clear()
+            return 0
         ids = msg[1]
         data = msg[5]
         n = len(ids)
@@ -114,7 +123,7 @@ cdef class HotPath:
         """Carry out instructions: runs of `compute-tasks`/`keys-in-memory` batched
         per peer (order kept, see `batch_instructions`), anything else by `other`."""
         cdef dict compute, in_memory
-        cdef list msg, tids
+        cdef list msg
         cdef dict inline = self.inline
         for item in batch_list(instructions):
             if type(item) is not tuple:
@@ -124,32 +133,22 @@ cdef class HotPath:
             for addr, m in compute.items():
                 peer = self.workers.get(addr)
                 if peer is not None:
-                    _send(peer, _one_row(<list>m))
+                    _send(peer, <list>m)
             if in_memory:
                 for cid, m in in_memory.items():
                     peer = self.clients.get(cid)
                     if peer is None:
                         continue
-                    msg = <list>m                 # ["keys-in-memory", keys, task ids]
-                    tids = <list>msg[2]
-                    if inline:
-                        msg[2] = [inline.get(t) for t in tids]
+                    msg = <list>m           # ["keys-in-memory", keys, task ids]
+                    tids = msg[2]
+                    if type(tids) is not list:     # one key (its fields, no columns)
+                        msg[2] = inline.get(tids) if inline else None
+                    elif inline:
+                        msg[2] = [inline.get(t) for t in <list>tids]
                     else:
-                        msg[2] = [None] * len(tids)
-                    _send(peer, _one_row(msg))
+                        msg[2] = [None] * len(<list>tids)
+                    _send(peer, msg)
         return 0
-
-
-cdef list _one_row(list msg):
-    """A positional message of one task goes with that task's fields in place of
-    one-element columns (docs/contracts.md): a round trip's messages carry one task
-    each, and every list less is one less to build, pack, unpack and free."""
-    cdef Py_ssize_t i, n = len(msg)
-    if len(<list>msg[1]) != 1:
-        return msg
-    for i in range(1, n):
-        msg[i] = (<list>msg[i])[0]
-    return msg
 
 
 cdef inline int _send(object peer, list msg) except -1:

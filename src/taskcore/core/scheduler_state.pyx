@@ -1237,6 +1237,9 @@ cdef list batch_list(list instructions):
     * ``in_memory``: {client id: ["keys-in-memory", keys, task ids]}, a message
       whose last column the server replaces by the inline results.
 
+    A message about one task holds its fields in place of the columns (the
+    one-task form of docs/contracts.md); a second task turns them into columns.
+
     This is the server's per-task send loop, done on typed fields here: in
     Python it cost more than the transitions that made the instructions.
     """
@@ -1258,20 +1261,21 @@ cdef list batch_list(list instructions):
                 compute = {}
                 in_memory = {}
                 out.append((compute, in_memory))
-            found = PyDict_GetItem(compute, ct.worker)
-            if found == NULL:
-                cols = ["compute-tasks", [], [], [], [], []]
-                compute[ct.worker] = cols
-            else:
-                cols = <list>found
-            (<list>cols[1]).append(ct.task_id)
-            (<list>cols[2]).append(ct.key)
-            (<list>cols[3]).append(ct.run_spec)
-            (<list>cols[4]).append([ct._p0, ct._p1, ct._p2])
             if ct.dependencies:
                 deps = [[d[0], d[1], d[2], list(d[3])] for d in ct.dependencies]
             else:
                 deps = []
+            found = PyDict_GetItem(compute, ct.worker)
+            if found == NULL:
+                compute[ct.worker] = ["compute-tasks", ct.task_id, ct.key, ct.run_spec,
+                                      [ct._p0, ct._p1, ct._p2], deps]
+                continue
+            cols = <list>found
+            _to_columns(cols)
+            (<list>cols[1]).append(ct.task_id)
+            (<list>cols[2]).append(ct.key)
+            (<list>cols[3]).append(ct.run_spec)
+            (<list>cols[4]).append([ct._p0, ct._p1, ct._p2])
             (<list>cols[5]).append(deps)
         elif type(obj) is KeyInMemory:
             km = <KeyInMemory>obj
@@ -1282,16 +1286,24 @@ cdef list batch_list(list instructions):
             for c in km.clients:
                 found = PyDict_GetItem(in_memory, c)
                 if found == NULL:
-                    cols = ["keys-in-memory", [], []]
-                    in_memory[c] = cols
-                else:
-                    cols = <list>found
+                    in_memory[c] = ["keys-in-memory", km.key, km.task_id]
+                    continue
+                cols = <list>found
+                _to_columns(cols)
                 (<list>cols[1]).append(km.key)
                 (<list>cols[2]).append(km.task_id)
         else:
             compute = None
             out.append(obj)
     return out
+
+
+cdef inline void _to_columns(list msg):
+    """A one-task message (fields in place of columns) to columns, in place."""
+    cdef Py_ssize_t i
+    if type(msg[1]) is not list:
+        for i in range(1, len(msg)):
+            msg[i] = [msg[i]]
 
 
 def transition_table():
