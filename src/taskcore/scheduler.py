@@ -290,7 +290,7 @@ class Scheduler(ServerLifecycle):
         self.clients[cid] = peer
         self._last_activity = time.monotonic()
         comm.send({"op": "registered", "info": self._info()})
-        comm.set_message_handler(Route(self._hot, peer, self._client_msg, False))
+        comm.set_message_handler(Route(self._hot, peer, self._client_msg, False).handle)
         try:
             await comm.lost
         finally:
@@ -321,7 +321,7 @@ class Scheduler(ServerLifecycle):
         peer = _Peer(comm, "worker", addr, info=dict(msg))
         self.workers[addr] = peer
         comm.send({"op": "registered", "address": addr, "scheduler": self.address})
-        comm.set_message_handler(Route(self._hot, peer, self._worker_msg, True))
+        comm.set_message_handler(Route(self._hot, peer, self._worker_msg, True).handle)
         self._handle(stimulus)
         self._worker_event.set()
         logger.info("registered worker %s (%s threads)", addr, msg.get("nthreads"))

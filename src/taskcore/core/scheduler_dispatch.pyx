@@ -181,6 +181,11 @@ cdef class Route:
         self.from_worker = from_worker
 
     def __call__(self, msg):
+        self.handle(msg)
+
+    def handle(self, msg):
+        """The handler proper: `comm.set_message_handler(route.handle)` (a bound
+        method is called with vectorcall; an instance's `__call__` is not)."""
         if type(msg) is not list:
             self.fallback(self.peer, msg)
             return
