@@ -247,6 +247,9 @@ class Client:
             raise ConnectionError(f"scheduler {self.address} refused the client: {reply!r}")
         self.scheduler_info_cache = reply.get("info", {})
         self.comm.set_message_handler(self._hot.handle)
+        if not self.asynchronous and hasattr(self.comm, "allow_write_now"):
+            # result() in a caller's thread writes its own submit (ClientHotPath).
+            self.comm.allow_write_now()
         self.comm.on_close = self._on_comm_closed
         self.status = "running"
         if self._set_as_default:

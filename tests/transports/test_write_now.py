@@ -20,6 +20,7 @@ async def _pair(scheme="tcp", **opts):
 
     listener = await listen(f"{scheme}://127.0.0.1:0", handler, **opts)
     comm = await connect(listener.contact_address, **opts)
+    comm.allow_write_now()
     return listener, comm, await accepted
 
 
@@ -100,6 +101,18 @@ def test_tls_comms_do_not_write_around_their_transport():
             assert comm.send_now({"x": 1}) is False
             comm.send({"x": 2})
             assert await server.read() == {"x": 2}
+            await comm.close()
+
+    run(main())
+
+
+def test_only_comms_that_ask_write_now():
+    async def main():
+        listener, comm, server = await _pair()
+        async with listener:
+            assert server.send_now({"x": 1}) is False     # never asked
+            server.send({"x": 2})
+            assert await comm.read() == {"x": 2}
             await comm.close()
 
     run(main())

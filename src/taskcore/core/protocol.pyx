@@ -28,7 +28,8 @@ Writing from another thread (`write_now`)
     leaving it to the loop thread (whose wake-up and flush are otherwise one
     more step of the round trip: -8 to -14% of a submit -> result, measured in
     paired rounds). It writes through a dup of the socket's descriptor, only
-    when nothing is queued or buffered on the loop's side, and under `wlock`,
+    when nothing is queued or buffered on the loop's side (a comm allows it with
+    `allow_write_now`: the client's connection to its scheduler), and under `wlock`,
     which every write to the socket holds; whatever the kernel does not take
     at once is left in `tail` for the loop thread, which writes it before
     anything else. Nobody holds the GIL while waiting for `wlock` (it is taken
@@ -187,12 +188,6 @@ cdef class StreamProtocol:
             except OSError:  # pragma: no cover - some platforms/socket kinds refuse
                 pass
         transport.set_write_buffer_limits(high=self.high_water)
-        if (sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-                and transport.get_extra_info("sslcontext") is None):
-            try:
-                self.wfd = os.dup(sock.fileno())
-            except (OSError, ValueError):
-                self.wfd = -1
         if not self.connected.done():
             self.connected.set_result(None)
 
@@ -523,6 +518,21 @@ cdef class StreamProtocol:
             return True
         finally:
             PyThread_release_lock(self.wlock)
+
+    def allow_write_now(self):
+        """Let other threads `write_now` on this comm (a plain TCP one; on any other
+        this does nothing and `write_now` keeps refusing). It costs a second
+        descriptor for the socket, so only the comms that use it ask: a sync
+        client's connection to its scheduler. Call it on the loop's thread."""
+        if self.wfd >= 0 or self.closed or self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if (sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+                and self.transport.get_extra_info("sslcontext") is None):
+            try:
+                self.wfd = os.dup(sock.fileno())
+            except (OSError, ValueError):
+                self.wfd = -1
 
     def send_now(self, msg):
         """`write_now` for Python callers (tests): True if `msg` was written here."""
