@@ -17,7 +17,12 @@ with per-task options) goes back to the Scheduler's Python, unchanged.
 """
 cimport cython
 from taskcore.core.protocol cimport StreamProtocol, check_positional
-from taskcore.core.scheduler_state cimport SchedulerState, UpdateGraph, batch_list
+from cpython.ref cimport PyObject
+from taskcore.core.scheduler_state cimport (TS_PROCESSING, ClientState, KeyInMemory,
+                                            SchedulerState, TaskState, UpdateGraph, batch_list)
+
+cdef extern from "Python.h":
+    PyObject* PyDict_GetItem(object d, object key)
 
 import logging
 
@@ -93,11 +98,16 @@ cdef class HotPath:
         check_positional(msg, "tasks-finished", 6)
         if type(msg[1]) is not list:                     # one task: its fields
             d = msg[5]
+            told = False
             if d is not None:
                 inline[msg[1]] = d
+                told = self.tell_clients_now(worker, msg[1], d)
             try:
-                self.execute(self.state.task_finished(worker, msg[1], msg[2], msg[3], msg[4],
-                                                      "task-finished"))
+                instructions = self.state.task_finished(worker, msg[1], msg[2], msg[3],
+                                                        msg[4], "task-finished")
+                if told:                                 # they know: no second message
+                    instructions = _without_key_in_memory(instructions, msg[1])
+                self.execute(instructions)
             finally:
                 if inline:
                     inline.clear()
@@ -118,6 +128,38 @@ cdef class HotPath:
             if inline:
                 inline.clear()
         return 0
+
+    cdef bint tell_clients_now(self, str worker, object tid, object value) except -1:
+        """A task's result came back inline: send it to the clients that want it
+        now, before the state machine runs, so the client's wait does not include
+        the transitions and the batching (the scheduler's second step of a round
+        trip). Only when the machine will take the report as it is: the task is
+        processing, on this worker. Returns whether it did (the machine's
+        `KeyInMemory` for the task is then dropped)."""
+        cdef SchedulerState st = self.state
+        cdef PyObject* o = PyDict_GetItem(st._by_id, tid)
+        cdef TaskState ts
+        cdef StreamProtocol sp
+        if o == NULL:
+            return False
+        ts = <TaskState>o
+        if (ts.state != TS_PROCESSING or ts.processing_on is None
+                or ts.processing_on.address != worker or ts.who_wants is None):
+            return False
+        if type(ts.who_wants) is ClientState:
+            cids = ((<ClientState>ts.who_wants).client_id,)
+        else:
+            cids = [(<ClientState>c).client_id for c in <dict>ts.who_wants]
+        for cid in cids:
+            peer = self.clients.get(cid)
+            if peer is None:
+                continue
+            _send(peer, ["keys-in-memory", ts.key, value])
+            comm = peer.comm
+            if isinstance(comm, StreamProtocol):
+                sp = <StreamProtocol>comm
+                sp._flush()                      # write now, not when this handler ends
+        return True
 
     cpdef int execute(self, list instructions) except -1:
         """Carry out instructions: runs of `compute-tasks`/`keys-in-memory` batched
@@ -149,6 +191,12 @@ cdef class HotPath:
                         msg[2] = [None] * len(<list>tids)
                     _send(peer, msg)
         return 0
+
+
+cdef list _without_key_in_memory(list instructions, object tid):
+    cdef Py_ssize_t t = tid
+    return [i for i in instructions
+            if not (type(i) is KeyInMemory and (<KeyInMemory>i).task_id == t)]
 
 
 cdef inline int _send(object peer, list msg) except -1:
