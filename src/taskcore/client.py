@@ -7,18 +7,21 @@ Threads and loops
     returns an awaitable.
 
 Hot path
-    `submit`/`map` build task records in the caller's thread and hand them to
-    the loop in one batch per tick (`_send_threadsafe` wakes the loop only when
-    its outbox goes from empty to non-empty). Small results come back inline
-    with the scheduler's `key-in-memory` message, so `result()` usually needs
-    no second round trip; large ones are fetched straight from the worker that
-    holds them.
+    Compiled, in `core/client_dispatch.pyx` (`ClientHotPath`, `Future`,
+    `FutureState`): `submit`/`map` build task records in the caller's thread and
+    queue them for the loop (which is woken only when the outbox goes from empty
+    to non-empty); a blocking `result()` writes its own queued submit to the
+    socket before it waits (`StreamProtocol.write_now`). Small results come back
+    inline with the scheduler's `keys-in-memory` message, so `result()` usually
+    needs no second round trip; large ones are fetched straight from the worker
+    that holds them.
 
 Messages (client -> scheduler)
     register-client, update-graph, release-keys, want-keys, fire-and-forget,
     retry, close-client, rpc {reqid, method, args}
 Messages (scheduler -> client)
-    key-in-memory {key, type, data?}, task-erred {key, exception, traceback},
+    keys-in-memory [op, keys, data] (positional; docs/contracts.md),
+    task-erred {key, exception, traceback},
     key-cancelled {keys}, key-lost {keys}, reply {reqid, result | error}
 """
 from __future__ import annotations

@@ -355,6 +355,35 @@ def test_two_clients_share_a_key():
     run(main())
 
 
+def _none():
+    return None
+
+
+def _true():
+    return True
+
+
+def test_inline_results_reach_every_waiting_client():
+    """The scheduler tells the clients that want an inline result before its state
+    machine runs on the report, and drops the machine's own message: every waiting
+    client still gets it. Scalars travel as themselves, None as [None]."""
+    async def main():
+        async with cluster() as (s, ws):
+            async with Client(s.address, asynchronous=True) as c1, \
+                    Client(s.address, asynchronous=True) as c2:
+                f1 = c1.submit(slowinc, 1, 0.3)
+                f2 = c2.submit(slowinc, 1, 0.3)
+                assert f1.key == f2.key
+                assert await asyncio.gather(f1, f2) == [2, 2]
+                assert await c1.submit(_none) is None
+                assert await c1.submit(_true) is True
+                assert await c2.submit(operator.truediv, 5, 2) == 2.5
+                many = c1.map(inc, range(50))              # columns, not the one-task form
+                assert await c1.gather(many) == list(range(1, 51))
+
+    run(main())
+
+
 def test_as_completed_and_wait():
     async def t(c, s, ws):
         fs = c.map(slowinc, [3, 1, 2], [0.3, 0.0, 0.15])
