@@ -443,13 +443,6 @@ class Client:
     def comm(self, value):
         self._hot.comm = value
 
-    # -- reference counting (see ClientHotPath) -----------------------------------------
-    def _inc_ref(self, key):
-        return self._hot.inc_ref(key)
-
-    def _dec_ref(self, key):
-        self._hot.dec_ref(key)
-
     RELEASE_DELAY = 0.02      # seconds releases are collected before they go out
 
     # -- incoming messages (on the loop) -------------------------------------------
@@ -538,10 +531,6 @@ class Client:
             opts["annotations"] = annotations
         return opts or None
 
-    def _submit_tasks(self, records, wanted_keys):
-        """Send task records; return futures for wanted_keys (ClientHotPath.submit)."""
-        return self._hot.submit(records, list(wanted_keys))
-
     # -- public API: submitting --------------------------------------------------------
     def submit(self, func, *args, key=None, workers=None, resources=None, retries=None,
                priority=0, fifo_timeout="100 ms", allow_other_workers=False, actor=False,
@@ -596,7 +585,7 @@ class Client:
                 if k not in seen:
                     seen.add(k)
                     records.append([k, spec, deps, opts])
-            return self._submit_tasks(records, out_keys)
+            return self._hot.submit(records, out_keys)
         finally:
             if gc_was_enabled:
                 gc.enable()

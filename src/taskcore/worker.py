@@ -347,11 +347,10 @@ class Worker(ServerLifecycle):
 
     # -- scheduler messages ------------------------------------------------------------------
     def _scheduler_msg(self, msg):
+        """Every message from the scheduler but the positional compute-tasks
+        (`WorkerHotPath.on_message`, the comm's handler, takes those)."""
         op = None
         try:
-            if type(msg) is list:         # the positional hot message (docs/contracts.md)
-                self._hot.compute_tasks(msg)
-                return
             op = msg["op"]
             if op == "compute-task":
                 self._handle(ComputeTask(msg["id"], msg["key"], msg["spec"],

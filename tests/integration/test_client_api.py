@@ -131,7 +131,7 @@ def test_malformed_positional_messages_to_a_worker_are_logged_and_dropped(caplog
         handler(["compute-tasks", [1]])
         handler(["compute-tasks", 1, "a"])          # the one-task form, short
         handler(["compute-tasks", [1, 2], ["a"], [None], [[0, 0, 0]], [[]]])
-        w._scheduler_msg(["no-such-op", 1, 2, 3, 4, 5])
+        handler(["no-such-op", 1, 2, 3, 4, 5])
         assert await c.gather(c.map(inc, range(20), pure=False)) == list(range(1, 21))
         assert w.status == "running"
 

@@ -42,6 +42,7 @@ cdef class StreamProtocol:
     cdef PyThread_type_lock wlock     # held around every write to the socket
     cdef int wfd                      # our dup of the socket, or -1: no write_now
     cdef bytes tail                   # what a write_now left unwritten; the loop writes it next
+    cdef int rawfd                    # the transport's own socket (plain TCP), or -1
     cdef readonly long long direct_writes
 
     cdef object _deliver(self, tuple item)
@@ -53,4 +54,5 @@ cdef class StreamProtocol:
     cdef object _dumps_each(self, list batch)
     cdef int _write_frames(self, list frames) except -1
     cdef int _lock_writes(self) except -1
+    cdef int _send_small(self, bytes data) except -1
     cdef bint write_now(self, object msg) except -1

@@ -56,6 +56,7 @@ from taskcore.core.wire cimport FrameDecoder, Limits, encode_header, frame_nbyte
 cdef extern from "sys/socket.h":
     ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags) nogil
     int MSG_NOSIGNAL
+    int MSG_DONTWAIT
 
 import collections
 import logging
@@ -131,6 +132,7 @@ cdef class StreamProtocol:
         if self.wlock == NULL:
             raise MemoryError("cannot allocate a lock")
         self.wfd = -1
+        self.rawfd = -1
         self.tail = None
 
     def __dealloc__(self):
@@ -188,6 +190,12 @@ cdef class StreamProtocol:
             except OSError:  # pragma: no cover - some platforms/socket kinds refuse
                 pass
         transport.set_write_buffer_limits(high=self.high_water)
+        if (sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+                and transport.get_extra_info("sslcontext") is None):
+            try:
+                self.rawfd = sock.fileno()
+            except (OSError, ValueError):
+                self.rawfd = -1
         if not self.connected.done():
             self.connected.set_result(None)
 
@@ -222,6 +230,7 @@ cdef class StreamProtocol:
 
     def connection_lost(self, exc):
         self.closed = True
+        self.rawfd = -1
         self._lock_writes()
         if self.wfd >= 0:
             c_close(self.wfd)
@@ -450,13 +459,30 @@ cdef class StreamProtocol:
                 self.transport.write(tail)
             if total < SMALL_WRITE:
                 if len(frames) == 1 and type(frames[0]) is bytes:
-                    self.transport.write(header + <bytes>frames[0])
+                    self._send_small(header + <bytes>frames[0])
                 else:
-                    self.transport.write(b"".join([header] + frames))
+                    self._send_small(b"".join([header] + frames))
             else:
                 self.transport.writelines([header] + frames)
         finally:
             PyThread_release_lock(self.wlock)
+        return 0
+
+    cdef int _send_small(self, bytes data) except -1:
+        """On the loop's thread, holding `wlock`: a small write goes straight to the
+        socket when the transport holds nothing (uvloop's write path costs ~1k
+        instructions more per message); whatever the kernel does not take at once
+        goes to the transport, which writes it in order."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+        cdef ssize_t r
+        if self.rawfd >= 0 and not self.transport.get_write_buffer_size():
+            r = c_send(self.rawfd, PyBytes_AS_STRING(data), n, MSG_NOSIGNAL | MSG_DONTWAIT)
+            if r == n:
+                return 0
+            if r > 0:
+                self.transport.write(data[r:])
+                return 0
+        self.transport.write(data)         # full, broken or not plain TCP: uvloop's way
         return 0
 
     cdef int _lock_writes(self) except -1:
