@@ -12,7 +12,9 @@ state, the Client's dicts, its lock. Here they are C structs and C calls:
   result. A thread waiting in `wait_sync` blocks on a bare C lock of its own
   (`_Waiter`), released by `_set`, with the GIL dropped while it waits.
 - `Future` is the user's handle; `result()` on a finished state returns the
-  inline result without touching the loop thread.
+  inline result without touching the loop thread, and before it blocks it
+  writes its own queued submit to the socket (`ClientHotPath.write_pending`,
+  protocol.pyx's `write_now`).
 - `ClientHotPath` holds the Client's reference counts, states, outbox and
   release queue, and does submit (references + queueing), the flush to the
   scheduler, the positional `keys-in-memory` message and the releases.
@@ -55,7 +57,6 @@ cdef str _CANCELLED = CANCELLED
 cdef str _LOST = LOST
 
 cdef object _get_running_loop = asyncio._get_running_loop
-cdef object _CommClosedError = None        # set by ClientHotPath.__init__ (import cycle)
 
 
 # ------------------------------------------------------------------ locks
@@ -441,10 +442,6 @@ cdef class ClientHotPath:
     cdef object py_tokenize, py_func_token, py_funcname, py_replace_futures  # client.py's
 
     def __init__(self, client, bint asynchronous, double release_delay):
-        global _CommClosedError
-        from taskcore.errors import CommClosedError
-
-        _CommClosedError = CommClosedError
         self.client = client
         self.states = {}
         self.refcount = {}
