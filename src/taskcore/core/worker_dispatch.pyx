@@ -218,9 +218,6 @@ cdef class WorkerHotPath:
         return 0
 
     # -- inline execution -----------------------------------------------------------
-    cpdef bint inline_ok(self, object key):
-        return self.inline_prefix(key) is not None
-
     cdef object inline_prefix(self, object key):
         """The key's prefix if its tasks run inline, else None (the prefix goes on
         with the task, to record its duration without being computed again)."""
