@@ -148,13 +148,6 @@ def test_scheduler_file_timeout_is_death_timeout(tmp_path):
 # End to end with the real servers
 # ---------------------------------------------------------------------------------------------
 
-def real_servers():
-    sched = pytest.importorskip("taskcore.scheduler")
-    pytest.importorskip("taskcore.worker")
-    if not hasattr(sched, "Scheduler"):
-        pytest.skip("taskcore.scheduler.Scheduler does not exist yet")
-
-
 class Proc:
     """A CLI process whose stdout ready line we read without scraping logs."""
 
@@ -201,15 +194,9 @@ def descendants(pid):
         return []
 
 
-def real_scheduler():
-    sched = pytest.importorskip("taskcore.scheduler")
-    if not hasattr(sched, "Scheduler"):
-        pytest.skip("taskcore.scheduler.Scheduler does not exist yet")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.usefixtures("real_servers")
 def test_scheduler_exits_0_on_signals(sig, tmp_path):
-    real_scheduler()
     sfile = tmp_path / "s.json"
     sched = Proc(SCHED + ["--port", "0", "--scheduler-file", str(sfile)])
     try:
@@ -224,8 +211,8 @@ def test_scheduler_exits_0_on_signals(sig, tmp_path):
         sched.kill()
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_scheduler_idle_timeout_exits_0():
-    real_scheduler()
     sched = Proc(SCHED + ["--port", "0", "--idle-timeout", "0.5"])
     try:
         sched.ready()
@@ -234,8 +221,8 @@ def test_scheduler_idle_timeout_exits_0():
         sched.kill()
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_scheduler_port_in_use_exits_1():
-    real_scheduler()
     first = Proc(SCHED + ["--port", "0"])
     try:
         port = first.ready()["address"].rsplit(":", 1)[1]
@@ -248,8 +235,8 @@ def test_scheduler_port_in_use_exits_1():
         first.kill()
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_end_to_end_scheduler_and_nanny_worker(tmp_path):
-    real_servers()
     sfile = tmp_path / "scheduler.json"
     sched = Proc(SCHED + ["--port", "0", "--scheduler-file", str(sfile), "--log-level", "info"])
     worker = None
@@ -279,8 +266,8 @@ def test_end_to_end_scheduler_and_nanny_worker(tmp_path):
         sched.kill()
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_end_to_end_no_nanny_workers_from_scheduler_file(tmp_path):
-    real_servers()
     sfile = tmp_path / "scheduler.json"
     # The worker starts first and waits for the file.
     worker = Proc(WORKER + ["--scheduler-file", str(sfile), "--no-nanny", "--nworkers", "2",
@@ -303,8 +290,8 @@ def test_end_to_end_no_nanny_workers_from_scheduler_file(tmp_path):
             sched.kill()
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_end_to_end_tls(tmp_path):
-    real_servers()
     from taskcore.security import Security
 
     sec = Security.temporary(directory=str(tmp_path))
@@ -325,8 +312,8 @@ def test_end_to_end_tls(tmp_path):
         sched.kill()
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_worker_exits_when_scheduler_is_gone_past_death_timeout():
-    real_servers()
     sched = Proc(SCHED + ["--port", "0"])
     worker = None
     try:
@@ -345,8 +332,8 @@ def test_worker_exits_when_scheduler_is_gone_past_death_timeout():
         sched.kill()
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_unreachable_scheduler_fails_the_worker():
-    real_servers()
     out = run_cli(WORKER + ["tcp://127.0.0.1:9", "--no-nanny",
                             "--worker-options", json.dumps({"connection_timeout": 1})],
                   timeout=60)

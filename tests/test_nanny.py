@@ -6,7 +6,7 @@ Most tests run the nanny against two stand-ins we control completely:
   through environment variables passed with the nanny's `env=`;
 - `FakeScheduler`, a bare listener that records what the nanny sends and can
   send it requests.
-The last tests use the real Scheduler and worker when they exist.
+The last tests use the real Scheduler and worker (fixture `real_servers`, tests/conftest.py).
 """
 import asyncio
 import os
@@ -19,8 +19,8 @@ import time
 import psutil
 import pytest
 
-from taskcore.deploy.process import ProcessStartError
 from taskcore.nanny import Nanny
+from taskcore.process import ProcessStartError
 from taskcore.testing import run
 from taskcore.transports import connect, listen
 
@@ -384,16 +384,8 @@ def test_worker_dies_with_the_nanny_process(fake_worker, tmp_path):
 # With the real scheduler and worker
 # ---------------------------------------------------------------------------------------------
 
-def real_servers():
-    sched = pytest.importorskip("taskcore.scheduler")
-    pytest.importorskip("taskcore.worker")
-    if not hasattr(sched, "Scheduler"):
-        pytest.skip("taskcore.scheduler.Scheduler does not exist yet")
-    return sched.Scheduler
-
-
-def test_with_real_scheduler_and_worker():
-    Scheduler = real_servers()
+def test_with_real_scheduler_and_worker(real_servers):
+    Scheduler = real_servers.Scheduler
 
     async def main():
         async with Scheduler(port=0) as s:
@@ -415,12 +407,12 @@ def test_with_real_scheduler_and_worker():
     run(main(), timeout=120)
 
 
-def test_real_scheduler_knows_the_nanny_and_closes_it(fake_worker):
+def test_real_scheduler_knows_the_nanny_and_closes_it(fake_worker, real_servers):
     """The nanny protocol against the real Scheduler (the worker is still the fake one)."""
-    sched = pytest.importorskip("taskcore.scheduler")
+    Scheduler = real_servers.Scheduler
 
     async def main():
-        s = await sched.Scheduler(port=0)
+        s = await Scheduler(port=0)
         n = await Nanny(s.address, memory_limit=None, **fake_worker())
         try:
             await wait_for(lambda: n.worker_address in s.nannies)

@@ -7,17 +7,17 @@ Threads and loops
     returns an awaitable.
 
 Hot path
-    Compiled, in `core/client_dispatch.pyx` (`ClientHotPath`, `Future`,
+    Compiled, in `core/client_dispatch.pyx` (`ClientHotPath`, `FutureBase`,
     `FutureState`): `submit`/`map` build task records in the caller's thread and
     queue them for the loop (which is woken only when the outbox goes from empty
     to non-empty); a blocking `result()` writes its own queued submit to the
-    socket before it waits (`StreamProtocol.write_now`). Small results come back
+    socket before it waits (the comm sink's `write_now`). Small results come back
     inline with the scheduler's `keys-in-memory` message, so `result()` usually
     needs no second round trip; large ones are fetched straight from the worker
     that holds them.
 
 Messages (client -> scheduler)
-    register-client, update-graph, release-keys, want-keys, fire-and-forget,
+    register-client, update-graph, release-keys, fire-and-forget,
     retry, close-client, rpc {reqid, method, args}
 Messages (scheduler -> client)
     keys-in-memory [op, keys, data] (positional; docs/contracts.md),
@@ -34,14 +34,14 @@ import logging
 import sys
 import threading
 import uuid
-import weakref
 from collections.abc import Iterator
 
-import msgpack
-
-from taskcore.core.client_dispatch import ClientHotPath
+from taskcore import futures as _futures
+from taskcore.core.client_dispatch import (ClientHotPath, func_token as _func_token,
+                                           funcname as _funcname, tokenize as _tokenize)
 from taskcore.core.serialize import Serialized, serialize_obj
 from taskcore.errors import CommClosedError
+from taskcore.futures import default_client  # noqa: F401 (public here too)
 from taskcore.futures import (ERROR, FINISHED, PENDING, Future, RemoteTraceback,
                               _futures_in)
 from taskcore.graph import TaskRef
@@ -50,19 +50,8 @@ from taskcore.utils import LoopRunner
 
 logger = logging.getLogger("taskcore.client")
 
-_default_client = None
 _default_lock = threading.Lock()
 _NATIVE = (int, float, str, bytes, bool, type(None))
-
-
-def default_client(c=None):
-    """The current default Client (the last one created with set_as_default=True)."""
-    if c is not None:
-        return c
-    if _default_client is None or _default_client.status == "closed":
-        raise ValueError("No clients found. Start a Client first: Client(LocalCluster()) "
-                         "or Client('tcp://scheduler:port')")
-    return _default_client
 
 
 class _DaskImportHook:
@@ -91,7 +80,7 @@ class _DaskImportHook:
 
         def exec_module(module):
             original(module)
-            client = _default_client
+            client = _futures._current_default()
             if client is not None and client.status == "running" and client._set_as_default:
                 client._install_dask_scheduler()
 
@@ -99,62 +88,12 @@ class _DaskImportHook:
         return spec
 
 
-def _funcname(func):
-    name = getattr(func, "__name__", None) or type(func).__name__
-    return "lambda" if name == "<lambda>" else name
+class _ClientDispatch(ClientHotPath):
+    """The compiled client path with its hook: every message from the scheduler
+    but keys-in-memory goes to the Client."""
 
-
-_func_tokens: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _func_token(func):
-    try:
-        return _func_tokens[func]
-    except (KeyError, TypeError):
-        pass
-    qual = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
-    if "<lambda>" in qual or "<locals>" in qual or getattr(func, "__module__", "") == "__main__":
-        # Two lambdas share a qualname: the pickled bytes tell them apart.
-        import cloudpickle
-        try:
-            qual += hashlib.md5(cloudpickle.dumps(func)).hexdigest()
-        except Exception:
-            qual += uuid.uuid4().hex
-    tok = hashlib.md5(qual.encode()).hexdigest()[:16]
-    try:
-        _func_tokens[func] = tok
-    except TypeError:
-        pass
-    return tok
-
-
-def _tokenize(func_tok, args, kwargs):
-    h = hashlib.md5(func_tok.encode())
-    try:
-        h.update(msgpack.packb((args, kwargs or None), use_bin_type=True))
-    except Exception:
-        import cloudpickle
-        try:
-            h.update(cloudpickle.dumps((args, kwargs), protocol=5))
-        except Exception:
-            return uuid.uuid4().hex
-    return h.hexdigest()
-
-
-def _replace_futures(obj, deps):
-    """Copy of `obj` with every Future replaced by a TaskRef; their keys go to deps."""
-    t = type(obj)
-    if t is Future:
-        deps.append(obj.key)
-        return TaskRef(obj.key)
-    if t in (list, tuple):
-        out = [_replace_futures(x, deps) for x in obj]
-        return out if t is list else tuple(out)
-    if t is dict:
-        return {k: _replace_futures(v, deps) for k, v in obj.items()}
-    if t in (set, frozenset):
-        return t(_replace_futures(x, deps) for x in obj)
-    return obj
+    def handle_other(self, msg):
+        self.client._handle_other(msg)
 
 
 class Client:
@@ -170,7 +109,8 @@ class Client:
         # The compiled half (core/client_dispatch.pyx): reference counts, future
         # states, the outbox and the lock live there; the attributes below alias them.
         self._uid = uuid.uuid4().hex[:12]
-        self._hot = ClientHotPath(self, asynchronous, self.RELEASE_DELAY)
+        self._hot = _ClientDispatch(self, asynchronous, self.RELEASE_DELAY)
+        self._hot.future_type = Future
         self.asynchronous = asynchronous
         self.timeout = timeout
         self.security = security
@@ -240,7 +180,6 @@ class Client:
         return start().__await__()
 
     async def _start(self):
-        global _default_client
         self.loop = asyncio.get_running_loop()
         opts = {"security": self.security} if self.security is not None else {}
         self.comm = await connect(self.address, timeout=self.timeout, role="client", **opts)
@@ -257,7 +196,7 @@ class Client:
         self.status = "running"
         if self._set_as_default:
             with _default_lock:
-                _default_client = self
+                _futures._set_default_client(self)
             self._install_dask_scheduler()
         return self
 
@@ -347,7 +286,6 @@ class Client:
     def _abort_on_loop(self):
         """Close without waiting, on the loop thread: drop the connections at once and
         let go of the loop (its thread stops by itself if no other client uses it)."""
-        global _default_client
         self.status = "closed"
         for comm in self._worker_comms.values():
             comm.abort()
@@ -355,14 +293,13 @@ class Client:
         if self.comm is not None:
             self.comm.abort()
         with _default_lock:
-            if _default_client is self:
-                _default_client = None
+            if _futures._current_default() is self:
+                _futures._set_default_client(None)
         self._restore_dask_scheduler()
         runner, self._runner = self._runner, None
         runner.release()
 
     async def _close(self, fast=False):
-        global _default_client
         if self.status == "closed":
             return
         self.status = "closing"
@@ -377,8 +314,8 @@ class Client:
                 self.comm.abort()
         self.status = "closed"
         with _default_lock:
-            if _default_client is self:
-                _default_client = None
+            if _futures._current_default() is self:
+                _futures._set_default_client(None)
         self._restore_dask_scheduler()
 
     def __enter__(self):
@@ -651,17 +588,21 @@ class Client:
             else:
                 need.append(f)
         if need:
-            fetched = await self._fetch([f.key for f in need])
+            fetched, failed = await self._fetch([f.key for f in need])
             for f in need:
                 if f.key in fetched:
                     out[f.key] = fetched[f.key]
                 elif errors == "raise":
+                    if f.key in failed:      # e.g. a result that cannot be serialized
+                        raise TypeError(failed[f.key])
                     raise KeyError(f"could not gather {f.key!r}")
         return [out[f.key] for f in futures if f.key in out]
 
     async def _fetch(self, keys, attempts=5):
-        """Get values for keys straight from the workers holding them."""
+        """Get values for keys straight from the workers holding them: ({key:
+        value}, {key: why a worker could not send it})."""
         result = {}
+        failed = {}
         missing = list(keys)
         for attempt in range(attempts):
             who_has = await self._rpc("who_has", keys=missing)
@@ -673,18 +614,18 @@ class Client:
                     lost.append(k)
                 else:
                     by_worker.setdefault(holders[attempt % len(holders)], []).append(k)
-            await asyncio.gather(*[self._get_from_worker(w, ks, result)
+            await asyncio.gather(*[self._get_from_worker(w, ks, result, failed)
                                    for w, ks in by_worker.items()])
-            missing = [k for k in missing if k not in result]
+            missing = [k for k in missing if k not in result and k not in failed]
             if not missing:
-                return result
+                return result, failed
             # Data lost with a worker is recomputed by the scheduler; wait for it.
             for k in missing:
                 st = self._states.get(k)
                 if st is not None and st.status == PENDING:
                     await st.wait()
             await asyncio.sleep(0.05 * (attempt + 1))
-        return result
+        return result, failed
 
     async def _worker_comm(self, address):
         comm = self._worker_comms.get(address)
@@ -694,7 +635,7 @@ class Client:
             self._worker_comms[address] = comm
         return comm
 
-    async def _get_from_worker(self, address, keys, result):
+    async def _get_from_worker(self, address, keys, result, failed):
         lock = self._worker_locks.setdefault(address, asyncio.Lock())
         async with lock:
             try:
@@ -712,6 +653,7 @@ class Client:
             if isinstance(v, Serialized):
                 v = v.deserialize()
             result[k] = v
+        failed.update(reply.get("errors") or {})
 
     # -- public API: data ----------------------------------------------------------------
     def scatter(self, data, workers=None, broadcast=False, direct=None, hash=True, timeout=None):

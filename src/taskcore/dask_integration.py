@@ -72,8 +72,10 @@ import types
 import weakref
 from collections.abc import Iterator, Mapping
 
+from taskcore.core.messages import update_graph
 from taskcore.core.serialize import Serialized
-from taskcore.futures import CANCELLED, ERROR, LOST, Future
+from taskcore.core.worker_dispatch import task_local
+from taskcore.futures import CANCELLED, ERROR, LOST, Future, futures_of  # noqa: F401 (re-export)
 
 DASK_EXTRA = 'dask collections need dask: pip install "taskcore[dask]"'
 
@@ -789,10 +791,7 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
     # Refs first, then the message: the keys cannot be released in between.
     futures = {k: Future(k, client) for k in wanted}
     if records or not held.issuperset(wanted):
-        msg = {"op": "update-graph", "tasks": records, "wanted": wanted}
-        if priority:
-            msg["priority"] = int(priority)
-        client._send_threadsafe(msg)
+        client._send_threadsafe(update_graph(records, list(wanted), int(priority or 0)))
     _timed("encode", t0)
     _timings.value["tasks"] = len(records)
     from taskcore import diagnostics
@@ -857,9 +856,7 @@ def _submit_kwargs(kwargs):
 
 
 def _in_worker_task():
-    from taskcore import worker
-
-    return getattr(worker._task_local, "worker", None) is not None
+    return getattr(task_local, "worker", None) is not None
 
 
 def client_get(client, dsk, keys, sync=True, asynchronous=None, **kwargs):
@@ -904,7 +901,7 @@ def client_get(client, dsk, keys, sync=True, asynchronous=None, **kwargs):
     # so a cluster of one-thread workers cannot deadlock on it.
     seceded = False
     if _in_worker_task():
-        from taskcore.worker import secede
+        from taskcore.task_context import secede
 
         try:
             secede()
@@ -915,7 +912,7 @@ def client_get(client, dsk, keys, sync=True, asynchronous=None, **kwargs):
         return client.sync(gather)
     finally:
         if seceded:
-            from taskcore.worker import rejoin
+            from taskcore.task_context import rejoin
 
             rejoin()
 
@@ -1004,38 +1001,6 @@ def _spawn_on_loop(client, awaitable):
 
 
 _background: set = set()
-
-
-def futures_of(obj):
-    """The taskcore Futures inside obj: futures, containers of them, persisted collections."""
-    out = []
-    seen = set()
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        t = type(x)
-        if t is Future:
-            if id(x) not in seen:
-                seen.add(id(x))
-                out.append(x)
-        elif t in (list, tuple, set, frozenset):
-            stack.extend(x)
-        elif t is dict:
-            stack.extend(x.values())
-        elif hasattr(x, "__dask_graph__") and callable(getattr(x, "__dask_graph__", None)):
-            try:
-                g = x.__dask_graph__()
-            except Exception:
-                continue
-            if g is None:
-                continue
-            for v in g.values():
-                if type(v) is Future:
-                    stack.append(v)
-                elif type(getattr(v, "value", None)) is Future:
-                    stack.append(v.value)
-    out.reverse()
-    return out
 
 
 # -- dask config while a taskcore client is dask's default scheduler -------------------------

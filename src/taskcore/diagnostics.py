@@ -36,7 +36,7 @@ import time
 import uuid
 import weakref
 
-from taskcore.futures import FINISHED, Future
+from taskcore.futures import FINISHED, Future, futures_of
 
 _MAX_BARS = 12
 _POLL_BUDGET = 0.02            # a poll may use at most this fraction of the scheduler's time
@@ -489,8 +489,6 @@ class Progress:
 
 
 def _collect(objs):
-    from taskcore.dask_integration import futures_of
-
     futures = []
     for obj in objs:
         fs = futures_of(obj)

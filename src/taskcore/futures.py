@@ -4,8 +4,8 @@ A `Future` is a handle on one key. All futures of a client for the same key
 share one `FutureState`, which the client updates from scheduler messages on
 its event loop. Callers in other threads wait on a C lock of their own (sync
 API), coroutines on an asyncio future created on the client's loop (async
-API). Future and FutureState are compiled (core/client_dispatch.pyx): a
-submit -> result round trip goes through them several times. When the last Future of a key is released or garbage-collected the
+API). FutureState and Future's base are compiled (core/client_dispatch.pyx):
+a submit -> result round trip goes through them several times. When the last Future of a key is released or garbage-collected the
 client tells the scheduler, which forgets the key unless another client
 still wants it.
 """
@@ -16,12 +16,132 @@ import collections
 import threading
 from collections import namedtuple
 
-from taskcore.core.client_dispatch import (CANCELLED, ERROR, FINISHED, LOST, PENDING, Future,
-                                           FutureState)
+from taskcore.core import messages
+from taskcore.core.client_dispatch import (CANCELLED, ERROR, FINISHED, LOST, NOT_READY,
+                                           PENDING, FutureBase, FutureState)
 
 __all__ = ["PENDING", "FINISHED", "ERROR", "CANCELLED", "LOST", "Future", "FutureState",
            "RemoteTraceback", "wait", "as_completed", "fire_and_forget", "ALL_COMPLETED",
-           "FIRST_COMPLETED", "FIRST_EXCEPTION", "DoneAndNotDone"]
+           "FIRST_COMPLETED", "FIRST_EXCEPTION", "DoneAndNotDone", "default_client",
+           "futures_of"]
+
+_default_client = None
+
+
+def default_client(c=None):
+    """The current default Client (the last one created with set_as_default=True)."""
+    if c is not None:
+        return c
+    if _default_client is None or _default_client.status == "closed":
+        raise ValueError("No clients found. Start a Client first: Client(LocalCluster()) "
+                         "or Client('tcp://scheduler:port')")
+    return _default_client
+
+
+def _set_default_client(client):
+    """Make `client` the default (None: no default). Called by the Client."""
+    global _default_client
+    _default_client = client
+
+
+def _current_default():
+    return _default_client
+
+
+def _future_from_key(key):
+    return Future(key)
+
+
+class Future(FutureBase):
+    """A remote key. Awaitable, picklable into tasks (arrives there as its data)."""
+
+    __slots__ = ()
+
+    def __init__(self, key, client=None, state=None):
+        self._bind(key, default_client(client), state)
+
+    # -- results ----------------------------------------------------------------
+    # result(timeout) is FutureBase's: it returns a result that came back inline
+    # and calls this for everything else.
+    def _result_slow(self, timeout):
+        if self.client.asynchronous:
+            return self._result()
+        return self.client.sync(self._result, timeout=timeout)
+
+    async def _result(self, raiseit=True):
+        v = self._inline_result()
+        if v is not NOT_READY:
+            return v
+        st = self._state
+        await st.wait()
+        v = self._inline_result()
+        if v is not NOT_READY:
+            return v
+        if st.status == ERROR:
+            exc = self.client._materialize_exception(st)
+            if raiseit:
+                raise exc
+            return exc
+        if st.status == CANCELLED or st.status == LOST:
+            if raiseit:
+                raise st.exception
+            return st.exception
+        return (await self.client._gather([self]))[0]
+
+    def exception(self, timeout=None):
+        if self.client.asynchronous:
+            return self._exception()
+        return self.client.sync(self._exception, timeout=timeout)
+
+    async def _exception(self):
+        await self._state.wait()
+        if self._state.status == ERROR:
+            return self.client._materialize_exception(self._state)
+        if self._state.status == CANCELLED or self._state.status == LOST:
+            return self._state.exception
+        return None
+
+    def traceback(self, timeout=None):
+        """The remote traceback as text, or None if the task did not err."""
+        if self.client.asynchronous:
+            return self._traceback()
+        return self.client.sync(self._traceback, timeout=timeout)
+
+    async def _traceback(self):
+        await self._state.wait()
+        if self._state.status == ERROR:
+            exc = self.client._materialize_exception(self._state)
+            return getattr(exc, "__taskcore_traceback__", None)
+        return None
+
+    def __await__(self):
+        return self._result().__await__()
+
+    def cancel(self, force=False):
+        return self.client.cancel([self], force=force)
+
+    def retry(self):
+        return self.client.retry([self])
+
+    def add_done_callback(self, fn):
+        """Call fn(future) once done. Runs in a separate thread so fn may block on results."""
+
+        def cb(state):
+            threading.Thread(target=fn, args=(self,), daemon=True).start()
+
+        self.client.loop.call_soon_threadsafe(self._state.add_callback, cb)
+
+    def __reduce__(self):
+        # Pickled by the client into task arguments it is replaced by a TaskRef
+        # before this ever runs; pickled anywhere else, it becomes a Future of the
+        # unpickling process's default client.
+        return (_future_from_key, (self.key,))
+
+    def __repr__(self):
+        return f"<Future: {self.status}, key: {self.key!r}>"
+
+    __hash__ = FutureBase.__hash__
+    __eq__ = FutureBase.__eq__
 
 
 class RemoteTraceback(Exception):
@@ -106,7 +226,7 @@ def fire_and_forget(obj):
     for f in fs:
         by_client[f.client].append(f.key)
     for client, keys in by_client.items():
-        client._send_threadsafe({"op": "fire-and-forget", "keys": keys})
+        client._send_threadsafe(messages.fire_and_forget(list(keys)))
 
 
 class as_completed:
@@ -225,3 +345,35 @@ class as_completed:
                 raise exc
             return f, exc
         return f, await f._result()
+
+
+def futures_of(obj):
+    """The taskcore Futures inside obj: futures, containers of them, persisted collections."""
+    out = []
+    seen = set()
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        t = type(x)
+        if t is Future:
+            if id(x) not in seen:
+                seen.add(id(x))
+                out.append(x)
+        elif t in (list, tuple, set, frozenset):
+            stack.extend(x)
+        elif t is dict:
+            stack.extend(x.values())
+        elif hasattr(x, "__dask_graph__") and callable(getattr(x, "__dask_graph__", None)):
+            try:
+                g = x.__dask_graph__()
+            except Exception:
+                continue
+            if g is None:
+                continue
+            for v in g.values():
+                if type(v) is Future:
+                    stack.append(v)
+                elif type(getattr(v, "value", None)) is Future:
+                    stack.append(v.value)
+    out.reverse()
+    return out

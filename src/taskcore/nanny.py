@@ -12,7 +12,7 @@ responsive, so it can
 
 The worker is `python -m taskcore.cli.worker --no-nanny ...`; the nanny
 learns its address from the JSON ready line on its stdout (see
-deploy/process.py), never from logs.
+taskcore/process.py), never from logs.
 
 Exit codes tell the nanny why the worker ended: 0 means the worker chose to
 leave (retired, lifetime over, scheduler gone past death_timeout, told to
@@ -34,9 +34,8 @@ import os
 import sys
 import time
 
-from taskcore.deploy.cluster import Status
-from taskcore.deploy.process import ProcessStartError, Subprocess, worker_cli_args
 from taskcore.errors import CommClosedError, HandshakeError, ProtocolError
+from taskcore.process import ProcessStartError, Status, Subprocess, worker_cli_args
 from taskcore.utils import format_bytes, get_ip_interface, parse_memory_limit
 
 logger = logging.getLogger("taskcore.nanny")

@@ -1,9 +1,12 @@
 """The scheduler server: routes comm messages into SchedulerState, executes its instructions.
 
 The compiled `SchedulerState` holds every decision; this module only does I/O.
-Each received message becomes one stimulus; the instructions that come back
-are turned into messages and `send()`-queued on the right comms, which flush
-them in one batch at the end of the current read callback (see
+`Scheduler` extends the compiled `SchedulerDispatch` (core/scheduler_dispatch.pyx),
+which handles a round trip's messages in C and calls this class's hooks for
+everything else: `handle_client_message`, `handle_worker_message` and
+`execute_other`. Each received message becomes one stimulus; the instructions
+that come back are turned into messages and queued on the right comms, which
+flush them in one batch at the end of the current read callback (see
 `core/protocol.pyx`), so a task-finished that releases ten dependents costs
 one write per worker.
 
@@ -26,16 +29,13 @@ import os
 import time
 import uuid
 
-from taskcore.core.scheduler_dispatch import HotPath, Route
-from taskcore.core.scheduler_state import (AcquireReplicas, AddKeys, AddWorker, BalanceTick,
-                                           Cancel, ClientReleasesKeys, ClientRemoved,
-                                           ClientWantsKeys, ComputeTask, FreeKeys, KeyForgotten,
-                                           KeyLost, MissingData,
-                                           ReleaseWorkerData, RemoveWorker, Retry,
-                                           RetireWorkers, SchedulerState, StealRequest,
-                                           StealResponse, TaskCancelled,
-                                           TaskErredReport, TaskRetried, UpdateData,
-                                           UpdateGraph, WorkerHeartbeat, WorkersRetiring)
+from taskcore.core.messages import (FIRE_AND_FORGET, decode_client_message,
+                                    decode_worker_message, encode_scheduler_instruction,
+                                    key_cancelled)
+from taskcore.core.scheduler_dispatch import Peer, Route, SchedulerDispatch
+from taskcore.core.scheduler_state import (AddWorker, BalanceTick, Cancel, ClientRemoved,
+                                           RemoveWorker, Retry, RetireWorkers, SchedulerState,
+                                           TaskRetried, UpdateData, WorkersRetiring)
 from taskcore.core.serialize import Serialized, serialize_obj
 from taskcore.errors import CommClosedError
 from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
@@ -44,24 +44,8 @@ from taskcore.transports.addressing import parse_address, unparse_host_port
 
 logger = logging.getLogger("taskcore.scheduler")
 
-FIRE_AND_FORGET = "fire-and-forget"
 
-
-class _Peer:
-    """A connected worker, client or nanny, and its pending requests."""
-
-    __slots__ = ("comm", "kind", "id", "replies", "info", "closing")
-
-    def __init__(self, comm, kind, id, info=None):
-        self.comm = comm
-        self.kind = kind
-        self.id = id
-        self.replies = {}
-        self.info = info or {}
-        self.closing = False
-
-
-class Scheduler(ServerLifecycle):
+class Scheduler(SchedulerDispatch, ServerLifecycle):
     """`Scheduler(host, port, protocol, security, idle_timeout, scheduler_file, ...)`.
 
     `await Scheduler(...).start()`, then `address`; `await close()`; `await finished()`.
@@ -95,21 +79,17 @@ class Scheduler(ServerLifecycle):
                                     worker_saturation=worker_saturation,
                                     tiny_task_backlog=tiny_task_backlog)
         self.listeners = []
-        self.workers: dict = {}       # address -> _Peer
-        self.clients: dict = {}       # client id -> _Peer
-        self.nannies: dict = {}       # worker address -> _Peer
+        self.workers = {}             # address -> Peer
+        self.clients = {}             # client id -> Peer
+        self.nannies: dict = {}       # worker address -> Peer
         self.status = "created"
         self._reqids = itertools.count(1)
-        self._inline: dict = {}       # task id -> Serialized result in transit to clients
         self._worker_event = None
         self._closed = None
         self._tasks = set()
         self._last_activity = time.monotonic()
         self._stim = itertools.count(1)
         self.start_time = time.time()
-        # A round trip's messages, compiled (core/scheduler_dispatch.pyx); the rest is here.
-        self._hot = HotPath(self.state, self.workers, self.clients, self._inline,
-                            self._execute_one, self._update_graph)
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -199,44 +179,20 @@ class Scheduler(ServerLifecycle):
             pass
 
     def _handle(self, *stimuli):
-        self._execute(self.state.handle_stimulus(*stimuli))
+        for ev in stimuli:
+            self.handle(ev)
 
-    def _execute(self, instructions):
-        """Carry out the state machine's instructions.
-
-        The two per-task instructions go out batched per peer as columns,
-        `compute-tasks` to a worker and `keys-in-memory` to a client (compiled, in
-        `HotPath.execute`: order kept, a run of them is flushed before the next
-        other instruction); every other instruction comes back to `_execute_one`.
-        """
-        self._hot.execute(instructions)
-
-    def _execute_one(self, ins):
-        """One instruction other than a batched ComputeTask/KeyInMemory."""
+    def execute_other(self, ins):
+        """Hook: one instruction other than ComputeTask/KeyInMemory (those go out
+        batched per peer from the compiled `execute`, in order with these)."""
+        enc = encode_scheduler_instruction(ins)       # a message (core/messages.pyx)
         t = type(ins)
-        if t is ComputeTask:  # with resources or annotations: on its own
-            msg = {"op": "compute-task", "id": ins.task_id, "key": ins.key,
-                   "spec": ins.run_spec, "priority": ins.priority, "deps": ins.dependencies}
-            if ins.resources:
-                msg["resources"] = ins.resources
-            if ins.annotations:
-                msg["annotations"] = ins.annotations
-            self._to_worker(ins.worker, msg)
-        elif t is FreeKeys:
-            self._to_worker(ins.worker, {"op": "free-keys", "ids": ins.task_ids, "keys": ins.keys})
-        elif t is TaskErredReport:
-            self._to_clients(ins.clients, {"op": "task-erred", "key": ins.key,
-                                           "exception": ins.exception,
-                                           "traceback": ins.traceback})
-        elif t is StealRequest:
-            self._to_worker(ins.worker, {"op": "steal-request", "id": ins.task_id,
-                                         "key": ins.key})
-        elif t is AcquireReplicas:
-            self._to_worker(ins.worker, {"op": "acquire-replicas", "who_has": ins.who_has})
-        elif t is KeyLost:
-            self._to_clients(ins.clients, {"op": "key-lost", "keys": [ins.key]})
-        elif t is TaskCancelled or t is KeyForgotten:
-            self._to_clients(ins.clients, {"op": "key-cancelled", "keys": [ins.key]})
+        if enc is not None:
+            to, target, msg = enc
+            if to == "worker":
+                self._to_worker(target, msg)
+            else:
+                self._to_clients(target, msg)
         elif t is TaskRetried:
             pass  # the retrying client already reset its futures
         elif t is WorkersRetiring:
@@ -269,7 +225,7 @@ class Scheduler(ServerLifecycle):
         elif op == "register-nanny":
             await self._serve_nanny(comm, msg)
         elif op == "rpc":
-            peer = _Peer(comm, "oneshot", None)
+            peer = Peer(comm, "oneshot", None)
             self._client_rpc(peer, msg)
             await comm.lost
         else:
@@ -286,11 +242,11 @@ class Scheduler(ServerLifecycle):
             await comm.write({"op": "error", "message": f"invalid or duplicate client id {cid!r}"})
             await comm.close()
             return
-        peer = _Peer(comm, "client", cid)
+        peer = Peer(comm, "client", cid)
         self.clients[cid] = peer
         self._last_activity = time.monotonic()
         comm.send({"op": "registered", "info": self._info()})
-        comm.set_message_handler(Route(self._hot, peer, self._client_msg, False).handle)
+        comm.set_message_handler(Route(self, peer, False).handle)
         try:
             await comm.lost
         finally:
@@ -318,10 +274,10 @@ class Scheduler(ServerLifecycle):
             await comm.write({"op": "error", "message": str(e)})
             await comm.close()
             return
-        peer = _Peer(comm, "worker", addr, info=dict(msg))
+        peer = Peer(comm, "worker", addr, info=dict(msg))
         self.workers[addr] = peer
         comm.send({"op": "registered", "address": addr, "scheduler": self.address})
-        comm.set_message_handler(Route(self._hot, peer, self._worker_msg, True).handle)
+        comm.set_message_handler(Route(self, peer, True).handle)
         self._handle(stimulus)
         self._worker_event.set()
         logger.info("registered worker %s (%s threads)", addr, msg.get("nthreads"))
@@ -333,7 +289,7 @@ class Scheduler(ServerLifecycle):
 
     async def _serve_nanny(self, comm, msg):
         worker = msg.get("worker")
-        peer = _Peer(comm, "nanny", worker, info=dict(msg))
+        peer = Peer(comm, "nanny", worker, info=dict(msg))
         self.nannies[worker] = peer
         comm.set_message_handler(lambda m: self._nanny_msg(peer, m))
         try:
@@ -358,33 +314,18 @@ class Scheduler(ServerLifecycle):
                                   stimulus_id=f"remove-worker-{addr}-{reason}"))
 
     # -- worker messages ---------------------------------------------------------------------------
-    def _worker_msg(self, peer, msg):
+    def handle_worker_message(self, peer, msg):
+        """Hook: a worker's message other than tasks-finished."""
         try:
+            ev = decode_worker_message(peer.id, msg, time.time())    # core/messages.pyx
+            if ev is not None:
+                self.handle(ev)
+                return
             op = msg["op"]
-            if op == "task-erred":
-                self._execute(self.state.task_erred(
-                    peer.id, msg["id"], msg.get("exception"), msg.get("traceback"),
-                    msg.get("stimulus_id", "task-erred")))
-            elif op == "heartbeat":
-                self._handle(WorkerHeartbeat(peer.id, msg.get("metrics"), time.time(),
-                                             stimulus_id="heartbeat"))
-            elif op == "add-keys":
-                self._handle(AddKeys(peer.id, list(msg["keys"]), stimulus_id="add-keys"))
-            elif op == "release-worker-data":
-                self._handle(ReleaseWorkerData(peer.id, list(msg["keys"]),
-                                               stimulus_id="release-worker-data"))
-            elif op == "missing-data":
-                self._handle(MissingData(msg["key"], msg["holder"], peer.id,
-                                         stimulus_id="missing-data"))
-            elif op == "steal-response":
-                self._handle(StealResponse(peer.id, msg.get("id", -1), msg.get("state"),
-                                           stimulus_id="steal-response", key=msg.get("key")))
-            elif op == "reply":
+            if op == "reply":
                 fut = peer.replies.pop(msg["reqid"], None)
                 if fut is not None and not fut.done():
                     fut.set_result(msg)
-            elif op == "long-running":
-                self._execute(self.state.task_long_running(peer.id, msg["id"], "long-running"))
             elif op == "closing":
                 peer.closing = True
             elif op == "retire":
@@ -431,22 +372,15 @@ class Scheduler(ServerLifecycle):
         return await asyncio.wait_for(fut, timeout)
 
     # -- client messages -------------------------------------------------------------------------------
-    def _client_msg(self, peer, msg):
+    def handle_client_message(self, peer, msg):
+        """Hook: a client's message other than update-graph."""
         try:
+            ev = decode_client_message(peer.id, msg)                  # core/messages.pyx
+            if ev is not None:
+                self.handle(ev)
+                return
             op = msg["op"]
-            if op == "update-graph":
-                self._update_graph(peer.id, msg["tasks"], msg["wanted"],
-                                   int(msg.get("priority", 0)))
-            elif op == "release-keys":
-                self._handle(ClientReleasesKeys(peer.id, list(msg["keys"]),
-                                                stimulus_id="client-releases-keys"))
-            elif op == "want-keys":
-                self._handle(ClientWantsKeys(peer.id, list(msg["keys"]),
-                                             stimulus_id="client-wants-keys"))
-            elif op == "fire-and-forget":
-                self._handle(ClientWantsKeys(FIRE_AND_FORGET, list(msg["keys"]),
-                                             stimulus_id="fire-and-forget"))
-            elif op == "rpc":
+            if op == "rpc":
                 self._client_rpc(peer, msg)
             elif op == "close-client":
                 pass  # the comm closing removes the client
@@ -458,41 +392,6 @@ class Scheduler(ServerLifecycle):
             reqid = msg.get("reqid") if isinstance(msg, dict) else None
             if reqid is not None:
                 self._send(peer, {"op": "reply", "reqid": reqid, "error": serialize_obj(e)})
-
-    def _update_graph(self, client, records, wanted, priority):
-        if self._hot.update_graph(client, records, wanted, priority):
-            return             # no per-task options (the common case): compiled
-        # The general path: per-task options become the stimulus' mappings.
-        tasks = []
-        workers = {}
-        aow = set()
-        resources = {}
-        retries = {}
-        annotations = {}
-        for rec in records:
-            key, spec, deps, opts = rec
-            if opts:
-                if "priority" in opts:
-                    tasks.append((key, spec, deps, opts["priority"]))
-                else:
-                    tasks.append((key, spec, deps))
-                if "workers" in opts:
-                    workers[key] = opts["workers"]
-                    if opts.get("allow_other_workers"):
-                        aow.add(key)
-                if "resources" in opts:
-                    resources[key] = opts["resources"]
-                if "retries" in opts:
-                    retries[key] = opts["retries"]
-                if "annotations" in opts:
-                    annotations[key] = opts["annotations"]
-            else:
-                tasks.append((key, spec, deps))
-        self._handle(UpdateGraph(client, tasks, wanted, workers=workers or None,
-                                 allow_other_workers=aow or False,
-                                 resources=resources or None, retries=retries or 0,
-                                 annotations=annotations or None, priority=priority,
-                                 stimulus_id=f"update-graph-{next(self._stim)}"))
 
     def _client_rpc(self, peer, msg):
         method = msg.get("method")
@@ -615,8 +514,7 @@ class Scheduler(ServerLifecycle):
         for c in clients + [FIRE_AND_FORGET]:
             self._handle(Cancel(c, keys, force=True, stimulus_id="restart"))
         for c in clients:
-            self._send(self.clients[c], {"op": "key-cancelled", "keys": keys,
-                                         "reason": "the cluster was restarted"})
+            self._send(self.clients[c], key_cancelled(keys, "the cluster was restarted"))
         nannies = [self.nannies[w] for w in list(self.workers) if w in self.nannies]
         without = [w for w in self.workers if w not in self.nannies]
         for w in without:

@@ -53,6 +53,31 @@ def require(condition, reason):
     pytest.skip(reason)
 
 
+def import_required(name, reason=None):
+    """`pytest.importorskip` that skips only outside CI: import and return module `name`.
+
+    Outside CI a module that cannot be imported (an optional dependency not
+    installed, a server not built yet) skips the test, naming the module and
+    the error. Under CI=true it fails the test, with the import's traceback:
+    a module that does not import there is a bug, never a silent skip. Works
+    inside tests and fixtures and at module level (where the failure is a
+    collection error). Errors other than ImportError propagate as they are.
+    """
+    import importlib
+    import traceback
+
+    import pytest
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        why = f"cannot import {name}" + (f" ({reason})" if reason else "") + f": {e}"
+        if IN_CI:
+            tb = "".join(traceback.format_exception(e)).rstrip()
+            pytest.fail(f"required module missing in CI: {why}\n{tb}", pytrace=False)
+        pytest.skip(why, allow_module_level=True)
+
+
 class cluster:
     """`async with cluster(n_workers=2) as (scheduler, workers):` all in this loop (tcp).
 

@@ -1,16 +1,19 @@
 """The worker server: scheduler messages -> WorkerState events; instructions -> actions.
 
-The compiled `WorkerState` decides what to run, fetch and report; this module
-owns the I/O and the data:
+The compiled `WorkerState` decides what to run, fetch and report. `Worker`
+extends the compiled `WorkerDispatch` (core/worker_dispatch.pyx), which runs
+the tiny-task loop and calls this class's hooks for the rest
+(`handle_other_message`, `execute_other`, `run_dask_task`); this module owns
+the I/O and the data:
 
 * `data`: key -> value, the results held by this worker;
 * `TaskExecutor`: `nthreads` task threads (see executor.py);
 * a listener serving `get-data` to peers and clients;
 * outgoing `GatherDep` transfers, one coroutine per batch, pooled comms.
 
-Scheduler -> worker: compute-task, free-keys, steal-request, acquire-replicas,
+Scheduler -> worker: compute-tasks (core/messages.pyx), free-keys, steal-request, acquire-replicas,
     remove-replicas, update-data (scatter), scatter-ids, run, close
-Worker -> scheduler: register-worker, task-finished, task-erred, add-keys,
+Worker -> scheduler: register-worker, tasks-finished (core/messages.pyx), task-erred, add-keys,
     release-worker-data, missing-data, steal-response, heartbeat, who-has,
     reply, closing, retire
 Peer -> worker: get-data {keys} -> {status: "OK", data: {key: Serialized}} or {status: "busy"}
@@ -26,31 +29,27 @@ import logging
 import os
 import random
 import socket
-import threading
 import time
-import traceback as tb_mod
 import uuid
 
 # Imported names, not module attributes: no attribute lookup per use on the hot path.
+from taskcore.core.messages import decode_scheduler_message, encode_worker_instruction
 from taskcore.core.worker_state import (
-    AcquireReplicas, AddKeysMsg, ComputeTask, ExecuteFailure, FindMissingResult, FreeKeys,
-    GatherDep, GatherDepBusy, GatherDepFailure, GatherDepNetworkFailure, GatherDepSuccess,
-    LongRunningMsg, MissingDataMsg, PauseEvent, RemoveReplicas, RequestRefreshWhoHas,
-    RescheduleMsg, RetryBusyWorker, RetryBusyWorkerLater, SecedeEvent, StealRequest,
-    StealResponseMsg, TaskErredMsg, UnpauseEvent, UpdateData, WorkerState,
+    FindMissingResult, GatherDep, GatherDepBusy, GatherDepFailure, GatherDepNetworkFailure,
+    GatherDepSuccess, PauseEvent, RequestRefreshWhoHas, RetryBusyWorker, RetryBusyWorkerLater,
+    UnpauseEvent, UpdateData, WorkerState,
 )
 from taskcore.core.serialize import Serialized, nbytes as sizeof, serialize_obj
-from taskcore.core.worker_dispatch import WorkerHotPath
+from taskcore.core.worker_dispatch import WorkerDispatch, unserializable
+from taskcore.task_context import get_client, get_worker, rejoin, secede  # noqa: F401 (public)
 from taskcore.errors import CommClosedError, HandshakeError
-from taskcore.executor import TaskExecutor, current_executor, current_task_id
+from taskcore.executor import TaskExecutor
 from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
 from taskcore.transports import connect, listen
 from taskcore.transports.addressing import get_address_host, parse_address, unparse_host_port
 from taskcore.utils import parse_bytes
 
 logger = logging.getLogger("taskcore.worker")
-
-_task_local = threading.local()  # .worker: the Worker whose task runs on this thread
 
 
 def _memory_limit(limit, nthreads):
@@ -63,7 +62,7 @@ def _memory_limit(limit, nthreads):
     return parse_bytes(limit)
 
 
-class Worker(ServerLifecycle):
+class Worker(WorkerDispatch, ServerLifecycle):
     """`Worker(scheduler_address, nthreads=1, memory_limit="auto", name=None, ...)`."""
 
     def __init__(self, scheduler_address=None, nthreads=1, memory_limit="auto", name=None,
@@ -97,6 +96,7 @@ class Worker(ServerLifecycle):
         self.heartbeat_interval = heartbeat_interval
         self.token = token
         self.inline_result_bytes = inline_result_bytes
+        self.result_bytes = inline_result_bytes
         self.connection_timeout = connection_timeout
         self.max_outgoing_transfers = max_outgoing_transfers
         self.validate = validate
@@ -113,7 +113,6 @@ class Worker(ServerLifecycle):
         self.listen_address = listen_address
         self.id = f"Worker-{uuid.uuid4()}"
         self.status = "created"
-        self.data: dict = {}
         self.state = None
         self.listener = None
         self.scheduler_comm = None
@@ -122,13 +121,10 @@ class Worker(ServerLifecycle):
         self._outgoing = 0
         self._tasks = set()
         self._closed = None
-        self._funcs: dict = {}       # pickled function -> function (WorkerHotPath.function)
         self._client = None
         self._pending_scatter: dict = {}
-        self._inline: dict = {}      # task id -> small result (Serialized) to report inline
-        self._durations: dict = {}   # key prefix -> average run time (s), for inline runs
-        self.inline_threshold = inline_threshold
-        self.inline_budget = inline_budget
+        self.inline_threshold = self.threshold = inline_threshold
+        self.inline_budget = self.budget = inline_budget
         self._reqids = itertools.count(1)
         self._sched_replies: dict = {}
         self.loop = None
@@ -149,7 +145,7 @@ class Worker(ServerLifecycle):
                                      token=self.token, **opts)
         if self.name is None:
             self.name = self.address
-        self.executor = TaskExecutor(self.nthreads, self.loop, self._on_results,
+        self.executor = TaskExecutor(self.nthreads, self.loop, self.on_thread_results,
                                      name=f"taskcore-worker-{os.getpid()}")
         self._new_state()
         try:
@@ -169,12 +165,9 @@ class Worker(ServerLifecycle):
 
     def _new_state(self):
         self.state = WorkerState(self.nthreads, self.resources or None, self.address,
-                                    validate=self.validate)
-        # The tiny-task loop, compiled (core/worker_dispatch.pyx); the rest is here.
-        self._hot = WorkerHotPath(self, self.state, self.data, self._inline, self._durations,
-                                  self._funcs, _task_local, self.inline_threshold,
-                                  self.inline_budget, self.inline_result_bytes)
+                                 validate=self.validate)
         self.data.clear()
+        self.small.clear()
 
     async def _register(self):
         opts = {"security": self.security} if self.security is not None else {}
@@ -191,7 +184,7 @@ class Worker(ServerLifecycle):
             await comm.close()
             raise ValueError(f"scheduler refused worker registration: {reply.get('message', reply)}")
         self.scheduler_comm = comm
-        comm.set_message_handler(self._hot.on_message)
+        comm.set_message_handler(self.on_message)
         self._spawn(self._watch_scheduler(comm))
 
     async def _watch_scheduler(self, comm):
@@ -303,68 +296,49 @@ class Worker(ServerLifecycle):
     # -- the state machine ----------------------------------------------------------------
     def _handle(self, *events):
         """Feed events to the state machine and carry out its instructions (the
-        compiled loop: `WorkerHotPath.handle`, which runs tiny tasks inline)."""
-        self._hot.handle(list(events))
+        compiled loop: `WorkerDispatch.handle`, which runs tiny tasks inline)."""
+        self.handle(list(events))
 
     def _send_scheduler(self, msg):
         comm = self.scheduler_comm
         if comm is not None and not comm.closed:
             comm.send(msg)
 
-    def _execute_one(self, ins):
-        """One instruction the compiled loop does not carry out itself (it has
-        flushed its batched reports first, so the order is kept)."""
-        send = self._send_scheduler
+    def execute_other(self, ins):
+        """Hook: one instruction the compiled loop does not carry out itself (it
+        has flushed its batched reports first, so the order is kept)."""
+        msg = encode_worker_instruction(ins, self._key_of)     # core/messages.pyx
         t = type(ins)
-        if t is TaskErredMsg:
-            send({"op": "task-erred", "id": ins.id, "key": ins.key,
-                  "exception": ins.exception, "traceback": ins.traceback})
+        if msg is not None:
+            self._send_scheduler(msg)
         elif t is GatherDep:
             self._spawn(self._gather_dep(ins.worker, ins.ids, ins.keys, ins.stimulus_id))
-        elif t is AddKeysMsg:
-            send({"op": "add-keys", "keys": [self.state.get_task(i).key for i in ins.ids]})
-        elif t is MissingDataMsg:
-            send({"op": "missing-data", "key": ins.key, "holder": ins.errant_worker})
-        elif t is StealResponseMsg:
-            send({"op": "steal-response", "id": ins.id, "key": ins.key, "state": ins.state})
         elif t is RequestRefreshWhoHas:
             self._spawn(self._refresh_who_has(ins.ids))
         elif t is RetryBusyWorkerLater:
             self.loop.call_later(0.15, self._retry_busy, ins.worker)
-        elif t is RescheduleMsg:
-            send({"op": "task-erred", "id": ins.id, "key": ins.key,
-                  "exception": serialize_obj(RuntimeError(
-                      f"task {ins.key!r} asked to be rescheduled, which taskcore does not "
-                      "support")), "traceback": None})
-        elif t is LongRunningMsg:
-            send({"op": "long-running", "id": ins.id, "key": ins.key})
         else:
             logger.error("unhandled worker instruction %r", ins)
+
+    def _key_of(self, tid):
+        return self.state.get_task(tid).key
 
     def _retry_busy(self, worker):
         if self.status == "running":
             self._handle(RetryBusyWorker(worker, "retry-busy-worker"))
 
     # -- scheduler messages ------------------------------------------------------------------
-    def _scheduler_msg(self, msg):
-        """Every message from the scheduler but the positional compute-tasks
-        (`WorkerHotPath.on_message`, the comm's handler, takes those)."""
+    def handle_other_message(self, msg):
+        """Hook: every message from the scheduler but compute-tasks (which
+        `WorkerDispatch.on_message`, the comm's handler, decodes itself)."""
         op = None
         try:
+            ev = decode_scheduler_message(msg)                        # core/messages.pyx
+            if ev is not None:
+                self._handle(ev)
+                return
             op = msg["op"]
-            if op == "compute-task":
-                self._handle(ComputeTask(msg["id"], msg["key"], msg["spec"],
-                                            msg["priority"], "compute-task", msg["deps"],
-                                            msg.get("resources"), msg.get("annotations")))
-            elif op == "free-keys":
-                self._handle(FreeKeys(msg["ids"], "free-keys"))
-            elif op == "steal-request":
-                self._handle(StealRequest(msg["id"], "steal-request"))
-            elif op == "acquire-replicas":
-                self._handle(AcquireReplicas(msg["who_has"], "acquire-replicas"))
-            elif op == "remove-replicas":
-                self._handle(RemoveReplicas(msg["ids"], "remove-replicas"))
-            elif op == "update-data":
+            if op == "update-data":
                 self._update_data(msg)
             elif op == "scatter-ids":
                 self._scatter_ids(msg)
@@ -382,45 +356,11 @@ class Worker(ServerLifecycle):
             logger.exception("error handling %r from the scheduler", str(msg)[:200])
 
     # -- executing tasks --------------------------------------------------------------------
-    def _task_callable(self, key, spec):
-        """A callable for a task thread."""
-        def run():
-            _task_local.worker = self
-            try:
-                return self._hot.run_spec(key, spec)
-            finally:
-                _task_local.worker = None
+    def run_dask_task(self, node):
+        """Hook: run one task of a dask graph (a `["dask", node]` run spec)."""
+        from taskcore.dask_integration import execute_dask_node
 
-        return run
-
-    def _on_results(self, results):
-        """Results from task threads, on the loop: (tid, ok, value, start, stop)."""
-        if self.status in ("closing", "closed"):
-            return
-        events = []
-        get_task = self.state.get_task
-        for tid, ok, value, start, stop in results:
-            ts = get_task(tid)
-            if ts is not None:
-                events.append(self._hot.result_event(tid, ts.key, ok, value, start, stop))
-        self._handle(*events)
-
-    def _on_inline_results(self, results):
-        """Deferred results of inline tasks (the inline budget ran out): like
-        thread results, a task released meanwhile is dropped."""
-        if self.status in ("closing", "closed"):
-            return
-        get_task = self.state.get_task
-        event = self._hot.result_event
-        self._handle(*[event(*r) for r in results if get_task(r[0]) is not None])
-
-    def _failure(self, tid, key, exc, start, stop):
-        text = "".join(tb_mod.format_exception(type(exc), exc, exc.__traceback__))
-        try:
-            s = serialize_obj(exc)
-        except Exception:
-            s = serialize_obj(RuntimeError(f"{type(exc).__name__}: {exc}"))
-        return ExecuteFailure(tid, s, text, start, stop, "execute-failure")
+        return execute_dask_node(node, self.data)
 
     # -- data transfer ------------------------------------------------------------------------
     async def _peer(self, address):
@@ -518,7 +458,7 @@ class Worker(ServerLifecycle):
                 try:
                     data[k] = serialize_obj(self.data[k])
                 except Exception as e:
-                    errors[k] = f"cannot serialize {type(self.data[k]).__name__}: {e}"
+                    errors[k] = unserializable(k, self.data[k], e)
             await comm.write({"status": "OK", "data": data, "errors": errors})
         finally:
             self._outgoing -= 1
@@ -576,50 +516,3 @@ def _interface_ip(interface):
         if a.family == socket.AF_INET6:
             return a.address.split("%")[0]
     raise ValueError(f"interface {interface!r} has no IP address")
-
-
-def get_worker():
-    """The Worker running the current task (only valid inside a task)."""
-    w = getattr(_task_local, "worker", None)
-    if w is None:
-        raise ValueError("get_worker() called outside of a task")
-    _task_local.interacted = True
-    return w
-
-
-def get_client():
-    """A Client connected to the current worker's scheduler (inside a task), else the default."""
-    w = getattr(_task_local, "worker", None)
-    if w is None:
-        from taskcore.client import default_client
-
-        return default_client()
-    _task_local.interacted = True
-    if getattr(_task_local, "inline", False):
-        # Blocking on the cluster from the worker's own event loop would
-        # deadlock it; such tasks are never inlined again, and this one fails
-        # clearly instead of hanging.
-        raise RuntimeError("get_client() inside a task that ran inline on the event loop; "
-                           "it will run on a thread when retried")
-    return w._get_client()
-
-
-def secede():
-    """Leave the worker's thread pool: this task stops occupying a slot (e.g. to wait on
-    futures it submitted). Call rejoin() to take a slot back."""
-    ex = current_executor()
-    tid = current_task_id()
-    _task_local.interacted = True
-    if ex is None or tid is None:
-        raise ValueError("secede() called outside of a task thread")
-    w = getattr(_task_local, "worker", None)
-    if ex.secede() and w is not None:
-        w.loop.call_soon_threadsafe(w._handle, SecedeEvent(tid, "secede"))
-
-
-def rejoin():
-    """Re-enter the worker's thread pool after secede()."""
-    ex = current_executor()
-    if ex is None:
-        raise ValueError("rejoin() called outside of a task")
-    ex.rejoin()

@@ -16,6 +16,7 @@ from taskcore import Client
 from taskcore.deploy import registry
 from taskcore.deploy.launcher import is_alive
 from taskcore.deploy.local import LocalCluster
+from taskcore.testing import import_required
 
 
 def run_python(code, timeout=60):
@@ -116,7 +117,7 @@ def test_from_name_errors(cluster_registry):
         assert info["name"] == "attached-one" and not info["detached"]
         with pytest.raises(RuntimeError, match="not made with shutdown_on_close=False"):
             LocalCluster.from_name("attached-one")
-        pytest.importorskip("asyncssh")
+        import_required("asyncssh", "SSH tests need the [ssh] extra")
         from taskcore.deploy.ssh import SSHCluster
 
         entry = registry.load("attached-one")
@@ -166,7 +167,7 @@ def test_core_clusters_lists_and_closes_a_detached_cluster(cluster_registry):
 
 
 def test_detached_ssh_cluster_survives_its_process_and_reconnects(sshd, ssh_cluster_kwargs):
-    pytest.importorskip("asyncssh")
+    import_required("asyncssh", "SSH tests need the [ssh] extra")
     from taskcore.deploy.ssh import SSHCluster
 
     out = run_python(f"""

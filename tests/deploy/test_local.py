@@ -1,11 +1,10 @@
-"""LocalCluster with the real Scheduler and Worker (skipped until they exist)."""
+"""LocalCluster with the real Scheduler and Worker (fixture `real_servers`, tests/conftest.py)."""
 import asyncio
 import sys
 
 import psutil
 import pytest
 
-from taskcore.client import Client
 from taskcore.deploy.local import LocalCluster, default_sizes
 from taskcore.testing import run
 
@@ -28,13 +27,6 @@ def test_default_sizes(args, expected):
     assert default_sizes(*args) == expected
 
 
-def real_servers():
-    sched = pytest.importorskip("taskcore.scheduler")
-    pytest.importorskip("taskcore.worker")
-    if not hasattr(sched, "Scheduler"):
-        pytest.skip("taskcore.scheduler.Scheduler does not exist yet")
-
-
 def children():
     return {p.pid for p in psutil.Process().children(recursive=True)
             if p.status() != psutil.STATUS_ZOMBIE}
@@ -44,8 +36,8 @@ def worker_pids(cluster):
     return {w.worker_pid for w in cluster.workers.values()}
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_processes_sync_start_scale_close():
-    real_servers()
     before = children()
     with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="1GiB") as cluster:
         assert cluster.status == "running"
@@ -73,18 +65,15 @@ def test_processes_sync_start_scale_close():
     assert children() - before == set()
 
 
-def test_scheduler_options_reach_the_state_machine():
-    from taskcore.scheduler import Scheduler
-
+def test_scheduler_options_reach_the_state_machine(real_servers):
+    Scheduler = real_servers.Scheduler
     assert Scheduler(tiny_task_backlog=0, allowed_failures=5).state.tiny_task_backlog == 0
     with pytest.raises(TypeError, match="unknown options.*bogus"):
         Scheduler(bogus=1)
 
 
-def test_scheduler_in_this_process_on_request():
-    real_servers()
-    from taskcore.scheduler import Scheduler
-
+def test_scheduler_in_this_process_on_request(real_servers, real_client):
+    Scheduler, Client = real_servers.Scheduler, real_client
     before = children()
     with LocalCluster(n_workers=1, threads_per_worker=1, scheduler_process=False,
                       memory_limit=None) as cluster:
@@ -97,8 +86,8 @@ def test_scheduler_in_this_process_on_request():
         LocalCluster(processes=False, scheduler_process=True)
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_processes_with_plain_worker_processes():
-    real_servers()
     before = children()
     with LocalCluster(n_workers=1, threads_per_worker=1, worker_class="process",
                       memory_limit=None) as cluster:
@@ -109,8 +98,8 @@ def test_processes_with_plain_worker_processes():
     assert children() - before == set()
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_nanny_restarts_a_killed_worker_in_a_cluster():
-    real_servers()
     with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=None) as cluster:
         (nanny,) = cluster.workers.values()
         pid = nanny.worker_pid
@@ -127,8 +116,8 @@ async def _wait_restart(nanny, old_pid):
     raise AssertionError("worker was not restarted")
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_threads_sync_inproc():
-    real_servers()
     before = children()
     with LocalCluster(processes=False, n_workers=2, threads_per_worker=1) as cluster:
         assert cluster.scheduler_address.startswith("inproc://")
@@ -141,8 +130,8 @@ def test_threads_sync_inproc():
     assert cluster.status == "closed"
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_async_context_manager_and_await():
-    real_servers()
     before = children()  # session fixtures (our sshd) may be children too
 
     async def main():
@@ -167,24 +156,24 @@ def test_async_context_manager_and_await():
     run(main(), timeout=120)
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_zero_workers_then_scale():
-    real_servers()
     with LocalCluster(n_workers=0, processes=False) as cluster:
         assert cluster.workers == {}
         cluster.scale(1)
         assert len(cluster.workers) == 1
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_bad_combinations():
-    real_servers()
     with pytest.raises(ValueError, match="inproc"):
         LocalCluster(processes=True, protocol="inproc")
     with pytest.raises(ValueError, match="env"):
         LocalCluster(processes=False, env={"A": "1"})
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_env_reaches_worker_processes():
-    real_servers()
     with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=None,
                       env={"TASKCORE_TEST_MARKER": "42"}) as cluster:
         (w,) = cluster.workers.values()
@@ -192,18 +181,17 @@ def test_env_reaches_worker_processes():
 
 
 @pytest.mark.parametrize("processes", [True, False])
-def test_client_round_trip(processes):
-    """Integration with the Client, when it exists (not owned by the deploy layer)."""
-    real_servers()
-    client_mod = pytest.importorskip("taskcore.client")
+@pytest.mark.usefixtures("real_servers")
+def test_client_round_trip(processes, real_client):
+    """Integration with the Client (not owned by the deploy layer)."""
     with LocalCluster(processes=processes, n_workers=1, threads_per_worker=1,
                       memory_limit=None) as cluster:
-        with client_mod.Client(cluster.scheduler_address) as client:
+        with real_client(cluster.scheduler_address) as client:
             assert client.submit(lambda x: x + 1, 1).result(timeout=30) == 2
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_no_leak_when_closing_a_cluster_that_failed_to_start():
-    real_servers()
     before = children()
     with pytest.raises(Exception):
         LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=None,
@@ -217,7 +205,6 @@ if sys.platform != "linux":  # pragma: no cover
 
 def test_spec_cluster_of_subprocesses_only():
     """Scheduler and workers all as ProcessInterfaces running the CLIs."""
-    real_servers()
     from taskcore.deploy import SchedulerProcess, SpecCluster, WorkerProcess
 
     before = children()
@@ -234,9 +221,9 @@ def test_spec_cluster_of_subprocesses_only():
     assert children() - before == set()
 
 
+@pytest.mark.usefixtures("real_servers")
 def test_forgotten_cluster_is_closed_at_exit(tmp_path):
     """A script that never calls close() still leaves no worker process behind."""
-    real_servers()
     import subprocess
     import time
 

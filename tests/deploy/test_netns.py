@@ -13,11 +13,11 @@ import sys
 import time
 
 import cloudpickle
-import pytest
 
 from taskcore import Client, wait
+from taskcore.testing import import_required
 
-pytest.importorskip("asyncssh")
+import_required("asyncssh", "SSH tests need the [ssh] extra")
 
 from taskcore.deploy.ssh import SSHCluster  # noqa: E402
 

@@ -13,9 +13,9 @@ import pytest
 from taskcore import Client
 from taskcore.deploy.launcher import descendants, is_alive
 from taskcore.deploy.process import ProcessStartError
-from taskcore.testing import run
+from taskcore.testing import import_required, run
 
-pytest.importorskip("asyncssh")
+import_required("asyncssh", "SSH tests need the [ssh] extra")
 
 from taskcore.deploy.ssh import SSHCluster  # noqa: E402
 

@@ -1,5 +1,6 @@
+# distutils: language = c++
 # cython: language_level=3, boundscheck=True, wraparound=False
-"""The client's hot path, compiled: `Future`, `FutureState` and `ClientHotPath`.
+"""The client's hot path, compiled: `FutureBase`, `FutureState` and `ClientHotPath`.
 
 A sync `submit(f, x).result()` crosses two threads of the client process (the
 caller, which builds the task and waits, and the loop thread, which sends it
@@ -11,14 +12,15 @@ state, the Client's dicts, its lock. Here they are C structs and C calls:
 - `FutureState` (one per key per client) keeps the status and the inline
   result. A thread waiting in `wait_sync` blocks on a bare C lock of its own
   (`_Waiter`), released by `_set`, with the GIL dropped while it waits.
-- `Future` is the user's handle; `result()` on a finished state returns the
-  inline result without touching the loop thread, and before it blocks it
-  writes its own queued submit to the socket (`ClientHotPath.write_pending`,
-  protocol.pyx's `write_now`).
+- `FutureBase` is the compiled half of the user's `Future` (futures.py):
+  `result()` on a finished state returns the inline result without touching
+  the loop thread, and before it blocks it writes its own queued submit to the
+  socket (`ClientHotPath.write_pending`, through the comm sink's `write_now`).
 - `ClientHotPath` holds the Client's reference counts, states, outbox and
   release queue, and does submit (references + queueing), the flush to the
   scheduler, the positional `keys-in-memory` message and the releases.
-  `Client` (client.py) owns everything else and delegates these.
+  `Client` (client.py) owns everything else and delegates these; a subclass
+  there overrides the `handle_other` hook (every message but keys-in-memory).
 
 Locking. The reference counts, the states and the outbox are shared by the
 caller threads, the loop thread and any thread where a garbage collection
@@ -32,13 +34,25 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport (PY_LOCK_ACQUIRED, PY_LOCK_INTR, PyLockStatus, PyThread_allocate_lock,
                                PyThread_free_lock, PyThread_get_thread_ident,
                                PyThread_release_lock, PyThread_type_lock)
-from taskcore.core.protocol cimport LoopFlusher, StreamProtocol, check_positional
+from taskcore.core.messages cimport (keys_in_memory_key, keys_in_memory_payload,
+                                     keys_in_memory_size, merge_update_graphs, result_of,
+                                     result_sent, update_graph)
+from taskcore.core.protocol cimport MessageSink, sink_of
 from taskcore.core.serialize cimport SER_PICKLE, Serialized, serialize_obj
 
 import asyncio
-import threading
+import hashlib
+import logging
+import uuid
 import weakref
 
+import msgpack
+
+from taskcore.graph import TaskRef
+
+_logger = logging.getLogger("taskcore.client")
+
+from taskcore.core.messages import release_keys
 from taskcore.errors import CancelledError, FutureLostError
 
 cdef extern from "pythread.h":
@@ -251,20 +265,20 @@ cdef class FutureState:
             self.callbacks.append(cb)
 
 
-# ------------------------------------------------------------------ Future
+# ------------------------------------------------------------------ FutureBase
 
-cdef object _default_client():
-    from taskcore.client import default_client
-
-    return default_client()
-
-
-def _future_from_key(key):
-    return Future(key)
+#: What `FutureBase._try_result` returns when the result needs the client's loop.
+NOT_READY = object()
+cdef object _NOT_READY = NOT_READY
 
 
-cdef class Future:
-    """A remote key. Awaitable, picklable into tasks (arrives there as its data)."""
+cdef class ClientHotPath
+
+
+cdef class FutureBase:
+    """The compiled half of a `Future` (futures.py, its only subclass): the handle
+    on one key, its reference, and the part of `result()` that needs neither
+    the client's loop nor the client."""
     cdef readonly object key
     cdef readonly object client
     cdef readonly FutureState _state
@@ -272,17 +286,15 @@ cdef class Future:
     cdef bint _released
     cdef object __weakref__
 
-    def __init__(self, key, client=None, FutureState state=None):
-        if client is None:
-            client = _default_client()
+    def _bind(self, key, client, FutureState state=None):
+        """Set the handle up; `state` given: the caller already took this
+        Future's reference (submit)."""
         self.key = key
         self.client = client
         self._hot = client._hot
-        # `state` given: the caller already took this Future's reference (submit).
         self._state = state if state is not None else self._hot.inc_ref(key)
         self._released = False
 
-    # -- status -----------------------------------------------------------------
     @property
     def status(self):
         return self._state.status
@@ -293,86 +305,36 @@ cdef class Future:
     def cancelled(self):
         return self._state.status == _CANCELLED
 
-    # -- results ----------------------------------------------------------------
     def result(self, timeout=None):
-        """The task's result; re-raises the task's exception with the remote traceback."""
-        cdef FutureState st = self._state
-        if self._hot.asynchronous:
-            return self._result()
-        if _get_running_loop() is not self._hot.loop:
-            # Wait in this thread and take a result that came back inline, without
-            # a round trip through the client's loop thread (two fewer cross-thread
-            # wake-ups per call).
-            if st.status == _PENDING:
-                self._hot.write_pending()
-                if not st.wait_sync(timeout):
-                    raise TimeoutError(f"result of {self.key!r} not ready after {timeout} s")
-            if st.has_data and st.status == _FINISHED:
-                return _inline_value(st)
-        return self.client.sync(self._result, timeout=timeout)
+        """The task's result; re-raises the task's exception with the remote traceback.
 
-    async def _result(self, raiseit=True):
+        The path of a result that came back inline is here: a sync client,
+        called from another thread than its loop's, waits in this thread
+        (having written its own queued submit to the socket first:
+        `ClientHotPath.write_pending`) and returns it. Everything else is the
+        subclass's `_result_slow(timeout)` (futures.py)."""
+        cdef FutureState st = self._state
+        if self._hot.asynchronous or _get_running_loop() is self._hot.loop:
+            return self._result_slow(timeout)
+        if st.status == _PENDING:
+            self._hot.write_pending()
+            if not st.wait_sync(timeout):
+                raise TimeoutError(f"result of {self.key!r} not ready after {timeout} s")
+        if st.has_data and st.status == _FINISHED:
+            return _inline_value(st)
+        return self._result_slow(timeout)
+
+    def _inline_result(self):
+        """On the client's loop: the inline result if there is one, else NOT_READY;
+        anything queued is written first (the caller is about to wait)."""
         cdef FutureState st = self._state
         if st.status == _PENDING:
             self._hot.write_pending()
-            await st.wait()
+            return _NOT_READY
         if st.has_data and st.status == _FINISHED:
             return _inline_value(st)
-        if st.status == _ERROR:
-            exc = self.client._materialize_exception(st)
-            if raiseit:
-                raise exc
-            return exc
-        if st.status == _CANCELLED or st.status == _LOST:
-            if raiseit:
-                raise st.exception
-            return st.exception
-        return (await self.client._gather([self]))[0]
+        return _NOT_READY
 
-    def exception(self, timeout=None):
-        if self._hot.asynchronous:
-            return self._exception()
-        return self.client.sync(self._exception, timeout=timeout)
-
-    async def _exception(self):
-        await self._state.wait()
-        if self._state.status == _ERROR:
-            return self.client._materialize_exception(self._state)
-        if self._state.status == _CANCELLED or self._state.status == _LOST:
-            return self._state.exception
-        return None
-
-    def traceback(self, timeout=None):
-        """The remote traceback as text, or None if the task did not err."""
-        if self._hot.asynchronous:
-            return self._traceback()
-        return self.client.sync(self._traceback, timeout=timeout)
-
-    async def _traceback(self):
-        await self._state.wait()
-        if self._state.status == _ERROR:
-            exc = self.client._materialize_exception(self._state)
-            return getattr(exc, "__taskcore_traceback__", None)
-        return None
-
-    def __await__(self):
-        return self._result().__await__()
-
-    def cancel(self, force=False):
-        return self.client.cancel([self], force=force)
-
-    def retry(self):
-        return self.client.retry([self])
-
-    def add_done_callback(self, fn):
-        """Call fn(future) once done. Runs in a separate thread so fn may block on results."""
-
-        def cb(state):
-            threading.Thread(target=fn, args=(self,), daemon=True).start()
-
-        self._hot.loop.call_soon_threadsafe(self._state.add_callback, cb)
-
-    # -- lifetime ---------------------------------------------------------------
     def release(self):
         if not self._released:
             self._released = True
@@ -386,21 +348,12 @@ cdef class Future:
             except Exception:  # interpreter shutdown
                 pass
 
-    def __reduce__(self):
-        # Pickled by the client into task arguments it is replaced by a TaskRef
-        # before this ever runs; pickled anywhere else, it becomes a Future of the
-        # unpickling process's default client.
-        return (_future_from_key, (self.key,))
-
-    def __repr__(self):
-        return f"<Future: {self.status}, key: {self.key!r}>"
-
     def __hash__(self):
         return hash(self.key)
 
     def __eq__(self, other):
-        return (isinstance(other, Future) and (<Future>other).key == self.key
-                and (<Future>other).client is self.client)
+        return (isinstance(other, FutureBase) and (<FutureBase>other).key == self.key
+                and (<FutureBase>other).client is self.client)
 
 
 cdef object _inline_value(FutureState st):
@@ -413,7 +366,6 @@ cdef object _inline_value(FutureState st):
 
 # ------------------------------------------------------------------ ClientHotPath
 
-@cython.final
 cdef class ClientHotPath:
     """The Client's shared bookkeeping and its per-round-trip work (see the module
     doc). `Client._states`, `._refcount` and `._lock` are these same objects."""
@@ -426,12 +378,13 @@ cdef class ClientHotPath:
     cdef list release_pending            # keys whose last Future went
     cdef bint release_timer              # a delayed flush of releases is armed
     cdef public object loop
-    cdef public object comm
+    cdef object _comm                    # see the comm property
+    cdef MessageSink sink                # the comm's write capability
+    cdef public type future_type         # futures.Future, for the handles made here
     cdef public bint asynchronous
     cdef public str status               # the Client's status
     cdef public double release_delay
     cdef object flush_cb                 # self.flush_outbox, bound once
-    cdef object other                    # Client._handle_other(msg)
     # building tasks
     cdef object func_cache               # function -> its wire form (weak keys)
     cdef object last_func                # the last function used, its wire form and name:
@@ -439,7 +392,6 @@ cdef class ClientHotPath:
     cdef str last_name                   # weak dictionary (a Python-level lookup)
     cdef str uid                         # unique keys (pure=False): "<name>-<uid>-<n>"
     cdef long long counter
-    cdef object py_tokenize, py_func_token, py_funcname, py_replace_futures  # client.py's
 
     def __init__(self, client, bint asynchronous, double release_delay):
         self.client = client
@@ -454,17 +406,25 @@ cdef class ClientHotPath:
         self.status = "newly-created"
         self.release_delay = release_delay
         self.flush_cb = self.flush_outbox
-        self.other = client._handle_other
-        import taskcore.client as c
-
         self.func_cache = weakref.WeakKeyDictionary()
         self.last_func = None
         self.uid = client._uid
         self.counter = 0
-        self.py_tokenize = c._tokenize
-        self.py_func_token = c._func_token
-        self.py_funcname = c._funcname
-        self.py_replace_futures = c._replace_futures
+
+    # -- hooks (the client overrides these) --------------------------------------
+    cpdef handle_other(self, object msg):
+        """A message from the scheduler other than keys-in-memory."""
+        _logger.warning("unhandled message from the scheduler: %r", str(msg)[:200])
+
+    # -- the comm ---------------------------------------------------------------
+    @property
+    def comm(self):
+        return self._comm
+
+    @comm.setter
+    def comm(self, comm):
+        self._comm = comm
+        self.sink = sink_of(comm) if comm is not None else None
 
     # -- building tasks ---------------------------------------------------------
     cpdef object wire_function(self, object func):
@@ -488,7 +448,7 @@ cdef class ClientHotPath:
                 pass
         self.last_func = func
         self.last_wire = w
-        self.last_name = self.py_funcname(func)
+        self.last_name = funcname(func)
         return w
 
     cdef str funcname(self, object func):
@@ -509,7 +469,7 @@ cdef class ClientHotPath:
         cdef Py_ssize_t i, n
         if key is None:
             if pure:
-                tok = self.py_tokenize(ftok or self.py_func_token(func), args, kwargs)
+                tok = tokenize(ftok or func_token(func), args, kwargs)
             else:
                 tok = self.unique()
             key = f"{self.funcname(func)}-{tok}"
@@ -522,7 +482,7 @@ cdef class ClientHotPath:
             for i in range(n):
                 a = args[i]
                 t = type(a)
-                if t is Future:
+                if t is self.future_type:
                     if refs is None:
                         refs = []
                     refs.append(i)
@@ -535,13 +495,13 @@ cdef class ClientHotPath:
                 lst = list(args)
                 deps = []
                 for i in refs:
-                    k = (<Future>lst[i]).key
+                    k = (<FutureBase>lst[i]).key
                     lst[i] = k
                     deps.append(k)
                 return key, ["call", fser, lst, None, refs], deps
         deps = []
-        args2 = self.py_replace_futures(args, deps)
-        kwargs2 = self.py_replace_futures(kwargs, deps) if kwargs else None
+        args2 = replace_futures(args, deps)
+        kwargs2 = replace_futures(kwargs, deps) if kwargs else None
         return key, ["call", fser, serialize_obj((args2, kwargs2)), None], deps
 
     cpdef object submit_call(self, object func, tuple args, object kwargs, object key,
@@ -554,7 +514,7 @@ cdef class ClientHotPath:
             existing = key in self.states
             self.lock.release()
             if existing:
-                return Future(key, self.client)
+                return self.future_type(key, self.client)
         return self.submit([[key, spec, deps, opts]], [key])[0]
 
     # -- references -------------------------------------------------------------
@@ -623,15 +583,12 @@ cdef class ClientHotPath:
         takes the same lock)."""
         cdef list futures = []
         cdef FutureState st
-        cdef Future f
+        cdef FutureBase f
         cdef Py_ssize_t n
         cdef bint schedule
         if self.status == "closed":
             raise RuntimeError("this client is closed")
-        if len(records) == 1 and len(wanted) == 1:      # one task: no columns around it
-            msg = ["update-graph", records[0], wanted[0]]
-        else:
-            msg = ["update-graph", records, wanted]      # positional (contracts.md)
+        msg = update_graph(records, wanted)
         self.lock.acquire()
         try:
             for key in wanted:
@@ -641,7 +598,7 @@ cdef class ClientHotPath:
                 if st is None:
                     st = FutureState(key, self.loop)
                     self.states[key] = st
-                f = Future.__new__(Future)
+                f = FutureBase.__new__(self.future_type)
                 f.key = key
                 f.client = self.client
                 f._hot = self
@@ -681,19 +638,17 @@ cdef class ClientHotPath:
         anything queued after it. The loop thread was woken by the submit all
         the same and finds nothing to send: a submit not followed by a blocking
         call still goes out."""
-        cdef StreamProtocol sp
-        comm = self.comm
+        cdef MessageSink sink = self.sink
         if not self.outbox:
             return 0
         if _get_running_loop() is self.loop:
             self.flush_outbox(False)
             return 0
-        if not isinstance(comm, StreamProtocol):
+        if sink is None:
             return 0
-        sp = <StreamProtocol>comm
         self.lock.acquire()
         try:
-            if len(self.outbox) == 1 and sp.write_now(self.outbox[0]):
+            if len(self.outbox) == 1 and sink.write_now(self.outbox[0]):
                 self.outbox = []
         finally:
             self.lock.release()
@@ -714,8 +669,7 @@ cdef class ClientHotPath:
         previous key's release, and the scheduler and the worker would handle a
         release (and a free-keys) on the critical path of every round trip."""
         cdef list msgs, release
-        cdef StreamProtocol sp = None
-        cdef LoopFlusher fl = None
+        cdef MessageSink sink
         self.lock.acquire()
         try:
             msgs, self.outbox = self.outbox, []
@@ -727,90 +681,108 @@ cdef class ClientHotPath:
                 for k in release:
                     self.states.pop(k, None)
                 if release:
-                    msgs.append({"op": "release-keys", "keys": release})
+                    msgs.append(release_keys(release))
         finally:
             self.lock.release()
-        comm = self.comm
+        comm = self._comm
         if comm is None or comm.closed:
             return 0
-        if isinstance(comm, StreamProtocol):
-            sp = <StreamProtocol>comm
-            # Inside enter/leave, send() only queues (no call_soon for a flush of
-            # its own); leave() writes everything queued, now: this is a plain loop
-            # callback and a sync submit -> result round trip waits on it.
-            fl = sp.flusher
-            fl.enter()
+        sink = self.sink
+        # Inside begin/end the messages are only queued; end_batch writes them all,
+        # now: this is a plain loop callback and a sync round trip waits on it.
+        sink.begin_batch()
         try:
-            self.send_all(sp, comm, msgs)
-        finally:
-            if fl is not None:
-                fl.leave()
-            else:
-                comm.flush()
-        return 0
-
-    cdef int send_all(self, StreamProtocol sp, object comm, list msgs) except -1:
-        cdef list graph = None
-        if len(msgs) == 1:                  # one submit (a round trip): nothing to merge
-            self.send(sp, comm, msgs[0])
-        else:
-            # Consecutive single-task update-graphs without options (a loop of
-            # submit calls) go out as one graph: one scheduler stimulus instead of
-            # one per task. The order of the records keeps their relative priority.
+            if len(msgs) > 1:
+                # A loop of submit calls: one graph, one scheduler stimulus.
+                msgs = merge_update_graphs(msgs)
             for m in msgs:
-                # ["update-graph", record, key]: one task, as `submit` queues it
-                if (type(m) is list and type((<list>m)[2]) is not list
-                        and (<list>(<list>m)[1])[3] is None):
-                    if graph is None:
-                        graph = ["update-graph", [(<list>m)[1]], [(<list>m)[2]]]
-                    else:
-                        (<list>graph[1]).append((<list>m)[1])
-                        (<list>graph[2]).append((<list>m)[2])
-                    continue
-                if graph is not None:
-                    self.send(sp, comm, graph)
-                    graph = None
-                self.send(sp, comm, m)
-            if graph is not None:
-                self.send(sp, comm, graph)
-        return 0
-
-    cdef inline int send(self, StreamProtocol sp, object comm, object msg) except -1:
-        if sp is not None:
-            sp.queue(msg)
-        else:
-            comm.send(msg)
+                sink.queue(m)
+        finally:
+            sink.end_batch()
         return 0
 
     # -- receiving --------------------------------------------------------------
     def handle(self, msg):
-        """The comm's message handler: ["keys-in-memory", keys, data] here, every
-        other message to `Client._handle_other`."""
-        cdef list keys, data
+        """The comm's message handler: keys-in-memory here (core/messages.pyx),
+        every other message to the `handle_other` hook."""
         cdef Py_ssize_t i, n
         if type(msg) is not list:
-            self.other(msg)
+            self.handle_other(msg)
             return
-        check_positional(<list>msg, "keys-in-memory", 3)
-        if type((<list>msg)[1]) is not list:         # one key: its fields, no columns
-            self.finish_key((<list>msg)[1], (<list>msg)[2])
-            return
-        keys = (<list>msg)[1]
-        data = (<list>msg)[2]
-        n = len(keys)
-        if len(data) != n:
-            raise ValueError("keys-in-memory: columns of different lengths")
+        n = keys_in_memory_size(<list>msg)
         for i in range(n):
-            self.finish_key(keys[i], data[i])
+            self.finish_key(keys_in_memory_key(<list>msg, i),
+                            keys_in_memory_payload(<list>msg, i))
 
-    cdef int finish_key(self, object key, object d) except -1:
+    cdef int finish_key(self, object key, object payload) except -1:
         cdef FutureState st = self.states.get(key)
         if st is None:
             return 0
-        if d is None:                        # not sent: fetch it from a worker
+        if result_sent(payload):
+            st.finish(result_of(payload), True, None)
+        else:                               # not sent: fetch it from a worker
             st.finish(None, False, None)
-        elif type(d) is list:                # [None], a task that returned None
-            st.finish((<list>d)[0], True, None)
-        else:                                # a scalar as itself, or a Serialized
-            st.finish(d, True, None)
         return 0
+
+
+# ------------------------------------------------------------------ task building
+
+cpdef str funcname(object func):
+    """The key prefix of a function's tasks."""
+    name = getattr(func, "__name__", None) or type(func).__name__
+    return "lambda" if name == "<lambda>" else name
+
+
+cdef object _func_tokens = weakref.WeakKeyDictionary()
+
+
+cpdef str func_token(object func):
+    """A token for a function: its qualified name, and for lambdas, closures and
+    __main__ functions (which share names) the hash of its pickle."""
+    try:
+        return _func_tokens[func]
+    except (KeyError, TypeError):
+        pass
+    qual = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
+    if "<lambda>" in qual or "<locals>" in qual or getattr(func, "__module__", "") == "__main__":
+        import cloudpickle
+        try:
+            qual += hashlib.md5(cloudpickle.dumps(func)).hexdigest()
+        except Exception:
+            qual += uuid.uuid4().hex
+    tok = hashlib.md5(qual.encode()).hexdigest()[:16]
+    try:
+        _func_tokens[func] = tok
+    except TypeError:
+        pass
+    return tok
+
+
+cpdef str tokenize(str func_tok, object args, object kwargs):
+    """The deterministic part of a pure task's key: function token and arguments."""
+    h = hashlib.md5(func_tok.encode())
+    try:
+        h.update(msgpack.packb((args, kwargs or None), use_bin_type=True))
+    except Exception:
+        import cloudpickle
+        try:
+            h.update(cloudpickle.dumps((args, kwargs), protocol=5))
+        except Exception:
+            return uuid.uuid4().hex
+    return h.hexdigest()
+
+
+def replace_futures(object obj, list deps):
+    """Copy of `obj` with every Future replaced by a TaskRef; their keys go to deps."""
+    t = type(obj)
+    if isinstance(obj, FutureBase):
+        deps.append((<FutureBase>obj).key)
+        return TaskRef((<FutureBase>obj).key)
+    if t is list or t is tuple:
+        out = [replace_futures(x, deps) for x in obj]
+        return out if t is list else tuple(out)
+    if t is dict:
+        return {k: replace_futures(v, deps) for k, v in (<dict>obj).items()}
+    if t is set or t is frozenset:
+        return t(replace_futures(x, deps) for x in obj)
+    return obj

@@ -2,15 +2,30 @@
 from cpython.pythread cimport PyThread_type_lock
 from taskcore.core.wire cimport FrameDecoder, Limits
 
-cpdef int check_positional(list msg, str op, Py_ssize_t nfields) except -1
-
 cdef class LoopFlusher:
     cdef int depth      # nesting of I/O callbacks running on this loop
     cdef list dirty     # comms whose outbox is flushed when depth returns to 0
     cdef inline void enter(self)
     cdef void leave(self)
 
-cdef class StreamProtocol:
+cdef class MessageSink:
+    # What compiled senders write through: a comm's `sink` (see sink_of). The
+    # methods are virtual C calls: StreamProtocol overrides them in C, and
+    # CallSink carries them to any other comm's Python methods.
+    cdef int queue(self, object msg) except -1          # send(msg): batched, no wait
+    cdef int begin_batch(self) except -1                # queue() until end_batch()...
+    cdef int end_batch(self) except -1                  # ...then write them at once
+    cdef bint write_now(self, object msg) except -1     # from a thread other than the
+                                                        # loop's; False: not done
+
+cdef class CallSink(MessageSink):
+    cdef object comm
+    cdef object _send
+    cdef object _write_now
+
+cpdef MessageSink sink_of(object comm)
+
+cdef class StreamProtocol(MessageSink):
     cdef object loop
     cdef LoopFlusher flusher          # this loop's "inside an I/O callback" record
     cdef readonly object transport
@@ -48,11 +63,9 @@ cdef class StreamProtocol:
     cdef object _deliver(self, tuple item)
     cdef void _protocol_error(self, exc)
     cdef void _wake_all(self)
-    cdef int queue(self, object msg) except -1
     cpdef flush(self)
     cdef int _flush(self) except -1
     cdef object _dumps_each(self, list batch)
     cdef int _write_frames(self, list frames) except -1
     cdef int _lock_writes(self) except -1
     cdef int _send_small(self, bytes data) except -1
-    cdef bint write_now(self, object msg) except -1

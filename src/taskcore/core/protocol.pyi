@@ -4,10 +4,18 @@ from typing import Any, Callable
 
 from taskcore.core.wire import Limits
 
-def check_positional(msg: list, op: str, nfields: int) -> int:
-    """Validate a positional message `[op, field, ...]`: its op and arity."""
+class MessageSink:
+    """A comm's write side as compiled senders see it (C methods only)."""
 
-class StreamProtocol:
+class CallSink(MessageSink):
+    """The sink of a comm written in Python: its send(), flush() and write_now()."""
+
+    def __init__(self, comm: Any) -> None: ...
+
+def sink_of(comm: Any) -> MessageSink:
+    """`comm.sink` if the comm provides one, else CallSink(comm)."""
+
+class StreamProtocol(MessageSink):
     """Framed, batched message protocol; mixed with asyncio.BufferedProtocol in tcp.py."""
 
     closed: bool
@@ -38,6 +46,8 @@ class StreamProtocol:
     async def read(self) -> Any: ...
     async def write(self, msg: Any) -> None: ...
     def send(self, msg: Any) -> None: ...
+    @property
+    def sink(self) -> MessageSink: ...
     def allow_write_now(self) -> None: ...
     def send_now(self, msg: Any) -> bool: ...
     direct_writes: int

@@ -80,15 +80,60 @@ cdef Py_ssize_t SMALL_WRITE = 64 * 1024
 cdef Py_ssize_t DIRECT_MAX = 8192
 
 
-cpdef int check_positional(list msg, str op, Py_ssize_t nfields) except -1:
-    """Validate a positional message (docs/contracts.md: `[op, field, ...]`): the
-    expected op and arity, else a ValueError naming what is wrong."""
-    if len(msg) != nfields:
-        raise ValueError(f"positional message {msg[:1]}: {nfields} fields expected, "
-                         f"got {len(msg)}")
-    if msg[0] != op:
-        raise ValueError(f"unknown positional message {msg[0]!r}")
-    return 0
+cdef class MessageSink:
+    """The write side of a comm as compiled code sees it (protocol.pxd).
+
+    This base is the behaviour of a comm without a fast path: nothing
+    (`queue` must be provided by a subclass; see `CallSink`)."""
+
+    cdef int queue(self, object msg) except -1:
+        raise TypeError(f"{type(self).__name__} does not implement queue()")
+
+    cdef int begin_batch(self) except -1:
+        return 0
+
+    cdef int end_batch(self) except -1:
+        return 0
+
+    cdef bint write_now(self, object msg) except -1:
+        return False
+
+
+@cython.final
+cdef class CallSink(MessageSink):
+    """The sink of a comm written in Python (inproc://, third-party transports):
+    `queue` is its `send`, a batch ends with its `flush()`, and `write_now` is
+    its own if it has one (see `StreamProtocol.write_now` for the contract)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self._send = comm.send
+        self._write_now = getattr(comm, "write_now", None)
+
+    cdef int queue(self, object msg) except -1:
+        self._send(msg)
+        return 0
+
+    cdef int end_batch(self) except -1:
+        flush = getattr(self.comm, "flush", None)
+        if flush is not None:
+            flush()
+        return 0
+
+    cdef bint write_now(self, object msg) except -1:
+        if self._write_now is None:
+            return False
+        return bool(self._write_now(msg))
+
+
+cpdef MessageSink sink_of(object comm):
+    """The sink compiled senders use for `comm`: the comm's own `sink` when it
+    provides one (a capability: StreamProtocol is its own), else a CallSink
+    over its `send`. Taken once per connection."""
+    s = getattr(comm, "sink", None)
+    if s is not None:
+        return <MessageSink?>s
+    return CallSink(comm)
 
 
 @cython.final
@@ -359,10 +404,25 @@ cdef class StreamProtocol:
         """Queue `msg`; it goes out, batched, at the end of this callback or tick."""
         self.queue(msg)
 
+    @property
+    def sink(self):
+        """This comm's `MessageSink` (itself: the compiled write path)."""
+        return self
+
+    cdef int begin_batch(self) except -1:
+        # Inside begin/end, queue() only appends (no call_soon for a flush of
+        # its own); end_batch() writes everything queued, now.
+        self.flusher.enter()
+        return 0
+
+    cdef int end_batch(self) except -1:
+        self.flusher.leave()
+        return 0
+
     cdef int queue(self, object msg) except -1:
-        """`send` for compiled callers: a plain C call. (A cpdef method would first
-        look itself up on the instance, every call, since TCPComm is a Python
-        subclass that might override it.)"""
+        """`send` for compiled callers: a plain C call through the sink's vtable.
+        (A cpdef method would first look itself up on the instance, every call,
+        since TCPComm is a Python subclass that might override it.)"""
         if self.closed:
             raise self.exc if self.exc is not None else _CommClosedError("comm closed")
         self.outbox.append(msg)

@@ -86,6 +86,7 @@ cdef enum:
     EV_RELEASE_WORKER_DATA
     EV_RETIRE_WORKERS
     EV_LONG_RUNNING
+    EV_TASKS_FINISHED
 
 # Ordering key of the ready queues: ((-user priority, graph generation),
 # (rank inside the graph, task id)); the smallest runs first.
@@ -249,6 +250,20 @@ cdef class TaskFinished(Stimulus):
     cdef readonly int64_t nbytes
     cdef readonly object typename
     cdef readonly double duration           # < 0: unknown
+    # The result, when it rode along with the report (an opaque payload of
+    # core/messages.pyx, passed on untouched in KeyInMemory.data), else None.
+    cdef readonly object data
+
+@cython.final
+cdef class TasksFinished(Stimulus):
+    # One report of several finished tasks by one worker: parallel columns,
+    # handled as one stimulus (one drain of the recommendations).
+    cdef readonly str worker
+    cdef readonly list task_ids
+    cdef readonly list nbytes
+    cdef readonly list typenames
+    cdef readonly list durations
+    cdef readonly list data                 # payloads or None; see TaskFinished.data
 
 @cython.final
 cdef class TaskLongRunning(Stimulus):
@@ -393,6 +408,7 @@ cdef class KeyInMemory(Instruction):
     cdef readonly Py_ssize_t task_id
     cdef readonly int64_t nbytes
     cdef readonly object typename
+    cdef readonly object data               # TaskFinished.data of the report, or None
 
 @cython.final
 cdef class TaskErredReport(Instruction):
@@ -502,6 +518,7 @@ cdef class SchedulerState:
     cdef str _stimulus_id
     cdef WorkerState _ctx_worker            # processing -> memory: who computed it
     cdef list _ctx_holders                  # released -> memory: scatter holders
+    cdef object _ctx_data                   # processing -> memory: the inline result
     cdef WorkerState _decided               # output of _decide()
     cdef WorkerState _best                  # _pick/_consider scratch
     cdef double _best_cost
@@ -516,15 +533,11 @@ cdef class SchedulerState:
     cdef Py_ssize_t _log_pos
     cdef Py_ssize_t _log_len
 
-    # fast paths (also reached through handle_stimulus)
-    cpdef list task_finished(self, str worker, object task_id, int64_t nbytes=*,
-                             object typename=*, double duration=*, str stimulus_id=*)
-    cpdef list tasks_finished(self, str worker, list task_ids, list nbytes, list typenames,
-                              list durations, str stimulus_id=*)
-    cpdef list task_erred(self, str worker, object task_id, object exception,
-                          object traceback=*, str stimulus_id=*)
+    # the one way in: handle_stimulus(*stimuli) calls this for each stimulus,
+    # and compiled callers (core/scheduler_dispatch.pyx) call it directly
+    cpdef list handle(self, Stimulus ev)
 
-    # stimulus plumbing
+    # stimulus plumbing (private: only handle() runs them)
     cdef inline void _begin(self, str stimulus_id)
     cdef list _end(self)
     cdef int _dispatch_event(self, Stimulus ev) except -1
@@ -537,7 +550,12 @@ cdef class SchedulerState:
 
     # handlers
     cdef int _task_finished(self, WorkerState ws, TaskState ts, int64_t nbytes,
-                            object typename, double duration) except -1
+                            object typename, double duration, object data) except -1
+    cdef int _finished(self, TaskFinished ev) except -1
+    cdef int _tasks_finished(self, TasksFinished ev) except -1
+    cdef int _erred(self, TaskErred ev) except -1
+    cdef int _finished_by_id(self, str worker, object task_id, int64_t nbytes, object typename,
+                             double duration, object data) except -1
     cdef int _task_erred(self, WorkerState ws, TaskState ts, object exception,
                          object traceback) except -1
     cdef int _task_long_running(self, WorkerState ws, TaskState ts) except -1
@@ -595,11 +613,9 @@ cdef class SchedulerState:
     cdef void _flush_frees(self, WorkerState ws) noexcept
     cdef void _emit_to_worker(self, WorkerState ws, Instruction instr) noexcept
     cdef tuple _client_ids(self, TaskState ts)
-    cdef void _report_memory(self, TaskState ts)
+    cdef void _report_memory(self, TaskState ts, object data)
     cdef void _report_erred(self, TaskState ts, tuple clients)
 
     cdef int _validate_task(self, TaskState ts) except -1
 
 
-# Grouping of ComputeTask/KeyInMemory runs per peer (batch_instructions), for dispatch.pyx.
-cdef list batch_list(list instructions)

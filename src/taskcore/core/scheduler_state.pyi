@@ -138,8 +138,21 @@ class TaskFinished(Stimulus):
     nbytes: int
     typename: Any
     duration: float
+    data: Any
     def __init__(self, worker: str, task_id: int = -1, nbytes: int = 0, typename: Any = None,
-                 duration: float = -1.0, stimulus_id: str = "", key: Key = None) -> None: ...
+                 duration: float = -1.0, stimulus_id: str = "", key: Key = None,
+                 data: Any = None) -> None: ...
+
+class TasksFinished(Stimulus):
+    worker: str
+    task_ids: list[int]
+    nbytes: list[int]
+    typenames: list[Any]
+    durations: list[float]
+    data: list[Any] | None
+    def __init__(self, worker: str, task_ids: list[int], nbytes: list[int],
+                 typenames: list[Any], durations: list[float], data: list[Any] | None = None,
+                 stimulus_id: str = "") -> None: ...
 
 class TaskLongRunning(Stimulus):
     worker: str
@@ -291,6 +304,7 @@ class KeyInMemory(Instruction):
     task_id: int
     nbytes: int
     typename: Any
+    data: Any
 
 class TaskErredReport(Instruction):
     clients: tuple[str, ...]
@@ -350,15 +364,7 @@ class SchedulerState:
         tiny_task_backlog: float = 0.002,
     ) -> None: ...
     def handle_stimulus(self, *stimuli: Stimulus) -> list[Instruction]: ...
-    def task_finished(self, worker: str, task_id: int, nbytes: int = 0, typename: Any = None,
-                      duration: float = -1.0, stimulus_id: str = "") -> list[Instruction]: ...
-    def tasks_finished(self, worker: str, task_ids: list[int], nbytes: list[int],
-                       typenames: list[Any], durations: list[float],
-                       stimulus_id: str = "") -> list[Instruction]: ...
-    def task_erred(self, worker: str, task_id: int, exception: Any, traceback: Any = None,
-                   stimulus_id: str = "") -> list[Instruction]: ...
-    def task_long_running(self, worker: str, task_id: int,
-                          stimulus_id: str = "long-running") -> list[Instruction]: ...
+    def handle(self, ev: Stimulus) -> list[Instruction]: ...
     def transition(self, key: Key, finish: str,
                    stimulus_id: str = "manual-transition") -> list[Instruction]: ...
     def validate_state(self) -> None: ...
@@ -387,7 +393,3 @@ class SchedulerState:
     def workers_to_close(self, n: int) -> list[str]: ...
     @property
     def n_tasks(self) -> int: ...
-
-def batch_instructions(
-    instructions: list[Instruction],
-) -> list[Instruction | tuple[dict[str, list[list[Any]]], dict[str, list[list[Any]]]]]: ...

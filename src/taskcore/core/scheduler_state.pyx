@@ -9,8 +9,8 @@ Theory of operation
 random numbers: time arrives inside events (``now``), and every decision is a
 deterministic function of the events seen so far.  The server shell
 (scheduler.py) turns messages into *stimuli*, calls
-``handle_stimulus(*stimuli)`` (or a typed fast path such as
-``task_finished``), and turns the returned *instructions* into messages.
+``handle_stimulus(*stimuli)`` (compiled callers: ``handle(stimulus)``, the
+same code path), and turns the returned *instructions* into messages.
 Because nothing else touches the state, every path, failure paths included,
 is testable by feeding events and matching instructions.
 
@@ -183,7 +183,7 @@ from taskcore.errors import FutureLostError, KilledWorker, TaskcoreError
 __all__ = [
     "SchedulerState", "TaskState", "WorkerState", "ClientState", "PrefixState",
     "InvalidTransition", "MissingDependencyError", "STATES",
-    "Stimulus", "UpdateGraph", "TaskFinished", "TaskErred", "AddWorker",
+    "Stimulus", "UpdateGraph", "TaskFinished", "TasksFinished", "TaskErred", "AddWorker",
     "RemoveWorker", "WorkerHeartbeat", "ClientWantsKeys", "ClientReleasesKeys",
     "ClientRemoved", "Cancel", "Retry", "BalanceTick", "StealResponse", "TaskLongRunning",
     "MissingData", "AddKeys", "UpdateData", "ReleaseWorkerData", "RetireWorkers",
@@ -484,7 +484,7 @@ cdef class TaskFinished(Stimulus):
     """A worker computed a task.  Identify it by ``task_id`` or ``key``."""
 
     def __init__(self, str worker, Py_ssize_t task_id=-1, int64_t nbytes=0, typename=None,
-                 double duration=-1.0, str stimulus_id="", key=None):
+                 double duration=-1.0, str stimulus_id="", key=None, data=None):
         self.kind = EV_TASK_FINISHED
         self.stimulus_id = stimulus_id
         self.worker = worker
@@ -493,11 +493,36 @@ cdef class TaskFinished(Stimulus):
         self.nbytes = nbytes
         self.typename = typename
         self.duration = duration
+        self.data = data
+
+
+@cython.final
+cdef class TasksFinished(Stimulus):
+    """A worker computed several tasks (one report): columns of equal length."""
+
+    def __init__(self, str worker, list task_ids, list nbytes, list typenames, list durations,
+                 list data=None, str stimulus_id=""):
+        cdef Py_ssize_t n = len(task_ids)
+        if (len(nbytes) != n or len(typenames) != n or len(durations) != n
+                or (data is not None and len(data) != n)):
+            raise ValueError("TasksFinished: columns of different lengths")
+        self.kind = EV_TASKS_FINISHED
+        self.stimulus_id = stimulus_id
+        self.worker = worker
+        self.task_ids = task_ids
+        self.nbytes = nbytes
+        self.typenames = typenames
+        self.durations = durations
+        self.data = data
 
 
 @cython.final
 cdef class TaskLongRunning(Stimulus):
-    """A task seceded from the worker's thread pool (see task_long_running)."""
+    """A task seceded from the worker's thread pool: it waits on other tasks
+    (``get_client()`` inside a task) and no longer occupies a thread, so it
+    stops counting against the worker's slots and queued tasks can run there.
+    Without this, tasks that wait on tasks they submitted deadlock once they
+    fill every slot. The slot is given back when the task leaves processing."""
 
     def __init__(self, str worker, Py_ssize_t task_id=-1, str stimulus_id="", key=None):
         self.kind = EV_LONG_RUNNING
@@ -669,7 +694,8 @@ cdef class RetireWorkers(Stimulus):
 _STIMULUS_FIELDS = {
     UpdateGraph: ("client", "tasks", "keys", "workers", "allow_other_workers", "resources",
                   "retries", "annotations", "priority"),
-    TaskFinished: ("worker", "task_id", "key", "nbytes", "typename", "duration"),
+    TaskFinished: ("worker", "task_id", "key", "nbytes", "typename", "duration", "data"),
+    TasksFinished: ("worker", "task_ids", "nbytes", "typenames", "durations", "data"),
     TaskErred: ("worker", "task_id", "key", "exception", "traceback"),
     TaskLongRunning: ("worker", "task_id", "key"),
     AddWorker: ("address", "nthreads", "memory_limit", "resources", "name", "now"),
@@ -785,7 +811,7 @@ _INSTRUCTION_FIELDS = {
     FreeKeys: ("worker", "task_ids", "keys"),
     StealRequest: ("worker", "task_id", "key"),
     AcquireReplicas: ("worker", "who_has"),
-    KeyInMemory: ("clients", "key", "task_id", "nbytes", "typename"),
+    KeyInMemory: ("clients", "key", "task_id", "nbytes", "typename", "data"),
     TaskErredReport: ("clients", "key", "exception", "traceback", "blame_key"),
     KeyLost: ("clients", "key"),
     TaskCancelled: ("clients", "key"),
@@ -1063,11 +1089,14 @@ cdef int _t_processing_memory(SchedulerState s, TaskState ts) except -1:
     s._add_replica(ts, ws)
     ts.state = TS_MEMORY
     ts.exception_blame = None
+    if ts.who_wants is not None:
+        # Before anything else this report causes: the waiting clients learn of
+        # the result (and get it, if it rode along) ahead of the dependents'
+        # instructions.
+        s._report_memory(ts, s._ctx_data)
     s._release_dependencies(ts)
     s._dependency_arrived(ts)
-    if ts.who_wants is not None:
-        s._report_memory(ts)
-    elif ts.n_waiters == 0:
+    if ts.who_wants is None and ts.n_waiters == 0:
         s._rec(ts, TS_RELEASED)                     # nobody needs the result
     if ws.status == WS_CLOSING:
         s._evacuate([ts], True)
@@ -1087,7 +1116,7 @@ cdef int _t_released_memory(SchedulerState s, TaskState ts) except -1:
     ts.state = TS_MEMORY
     s._dependency_arrived(ts)
     if ts.who_wants is not None:
-        s._report_memory(ts)
+        s._report_memory(ts, None)
     elif ts.n_waiters == 0:
         s._rec(ts, TS_RELEASED)
     return 0
@@ -1215,95 +1244,6 @@ cdef void _init_table() noexcept:
         _VIA_RELEASED[a][TS_MEMORY] = True
 
 _init_table()
-
-
-def batch_instructions(list instructions):
-    """Group the per-task instructions for the wire, keeping the order (see batch_list)."""
-    return batch_list(instructions)
-
-
-cdef list batch_list(list instructions):
-    """Group the per-task instructions for the wire, keeping the order.
-
-    Returns a list whose items are either an instruction to carry out on its
-    own, or a pair ``(compute, in_memory)`` that stands for a run of
-    consecutive ``ComputeTask`` (without resources or annotations) and
-    ``KeyInMemory`` instructions:
-
-    * ``compute``: {worker address: ["compute-tasks", ids, keys, run specs,
-      priorities, deps]}, one message with its columns; priorities as [p0, p1, p2]
-      and dependencies as [[dep id, dep key, nbytes, [holders]], ...] (lists,
-      which msgpack decodes natively; tuples would cost an ext hook each);
-    * ``in_memory``: {client id: ["keys-in-memory", keys, task ids]}, a message
-      whose last column the server replaces by the inline results.
-
-    A message about one task holds its fields in place of the columns (the
-    one-task form of docs/contracts.md); a second task turns them into columns.
-
-    This is the server's per-task send loop, done on typed fields here: in
-    Python it cost more than the transitions that made the instructions.
-    """
-    cdef list out = []
-    cdef dict compute = None
-    cdef dict in_memory = None
-    cdef list cols, deps
-    cdef ComputeTask ct
-    cdef KeyInMemory km
-    cdef PyObject* found
-    for obj in instructions:
-        if type(obj) is ComputeTask:
-            ct = <ComputeTask>obj
-            if ct.resources or ct.annotations:
-                compute = None
-                out.append(obj)
-                continue
-            if compute is None:
-                compute = {}
-                in_memory = {}
-                out.append((compute, in_memory))
-            if ct.dependencies:
-                deps = [[d[0], d[1], d[2], list(d[3])] for d in ct.dependencies]
-            else:
-                deps = []
-            found = PyDict_GetItem(compute, ct.worker)
-            if found == NULL:
-                compute[ct.worker] = ["compute-tasks", ct.task_id, ct.key, ct.run_spec,
-                                      [ct._p0, ct._p1, ct._p2], deps]
-                continue
-            cols = <list>found
-            _to_columns(cols)
-            (<list>cols[1]).append(ct.task_id)
-            (<list>cols[2]).append(ct.key)
-            (<list>cols[3]).append(ct.run_spec)
-            (<list>cols[4]).append([ct._p0, ct._p1, ct._p2])
-            (<list>cols[5]).append(deps)
-        elif type(obj) is KeyInMemory:
-            km = <KeyInMemory>obj
-            if compute is None:
-                compute = {}
-                in_memory = {}
-                out.append((compute, in_memory))
-            for c in km.clients:
-                found = PyDict_GetItem(in_memory, c)
-                if found == NULL:
-                    in_memory[c] = ["keys-in-memory", km.key, km.task_id]
-                    continue
-                cols = <list>found
-                _to_columns(cols)
-                (<list>cols[1]).append(km.key)
-                (<list>cols[2]).append(km.task_id)
-        else:
-            compute = None
-            out.append(obj)
-    return out
-
-
-cdef inline void _to_columns(list msg):
-    """A one-task message (fields in place of columns) to columns, in place."""
-    cdef Py_ssize_t i
-    if type(msg[1]) is not list:
-        for i in range(1, len(msg)):
-            msg[i] = [msg[i]]
 
 
 def transition_table():
@@ -1478,112 +1418,18 @@ cdef class SchedulerState:
 
     def handle_stimulus(self, *stimuli):
         """Apply each stimulus in turn; return all instructions, in order."""
-        cdef Stimulus ev
         cdef list out = []
         for obj in stimuli:
             if not isinstance(obj, Stimulus):
                 raise TypeError(f"not a stimulus: {obj!r}")
-            ev = <Stimulus>obj
-            if ev.kind == EV_TASK_FINISHED:
-                out.extend(self._handle_finished(<TaskFinished>ev))
-            elif ev.kind == EV_TASK_ERRED:
-                out.extend(self._handle_erred(<TaskErred>ev))
-            else:
-                self._begin(ev.stimulus_id)
-                self._dispatch_event(ev)
-                out.extend(self._end())
+            out.extend(self.handle(<Stimulus>obj))
         return out
 
-    def _handle_finished(self, TaskFinished ev):
-        cdef TaskState ts
-        cdef WorkerState ws
-        if ev.task_id >= 0:
-            return self.task_finished(ev.worker, ev.task_id, ev.nbytes, ev.typename,
-                                      ev.duration, ev.stimulus_id)
+    cpdef list handle(self, Stimulus ev):
+        """Apply one stimulus; return its instructions. Every stimulus, from
+        `handle_stimulus` or from compiled callers, takes this one path."""
         self._begin(ev.stimulus_id)
-        ts = self._task_from(-1, ev.key)
-        obj = self.workers.get(ev.worker)
-        if obj is not None:
-            ws = <WorkerState>obj
-            if ts is None:
-                self._emit_unknown_free(ws, -1, ev.key)
-            else:
-                self._task_finished(ws, ts, ev.nbytes, ev.typename, ev.duration)
-        return self._end()
-
-    def _handle_erred(self, TaskErred ev):
-        cdef TaskState ts
-        cdef WorkerState ws
-        if ev.task_id >= 0:
-            return self.task_erred(ev.worker, ev.task_id, ev.exception, ev.traceback,
-                                   ev.stimulus_id)
-        self._begin(ev.stimulus_id)
-        ts = self._task_from(-1, ev.key)
-        obj = self.workers.get(ev.worker)
-        if obj is not None and ts is not None:
-            self._task_erred(<WorkerState>obj, ts, ev.exception, ev.traceback)
-        return self._end()
-
-    cpdef list task_finished(self, str worker, object task_id, int64_t nbytes=0,
-                             object typename=None, double duration=-1.0, str stimulus_id=""):
-        """Fast path for ``TaskFinished``: ``worker`` computed task ``task_id``.
-
-        ``duration`` (seconds, < 0 if unknown) trains the prefix's estimate.
-        """
-        cdef PyObject* wobj
-        cdef PyObject* tobj
-        self._begin(stimulus_id)
-        wobj = PyDict_GetItem(self.workers, worker)
-        if wobj != NULL:
-            tobj = PyDict_GetItem(self._by_id, task_id)
-            if tobj == NULL:
-                self._emit_unknown_free(<WorkerState>wobj, task_id, None)
-            else:
-                self._task_finished(<WorkerState>wobj, <TaskState>tobj, nbytes, typename,
-                                    duration)
-        # else: the worker was removed; its report is stale and its data gone.
-        return self._end()
-
-    cpdef list tasks_finished(self, str worker, list task_ids, list nbytes, list typenames,
-                              list durations, str stimulus_id=""):
-        """Batch of ``task_finished``: one stimulus for every task a worker
-        reported in one message (columns of equal length), one instruction list."""
-        cdef PyObject* wobj
-        cdef PyObject* tobj
-        cdef Py_ssize_t i, n = len(task_ids)
-        cdef WorkerState ws
-        if len(nbytes) != n or len(typenames) != n or len(durations) != n:
-            raise ValueError("tasks_finished: columns of different lengths")
-        self._begin(stimulus_id)
-        wobj = PyDict_GetItem(self.workers, worker)
-        if wobj != NULL:
-            ws = <WorkerState>wobj
-            for i in range(n):
-                tid = task_ids[i]
-                tobj = PyDict_GetItem(self._by_id, tid)
-                if tobj == NULL:
-                    self._emit_unknown_free(ws, tid, None)
-                else:
-                    self._task_finished(ws, <TaskState>tobj, nbytes[i], typenames[i],
-                                        durations[i])
-        return self._end()
-
-    def task_long_running(self, str worker, object task_id, str stimulus_id="long-running"):
-        """A task on ``worker`` seceded: it waits on other tasks (``get_client()``
-        inside a task) and no longer occupies a thread, so it stops counting
-        against the worker's slots and queued tasks can run there. Without
-        this, tasks that wait on tasks they submitted deadlock once they fill
-        every slot. The slot is given back when the task leaves processing.
-        Also reachable as handle_stimulus(TaskLongRunning(...)).
-        """
-        cdef PyObject* wobj
-        cdef PyObject* tobj
-        self._begin(stimulus_id)
-        wobj = PyDict_GetItem(self.workers, worker)
-        if wobj != NULL:
-            tobj = PyDict_GetItem(self._by_id, task_id)
-            if tobj != NULL:
-                self._task_long_running(<WorkerState>wobj, <TaskState>tobj)
+        self._dispatch_event(ev)
         return self._end()
 
     cdef int _task_long_running(self, WorkerState ws, TaskState ts) except -1:
@@ -1600,19 +1446,6 @@ cdef class SchedulerState:
             self._clear_steal(ts)                   # it is running: not stealable
         self._update_idle(ws)
         return 0
-
-    cpdef list task_erred(self, str worker, object task_id, object exception,
-                          object traceback=None, str stimulus_id=""):
-        """Fast path for ``TaskErred``."""
-        cdef PyObject* wobj
-        cdef PyObject* tobj
-        self._begin(stimulus_id)
-        wobj = PyDict_GetItem(self.workers, worker)
-        if wobj != NULL:
-            tobj = PyDict_GetItem(self._by_id, task_id)
-            if tobj != NULL:
-                self._task_erred(<WorkerState>wobj, <TaskState>tobj, exception, traceback)
-        return self._end()
 
     def transition(self, key, str finish, str stimulus_id="manual-transition"):
         """Force one transition of ``key`` to ``finish`` (a state name), then
@@ -1707,6 +1540,12 @@ cdef class SchedulerState:
             return self._release_worker_data(<ReleaseWorkerData>ev)
         elif kind == EV_RETIRE_WORKERS:
             return self._retire_workers(<RetireWorkers>ev)
+        elif kind == EV_TASK_FINISHED:
+            return self._finished(<TaskFinished>ev)
+        elif kind == EV_TASKS_FINISHED:
+            return self._tasks_finished(<TasksFinished>ev)
+        elif kind == EV_TASK_ERRED:
+            return self._erred(<TaskErred>ev)
         elif kind == EV_LONG_RUNNING:
             obj = self.workers.get((<TaskLongRunning>ev).worker)
             ts = self._task_from((<TaskLongRunning>ev).task_id, (<TaskLongRunning>ev).key)
@@ -1714,6 +1553,54 @@ cdef class SchedulerState:
                 self._task_long_running(<WorkerState>obj, ts)
             return 0
         raise TypeError(f"unhandled stimulus {ev!r}")
+
+    cdef int _finished(self, TaskFinished ev) except -1:
+        cdef TaskState ts
+        cdef object obj
+        if ev.task_id >= 0:
+            return self._finished_by_id(ev.worker, ev.task_id, ev.nbytes, ev.typename,
+                                        ev.duration, ev.data)
+        ts = self._task_from(-1, ev.key)
+        obj = self.workers.get(ev.worker)
+        if obj is not None:
+            if ts is None:
+                self._emit_unknown_free(<WorkerState>obj, -1, ev.key)
+            else:
+                self._task_finished(<WorkerState>obj, ts, ev.nbytes, ev.typename, ev.duration,
+                                    ev.data)
+        return 0
+
+    cdef int _tasks_finished(self, TasksFinished ev) except -1:
+        cdef Py_ssize_t i
+        cdef list ids = ev.task_ids, nbytes = ev.nbytes, types = ev.typenames
+        cdef list durations = ev.durations, data = ev.data
+        for i in range(len(ids)):
+            self._finished_by_id(ev.worker, ids[i], nbytes[i], types[i], durations[i],
+                                 data[i] if data is not None else None)
+        return 0
+
+    cdef int _finished_by_id(self, str worker, object task_id, int64_t nbytes, object typename,
+                             double duration, object data) except -1:
+        """``worker`` computed task ``task_id``; ``duration`` (seconds, < 0 if
+        unknown) trains the prefix's estimate."""
+        cdef PyObject* wobj = PyDict_GetItem(self.workers, worker)
+        cdef PyObject* tobj
+        if wobj == NULL:
+            return 0            # the worker was removed; its report is stale, its data gone
+        tobj = PyDict_GetItem(self._by_id, task_id)
+        if tobj == NULL:
+            self._emit_unknown_free(<WorkerState>wobj, task_id, None)
+        else:
+            self._task_finished(<WorkerState>wobj, <TaskState>tobj, nbytes, typename, duration,
+                                data)
+        return 0
+
+    cdef int _erred(self, TaskErred ev) except -1:
+        cdef object obj = self.workers.get(ev.worker)
+        cdef TaskState ts = self._task_from(ev.task_id, ev.key)
+        if obj is not None and ts is not None:
+            self._task_erred(<WorkerState>obj, ts, ev.exception, ev.traceback)
+        return 0
 
     cdef inline void _rec(self, TaskState ts, int target) noexcept:
         if ts._rec_target == NO_REC:
@@ -1848,7 +1735,7 @@ cdef class SchedulerState:
     # ------------------------------------------------------------------
 
     cdef int _task_finished(self, WorkerState ws, TaskState ts, int64_t nbytes,
-                            object typename, double duration) except -1:
+                            object typename, double duration, object data) except -1:
         cdef int state = ts.state
         if state == TS_PROCESSING:
             if duration >= 0:
@@ -1856,8 +1743,12 @@ cdef class SchedulerState:
             ts.nbytes = nbytes
             ts.typename = typename
             self._ctx_worker = ws
-            self._transition(ts, TS_MEMORY)
-            self._ctx_worker = None
+            self._ctx_data = data
+            try:
+                self._transition(ts, TS_MEMORY)
+            finally:
+                self._ctx_worker = None
+                self._ctx_data = None
         elif state == TS_MEMORY:
             # Another copy was computed (e.g. a steal raced with execution).
             if not _holds(ts, ws):
@@ -3089,7 +2980,7 @@ cdef class SchedulerState:
             return (<ClientState>ww)._as_clients
         return tuple([(<ClientState>c).client_id for c in <dict>ww])
 
-    cdef void _report_memory(self, TaskState ts):
+    cdef void _report_memory(self, TaskState ts, object data):
         cdef KeyInMemory km = KeyInMemory.__new__(KeyInMemory)
         km.stimulus_id = self._stimulus_id
         km.clients = self._client_ids(ts)
@@ -3097,6 +2988,7 @@ cdef class SchedulerState:
         km.task_id = ts.id
         km.nbytes = ts.nbytes
         km.typename = ts.typename
+        km.data = data
         self._out.append(km)
         if self._faf is not None and _is_wanted_by(ts, self._faf):
             self._drop_want(self._faf, ts)

@@ -1,15 +1,30 @@
+# distutils: language = c++
 # cython: language_level=3, boundscheck=True, wraparound=False
-"""The worker's hot path, compiled: compute-tasks in, tiny tasks run inline,
+"""The worker's compiled dispatch: compute-tasks in, tiny tasks run inline,
 tasks-finished out.
 
-`Worker` (worker.py) owns the connections, the threads and every rare
-instruction; `WorkerHotPath` owns the loop that a stream of tiny tasks goes
-through: events into the `WorkerState`, its instructions carried out (an
-`Execute` of a task known to be tiny runs right here, on the event loop; a
-`TaskFinishedMsg` joins the columns of the next `tasks-finished`), results fed
-back as events, the reports flushed once per pass. Compiled here, with the
-Worker's dicts held as typed fields, it took the worker's share of a round trip
-from ~71k to ~54k instructions (callgrind, benchmarks/callgrind_roundtrip.py).
+`WorkerDispatch` is the base class of the `Worker` server (worker.py), in the
+manner of asyncpg's protocol classes. It owns the loop that a stream of tiny
+tasks goes through: compute-tasks decoded (core/messages.pyx) into events for
+the `WorkerState`, its instructions carried out (an `Execute` of a task known
+to be tiny runs right here, on the event loop, any other on a task thread; a
+`TaskFinishedMsg` becomes a row of the next `tasks-finished`), results fed
+back as events, the reports flushed once per pass through the scheduler
+comm's `MessageSink`. It reaches the server only through hooks that `Worker`
+overrides:
+
+    handle_other_message(msg)     a scheduler message other than compute-tasks
+    execute_other(instruction)    an instruction this loop does not carry out
+    run_dask_task(node)           a task of a dask graph (dask_integration)
+
+Compiled, with the worker's dicts as typed fields, this loop took the
+worker's share of a round trip from ~71k to ~54k instructions (callgrind,
+benchmarks/callgrind_roundtrip.py).
+
+Results. A result is stored in `data`; a small one (`result_bytes`) also
+rides along with the report as a payload (messages.result_payload). A result
+that cannot be serialized stays here like any other: only a transfer or a
+gather of it errs, with `unserializable`'s message.
 
 Inline execution. Handing a task to a thread and its result back costs ~20 µs
 of CPU in this process (GIL hand-offs and wake-ups), far more than a tiny task
@@ -20,17 +35,27 @@ every prefix runs on a thread, to be measured; a prefix whose task used
 get_client(), secede() or get_worker() goes back to threads for good.
 """
 cimport cython
-from taskcore.core.protocol cimport StreamProtocol, check_positional
+from taskcore.core.messages cimport TasksFinishedWriter, decode_compute_tasks, result_payload
+from taskcore.core.protocol cimport MessageSink, sink_of
 from taskcore.core.serialize cimport Serialized
-from taskcore.core.worker_state cimport (ComputeTask, DropData, Execute, ExecuteSuccess,
+from taskcore.core.worker_state cimport (DropData, Execute, ExecuteSuccess,
                                          ReleaseWorkerDataMsg, TaskFinishedMsg, WorkerState)
 
 import logging
 import pickle
+import threading
 import time
+from traceback import format_exception as _format_exception
 
+from taskcore.core.messages import release_worker_data
 from taskcore.core.serialize import nbytes as sizeof, serialize_obj
+from taskcore.core.worker_state import ExecuteFailure
 from taskcore.graph import substitute
+
+#: The thread-local of task execution: .worker is the WorkerDispatch (the
+#: Worker) whose task runs on this thread; .inline and .interacted are set
+#: around inline runs (see run_inline).
+task_local = threading.local()
 
 NEVER_INLINE = float("inf")     # the recorded duration of a prefix that must use threads
 cdef double _NEVER = NEVER_INLINE
@@ -57,69 +82,54 @@ cpdef object key_prefix(object key):
     return key
 
 
-@cython.final
-cdef class WorkerHotPath:
-    """See the module doc. The dicts are the Worker's own (shared, not copied)."""
-    cdef WorkerState state
-    cdef object worker              # the Worker: rare instructions, failures, threads
-    cdef dict data                  # key -> value, the worker's data store
-    cdef dict small                 # task id -> small result to report inline
-    cdef dict durations             # key prefix -> average run time (s)
-    cdef dict funcs                 # pickled function bytes -> function
-    cdef bytes last_pickle          # the last function's pickle and the function: a
-    cdef object last_function       # map's tasks skip hashing the pickle again
-    cdef object task_local          # the worker module's threading.local
-    cdef double threshold
-    cdef double budget
-    cdef Py_ssize_t result_bytes
-    cdef list out_ids, out_nbytes, out_types, out_durations, out_data
-    cdef list out_released
+cdef class WorkerDispatch:
+    """See the module doc. The base class of the `Worker` server, which sets the
+    fields and overrides the hooks."""
 
-    def __init__(self, worker, state, dict data, dict small, dict durations, dict funcs,
-                 task_local, double threshold, double budget, Py_ssize_t result_bytes):
-        self.worker = worker
-        self.state = state
-        self.data = data
-        self.small = small
-        self.durations = durations
-        self.funcs = funcs
-        self.task_local = task_local
-        self.threshold = threshold
-        self.budget = budget
-        self.result_bytes = result_bytes
-        self.out_ids = None
-        self.out_released = None
+    def __cinit__(self, *args, **kwargs):
+        self.data = {}
+        self.small = {}
+        self.durations = {}
+        self.funcs = {}
         self.last_pickle = None
+        self.out = TasksFinishedWriter()
+        self.out_released = None
+        self.threshold = 200e-6
+        self.budget = 0.005
+        self.result_bytes = 16_384
+
+    # -- hooks (the server overrides these) ------------------------------------------
+    cpdef handle_other_message(self, object msg):
+        _logger.warning("unhandled message from the scheduler: %r", str(msg)[:200])
+
+    cpdef execute_other(self, object instruction):
+        _logger.error("unhandled worker instruction %r", instruction)
+
+    cpdef run_dask_task(self, object node):
+        raise TypeError("this worker cannot run dask tasks")
+
+    # -- the scheduler comm ------------------------------------------------------------
+    @property
+    def scheduler_comm(self):
+        return self._scheduler_comm
+
+    @scheduler_comm.setter
+    def scheduler_comm(self, comm):
+        self._scheduler_comm = comm
+        self.sink = sink_of(comm) if comm is not None else None
 
     # -- messages -------------------------------------------------------------------
     def on_message(self, msg):
-        """The scheduler comm's message handler: ["compute-tasks", ...] here, every
-        other message to `Worker._scheduler_msg`. A malformed one is logged and
-        dropped; the connection carries on."""
-        if type(msg) is not list:
-            self.worker._scheduler_msg(msg)
-            return
+        """The scheduler comm's message handler: compute-tasks here, every other
+        message to `handle_other_message`. A malformed one is logged and dropped;
+        the connection carries on."""
         try:
-            self.compute_tasks(<list>msg)
+            if type(msg) is not list:
+                self.handle_other_message(msg)
+            else:
+                self.handle(decode_compute_tasks(<list>msg))
         except Exception:
             _logger.exception("error handling %r from the scheduler", str(msg)[:200])
-
-    cpdef int compute_tasks(self, list msg) except -1:
-        """["compute-tasks", ids, keys, specs, priorities, deps] from the scheduler;
-        for one task, its id, key, spec, priority and deps in place of the columns."""
-        cdef list ids, keys, specs, prios, deps
-        cdef Py_ssize_t i, n
-        check_positional(msg, "compute-tasks", 6)
-        if type(msg[1]) is not list:                    # one task
-            self.handle([_compute_task(msg[1], msg[2], msg[3], msg[4], msg[5])])
-            return 0
-        ids, keys, specs, prios, deps = msg[1], msg[2], msg[3], msg[4], msg[5]
-        n = len(ids)
-        if not (len(keys) == len(specs) == len(prios) == len(deps) == n):
-            raise ValueError("compute-tasks: columns of different lengths")
-        self.handle([_compute_task(ids[i], keys[i], specs[i], prios[i], deps[i])
-                     for i in range(n)])
-        return 0
 
     # -- the loop -------------------------------------------------------------------
     cpdef int handle(self, list events) except -1:
@@ -138,13 +148,13 @@ cdef class WorkerHotPath:
                 if deadline < 0:
                     deadline = _monotonic() + self.budget
                 if _monotonic() > deadline:
-                    self.worker.loop.call_soon(self.worker._on_inline_results, results)
+                    self.loop.call_soon(self.on_inline_results, results)
                     return 0
                 instructions = self.state.handle_events(
                     [self.result_event(r[0], r[1], r[2], r[3], r[4], r[5], r[6])
                      for r in results])
         finally:
-            if self.out_ids is not None or self.out_released is not None:
+            if self.out.n or self.out_released is not None:
                 self.flush_out()
 
     cpdef list execute(self, list instructions):
@@ -161,24 +171,14 @@ cdef class WorkerHotPath:
                 if p is not None:
                     inline.append((ex, p))
                 else:
-                    self.worker.executor.submit(
-                        ex.id, self.worker._task_callable(ex.key, ex.run_spec))
+                    self.executor.submit(ex.id, _ThreadTask(self, ex.key, ex.run_spec))
             elif t is TaskFinishedMsg:
                 fin = <TaskFinishedMsg>ins
-                if self.out_ids is None:
-                    if self.out_released is not None:
-                        self.flush_out()        # a release before a finish stays before it
-                    self.out_ids = []
-                    self.out_nbytes = []
-                    self.out_types = []
-                    self.out_durations = []
-                    self.out_data = []
+                if self.out_released is not None:
+                    self.flush_out()            # a release before a finish stays before it
                 tid = fin.id
-                self.out_ids.append(tid)
-                self.out_nbytes.append(fin.nbytes)
-                self.out_types.append(fin.type_name)
-                self.out_durations.append(fin.stop - fin.start)
-                self.out_data.append(small.pop(tid, None) if small else None)
+                self.out.add(tid, fin.nbytes, fin.type_name, fin.stop - fin.start,
+                             small.pop(tid, None) if small else None)
             elif t is ReleaseWorkerDataMsg:
                 if self.out_released is None:
                     self.out_released = []
@@ -186,36 +186,48 @@ cdef class WorkerHotPath:
             elif t is DropData:
                 self.data.pop((<DropData>ins).key, None)
             else:
-                if self.out_ids is not None or self.out_released is not None:
+                if self.out.n or self.out_released is not None:
                     self.flush_out()
-                self.worker._execute_one(ins)
+                self.execute_other(ins)
         return inline
 
     cpdef int flush_out(self) except -1:
         """Send the batched reports: every task finished since the last flush as one
         `tasks-finished`, then the released keys. `handle` flushes when it returns,
-        and `execute` before any other message, so the scheduler sees reports in
-        the order the state machine made them."""
-        ids = self.out_ids
+        and `execute` before any other instruction, so the scheduler sees reports
+        in the order the state machine made them."""
+        msg = self.out.take()
         released = self.out_released
-        self.out_ids = self.out_released = None
-        comm = self.worker.scheduler_comm
+        self.out_released = None
+        comm = self._scheduler_comm
         if comm is None or comm.closed:
             return 0
-        if ids is not None:
-            if len(ids) == 1:       # one task: its fields, not one-element columns
-                msg = ["tasks-finished", ids[0], self.out_nbytes[0], self.out_types[0],
-                       self.out_durations[0], self.out_data[0]]
-            else:
-                msg = ["tasks-finished", ids, self.out_nbytes, self.out_types,
-                       self.out_durations, self.out_data]
-            if isinstance(comm, StreamProtocol):
-                (<StreamProtocol>comm).queue(msg)
-            else:
-                comm.send(msg)
+        if msg is not None:
+            self.sink.queue(msg)
         if released is not None:
-            comm.send({"op": "release-worker-data", "keys": released})
+            self.sink.queue(release_worker_data(released))
         return 0
+
+    # -- results --------------------------------------------------------------------
+    def on_thread_results(self, results):
+        """Results from task threads, on the loop: (tid, ok, value, start, stop)."""
+        if self.status in ("closing", "closed"):
+            return
+        events = []
+        get_task = self.state.get_task
+        for tid, ok, value, start, stop in results:
+            ts = get_task(tid)
+            if ts is not None:
+                events.append(self.result_event(tid, ts.key, ok, value, start, stop))
+        self.handle(events)
+
+    def on_inline_results(self, results):
+        """Deferred results of inline tasks (the inline budget ran out): like
+        thread results, a task released meanwhile is dropped."""
+        if self.status in ("closing", "closed"):
+            return
+        get_task = self.state.get_task
+        self.handle([self.result_event(*r) for r in results if get_task(r[0]) is not None])
 
     # -- inline execution -----------------------------------------------------------
     cdef object inline_prefix(self, object key):
@@ -244,12 +256,12 @@ cdef class WorkerHotPath:
         own dict of the thread-local (item access, not the per-thread attribute
         protocol)."""
         cdef list results = []
-        cdef dict local = self.task_local.__dict__
+        cdef dict local = task_local.__dict__
         cdef double start, stop
         cdef Execute ins
         cdef tuple item
         local["inline"] = True
-        local["worker"] = self.worker
+        local["worker"] = self
         local["interacted"] = False
         try:
             for item in inline:
@@ -322,13 +334,11 @@ cdef class WorkerHotPath:
                     args = largs
             except Exception as e:
                 raise DeserializeError(
-                    f"could not deserialize task {key!r} on worker {self.worker.address}: "
+                    f"could not deserialize task {key!r} on worker {self.address}: "
                     f"{type(e).__name__}: {e}") from e
             return func(*args, **kwargs) if kwargs else func(*args)
         if kind == "dask":
-            from taskcore.dask_integration import execute_dask_node
-
-            return execute_dask_node(spec[1], self.data)
+            return self.run_dask_task(spec[1])
         raise ValueError(f"unknown run spec kind {kind!r} for task {key!r}")
 
     cpdef object result_event(self, object tid, object key, bint ok, object value,
@@ -337,7 +347,7 @@ cdef class WorkerHotPath:
         store, and a small result to the next `tasks-finished` as well."""
         self.record_duration(key_prefix(key) if prefix is None else prefix, stop - start)
         if not ok:
-            return self.worker._failure(tid, key, value, start, stop)
+            return _failure(tid, value, start, stop)
         t = type(value)
         try:
             nb = 28 if t is int or t is float else sizeof(value)
@@ -348,17 +358,18 @@ cdef class WorkerHotPath:
             # bare None means "not sent"): no pickling here, no ext hook at the
             # client. (Huge ints do not fit msgpack; pickle those.)
             if t is not int or _I64_MIN <= value < _U64_END:
-                self.small[tid] = value if value is not None else [None]
+                self.small[tid] = result_payload(value)
                 self.data[key] = value
                 return _execute_success(tid, nb, _SCALAR_NAMES[t], start, stop)
         if nb <= self.result_bytes:
+            # Rides along if it serializes; one that cannot (a generator, a lock)
+            # stays here as any other value: only a transfer or a gather of it
+            # errs (`unserializable`), and a dependent on this worker runs.
             try:
                 s = serialize_obj(value)
-            except Exception as e:
-                return self.worker._failure(tid, key, TypeError(
-                    f"the result of task {key!r} (type {t.__name__}) cannot be "
-                    f"serialized: {e}"), start, stop)
-            if s.nbytes <= self.result_bytes:
+            except Exception:
+                s = None
+            if s is not None and (<Serialized>s).nbytes <= self.result_bytes:
                 self.small[tid] = s
         self.data[key] = value
         return _execute_success(tid, nb, t.__name__, start, stop)
@@ -367,19 +378,44 @@ cdef class WorkerHotPath:
 cdef dict _SCALAR_NAMES = {int: "int", float: "float", bool: "bool", type(None): "NoneType"}
 
 
-# Events made here without the Python-level __init__ call (argument parsing):
-# the fields are set directly, as the classes' __init__ would.
-cdef ComputeTask _compute_task(object tid, object key, object spec, object prio, object deps):
-    cdef ComputeTask ev = ComputeTask.__new__(ComputeTask)
-    ev.id = tid
-    ev.key = key
-    ev.run_spec = spec
-    ev.priority = prio
-    ev.stimulus_id = "compute-task"
-    ev.who_has = deps
-    return ev
+def unserializable(key, value, exc):
+    """The error for a result that cannot leave its worker (a gather or a
+    transfer of it): the same words wherever it is reported."""
+    return (f"the result of task {key!r} (type {type(value).__name__}) cannot be "
+            f"serialized: {type(exc).__name__}: {exc}")
 
 
+cdef object _failure(object tid, object exc, double start, double stop):
+    """The ExecuteFailure event of a task that raised `exc`."""
+    text = "".join(_format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        s = serialize_obj(exc)
+    except Exception:
+        s = serialize_obj(RuntimeError(f"{type(exc).__name__}: {exc}"))
+    return ExecuteFailure(tid, s, text, start, stop, "execute-failure")
+
+
+@cython.final
+cdef class _ThreadTask:
+    """A task for a task thread: runs its spec with the worker in the thread-local."""
+    cdef WorkerDispatch worker
+    cdef object key, spec
+
+    def __init__(self, WorkerDispatch worker, key, spec):
+        self.worker = worker
+        self.key = key
+        self.spec = spec
+
+    def __call__(self):
+        task_local.worker = self.worker
+        try:
+            return self.worker.run_spec(self.key, self.spec)
+        finally:
+            task_local.worker = None
+
+
+# Made without the Python-level __init__ call (argument parsing): the fields
+# are set directly, as the class's __init__ would.
 cdef ExecuteSuccess _execute_success(object tid, object nb, object type_name, double start,
                                      double stop):
     cdef ExecuteSuccess ev = ExecuteSuccess.__new__(ExecuteSuccess)

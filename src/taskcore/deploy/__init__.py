@@ -1,9 +1,11 @@
 """Deployment: clusters that start a scheduler and workers somewhere, and the pieces they use.
 
-Names are resolved lazily (PEP 562): `taskcore.nanny` imports
-`taskcore.deploy.process`, and `deploy.local` imports the nanny, so an eager
-import here would be circular. It also keeps `import taskcore.deploy` cheap
-for the CLIs.
+Names are resolved lazily (PEP 562), so `import taskcore.deploy` stays cheap
+for the CLIs and one backend does not import the others (the servers, asyncssh).
+`Status`, `ProcessInterface`, `Subprocess` and `ProcessStartError` are defined
+in `taskcore.process`, the layer that the nanny and deploy/ share (the nanny
+imports nothing from deploy/); they are re-exported here and in the deploy
+modules that used to define them.
 """
 from __future__ import annotations
 
@@ -12,12 +14,12 @@ import importlib
 _EXPORTS = {
     "Cluster": "taskcore.deploy.cluster",
     "SpecCluster": "taskcore.deploy.spec",
-    "ProcessInterface": "taskcore.deploy.spec",
-    "Status": "taskcore.deploy.spec",
-    "Subprocess": "taskcore.deploy.process",
+    "ProcessInterface": "taskcore.process",
+    "Status": "taskcore.process",
+    "Subprocess": "taskcore.process",
     "WorkerProcess": "taskcore.deploy.process",
     "SchedulerProcess": "taskcore.deploy.process",
-    "ProcessStartError": "taskcore.deploy.process",
+    "ProcessStartError": "taskcore.process",
     "LocalCluster": "taskcore.deploy.local",
     "SSHCluster": "taskcore.deploy.ssh",
     "Adaptive": "taskcore.deploy.adaptive",

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import enum
 import html
 import importlib
 import inspect
@@ -39,23 +38,10 @@ import time
 import uuid
 import weakref
 
+from taskcore.process import Status  # re-exported: `Status` used to be defined here
 from taskcore.utils import LoopRunner, format_bytes
 
 logger = logging.getLogger("taskcore.deploy")
-
-
-class Status(str, enum.Enum):
-    """Lifecycle of clusters and process interfaces. A str, so `status == "running"` works."""
-
-    created = "created"
-    starting = "starting"
-    running = "running"
-    closing = "closing"
-    closed = "closed"
-    failed = "failed"
-
-    def __str__(self):
-        return self.value
 
 
 class _BufferHandler(logging.Handler):
@@ -82,8 +68,9 @@ _atexit_registered = False
 
 
 def _register_atexit():
-    # Registered on first use, i.e. after deploy.process registered its own hook: atexit
-    # runs hooks last-in first-out, so clusters close politely before leftovers are killed.
+    # Registered on first use, i.e. after taskcore.process (imported above) registered its own
+    # hook: atexit runs hooks last-in first-out, so clusters close politely before leftovers
+    # are killed.
     global _atexit_registered
     if not _atexit_registered:
         atexit.register(_close_clusters_at_exit)

@@ -31,18 +31,16 @@ import os
 import socket
 import sys
 
-from taskcore.deploy.process import (ProcessStartError, _describe_exit, read_lines,
-                                     scheduler_cli_args, worker_cli_args)
-from taskcore.deploy.spec import ProcessInterface, Status
+from taskcore.process import (ProcessGone, ProcessInterface, ProcessStartError, Status,
+                              _describe_exit, read_lines, scheduler_cli_args, worker_cli_args)
 
 logger = logging.getLogger("taskcore.deploy")
 
 __all__ = ["Target", "LocalTarget", "LaunchedProcess", "LaunchedScheduler", "LaunchedWorker",
            "ProcessGone"]
 
-
-class ProcessGone(ProcessStartError):
-    """A recorded process (to adopt) is no longer running."""
+# ProcessGone (a recorded process to adopt is no longer running) is defined in taskcore.process,
+# next to ProcessStartError, so that deploy/spec.py can catch it without importing this module.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,17 +164,6 @@ class _LocalChannel:
             self.proc.kill()
         except ProcessLookupError:
             pass
-
-
-def target_from_record(record: dict, **overrides) -> Target:
-    kind = (record or {}).get("kind")
-    if kind == "local":
-        return LocalTarget(python=record.get("python"))
-    if kind == "ssh":
-        from taskcore.deploy.ssh import SSHTarget
-
-        return SSHTarget.from_record(record, **overrides)
-    raise ValueError(f"unknown target kind {kind!r} in registry record")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ A handle is anything with `start()`, `close()`, `finished()` and `address`:
 a ProcessInterface subclass (a subprocess, an SSH process, a pod...), a
 Nanny, or an in-process Worker server. The scheduler spec is built the same
 way (`cls(**options)`), workers as `cls(scheduler_address, name=name, **options)`.
+`ProcessInterface` and `Status` are defined in taskcore/process.py (the layer
+under both deploy/ and the nanny) and re-exported here.
 
 Multi-worker handles: a spec may carry `"group": [suffix, ...]`; one handle
 then stands for `len(group)` workers (one process running several workers,
@@ -46,54 +48,13 @@ import logging
 import math
 import time
 
-from taskcore.deploy.cluster import Cluster, Status
+from taskcore.deploy.cluster import Cluster
+from taskcore.process import ProcessGone, ProcessInterface, Status
 from taskcore.utils import parse_bytes
 
 logger = logging.getLogger("taskcore.deploy")
 
 __all__ = ["ProcessInterface", "SpecCluster", "Status"]
-
-
-class ProcessInterface:
-    """One scheduler or worker "process" somewhere, as an async object.
-
-    Subclasses override `start()` (set `self.address`, then call
-    `await super().start()`) and `close()` (stop it, then `await super().close()`).
-    `finished()` resolves once the process is gone, whether closed by us or not.
-    """
-
-    def __init__(self, scheduler: str | None = None, name=None):
-        self.scheduler = scheduler  # the scheduler's address, for workers
-        self.name = name
-        self.address: str | None = None
-        self.external_address: str | None = None
-        self.status = Status.created
-        self._finished = asyncio.Event()
-
-    async def start(self):
-        self.status = Status.running
-        return self
-
-    async def close(self):
-        self.status = Status.closed
-        self._finished.set()
-
-    async def finished(self):
-        await self._finished.wait()
-
-    def __await__(self):
-        return self.start().__await__()
-
-    async def __aenter__(self):
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
-
-    def __repr__(self):
-        return (f"<{type(self).__name__} {self.name!r} address={self.address!r} "
-                f"status={self.status.value}>")
 
 
 def _resolve_cls(cls):
@@ -274,8 +235,6 @@ class SpecCluster(Cluster):
         return task
 
     async def _open_workers(self, names):
-        from taskcore.deploy.launched import ProcessGone
-
         handles = {}
         errors = []
         for name in names:

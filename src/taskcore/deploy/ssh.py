@@ -39,8 +39,8 @@ import json
 import logging
 import shlex
 
-from taskcore.deploy.launched import (LaunchedScheduler, LaunchedWorker, ProcessStartError,
-                                      Target)
+from taskcore.deploy.launched import (LaunchedScheduler, LaunchedWorker, LocalTarget,
+                                      ProcessStartError, Target)
 from taskcore.deploy.spec import SpecCluster
 
 logger = logging.getLogger("taskcore.deploy.ssh")
@@ -341,6 +341,19 @@ class SSHTarget(Target):
                     f"{self.python!r} (install it there, or set PYTHONPATH with remote_env=)"
                     f"{stderr_tail}")
         return None
+
+
+def target_from_record(record: dict, **overrides) -> Target:
+    """The Target a registry record describes (`Target.record()`): local or over SSH.
+
+    Here rather than in launched.py, which would otherwise import this module back.
+    """
+    kind = (record or {}).get("kind")
+    if kind == "local":
+        return LocalTarget(python=record.get("python"))
+    if kind == "ssh":
+        return SSHTarget.from_record(record, **overrides)
+    raise ValueError(f"unknown target kind {kind!r} in registry record")
 
 
 # ---------------------------------------------------------------------------------------------

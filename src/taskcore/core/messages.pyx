@@ -1,0 +1,632 @@
+# distutils: language = c++
+# cython: language_level=3, boundscheck=True, wraparound=False
+"""The codec of the wire messages: one encoding per op, owned here.
+
+Every message that a state machine takes (as an event) or makes (as an
+instruction) is encoded and decoded in this module and nowhere else: the four
+hot messages below, positional and compiled, and the rare ones, maps, at the
+end of this file. Servers hand it instructions and get messages, hand it
+messages and get events. (Requests and replies between the servers
+themselves, such as rpc or registration, are not state-machine traffic and
+stay with them.) docs/contracts.md is the specification.
+
+Theory of operation
+===================
+
+A submit -> result round trip is four messages, and a stream of tiny tasks is
+mostly these four:
+
+    client    -> scheduler  update-graph     records and wanted keys
+    scheduler -> worker     compute-tasks    the tasks to run there
+    worker    -> scheduler  tasks-finished   what finished, with small results
+    scheduler -> client     keys-in-memory   which keys are ready, with those results
+
+Each has exactly one encoding, specified in docs/contracts.md, and this module
+is the only code that builds or reads it. Receivers get typed events for the
+state machines (`decode_update_graph` -> `UpdateGraph`, `decode_tasks_finished`
+-> `TaskFinished`/`TasksFinished`, `decode_compute_tasks` -> the worker's
+`ComputeTask`s); senders hand over the machines' typed instructions
+(`batch_instructions` groups `ComputeTask` and `KeyInMemory` into one message
+per peer) or add rows to a `TasksFinishedWriter`.
+
+The messages are *positional*: a list whose first element is the op and whose
+other elements are columns (parallel lists), so no map and no interned field
+names are packed or unpacked per message (-10% of a round trip's instructions,
+measured with callgrind). A message about one task carries that task's fields
+in place of one-element columns (every list less is one less to build, pack,
+unpack and free: -5% of a round trip). That specialization is private to this
+module: the decoder tells the two forms apart by the type of a column (a key
+is a str or a tuple, never a list), and nobody else sees either form.
+
+Inline results. A small result rides with `tasks-finished` and is forwarded in
+`keys-in-memory` as an opaque *payload* (`result_payload` makes it,
+`result_sent` and `result_of` read it): an int, float or bool as itself, any other object as
+a `Serialized`, and None as ``[None]``, because a bare None in the column means
+"not sent: fetch it from a worker". The state machine passes the payload
+through untouched (`TaskFinished.data` -> `KeyInMemory.data`).
+
+A malformed message (wrong op, arity or column lengths) raises ValueError
+naming the fault; the servers log it and drop that one message.
+"""
+cimport cython
+from cpython.ref cimport PyObject
+from taskcore.core.scheduler_state cimport (ComputeTask as ComputeInstruction, KeyInMemory,
+                                            Stimulus, TaskFinished, TasksFinished, UpdateGraph,
+                                            EV_TASK_FINISHED, EV_TASKS_FINISHED, EV_UPDATE_GRAPH)
+from taskcore.core.worker_state cimport ComputeTask as ComputeEvent
+
+cdef extern from "Python.h":
+    PyObject* PyDict_GetItem(object d, object key)
+
+from taskcore.core import scheduler_state as _s
+from taskcore.core import worker_state as _w
+from taskcore.core.serialize import serialize_obj
+
+UPDATE_GRAPH = "update-graph"
+COMPUTE_TASKS = "compute-tasks"
+TASKS_FINISHED = "tasks-finished"
+KEYS_IN_MEMORY = "keys-in-memory"
+cdef str _UPDATE_GRAPH = UPDATE_GRAPH
+cdef str _COMPUTE_TASKS = COMPUTE_TASKS
+cdef str _TASKS_FINISHED = TASKS_FINISHED
+cdef str _KEYS_IN_MEMORY = KEYS_IN_MEMORY
+
+#: The ops this module owns (a positional message is one of these).
+HOT_OPS = (UPDATE_GRAPH, COMPUTE_TASKS, TASKS_FINISHED, KEYS_IN_MEMORY)
+
+
+cdef inline int _check(list msg, str op, Py_ssize_t nfields) except -1:
+    if len(msg) != nfields:
+        raise ValueError(f"{msg[:1]}: {nfields} fields expected, got {len(msg)}")
+    if msg[0] != op:
+        raise ValueError(f"expected a {op!r} message, got {msg[0]!r}")
+    return 0
+
+
+cdef inline bint _one(object column):
+    """A one-task message: its first column holds the task's field, not a list."""
+    return type(column) is not list
+
+
+cdef inline int _same_length(list columns, Py_ssize_t n, str op) except -1:
+    for c in columns:
+        if type(c) is not list or len(<list>c) != n:
+            raise ValueError(f"{op}: columns of different lengths or types")
+    return 0
+
+
+def op_of(msg):
+    """The op of any wire message (a positional list or a map), or None."""
+    if type(msg) is list:
+        return (<list>msg)[0] if msg else None
+    if type(msg) is dict:
+        return (<dict>msg).get("op")
+    return None
+
+
+# ---------------------------------------------------------------------------
+# inline results
+# ---------------------------------------------------------------------------
+
+# result_payload(value), result_sent(payload) and result_of(payload) are
+# inline functions of messages.pxd (C calls on the round trip's path).
+
+def payload_of(value):
+    """`result_payload` for Python callers."""
+    return result_payload(value)
+
+
+def value_of(payload):
+    """(sent, value) of a payload for Python callers: (False, None) when the
+    result was not sent."""
+    if not result_sent(payload):
+        return (False, None)
+    return (True, result_of(payload))
+
+
+# ---------------------------------------------------------------------------
+# update-graph: ["update-graph", records, wanted, priority]
+# ---------------------------------------------------------------------------
+
+cpdef list update_graph(list records, list wanted, long long priority=0):
+    """The message for a graph: records [key, run spec, dependency keys, options
+    or None] and the keys the client wants."""
+    if len(records) == 1 and len(wanted) == 1:
+        return [_UPDATE_GRAPH, records[0], wanted[0], priority]
+    return [_UPDATE_GRAPH, records, wanted, priority]
+
+
+cpdef list merge_update_graphs(list msgs):
+    """Messages in order, with every run of consecutive one-task graphs without
+    options or priority (a loop of `submit` calls) merged into one graph: one
+    scheduler stimulus instead of one per task; the records keep their order,
+    and so their relative priority."""
+    cdef list out = [], graph = None, m
+    for obj in msgs:
+        if (type(obj) is list and len(<list>obj) == 4 and (<list>obj)[0] == _UPDATE_GRAPH):
+            m = <list>obj
+            if _one(m[2]) and m[3] == 0 and (<list>m[1])[3] is None:
+                if graph is None:
+                    graph = [_UPDATE_GRAPH, [m[1]], [m[2]], 0]
+                else:
+                    (<list>graph[1]).append(m[1])
+                    (<list>graph[2]).append(m[2])
+                continue
+        if graph is not None:
+            out.append(_single_or_graph(graph))
+            graph = None
+        out.append(obj)
+    if graph is not None:
+        out.append(_single_or_graph(graph))
+    return out
+
+
+cdef list _single_or_graph(list graph):
+    if len(<list>graph[1]) == 1:
+        return [_UPDATE_GRAPH, (<list>graph[1])[0], (<list>graph[2])[0], 0]
+    return graph
+
+
+cpdef UpdateGraph decode_update_graph(str client, list msg, str stimulus_id):
+    """The `UpdateGraph` stimulus of a client's message; per-task options
+    (priority, workers, allow_other_workers, resources, retries, annotations)
+    become the stimulus' mappings."""
+    cdef list records, wanted
+    cdef UpdateGraph ev
+    _check(msg, _UPDATE_GRAPH, 4)
+    if _one(msg[2]):
+        records = [msg[1]]
+        wanted = [msg[2]]
+    else:
+        records = msg[1]
+        wanted = msg[2]
+        if type(records) is not list:
+            raise ValueError("update-graph: records must be a list")
+    ev = UpdateGraph.__new__(UpdateGraph)
+    ev.kind = EV_UPDATE_GRAPH
+    ev.stimulus_id = stimulus_id
+    ev.client = client
+    ev.keys = wanted
+    ev.priority = msg[3]
+    ev.allow_other_workers = False
+    ev.retries = 0
+    for rec in records:
+        if type(rec) is not list or len(<list>rec) != 4:
+            raise ValueError(f"update-graph: malformed task record {str(rec)[:100]}")
+        if (<list>rec)[3] is not None:
+            _with_options(ev, records)
+            return ev
+    ev.tasks = records
+    return ev
+
+
+cdef int _with_options(UpdateGraph ev, list records) except -1:
+    cdef list tasks = []
+    cdef dict workers = {}, resources = {}, retries = {}, annotations = {}
+    cdef set aow = set()
+    for rec in records:
+        key, spec, deps, opts = rec
+        if opts:
+            if type(opts) is not dict:
+                raise ValueError(f"update-graph: options of {key!r} must be a map")
+            if "priority" in opts:
+                tasks.append((key, spec, deps, opts["priority"]))
+            else:
+                tasks.append((key, spec, deps))
+            if "workers" in opts:
+                workers[key] = opts["workers"]
+                if opts.get("allow_other_workers"):
+                    aow.add(key)
+            if "resources" in opts:
+                resources[key] = opts["resources"]
+            if "retries" in opts:
+                retries[key] = opts["retries"]
+            if "annotations" in opts:
+                annotations[key] = opts["annotations"]
+        else:
+            tasks.append((key, spec, deps))
+    ev.tasks = tasks
+    ev.workers = workers or None
+    ev.allow_other_workers = aow or False
+    ev.resources = resources or None
+    ev.retries = retries or 0
+    ev.annotations = annotations or None
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# compute-tasks: ["compute-tasks", ids, keys, specs, priorities, deps(, options)]
+# keys-in-memory: ["keys-in-memory", keys, payloads]
+# ---------------------------------------------------------------------------
+
+cpdef list batch_instructions(list instructions):
+    """Group the scheduler's instructions for the wire, keeping their order.
+
+    Returns a list whose items are either an instruction to carry out on its
+    own, or a pair ``(compute, in_memory)`` standing for a run of consecutive
+    ``ComputeTask`` and ``KeyInMemory`` instructions:
+
+    * ``compute``: {worker address: compute-tasks message};
+    * ``in_memory``: {client id: keys-in-memory message}.
+
+    Priorities travel as [p0, p1, p2] and dependencies as [[dep id, dep key,
+    nbytes, [holders]], ...] (lists, which msgpack decodes natively; tuples
+    would cost an ext hook each). A task with resources or annotations adds
+    the options column ([resources, annotations] per task, None for the
+    others) to its worker's message.
+    """
+    cdef list out = []
+    cdef dict compute = None
+    cdef dict in_memory = None
+    cdef list cols, deps
+    cdef ComputeInstruction ct
+    cdef KeyInMemory km
+    cdef PyObject* found
+    for obj in instructions:
+        if type(obj) is ComputeInstruction:
+            ct = <ComputeInstruction>obj
+            if compute is None:
+                compute = {}
+                in_memory = {}
+                out.append((compute, in_memory))
+            if ct.dependencies:
+                deps = [[d[0], d[1], d[2], list(d[3])] for d in ct.dependencies]
+            else:
+                deps = []
+            opts = [ct.resources, ct.annotations] if ct.resources or ct.annotations else None
+            found = PyDict_GetItem(compute, ct.worker)
+            if found == NULL:
+                cols = [_COMPUTE_TASKS, ct.task_id, ct.key, ct.run_spec,
+                        [ct._p0, ct._p1, ct._p2], deps]
+                if opts is not None:
+                    cols.append(opts)
+                compute[ct.worker] = cols
+                continue
+            cols = <list>found
+            _to_columns(cols)
+            (<list>cols[1]).append(ct.task_id)
+            (<list>cols[2]).append(ct.key)
+            (<list>cols[3]).append(ct.run_spec)
+            (<list>cols[4]).append([ct._p0, ct._p1, ct._p2])
+            (<list>cols[5]).append(deps)
+            if len(cols) == 7:
+                (<list>cols[6]).append(opts)
+            elif opts is not None:
+                cols.append([None] * (len(<list>cols[1]) - 1) + [opts])
+        elif type(obj) is KeyInMemory:
+            km = <KeyInMemory>obj
+            if compute is None:
+                compute = {}
+                in_memory = {}
+                out.append((compute, in_memory))
+            for c in km.clients:
+                found = PyDict_GetItem(in_memory, c)
+                if found == NULL:
+                    in_memory[c] = [_KEYS_IN_MEMORY, km.key, km.data]
+                    continue
+                cols = <list>found
+                _to_columns(cols)
+                (<list>cols[1]).append(km.key)
+                (<list>cols[2]).append(km.data)
+        else:
+            compute = None
+            out.append(obj)
+    return out
+
+
+cdef inline void _to_columns(list msg):
+    """A one-task message (fields in place of columns) to columns, in place."""
+    cdef Py_ssize_t i
+    if _one(msg[1]):
+        for i in range(1, len(msg)):
+            msg[i] = [msg[i]]
+
+
+cpdef list decode_compute_tasks(list msg):
+    """The worker's `ComputeTask` events of a compute-tasks message."""
+    cdef Py_ssize_t i, n, nf = len(msg)
+    cdef list ids, keys, specs, prios, deps, opts
+    if nf != 6 and nf != 7:
+        _check(msg, _COMPUTE_TASKS, 6)
+    if msg[0] != _COMPUTE_TASKS:
+        _check(msg, _COMPUTE_TASKS, nf)
+    if _one(msg[1]):
+        return [_compute_event(msg[1], msg[2], msg[3], msg[4], msg[5],
+                               msg[6] if nf == 7 else None)]
+    ids = msg[1]
+    n = len(ids)
+    _same_length(msg[2:], n, _COMPUTE_TASKS)
+    keys, specs, prios, deps = msg[2], msg[3], msg[4], msg[5]
+    if nf == 7:
+        opts = msg[6]
+        return [_compute_event(ids[i], keys[i], specs[i], prios[i], deps[i], opts[i])
+                for i in range(n)]
+    return [_compute_event(ids[i], keys[i], specs[i], prios[i], deps[i], None)
+            for i in range(n)]
+
+
+# Events made without their Python-level __init__ (argument parsing): the
+# fields are set directly, as __init__ would.
+cdef ComputeEvent _compute_event(object tid, object key, object spec, object prio, object deps,
+                                 object opts):
+    cdef ComputeEvent ev = ComputeEvent.__new__(ComputeEvent)
+    ev.id = tid
+    ev.key = key
+    ev.run_spec = spec
+    ev.priority = prio
+    ev.stimulus_id = "compute-task"
+    ev.who_has = deps
+    if opts is not None:
+        if type(opts) is not list or len(<list>opts) != 2:
+            raise ValueError(f"compute-tasks: malformed options for {key!r}")
+        ev.resource_restrictions = (<list>opts)[0]
+        ev.annotations = (<list>opts)[1]
+    return ev
+
+
+cpdef Py_ssize_t keys_in_memory_size(list msg) except -1:
+    """The number of keys in a keys-in-memory message (which it validates);
+    `keys_in_memory_key` and `keys_in_memory_payload` read entry i (no list
+    is made for a one-key message)."""
+    _check(msg, _KEYS_IN_MEMORY, 3)
+    if _one(msg[1]):
+        return 1
+    _same_length(msg[2:], len(<list>msg[1]), _KEYS_IN_MEMORY)
+    return len(<list>msg[1])
+
+
+cpdef object keys_in_memory_key(list msg, Py_ssize_t i):
+    return msg[1] if _one(msg[1]) else (<list>msg[1])[i]
+
+
+cpdef object keys_in_memory_payload(list msg, Py_ssize_t i):
+    return msg[2] if _one(msg[1]) else (<list>msg[2])[i]
+
+
+def decode_keys_in_memory(list msg):
+    """[(key, payload), ...] of a keys-in-memory message, for Python callers."""
+    cdef Py_ssize_t i, n = keys_in_memory_size(msg)
+    return [(keys_in_memory_key(msg, i), keys_in_memory_payload(msg, i)) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------
+# tasks-finished: ["tasks-finished", ids, nbytes, types, durations, payloads]
+# ---------------------------------------------------------------------------
+
+@cython.final
+cdef class TasksFinishedWriter:
+    """The rows of the next tasks-finished message, as the worker collects them."""
+
+    def __cinit__(self):
+        self.n = 0
+
+    cpdef int add(self, object tid, object nbytes, object type_name, double duration,
+                  object payload) except -1:
+        if self.n == 0:
+            self.ids = [tid]
+            self.nbytes = [nbytes]
+            self.types = [type_name]
+            self.durations = [duration]
+            self.payloads = [payload]
+        else:
+            self.ids.append(tid)
+            self.nbytes.append(nbytes)
+            self.types.append(type_name)
+            self.durations.append(duration)
+            self.payloads.append(payload)
+        self.n += 1
+        return 0
+
+    cpdef object take(self):
+        """The message of the rows added since the last take (None if none)."""
+        cdef Py_ssize_t n = self.n
+        if n == 0:
+            return None
+        self.n = 0
+        if n == 1:
+            msg = [_TASKS_FINISHED, self.ids[0], self.nbytes[0], self.types[0],
+                   self.durations[0], self.payloads[0]]
+        else:
+            msg = [_TASKS_FINISHED, self.ids, self.nbytes, self.types, self.durations,
+                   self.payloads]
+        self.ids = self.nbytes = self.types = self.durations = self.payloads = None
+        return msg
+
+
+cpdef Stimulus decode_tasks_finished(str worker, list msg):
+    """The stimulus of a worker's tasks-finished message: `TaskFinished` for
+    one task, `TasksFinished` for several."""
+    cdef TaskFinished ev
+    cdef TasksFinished evs
+    cdef Py_ssize_t n
+    _check(msg, _TASKS_FINISHED, 6)
+    if _one(msg[1]):
+        ev = TaskFinished.__new__(TaskFinished)
+        ev.kind = EV_TASK_FINISHED
+        ev.stimulus_id = "task-finished"
+        ev.worker = worker
+        ev.task_id = msg[1]
+        ev.nbytes = msg[2]
+        ev.typename = msg[3]
+        ev.duration = msg[4]
+        ev.data = msg[5]
+        return ev
+    n = len(<list>msg[1])
+    _same_length(msg[2:], n, _TASKS_FINISHED)
+    evs = TasksFinished.__new__(TasksFinished)
+    evs.kind = EV_TASKS_FINISHED
+    evs.stimulus_id = "task-finished"
+    evs.worker = worker
+    evs.task_ids = msg[1]
+    evs.nbytes = msg[2]
+    evs.typenames = msg[3]
+    evs.durations = msg[4]
+    evs.data = msg[5]
+    return evs
+
+
+# ---------------------------------------------------------------------------
+# map messages that carry a state machine's events and instructions
+# ---------------------------------------------------------------------------
+# Rare messages are maps, {"op": ..., field: ...}. Those that stand for an
+# event of a state machine (received) or one of its instructions (sent) are
+# encoded and decoded here as well, so every message a machine takes or makes
+# has its one encoding in this module. Requests and replies between servers
+# (rpc, run, update-data, who-has, registration, closing) are the servers'
+# own protocol and stay with them. A decoder returns None for an op it does
+# not own; a missing field raises KeyError or ValueError, which the servers
+# log (the message is dropped, the connection carries on).
+
+#: The pseudo-client that holds the keys of fire_and_forget futures.
+FIRE_AND_FORGET = "fire-and-forget"
+
+
+def _keys(msg):
+    keys = msg["keys"]
+    if type(keys) is not list:
+        raise ValueError(f"{msg.get('op')!r}: keys must be a list")
+    return keys
+
+
+# -- worker -> scheduler ----------------------------------------------------------------
+
+def _task_erred(worker, msg, now):
+    return _s.TaskErred(worker, msg["id"], msg.get("exception"), msg.get("traceback"),
+                        "task-erred")
+
+
+def _heartbeat(worker, msg, now):
+    return _s.WorkerHeartbeat(worker, msg.get("metrics"), now, stimulus_id="heartbeat")
+
+
+def _add_keys(worker, msg, now):
+    return _s.AddKeys(worker, _keys(msg), stimulus_id="add-keys")
+
+
+def _release_worker_data(worker, msg, now):
+    return _s.ReleaseWorkerData(worker, _keys(msg), stimulus_id="release-worker-data")
+
+
+def _missing_data(worker, msg, now):
+    return _s.MissingData(msg["key"], msg["holder"], worker, stimulus_id="missing-data")
+
+
+def _steal_response(worker, msg, now):
+    return _s.StealResponse(worker, msg.get("id", -1), msg.get("state"),
+                            stimulus_id="steal-response", key=msg.get("key"))
+
+
+def _long_running(worker, msg, now):
+    return _s.TaskLongRunning(worker, msg["id"], "long-running")
+
+
+cdef dict _FROM_WORKER = {
+    "task-erred": _task_erred, "heartbeat": _heartbeat, "add-keys": _add_keys,
+    "release-worker-data": _release_worker_data, "missing-data": _missing_data,
+    "steal-response": _steal_response, "long-running": _long_running,
+}
+
+
+def decode_worker_message(str worker, dict msg, double now):
+    """The scheduler's stimulus for a worker's map message, or None when the op
+    is not one of a state machine's (`now`: the scheduler's clock)."""
+    f = _FROM_WORKER.get(msg.get("op"))
+    return None if f is None else f(worker, msg, now)
+
+
+# -- client -> scheduler ----------------------------------------------------------------
+
+def decode_client_message(str client, dict msg):
+    """The scheduler's stimulus for a client's map message, or None."""
+    op = msg.get("op")
+    if op == "release-keys":
+        return _s.ClientReleasesKeys(client, _keys(msg), stimulus_id="client-releases-keys")
+    if op == "fire-and-forget":
+        return _s.ClientWantsKeys(FIRE_AND_FORGET, _keys(msg), stimulus_id="fire-and-forget")
+    return None
+
+
+def release_keys(list keys):
+    return {"op": "release-keys", "keys": keys}
+
+
+def fire_and_forget(list keys):
+    return {"op": "fire-and-forget", "keys": keys}
+
+
+# -- scheduler instructions -> messages ---------------------------------------------
+
+def encode_scheduler_instruction(ins):
+    """(to, targets, message) for a scheduler instruction that is a message:
+    `to` is "worker" (targets: its address) or "clients" (targets: client ids);
+    None for an instruction that is not sent (the server carries it out)."""
+    t = type(ins)
+    if t is _s.FreeKeys:
+        return ("worker", ins.worker,
+                {"op": "free-keys", "ids": ins.task_ids, "keys": ins.keys})
+    if t is _s.TaskErredReport:
+        return ("clients", ins.clients,
+                {"op": "task-erred", "key": ins.key, "exception": ins.exception,
+                 "traceback": ins.traceback})
+    if t is _s.StealRequest:
+        return ("worker", ins.worker, {"op": "steal-request", "id": ins.task_id, "key": ins.key})
+    if t is _s.AcquireReplicas:
+        return ("worker", ins.worker, {"op": "acquire-replicas", "who_has": ins.who_has})
+    if t is _s.KeyLost:
+        return ("clients", ins.clients, {"op": "key-lost", "keys": [ins.key]})
+    if t is _s.TaskCancelled or t is _s.KeyForgotten:
+        return ("clients", ins.clients, {"op": "key-cancelled", "keys": [ins.key]})
+    return None
+
+
+def key_cancelled(list keys, reason=None):
+    """keys-cancelled for `keys` (a restart cancels everything at once)."""
+    msg = {"op": "key-cancelled", "keys": keys}
+    if reason is not None:
+        msg["reason"] = reason
+    return msg
+
+
+# -- scheduler -> worker ------------------------------------------------------------------
+
+def decode_scheduler_message(dict msg):
+    """The worker's event for a scheduler's map message, or None."""
+    op = msg.get("op")
+    if op == "free-keys":
+        return _w.FreeKeys(msg["ids"], "free-keys")
+    if op == "steal-request":
+        return _w.StealRequest(msg["id"], "steal-request")
+    if op == "acquire-replicas":
+        return _w.AcquireReplicas(msg["who_has"], "acquire-replicas")
+    if op == "remove-replicas":
+        return _w.RemoveReplicas(msg["ids"], "remove-replicas")
+    return None
+
+
+# -- worker instructions -> messages ----------------------------------------------------
+
+def encode_worker_instruction(ins, key_of):
+    """The message to the scheduler for a worker instruction, or None for one
+    the worker carries out itself. `key_of(task id)`: the key of a task."""
+    t = type(ins)
+    if t is _w.TaskErredMsg:
+        return {"op": "task-erred", "id": ins.id, "key": ins.key,
+                "exception": ins.exception, "traceback": ins.traceback}
+    if t is _w.AddKeysMsg:
+        return {"op": "add-keys", "keys": [key_of(i) for i in ins.ids]}
+    if t is _w.MissingDataMsg:
+        return {"op": "missing-data", "key": ins.key, "holder": ins.errant_worker}
+    if t is _w.StealResponseMsg:
+        return {"op": "steal-response", "id": ins.id, "key": ins.key, "state": ins.state}
+    if t is _w.LongRunningMsg:
+        return {"op": "long-running", "id": ins.id, "key": ins.key}
+    if t is _w.RescheduleMsg:
+        return {"op": "task-erred", "id": ins.id, "key": ins.key, "traceback": None,
+                "exception": serialize_obj(RuntimeError(
+                    f"task {ins.key!r} asked to be rescheduled, which taskcore does not "
+                    "support"))}
+    return None
+
+
+def release_worker_data(list keys):
+    return {"op": "release-worker-data", "keys": keys}
