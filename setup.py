@@ -1,7 +1,7 @@
 """Builds the Cython hot path in src/taskcore/core, and compiles the servers' glue.
 
 There is deliberately no pure-Python fallback for the core: if an extension
-fails to compile, the install fails (ARCHITECTURE.md section 3).
+fails to compile, the install fails (docs/design.md, rules for the hot path).
 
 The glue modules in COMPILED_GLUE are ordinary Python (they stay readable,
 testable and importable as .py), and Cython compiles them as well: the message

@@ -2,7 +2,7 @@
 
 Wall-clock round trips on this shared 2-core machine swing by +-30% between runs,
 which hides a 5% change. Instruction counts repeat within ~1%, so this is how a
-change to the round trip's hot path is judged (ARCHITECTURE section 9: profile
+change to the round trip's hot path is judged (docs/benchmarks.md: profile
 first). It starts a scheduler, one worker and a sync client, each under
 `valgrind --tool=callgrind`, warms up, zeroes the counters, runs N sequential
 `submit(inc, i).result()` and dumps; then prints instructions per round trip for

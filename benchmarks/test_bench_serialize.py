@@ -14,6 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from taskcore.core.messages import decode_compute_tasks
 from taskcore.core.serialize import (
     compress_frames,
     decompress_frames,
@@ -28,24 +29,18 @@ def inc(x):
 
 
 RUN_SPEC = serialize_obj((inc, (1,), {}))
-TASK_MSG = {
-    "op": "compute-task",
-    "id": 123,
-    "key": "inc-abc123",
-    "priority": (0, 1, 5),
-    "run_spec": RUN_SPEC,
-    "deps": [],
-}
-# The same message as plain msgpack can carry it: the priority as a list and
-# the run spec as the raw pickle bytes.
-BASELINE_MSG = {
-    "op": "compute-task",
-    "id": 123,
-    "key": "inc-abc123",
-    "priority": [0, 1, 5],
-    "run_spec": bytes(RUN_SPEC.frames[0]),
-    "deps": [],
-}
+# A one-task compute-tasks message as the scheduler sends it (core/messages.pyx,
+# docs/contracts.md): ["compute-tasks", id, key, run spec, priority, deps].
+TASK_MSG = ["compute-tasks", 123, "inc-abc123", RUN_SPEC, [0, 1, 5], []]
+# The same message as plain msgpack can carry it: the run spec as the raw
+# pickle bytes.
+BASELINE_MSG = ["compute-tasks", 123, "inc-abc123", bytes(RUN_SPEC.frames[0]), [0, 1, 5], []]
+[_EVENT] = decode_compute_tasks(TASK_MSG)          # the codec's own encoding
+assert (_EVENT.id, _EVENT.key, _EVENT.priority) == (123, "inc-abc123", [0, 1, 5])
+
+
+def _with_id(msg, i):
+    return [msg[0], i] + msg[2:]
 
 
 def _interleaved_best(ours, baseline, number=5_000, rounds=15):
@@ -83,7 +78,9 @@ def test_loads_task_message(benchmark):
     frames = dumps(TASK_MSG)
     packed = msgpack.packb(BASELINE_MSG)
     msg = benchmark(loads, frames)
-    assert msg["priority"] == (0, 1, 5)
+    assert msg[4] == [0, 1, 5]
+    [ev] = decode_compute_tasks(msg)
+    assert ev.priority == [0, 1, 5] and ev.run_spec.deserialize()[0] is inc
     _record(benchmark, lambda: loads(frames), lambda: msgpack.unpackb(packed))
 
 
@@ -97,8 +94,8 @@ def test_msgpack_unpackb_baseline(benchmark):
 
 def test_dumps_loads_batch_of_100_task_messages(benchmark):
     # A comm coalesces the messages of one loop tick into one write.
-    batch = [dict(TASK_MSG, id=i) for i in range(100)]
-    base = [dict(BASELINE_MSG, id=i) for i in range(100)]
+    batch = [_with_id(TASK_MSG, i) for i in range(100)]
+    base = [_with_id(BASELINE_MSG, i) for i in range(100)]
 
     def ours():
         return loads(dumps(batch))

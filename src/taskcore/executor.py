@@ -1,6 +1,6 @@
 """The worker's task threads.
 
-Design (ARCHITECTURE.md §9): handing each task to a `ThreadPoolExecutor` with a
+Design (docs/design.md, measured facts): handing each task to a `ThreadPoolExecutor` with a
 `call_soon_threadsafe` per result cost ~6 µs of worker CPU per task and cut
 tiny-task throughput 3x. Instead, `nthreads` dedicated threads pull from one
 `SimpleQueue`, and finished results go into a deque; a thread wakes the event

@@ -498,15 +498,20 @@ def worker_cli_args(scheduler_address, *, nanny: bool = False, nthreads=None, me
     if log_level is not None:
         args += ["--log-level", log_level]
     args += security_cli_args(security)
-    if worker_kwargs:
-        try:
-            blob = json.dumps(worker_kwargs)
-        except TypeError as e:
-            raise TypeError(
-                f"worker options must be JSON-serializable to reach a worker process: {e} "
-                f"(options: {sorted(worker_kwargs)})") from None
-        args += ["--worker-options", blob]
-    return args
+    return args + _json_options("worker", worker_kwargs)
+
+
+def _json_options(role, options):
+    """`--<role>-options JSON` for the options that have no flag of their own."""
+    if not options:
+        return []
+    try:
+        blob = json.dumps(options)
+    except TypeError as e:
+        raise TypeError(
+            f"{role} options must be JSON-serializable to reach a {role} process: {e} "
+            f"(options: {sorted(options)})") from None
+    return [f"--{role}-options", blob]
 
 
 def scheduler_cli_args(*, host=None, port=0, protocol=None, security=None, idle_timeout=None,
@@ -524,12 +529,4 @@ def scheduler_cli_args(*, host=None, port=0, protocol=None, security=None, idle_
         args += ["--scheduler-file", scheduler_file]
     if log_level is not None:
         args += ["--log-level", log_level]
-    if scheduler_options:
-        try:
-            blob = json.dumps(scheduler_options)
-        except TypeError as e:
-            raise TypeError(
-                f"scheduler options must be JSON-serializable to reach a scheduler process: {e} "
-                f"(options: {sorted(scheduler_options)})") from None
-        args += ["--scheduler-options", blob]
-    return args + security_cli_args(security)
+    return args + _json_options("scheduler", scheduler_options) + security_cli_args(security)

@@ -28,6 +28,9 @@ from taskcore.core.scheduler_state import (
     Retry,
     SchedulerState,
     StealResponse,
+    TaskErred,
+    TaskFinished,
+    TaskLongRunning,
     UpdateData,
     UpdateGraph,
     WorkerHeartbeat,
@@ -63,11 +66,12 @@ class Driver:
     def hs(self, *events):
         return self.check(self.s.handle_stimulus(*events))
 
-    def tf(self, *args):
-        return self.check(self.s.task_finished(*args))
+    def tf(self, worker, task_id, nbytes, typename, duration, stimulus_id):
+        return self.hs(TaskFinished(worker, task_id=task_id, nbytes=nbytes, typename=typename,
+                                    duration=duration, stimulus_id=stimulus_id))
 
-    def te(self, *args):
-        return self.check(self.s.task_erred(*args))
+    def te(self, worker, task_id, exception, traceback, stimulus_id):
+        return self.hs(TaskErred(worker, task_id, exception, traceback, stimulus_id))
 
     def check(self, out):
         s = self.s
@@ -260,7 +264,7 @@ class Driver:
         pairs = self.processing_pairs()
         if pairs:
             w, k = self.draw(st.sampled_from(pairs))
-            self.check(self.s.task_long_running(w, self.s.id_of(k), "secede"))
+            self.hs(TaskLongRunning(w, self.s.id_of(k), "secede"))
 
     def heartbeat(self):
         if self.s.workers:

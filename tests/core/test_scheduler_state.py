@@ -33,6 +33,7 @@ from taskcore.core.scheduler_state import (
     TaskErred,
     TaskErredReport,
     TaskFinished,
+    TasksFinished,
     TaskLongRunning,
     TaskRetried,
     UpdateData,
@@ -86,8 +87,30 @@ def submit(s, tasks, keys, client="c1", sid="ug", **kw):
     return s.handle_stimulus(UpdateGraph(client, tasks, keys, stimulus_id=sid, **kw))
 
 
+def finished(s, worker, task_id, nbytes=0, typename=None, duration=-1.0, stimulus_id="",
+             data=None):
+    """`worker` computed task `task_id`: the TaskFinished stimulus, handled."""
+    return s.handle_stimulus(TaskFinished(worker, task_id=task_id, nbytes=nbytes,
+                                          typename=typename, duration=duration,
+                                          stimulus_id=stimulus_id, key=None, data=data))
+
+
+def finished_many(s, worker, task_ids, nbytes, typenames, durations, stimulus_id="", data=None):
+    """One report of several finished tasks: the TasksFinished stimulus, handled."""
+    return s.handle_stimulus(TasksFinished(worker, task_ids, nbytes, typenames, durations,
+                                           data=data, stimulus_id=stimulus_id))
+
+
+def erred(s, worker, task_id, exception, traceback=None, stimulus_id=""):
+    return s.handle_stimulus(TaskErred(worker, task_id, exception, traceback, stimulus_id))
+
+
+def long_running(s, worker, task_id, stimulus_id="long-running"):
+    return s.handle_stimulus(TaskLongRunning(worker, task_id, stimulus_id))
+
+
 def finish(s, ct, nbytes=8, duration=0.01, sid=None):
-    return s.task_finished(ct.worker, ct.task_id, nbytes, "int", duration,
+    return finished(s, ct.worker, ct.task_id, nbytes, "int", duration,
                            sid or f"fin-{ct.key}")
 
 
@@ -154,7 +177,7 @@ def test_single_task_to_memory_and_forgotten():
     assert s.task_state("x") == "processing"
     assert s.processing() == {"w1": ["x"]}
 
-    out = s.task_finished("w1", ct.task_id, 123, "int", 0.5, "fin")
+    out = finished(s, "w1", ct.task_id, 123, "int", 0.5, "fin")
     [km] = of(out, KeyInMemory)
     assert (km.clients, km.key, km.nbytes, km.typename) == (("c1",), "x", 123, "int")
     assert s.task_state("x") == "memory"
@@ -364,7 +387,7 @@ def test_tiny_task_backlog_beyond_slots():
     out = submit(s, tasks, [t[0] for t in tasks])
     first = computes(out)
     assert len(first) == 2                                # unknown duration: the slots
-    out = s.tasks_finished("w1", [c.task_id for c in first], [8, 8], ["int", "int"],
+    out = finished_many(s, "w1", [c.task_id for c in first], [8, 8], ["int", "int"],
                            [1e-6, 1e-6], "fin")
     assert len(of(out, KeyInMemory)) == 2
     cts = computes(out)
@@ -378,11 +401,11 @@ def test_tiny_task_backlog_beyond_slots():
     add_workers(s2, ("w1", 1))
     out = submit(s2, tasks, [t[0] for t in tasks])
     first = computes(out)
-    out = s2.tasks_finished("w1", [c.task_id for c in first], [8, 8], ["int", "int"],
+    out = finished_many(s2, "w1", [c.task_id for c in first], [8, 8], ["int", "int"],
                             [1e-6, 1e-6], "fin")
     assert len(computes(out)) == 2
     with pytest.raises(ValueError, match="different lengths"):
-        s2.tasks_finished("w1", [1, 2], [8], ["int"], [0.1], "bad")
+        finished_many(s2, "w1", [1, 2], [8], ["int"], [0.1], "bad")
     with pytest.raises(ValueError, match="tiny_task_backlog"):
         new_state(tiny_task_backlog=-1)
 
@@ -494,7 +517,7 @@ def test_learned_durations_feed_occupancy():
     s = new_state(worker_saturation=float("inf"))
     add_workers(s, "w1")
     out = submit(s, [("inc-1", "f", [], 0)], ["inc-1"])
-    s.task_finished("w1", computes(out)[0].task_id, 8, "int", 2.0, "f")
+    finished(s, "w1", computes(out)[0].task_id, 8, "int", 2.0, "f")
     out = submit(s, [("inc-2", "f", [], 0), ("inc-3", "f", [], 1)], ["inc-2", "inc-3"])
     assert [c.duration for c in computes(out)] == [2.0, 2.0]
     assert s.occupancy()["w1"] == pytest.approx(4.0)
@@ -605,7 +628,7 @@ def test_worker_dies_while_processing():
     assert not of(out, FreeKeys)              # nothing is sent to a dead worker
     assert s.get_task("x").suspicious == 1
     # a late report from the dead worker is ignored
-    assert s.task_finished(ct.worker, ct.task_id, 1, "int", 0.1, "late") == []
+    assert finished(s, ct.worker, ct.task_id, 1, "int", 0.1, "late") == []
     finish(s, ct2)
     assert s.task_state("x") == "memory"
 
@@ -713,7 +736,7 @@ def test_task_error_propagates_to_dependents():
     s.handle_stimulus(ClientWantsKeys("c2", ["c"]))
     [ct] = computes(out)
     err = ZeroDivisionError("boom")
-    out = s.task_erred("w1", ct.task_id, err, "tb-text", "err-a")
+    out = erred(s, "w1", ct.task_id, err, "tb-text", "err-a")
     reports = {r.key: r for r in of(out, TaskErredReport)}
     assert set(reports) == {"b", "c"}          # a is not wanted by anyone
     for r in reports.values():
@@ -728,7 +751,7 @@ def test_erred_report_for_late_wanter():
     s = new_state()
     add_workers(s, "w1")
     out = submit(s, [("a", "f", [], 0)], ["a"])
-    s.task_erred("w1", computes(out)[0].task_id, ValueError("x"))
+    erred(s, "w1", computes(out)[0].task_id, ValueError("x"))
     out = s.handle_stimulus(ClientWantsKeys("c9", ["a"]))
     [r] = of(out, TaskErredReport)
     assert r.clients == ("c9",) and isinstance(r.exception, ValueError)
@@ -740,12 +763,12 @@ def test_retries():
     out = submit(s, [("a", "f", [], 0)], ["a"], retries=2)
     for attempt in range(2):
         [ct] = computes(out)
-        out = s.task_erred(ct.worker, ct.task_id, RuntimeError(attempt), None, f"e{attempt}")
+        out = erred(s, ct.worker, ct.task_id, RuntimeError(attempt), None, f"e{attempt}")
         assert not of(out, TaskErredReport)
         assert freed(out) == {ct.worker: ["a"]}
         assert s.task_state("a") == "processing"
     [ct] = computes(out)
-    out = s.task_erred(ct.worker, ct.task_id, RuntimeError("final"), None, "e-final")
+    out = erred(s, ct.worker, ct.task_id, RuntimeError("final"), None, "e-final")
     [r] = of(out, TaskErredReport)
     assert str(r.exception) == "final" and s.task_state("a") == "erred"
 
@@ -762,7 +785,7 @@ def test_retry_event_recomputes_erred_chain():
     add_workers(s, "w1")
     out = submit(s, [("a", "f", [], 0), ("b", "g", ["a"], 1), ("c", "h", ["b"], 2)],
                  ["b", "c"])
-    s.task_erred("w1", computes(out)[0].task_id, RuntimeError("flaky"))
+    erred(s, "w1", computes(out)[0].task_id, RuntimeError("flaky"))
     assert s.task_state("b") == "erred" and s.task_state("c") == "erred"
     assert s.get_task("c").blame_key == "a"
     out = s.handle_stimulus(Retry("c1", ["c"], stimulus_id="retry"))
@@ -862,7 +885,7 @@ def test_cancel_processing_task():
     assert freed(out) == {"w1": ["x"]}
     assert s.task_state("x") == "forgotten"
     # the worker finishes anyway: stale, we tell it to drop the result
-    out = s.task_finished("w1", ct.task_id, 8, "int", 0.1, "late")
+    out = finished(s, "w1", ct.task_id, 8, "int", 0.1, "late")
     assert of(out, FreeKeys)[0].task_ids == [ct.task_id]
 
 
@@ -1150,7 +1173,7 @@ def test_story_content():
     s = new_state()
     add_workers(s, "w1")
     out = submit(s, [("x", "f", [], 0)], ["x"], sid="graph-1")
-    s.task_finished("w1", computes(out)[0].task_id, 8, "int", 0.1, "done-1")
+    finished(s, "w1", computes(out)[0].task_id, 8, "int", 0.1, "done-1")
     story = s.story("x")
     assert story[-1] == ("x", "processing", "memory", "done-1", "w1")
     assert story[0] == ("x", "released", "queued", "graph-1", None)
@@ -1194,7 +1217,7 @@ def test_manual_transition_follows_recommendations():
 def test_unknown_task_finished_frees_it():
     s = new_state()
     add_workers(s, "w1")
-    out = s.task_finished("w1", 12345, 8, "int", 0.1, "stale")
+    out = finished(s, "w1", 12345, 8, "int", 0.1, "stale")
     [fk] = of(out, FreeKeys)
     assert fk.task_ids == [12345]
     out = s.handle_stimulus(TaskFinished("w1", key="nope", stimulus_id="stale2"))
@@ -1217,10 +1240,10 @@ def test_duplicate_result_adds_replica():
     out = s.handle_stimulus(StealResponse("w1", reqs[0].task_id, "ready"))
     [ct] = computes(out)
     # the victim computed it anyway (race): accepted, the thief is told to drop it
-    out = s.task_finished("w1", ct.task_id, 8, "int", 0.1, "race")
+    out = finished(s, "w1", ct.task_id, 8, "int", 0.1, "race")
     assert s.task_state(ct.key) == "memory"
     assert freed(out) == {"w2": [ct.key]}
-    out = s.task_finished("w2", ct.task_id, 8, "int", 0.1, "race2")
+    out = finished(s, "w2", ct.task_id, 8, "int", 0.1, "race2")
     assert sorted(s.who_has([ct.key])[ct.key]) == ["w1", "w2"]
 
 
@@ -1229,7 +1252,7 @@ def test_erred_report_from_wrong_worker_ignored():
     add_workers(s, "w1", "w2")
     out = submit(s, [("x", "f", [], 0)], ["x"], workers={"x": "w1"})
     ct = computes(out)[0]
-    assert s.task_erred("w2", ct.task_id, RuntimeError()) == []
+    assert erred(s, "w2", ct.task_id, RuntimeError()) == []
     assert s.task_state("x") == "processing"
 
 
@@ -1352,7 +1375,7 @@ def test_state_is_freed_when_dropped():
         # an erred chain (self-blame), stolen/cancelled bits, scattered data
         out2 = submit(s, [("e", "f", [], 0), ("e2", "f", ["e"], 1)], ["e2"], sid="e")
         for ct in computes(out2):
-            s.task_erred(ct.worker, ct.task_id, RuntimeError("x"))
+            erred(s, ct.worker, ct.task_id, RuntimeError("x"))
         s.handle_stimulus(UpdateData("c1", {"data": ["w1"]}, {"data": 10}))
         run_all(s, out)
         del s
@@ -1435,7 +1458,7 @@ def test_long_running_task_frees_its_slot():
     out = submit(s, [(f"child-{i}", "g", [], i) for i in range(4)],
                  [f"child-{i}" for i in range(4)], sid="children")
     assert not computes(out) and s.state_counts()["queued"] == 4
-    out0 = s.task_long_running("w1", parents[0].task_id, "secede-0")
+    out0 = long_running(s, "w1", parents[0].task_id, "secede-0")
     assert [c.key for c in computes(out0)] == ["child-0"]
     out = s.handle_stimulus(TaskLongRunning("w1", parents[1].task_id, stimulus_id="secede-1"))
     assert [c.key for c in computes(out)] == ["child-1"]
@@ -1444,7 +1467,7 @@ def test_long_running_task_frees_its_slot():
     assert info["long_running"] == 2 and s.workers["w1"].slots == 4
     assert s.occupancy()["w1"] == pytest.approx(2 * 0.5)   # seceded tasks hold no thread
     # a repeated report changes nothing
-    assert s.task_long_running("w1", parents[0].task_id) == []
+    assert long_running(s, "w1", parents[0].task_id) == []
     run_all(s, out)
     assert all(s.task_state(f"child-{i}") == "memory" for i in range(4))
     # the parents finish: their extra slots go away
@@ -1459,12 +1482,12 @@ def test_long_running_task_is_not_stolen_and_worker_death_resets():
     out = submit(s, [(f"t{i}", "f", [], i) for i in range(3)], ["t0", "t1", "t2"])
     cts = computes(out)
     for ct in cts:
-        s.task_long_running("w1", ct.task_id)
+        long_running(s, "w1", ct.task_id)
     add_workers(s, ("w2", 1))
     assert of(s.handle_stimulus(BalanceTick()), StealRequest) == []
     # stale / wrong-worker reports are ignored
-    assert s.task_long_running("w2", cts[0].task_id) == []
-    assert s.task_long_running("w1", 999) == []
+    assert long_running(s, "w2", cts[0].task_id) == []
+    assert long_running(s, "w1", 999) == []
     out = s.handle_stimulus(RemoveWorker("w1"))
     assert {c.worker for c in computes(out)} == {"w2"}
     assert s.worker_info("w2")["long_running"] == 0

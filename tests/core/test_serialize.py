@@ -144,8 +144,17 @@ def test_tuple_keys_roundtrip(msg):
 
 def test_task_message_roundtrip():
     spec = serialize_obj((module_level_function, (1,), {}))
+    # the wire's compute-tasks message (positional, core/messages.pyx): one task
+    wire = ["compute-tasks", 7, ("inc-abc", 0, 1), spec, [0, 1, 5],
+            [[3, ("y", 2), 8, ["tcp://a:1"]]]]
+    out = roundtrip(wire)
+    assert out[:3] == ["compute-tasks", 7, ("inc-abc", 0, 1)]
+    assert out[4:] == [[0, 1, 5], [[3, ("y", 2), 8, ["tcp://a:1"]]]]
+    func, args, kwargs = out[3].deserialize()
+    assert func(*args, **kwargs) == 2
+    # a map message with tuple keys and values
     msg = {
-        "op": "compute-task",
+        "op": "task-info",
         "key": ("inc-abc", 0, 1),
         "priority": (0, 1, 5),
         "run_spec": spec,
@@ -645,17 +654,21 @@ def test_serialized_passthrough_copies_nothing():
     a = np.arange(ZERO_COPY_SIZE // 8, dtype="f8")
     s = serialize_obj((module_level_function, (a,), {"k": (1, 2)}))
     assert s.serializer == "pickle"
-    frames1 = dumps({"op": "compute-task", "run_spec": s})
+    # a client's one-task update-graph: ["update-graph", [key, run spec, deps, opts], key, 0]
+    frames1 = dumps(["update-graph", ["f-1", s, [], None], "f-1", 0])
     assert all(x is y for x, y in zip(frames1[1:], s.frames))
     received = [bytearray(f) for f in frames1]  # "scheduler" receives
     msg = loads(received)
-    s2 = msg["run_spec"]
+    s2 = msg[1][1]
     assert type(s2) is Serialized
     assert all(x is y for x, y in zip(s2.frames, received[1:]))
-    frames2 = dumps(msg)  # "scheduler" forwards
+    again = dumps(msg)  # re-encoded as received: the same bytes, the same buffers
+    assert all(x is y for x, y in zip(again[1:], received[1:]))
+    assert again[0] == frames1[0]
+    # "scheduler" forwards it in a compute-tasks message, the same frames
+    frames2 = dumps(["compute-tasks", 1, "f-1", s2, [0, 1, 0], []])
     assert all(x is y for x, y in zip(frames2[1:], received[1:]))
-    assert frames2[0] == frames1[0]
-    func, args, kwargs = loads(frames2)["run_spec"].deserialize()  # "worker"
+    func, args, kwargs = loads(frames2)[3].deserialize()  # "worker"
     np.testing.assert_array_equal(args[0], a)
     assert any(np.shares_memory(args[0], np.frombuffer(f, np.uint8)) for f in received[1:])
     assert kwargs == {"k": (1, 2)} and func(1) == 2

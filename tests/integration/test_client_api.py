@@ -118,7 +118,7 @@ def test_malformed_task_columns_are_dropped_not_fatal(caplog):
         client_test(t)
     assert "columns of different lengths" in caplog.text
     assert "6 fields expected, got 2" in caplog.text
-    assert "unknown positional message 'no-such-op'" in caplog.text
+    assert "expected a 'tasks-finished' message, got 'no-such-op'" in caplog.text
 
 
 def test_malformed_positional_messages_to_a_worker_are_logged_and_dropped(caplog):
@@ -140,7 +140,7 @@ def test_malformed_positional_messages_to_a_worker_are_logged_and_dropped(caplog
     assert "6 fields expected, got 2" in caplog.text
     assert "6 fields expected, got 3" in caplog.text
     assert "compute-tasks: columns of different lengths" in caplog.text
-    assert "unknown positional message 'no-such-op'" in caplog.text
+    assert "expected a 'compute-tasks' message, got 'no-such-op'" in caplog.text
 
 
 def test_pure_keys_dedup_and_explicit_key():

@@ -23,6 +23,7 @@ db = pytest.importorskip("dask.bag")
 import taskcore  # noqa: E402
 from taskcore import Client, Future, LocalCluster, wait  # noqa: E402
 from taskcore import dask_integration as di  # noqa: E402
+from taskcore.core.messages import decode_update_graph  # noqa: E402
 from taskcore.testing import run  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -256,7 +257,7 @@ def test_large_embedded_data_travels_out_of_band(client):
     original = client._send_threadsafe
 
     def spy(msg):
-        if msg.get("op") == "update-graph":
+        if type(msg) is list and msg[0] == "update-graph":
             sent.append(msg)
         return original(msg)
 
@@ -267,7 +268,9 @@ def test_large_embedded_data_travels_out_of_band(client):
         assert client.compute([x, y], sync=True) == [big.sum(), frame.a.sum() + 200_000]
     finally:
         del client._send_threadsafe
-    specs = [rec[1][1] for msg in sent for rec in msg["tasks"]]
+    # the codec reads the message: a record is (key, run spec, deps[, priority])
+    specs = [rec[1][1] for msg in sent
+             for rec in decode_update_graph("c", msg, "spy").tasks]
     for s in specs:
         assert s.kind == 1 and len(s.frames[0]) < 10_000   # small header pickle ...
     sizes = sorted(f.nbytes for s in specs for f in map(memoryview, s.frames[1:]))

@@ -40,7 +40,7 @@ def test_a_prefix_is_measured_on_a_thread_then_runs_inline():
     async def t(c, w):
         first = await c.submit(where, 0, pure=False)
         assert first != loop_thread                     # measured on the task thread
-        assert w._durations["where"] < w.inline_threshold
+        assert w.durations["where"] < w.inline_threshold
         rest = await c.gather(c.map(where, range(50), pure=False))
         assert set(rest) == {loop_thread}               # then inline, on the loop
 
@@ -51,13 +51,13 @@ def test_inline_budget_spent_defers_the_rest_and_loses_nothing():
     deferred = []
 
     async def t(c, w):
-        original = w._on_inline_results
+        original = w.on_inline_results
 
         def spy(results):
             deferred.append(len(results))
             return original(results)
 
-        w._on_inline_results = spy           # the compiled loop looks it up per deferral
+        w.on_inline_results = spy           # the compiled loop looks it up per deferral
         await c.submit(inc, 0, pure=False)   # measured on a thread first
         assert await c.gather(c.map(inc, range(500), pure=False)) == list(range(1, 501))
 
@@ -72,7 +72,7 @@ def test_a_task_that_uses_its_worker_goes_back_to_threads_for_good():
         await c.submit(uses_worker, 0, pure=False)          # measured on a thread
         inline = await c.submit(uses_worker, 1, pure=False)  # tiny: runs inline, interacts
         assert inline == loop_thread
-        assert math.isinf(w._durations["uses_worker"])
+        assert math.isinf(w.durations["uses_worker"])
         later = await c.gather(c.map(uses_worker, range(2, 12), pure=False))
         assert loop_thread not in later
 

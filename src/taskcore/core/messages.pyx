@@ -173,15 +173,23 @@ cpdef UpdateGraph decode_update_graph(str client, list msg, str stimulus_id):
     become the stimulus' mappings."""
     cdef list records, wanted
     cdef UpdateGraph ev
+    cdef bint options = False
     _check(msg, _UPDATE_GRAPH, 4)
     if _one(msg[2]):
         records = [msg[1]]
         wanted = [msg[2]]
     else:
+        if type(msg[1]) is not list:
+            raise ValueError("update-graph: records must be a list")
         records = msg[1]
         wanted = msg[2]
-        if type(records) is not list:
-            raise ValueError("update-graph: records must be a list")
+    if type(msg[3]) is not int:
+        raise ValueError(f"update-graph: the priority must be an int, not {msg[3]!r}")
+    for rec in records:
+        if type(rec) is not list or len(<list>rec) != 4:
+            raise ValueError(f"update-graph: malformed task record {str(rec)[:100]}")
+        if (<list>rec)[3] is not None:
+            options = True
     ev = UpdateGraph.__new__(UpdateGraph)
     ev.kind = EV_UPDATE_GRAPH
     ev.stimulus_id = stimulus_id
@@ -190,13 +198,10 @@ cpdef UpdateGraph decode_update_graph(str client, list msg, str stimulus_id):
     ev.priority = msg[3]
     ev.allow_other_workers = False
     ev.retries = 0
-    for rec in records:
-        if type(rec) is not list or len(<list>rec) != 4:
-            raise ValueError(f"update-graph: malformed task record {str(rec)[:100]}")
-        if (<list>rec)[3] is not None:
-            _with_options(ev, records)
-            return ev
-    ev.tasks = records
+    if options:
+        _with_options(ev, records)
+    else:
+        ev.tasks = records
     return ev
 
 
@@ -433,6 +438,23 @@ cdef class TasksFinishedWriter:
         return msg
 
 
+cdef inline int _check_row(object tid, object nbytes, object duration) except -1:
+    # Checked before the machine sees the report: a bad value found halfway
+    # through applying a batch would leave it half applied.
+    if type(tid) is not int or type(nbytes) is not int or (
+            type(duration) is not float and type(duration) is not int):
+        raise ValueError(f"tasks-finished: malformed row (id {tid!r}, nbytes {nbytes!r}, "
+                         f"duration {duration!r})")
+    return 0
+
+
+cdef int _check_rows(list ids, list nbytes, list durations, Py_ssize_t n) except -1:
+    cdef Py_ssize_t i
+    for i in range(n):
+        _check_row(ids[i], nbytes[i], durations[i])
+    return 0
+
+
 cpdef Stimulus decode_tasks_finished(str worker, list msg):
     """The stimulus of a worker's tasks-finished message: `TaskFinished` for
     one task, `TasksFinished` for several."""
@@ -441,6 +463,7 @@ cpdef Stimulus decode_tasks_finished(str worker, list msg):
     cdef Py_ssize_t n
     _check(msg, _TASKS_FINISHED, 6)
     if _one(msg[1]):
+        _check_row(msg[1], msg[2], msg[4])
         ev = TaskFinished.__new__(TaskFinished)
         ev.kind = EV_TASK_FINISHED
         ev.stimulus_id = "task-finished"
@@ -453,6 +476,7 @@ cpdef Stimulus decode_tasks_finished(str worker, list msg):
         return ev
     n = len(<list>msg[1])
     _same_length(msg[2:], n, _TASKS_FINISHED)
+    _check_rows(msg[1], msg[2], msg[4], n)
     evs = TasksFinished.__new__(TasksFinished)
     evs.kind = EV_TASKS_FINISHED
     evs.stimulus_id = "task-finished"

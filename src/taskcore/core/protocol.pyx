@@ -20,7 +20,7 @@ Writing
         (a reply to a request goes out in the same loop iteration: no extra
         ~10 µs wake-up per hop), or else
       * via `loop.call_soon`, once per tick however many messages were sent.
-    That batches per event-loop tick rather than on a timer (ARCHITECTURE §9).
+    That batches per event-loop tick rather than on a timer (docs/design.md).
 
 Writing from another thread (`write_now`)
     A sync client's caller thread that is about to block on a result writes its

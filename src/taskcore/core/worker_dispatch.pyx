@@ -48,7 +48,8 @@ import time
 from traceback import format_exception as _format_exception
 
 from taskcore.core.messages import release_worker_data
-from taskcore.core.serialize import nbytes as sizeof, serialize_obj
+# (not `sizeof`: in a .pyx that name is the C operator)
+from taskcore.core.serialize import nbytes as _nbytes, serialize_obj
 from taskcore.core.worker_state import ExecuteFailure
 from taskcore.graph import substitute
 
@@ -350,7 +351,7 @@ cdef class WorkerDispatch:
             return _failure(tid, value, start, stop)
         t = type(value)
         try:
-            nb = 28 if t is int or t is float else sizeof(value)
+            nb = 28 if t is int or t is float else _nbytes(value)
         except Exception:
             nb = 1024
         if t is int or t is float or t is bool or value is None:
