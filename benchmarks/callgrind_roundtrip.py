@@ -11,6 +11,12 @@ every thread that did any work.
     python benchmarks/callgrind_roundtrip.py [N]        # N defaults to 1000
     python benchmarks/callgrind_roundtrip.py 1000 --keep DIR   # keep the profiles
                                                      # (callgrind_annotate them)
+    python benchmarks/callgrind_roundtrip.py 20000 --workload map    # per task of a map
+    python benchmarks/callgrind_roundtrip.py 2000 --workload chain   # per task of a chain
+
+`--workload map` (one `client.map` of N tiny tasks, gathered) and `--workload
+chain` (N tasks, each depending on the previous one) count instructions per
+task of those benchmarks the same way.
 
 Needs valgrind (`apt-get install valgrind`). Not part of the pytest suite: it
 takes ~30 s and measures instructions, not time.
@@ -55,12 +61,21 @@ def inc(x):
 n = int(sys.argv[2])
 c = Client(scheduler_file=sys.argv[1], timeout=120)
 c.wait_for_workers(1, timeout=300)
-for i in range(300):
-    c.submit(inc, i, pure=False).result()
+def roundtrip(n):
+    for i in range(n):
+        c.submit(inc, i, pure=False).result()
+def map_(n):
+    assert c.gather(c.map(inc, range(n), pure=False))[-1] == n
+def chain(n):
+    x = c.submit(inc, 0, pure=False)
+    for _ in range(n - 1):
+        x = c.submit(inc, x, pure=False)
+    assert x.result() == n
+work = {"roundtrip": roundtrip, "map": map_, "chain": chain}[sys.argv[3]]
+work(300)
 time.sleep(0.5)
 subprocess.run(["callgrind_control", "-z"], stdout=subprocess.DEVNULL, check=True)
-for i in range(n):
-    c.submit(inc, i, pure=False).result()
+work(n)
 subprocess.run(["callgrind_control", "-d"], stdout=subprocess.DEVNULL, check=True)
 c.close()
 """
@@ -79,6 +94,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("n", nargs="?", type=int, default=1000)
     ap.add_argument("--keep", help="directory to keep the callgrind profiles in")
+    ap.add_argument("--workload", choices=("roundtrip", "map", "chain"), default="roundtrip")
     args = ap.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         sys.exit("valgrind is not installed (apt-get install valgrind)")
@@ -103,7 +119,7 @@ def main():
                   "--scheduler-file", sfile, "--nthreads", "1", "--no-nanny"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         subprocess.run(vg + [f"--callgrind-out-file={out}/client.%p", sys.executable, "-c",
-                             CLIENT, sfile, str(args.n)],
+                             CLIENT, sfile, str(args.n), args.workload],
                        env=env, check=True, stderr=subprocess.DEVNULL)
     finally:
         for p in reversed(procs):          # ours only, by PID: worker, then scheduler

@@ -5,11 +5,13 @@ import sys
 
 import pytest
 
+from taskcore.testing import import_required
+
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
 def test_demo_quick_runs_to_the_end():
-    pytest.importorskip("dask.dataframe")
+    import_required("dask.dataframe", "the [dask] extra")
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-m", "taskcore.demo", "--quick"], env=env,

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import msgpack
 import numpy as np
 import pytest
+
+from taskcore.testing import import_required
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -616,8 +618,8 @@ def test_exception_through_serialize_obj():
 
 
 def test_pandas_roundtrip():
-    pd = pytest.importorskip("pandas")
-    hpd = pytest.importorskip("hypothesis.extra.pandas")
+    pd = import_required("pandas", "the [dask] extra")
+    hpd = import_required("hypothesis.extra.pandas", "the [dask] extra")
 
     @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(
@@ -639,7 +641,7 @@ def test_pandas_roundtrip():
 
 
 def test_pandas_large_frame_is_zero_copy_on_the_wire():
-    pd = pytest.importorskip("pandas")
+    pd = import_required("pandas", "the [dask] extra")
     df = pd.DataFrame({"a": np.arange(200_000, dtype="f8"), "b": np.arange(200_000)})
     frames = dumps({"df": df})
     assert len(frames[0]) < 20_000

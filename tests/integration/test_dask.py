@@ -13,12 +13,14 @@ import sys
 import cloudpickle
 import pytest
 
-dask = pytest.importorskip("dask")
-np = pytest.importorskip("numpy")
-pd = pytest.importorskip("pandas")
-da = pytest.importorskip("dask.array")
-dd = pytest.importorskip("dask.dataframe")
-db = pytest.importorskip("dask.bag")
+from taskcore.testing import import_required  # noqa: E402
+
+dask = import_required("dask", "the [dask] extra")
+np = import_required("numpy")
+pd = import_required("pandas", "the [dask] extra")
+da = import_required("dask.array", "the [dask] extra")
+dd = import_required("dask.dataframe", "the [dask] extra")
+db = import_required("dask.bag", "the [dask] extra")
 
 import taskcore  # noqa: E402
 from taskcore import Client, Future, LocalCluster, wait  # noqa: E402
@@ -483,3 +485,31 @@ def test_subprocess_workers_run_module_functions_and_lambdas(procs):
     np.testing.assert_allclose(procs.compute(xp.mean(), sync=True), sync(x.mean()))
     f = procs.submit(inc, 41)
     assert procs.compute(dask.delayed(local_scale)(f, 2), sync=True) == 84
+
+
+def _lazy_records(n):
+    return ({"operation": "ab"[i % 2], "count": i} for i in range(n))
+
+
+def test_from_delayed_iterator(client):
+    """A task whose result cannot be pickled (a generator) keeps it on its worker
+    as an ordinary value; the task consuming it there runs (dask's own
+    test_bag.py::test_from_delayed_iterator)."""
+    from dask import delayed
+
+    b = db.from_delayed([delayed(_lazy_records)(5) for _ in range(3)])
+    got = dask.compute(b.count(), b.pluck("operation").frequencies(),
+                       b.filter(lambda x: x["count"] > 2).count())
+    assert got[0] == 15
+    assert sorted(got[1]) == [("a", 9), ("b", 6)]
+    assert got[2] == 6
+
+
+def test_unpicklable_result_errs_only_on_gather(client):
+    """The generator stays on the worker; only gathering it errs, naming the task."""
+    import threading
+
+    lock_fut = client.submit(threading.Lock, pure=False)
+    assert client.submit(lambda lk: lk.acquire(False), lock_fut).result() is True
+    with pytest.raises(TypeError, match="cannot be serialized"):
+        lock_fut.result()
