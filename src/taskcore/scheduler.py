@@ -126,11 +126,11 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
         self.status = "closing"
         logger.info("closing scheduler: %s", reason)
         for peer in list(self.clients.values()):
-            self._send(peer, {"op": "scheduler-closing"})
+            self.send(peer, {"op": "scheduler-closing"})
         for peer in list(self.workers.values()):
-            self._send(peer, {"op": "close", "reason": reason})
+            self.send(peer, {"op": "close", "reason": reason})
         for peer in list(self.nannies.values()):
-            self._send(peer, {"op": "close"})
+            self.send(peer, {"op": "close"})
         await asyncio.sleep(0.05)  # let the close messages flush
         for lst in self.listeners:
             await lst.stop()
@@ -172,12 +172,6 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
                     return
 
     # -- executing instructions --------------------------------------------------------------
-    def _send(self, peer, msg):
-        try:
-            peer.comm.send(msg)
-        except CommClosedError:
-            pass
-
     def _handle(self, *stimuli):
         for ev in stimuli:
             self.handle(ev)
@@ -203,13 +197,13 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
     def _to_worker(self, addr, msg):
         peer = self.workers.get(addr)
         if peer is not None:
-            self._send(peer, msg)
+            self.send(peer, msg)
 
     def _to_clients(self, clients, msg):
         for c in clients:
             peer = self.clients.get(c)
             if peer is not None:
-                self._send(peer, msg)
+                self.send(peer, msg)
 
     # -- connections ---------------------------------------------------------------------------
     async def _handle_comm(self, comm):
@@ -331,7 +325,7 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
             elif op == "retire":
                 self._spawn(self.rpc_retire_workers(peer, workers=[peer.id]))
             elif op == "who-has":
-                self._send(peer, {"op": "who-has-reply", "reqid": msg.get("reqid"),
+                self.send(peer, {"op": "who-has-reply", "reqid": msg.get("reqid"),
                                   "who_has": self.state.who_has(msg["keys"])})
             else:
                 logger.warning("unknown op %r from worker %s", op, peer.id)
@@ -386,19 +380,19 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
                 pass  # the comm closing removes the client
             else:
                 logger.warning("unknown op %r from client %s", op, peer.id)
-                self._send(peer, {"op": "error", "message": f"unknown op {op!r}"})
+                self.send(peer, {"op": "error", "message": f"unknown op {op!r}"})
         except Exception as e:
             logger.exception("error handling a message from client %s", peer.id)
             reqid = msg.get("reqid") if isinstance(msg, dict) else None
             if reqid is not None:
-                self._send(peer, {"op": "reply", "reqid": reqid, "error": serialize_obj(e)})
+                self.send(peer, {"op": "reply", "reqid": reqid, "error": serialize_obj(e)})
 
     def _client_rpc(self, peer, msg):
         method = msg.get("method")
         reqid = msg.get("reqid")
         handler = getattr(self, f"rpc_{method}", None) if isinstance(method, str) else None
         if handler is None:
-            self._send(peer, {"op": "reply", "reqid": reqid,
+            self.send(peer, {"op": "reply", "reqid": reqid,
                               "error": serialize_obj(ValueError(f"unknown rpc method {method!r}"))})
             return
 
@@ -410,7 +404,7 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
                 reply = {"op": "reply", "reqid": reqid, "result": result}
             except Exception as e:
                 reply = {"op": "reply", "reqid": reqid, "error": serialize_obj(e)}
-            self._send(peer, reply)
+            self.send(peer, reply)
 
         self._spawn(run())
 
@@ -486,7 +480,7 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
         for w, d in per_worker.items():
             p = self.workers.get(w)
             if p is not None:
-                self._send(p, {"op": "scatter-ids",
+                self.send(p, {"op": "scatter-ids",
                                "ids": [(k, self.state.id_of(k)) for k in d]})
         return nbytes
 
@@ -514,18 +508,18 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
         for c in clients + [FIRE_AND_FORGET]:
             self._handle(Cancel(c, keys, force=True, stimulus_id="restart"))
         for c in clients:
-            self._send(self.clients[c], key_cancelled(keys, "the cluster was restarted"))
+            self.send(self.clients[c], key_cancelled(keys, "the cluster was restarted"))
         nannies = [self.nannies[w] for w in list(self.workers) if w in self.nannies]
         without = [w for w in self.workers if w not in self.nannies]
         for w in without:
             logger.warning("worker %s has no nanny and cannot be restarted; closing it", w)
-            self._send(self.workers[w], {"op": "close", "reason": "restart"})
+            self.send(self.workers[w], {"op": "close", "reason": "restart"})
             n -= 1
 
         async def restart(nanny):
             fut = asyncio.get_running_loop().create_future()
             nanny.replies["restart"] = fut
-            self._send(nanny, {"op": "restart-worker"})
+            self.send(nanny, {"op": "restart-worker"})
             try:
                 await asyncio.wait_for(fut, timeout)
             except (asyncio.TimeoutError, CommClosedError) as e:
@@ -568,10 +562,10 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
             peer = self.workers.get(w)
             if peer is not None:
                 peer.closing = True
-                self._send(peer, {"op": "close", "reason": "retired"})
+                self.send(peer, {"op": "close", "reason": "retired"})
                 nanny = self.nannies.get(w)
                 if nanny is not None:
-                    self._send(nanny, {"op": "close"})
+                    self.send(nanny, {"op": "close"})
 
 
 def write_scheduler_file(path, address):

@@ -18,7 +18,7 @@ Worker -> scheduler: register-worker, tasks-finished (core/messages.pyx), task-e
     reply, closing, retire
 Peer -> worker: get-data {keys} -> {status: "OK", data: {key: Serialized}} or {status: "busy"}
 
-Small results ride along inside `task-finished` (up to `inline_result_bytes`),
+Small results ride along inside `tasks-finished` (up to `inline_result_bytes`),
 so the scheduler can hand them to the client without another round trip.
 """
 from __future__ import annotations
@@ -96,7 +96,6 @@ class Worker(WorkerDispatch, ServerLifecycle):
         self.heartbeat_interval = heartbeat_interval
         self.token = token
         self.inline_result_bytes = inline_result_bytes
-        self.result_bytes = inline_result_bytes
         self.connection_timeout = connection_timeout
         self.max_outgoing_transfers = max_outgoing_transfers
         self.validate = validate
@@ -123,8 +122,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
         self._closed = None
         self._client = None
         self._pending_scatter: dict = {}
-        self.inline_threshold = self.threshold = inline_threshold
-        self.inline_budget = self.budget = inline_budget
+        self.inline_threshold = inline_threshold
+        self.inline_budget = inline_budget
         self._reqids = itertools.count(1)
         self._sched_replies: dict = {}
         self.loop = None

@@ -147,7 +147,7 @@ def test_a_tiny_task_runs_inline_and_reports_its_result():
     assert msg[0] == "tasks-finished" and msg[1:4] == [1, 28, "int"]
     assert msg[4] >= 0 and msg[5] == 42                     # the result rides along
     assert w.state.state_of(1) == "memory"
-    assert w.durations["inc"] < w.threshold
+    assert w.durations["inc"] < w.inline_threshold
 
 
 def test_several_tiny_tasks_report_in_one_message():
@@ -190,7 +190,7 @@ def test_a_slow_prefix_stays_on_threads():
     w.durations["inc"] = 0.5
     w.on_message(compute(1, "inc-1", inc, 1))
     assert [t for t, _ in w.executor.submitted] == [1]
-    w.threshold = 0                                        # inline execution off
+    w.inline_threshold = 0                                        # inline execution off
     tiny(w, "inc")
     w.on_message(compute(2, "inc-2", inc, 1))
     assert [t for t, _ in w.executor.submitted] == [1, 2]
@@ -236,7 +236,7 @@ def test_an_unpicklable_result_of_a_thread_task_is_reported_without_a_payload():
 def test_a_big_result_is_not_sent():
     w = Worker()
     tiny(w, "big")
-    w.result_bytes = 1000
+    w.inline_result_bytes = 1000
     w.on_message(["compute-tasks", [1, 2], ["big-1", "big-2"],
                   [["call", bytes, [5000], None], ["call", bytes, [10], None]],
                   [[0, 0, 0], [0, 0, 1]], [[], []]])
@@ -279,7 +279,7 @@ def test_a_task_that_interacts_with_its_worker_goes_back_to_threads():
 def test_the_inline_budget_defers_the_rest_to_the_loop():
     w = Worker(nthreads=1)
     tiny(w, "inc")
-    w.budget = 0.0
+    w.inline_budget = 0.0
     w.on_message(compute_many([(i, f"inc-{i}", inc, i) for i in range(1, 4)]))
     # the first pass ran inline; its results wait for the next loop iteration
     assert len(w.loop.calls) == 1

@@ -21,9 +21,9 @@ class WorkerDispatch:
     scheduler_comm: Any
     small: dict
     durations: dict
-    threshold: float
-    budget: float
-    result_bytes: int
+    inline_threshold: float
+    inline_budget: float
+    inline_result_bytes: int
 
     # hooks, overridden by the server
     def handle_other_message(self, msg: Any) -> None: ...

@@ -21,16 +21,16 @@ Compiled, with the worker's dicts as typed fields, this loop took the
 worker's share of a round trip from ~71k to ~54k instructions (callgrind,
 benchmarks/callgrind_roundtrip.py).
 
-Results. A result is stored in `data`; a small one (`result_bytes`) also
+Results. A result is stored in `data`; a small one (`inline_result_bytes`) also
 rides along with the report as a payload (messages.result_payload). A result
 that cannot be serialized stays here like any other: only a transfer or a
 gather of it errs, with `unserializable`'s message.
 
 Inline execution. Handing a task to a thread and its result back costs ~20 µs
 of CPU in this process (GIL hand-offs and wake-ups), far more than a tiny task
-itself. So a task whose key prefix runs in under `threshold` seconds on average
+itself. So a task whose key prefix runs in under `inline_threshold` seconds on average
 (an exponential average over its recent runs) runs on the event loop, for at
-most `budget` seconds per pass so I/O is never starved. The first task of
+most `inline_budget` seconds per pass so I/O is never starved. The first task of
 every prefix runs on a thread, to be measured; a prefix whose task used
 get_client(), secede() or get_worker() goes back to threads for good.
 """
@@ -95,9 +95,9 @@ cdef class WorkerDispatch:
         self.last_pickle = None
         self.out = TasksFinishedWriter()
         self.out_released = None
-        self.threshold = 200e-6
-        self.budget = 0.005
-        self.result_bytes = 16_384
+        self.inline_threshold = 200e-6
+        self.inline_budget = 0.005
+        self.inline_result_bytes = 16_384
 
     # -- hooks (the server overrides these) ------------------------------------------
     cpdef handle_other_message(self, object msg):
@@ -147,7 +147,7 @@ cdef class WorkerDispatch:
                     return 0
                 results = self.run_inline(inline)
                 if deadline < 0:
-                    deadline = _monotonic() + self.budget
+                    deadline = _monotonic() + self.inline_budget
                 if _monotonic() > deadline:
                     self.loop.call_soon(self.on_inline_results, results)
                     return 0
@@ -234,11 +234,11 @@ cdef class WorkerDispatch:
     cdef object inline_prefix(self, object key):
         """The key's prefix if its tasks run inline, else None (the prefix goes on
         with the task, to record its duration without being computed again)."""
-        if not self.threshold:
+        if not self.inline_threshold:
             return None
         p = key_prefix(key)
         avg = self.durations.get(p)
-        if avg is not None and <double>avg < self.threshold:
+        if avg is not None and <double>avg < self.inline_threshold:
             return p
         return None
 
@@ -362,7 +362,7 @@ cdef class WorkerDispatch:
                 self.small[tid] = result_payload(value)
                 self.data[key] = value
                 return _execute_success(tid, nb, _SCALAR_NAMES[t], start, stop)
-        if nb <= self.result_bytes:
+        if nb <= self.inline_result_bytes:
             # Rides along if it serializes; one that cannot (a generator, a lock)
             # stays here as any other value: only a transfer or a gather of it
             # errs (`unserializable`), and a dependent on this worker runs.
@@ -370,7 +370,7 @@ cdef class WorkerDispatch:
                 s = serialize_obj(value)
             except Exception:
                 s = None
-            if s is not None and (<Serialized>s).nbytes <= self.result_bytes:
+            if s is not None and (<Serialized>s).nbytes <= self.inline_result_bytes:
                 self.small[tid] = s
         self.data[key] = value
         return _execute_success(tid, nb, t.__name__, start, stop)
