@@ -15,6 +15,7 @@ cdef class MessageSink:
     cdef int queue(self, object msg) except -1          # send(msg): batched, no wait
     cdef int begin_batch(self) except -1                # queue() until end_batch()...
     cdef int end_batch(self) except -1                  # ...then write them at once
+    cdef int flush_now(self) except -1                  # write what is queued, now
     cdef bint write_now(self, object msg) except -1     # from a thread other than the
                                                         # loop's; False: not done
 

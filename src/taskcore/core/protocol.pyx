@@ -95,6 +95,9 @@ cdef class MessageSink:
     cdef int end_batch(self) except -1:
         return 0
 
+    cdef int flush_now(self) except -1:
+        return 0
+
     cdef bint write_now(self, object msg) except -1:
         return False
 
@@ -115,6 +118,9 @@ cdef class CallSink(MessageSink):
         return 0
 
     cdef int end_batch(self) except -1:
+        return self.flush_now()
+
+    cdef int flush_now(self) except -1:
         flush = getattr(self.comm, "flush", None)
         if flush is not None:
             flush()
@@ -417,6 +423,13 @@ cdef class StreamProtocol:
 
     cdef int end_batch(self) except -1:
         self.flusher.leave()
+        return 0
+
+    cdef int flush_now(self) except -1:
+        # Also inside an I/O callback: the comm stays in the flusher's list, and
+        # its flush at the end of the callback then finds nothing to write.
+        if self.flush_scheduled:
+            self._flush()
         return 0
 
     cdef int queue(self, object msg) except -1:

@@ -98,11 +98,17 @@ cdef class SchedulerDispatch:
                 self.execute_other(item)
                 continue
             compute, in_memory = <tuple>item
-            # The clients first: the machine emits a task's KeyInMemory before the
-            # instructions its report sets off, and a client's wait is the latency.
+            # The clients first, and written at once rather than at the end of this
+            # read callback: the machine emits a task's KeyInMemory before the
+            # instructions its report sets off, and a client's wait is the latency
+            # of a round trip (the rest of the scheduler's work then overlaps the
+            # client's).
             if in_memory:
                 for cid, m in in_memory.items():
-                    _queue(self.clients.get(cid), m)
+                    peer = self.clients.get(cid)
+                    if peer is not None:
+                        _queue(peer, m)
+                        (<Peer>peer).sink.flush_now()
             for addr, m in compute.items():
                 _queue(self.workers.get(addr), m)
         return 0
