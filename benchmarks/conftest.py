@@ -87,4 +87,4 @@ def pytest_sessionstart(session):
         import pytest
 
         pytest.exit(f"compiled modules are older than their sources {stale}: rebuild with "
-                    "`pip install --no-build-isolation -e .` (scripts/test.sh does)", returncode=2)
+                    "`scripts/build.sh` (scripts/test.sh does)", returncode=2)

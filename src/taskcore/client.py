@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Iterator
 
 from taskcore import futures as _futures
+from taskcore.core.messages import decode_key_report
 from taskcore.core.client_dispatch import (ClientHotPath, func_token as _func_token,
                                            funcname as _funcname, tokenize as _tokenize)
 from taskcore.core.serialize import Serialized, serialize_obj
@@ -385,32 +386,35 @@ class Client:
     # -- incoming messages (on the loop) -------------------------------------------
     def _handle_other(self, msg):
         """Every message but the positional keys-in-memory (ClientHotPath.handle)."""
+        report = decode_key_report(msg)                 # core/messages.pyx
+        if report is not None:
+            self._key_report(*report)
+            return
         op = msg.get("op")
-        if op == "task-erred":
-            st = self._states.get(msg["key"])
-            if st is not None:
-                st.set_error(msg.get("exception"), msg.get("traceback"))
-        elif op == "reply":
+        if op == "reply":
             fut = self._replies.pop(msg["reqid"], None)
             if fut is not None and not fut.done():
                 if "error" in msg:
                     fut.set_exception(self._as_exception(msg["error"]))
                 else:
                     fut.set_result(msg.get("result"))
-        elif op == "key-cancelled":
-            for k in msg["keys"]:
-                st = self._states.get(k)
-                if st is not None:
-                    st.cancel(msg.get("reason"))
-        elif op == "key-lost":
-            for k in msg["keys"]:
-                st = self._states.get(k)
-                if st is not None and st.status == FINISHED:
-                    st.reset()
         elif op == "scheduler-closing":
             logger.info("scheduler %s is closing", self.address)
         else:
             logger.warning("client received unknown message op %r", op)
+
+    def _key_report(self, op, keys, exception, traceback, reason):
+        """What the scheduler tells about keys: erred, cancelled or lost."""
+        for k in keys:
+            st = self._states.get(k)
+            if st is None:
+                continue
+            if op == "task-erred":
+                st.set_error(exception, traceback)
+            elif op == "key-cancelled":
+                st.cancel(reason)
+            elif st.status == FINISHED:          # key-lost: recomputed, wait again
+                st.reset()
 
     @staticmethod
     def _as_exception(err):

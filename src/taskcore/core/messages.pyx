@@ -603,6 +603,22 @@ def encode_scheduler_instruction(ins):
     return None
 
 
+# -- scheduler -> client: what those instructions tell a client ------------------------
+
+cdef frozenset _KEY_REPORTS = frozenset(("task-erred", "key-cancelled", "key-lost"))
+
+
+def decode_key_report(dict msg):
+    """(op, keys, exception, traceback, reason) of a task-erred, key-cancelled or
+    key-lost message; None for any other op."""
+    op = msg.get("op")
+    if op not in _KEY_REPORTS:
+        return None
+    if op == "task-erred":
+        return (op, [msg["key"]], msg.get("exception"), msg.get("traceback"), None)
+    return (op, _keys(msg), None, None, msg.get("reason"))
+
+
 def key_cancelled(list keys, reason=None):
     """keys-cancelled for `keys` (a restart cancels everything at once)."""
     msg = {"op": "key-cancelled", "keys": keys}
