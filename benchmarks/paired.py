@@ -22,47 +22,14 @@ import subprocess
 import sys
 import time
 
+from workloads import chain, map_tasks, roundtrips, tree_reduction
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def inc(x):
-    return x + 1
-
-
-def add(a, b):
-    return a + b
-
-
-def chain(c, n):
-    x = c.submit(inc, 0, pure=False)
-    for _ in range(n - 1):
-        x = c.submit(inc, x, pure=False)
-    assert x.result() == n
-
-
-def roundtrip(c, n):
-    for i in range(n):
-        c.submit(inc, i, pure=False).result()
-
-
-def map_(c, n):
-    assert c.gather(c.map(inc, range(n), pure=False))[-1] == n
-
-
-def tree(c, n):
-    level = c.map(inc, range(n), pure=False)
-    while len(level) > 1:
-        nxt = [c.submit(add, level[i], level[i + 1], pure=False)
-               for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    level[0].result()
-
-
 # One block of each workload (its size keeps a block around 50-100 ms).
-WORKLOADS = {"roundtrip": (roundtrip, 200), "chain": (chain, 300), "map": (map_, 5000),
-             "tree": (tree, 2048)}
+WORKLOADS = {"roundtrip": (roundtrips, 200), "chain": (chain, 300), "map": (map_tasks, 5000),
+             "tree": (tree_reduction, 2048)}
 
 
 def serve():
@@ -70,7 +37,6 @@ def serve():
     stdin and prints its wall time."""
     from taskcore import Client, LocalCluster
 
-    # The functions live in __main__, so they travel by value (cloudpickle).
     with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, Client(cluster) as c:
         for fn, n in WORKLOADS.values():
             fn(c, n)                                   # warm up: inline prefixes measured

@@ -23,6 +23,7 @@ import pytest
 import uvloop
 
 from conftest import HERE, QUICK, dask_cluster
+from workloads import chain, inc, map_tasks, tree_reduction
 
 # Worker processes cannot import this module: its task functions travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -33,39 +34,6 @@ SIZES = {
     "chain": (2_000, 200 if QUICK else 500),
     "roundtrip": (300 if QUICK else 1000, 30 if QUICK else 100),
 }
-
-
-def inc(x):
-    return x + 1
-
-
-def add(a, b):
-    return a + b
-
-
-def _map(client, n):
-    fs = client.map(inc, range(n), pure=False)
-    r = client.gather(fs)
-    assert r[-1] == n
-    return r
-
-
-def _tree(client, n):
-    level = client.map(inc, range(n), pure=False)
-    while len(level) > 1:
-        nxt = [client.submit(add, level[i], level[i + 1], pure=False)
-               for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0].result()
-
-
-def _chain(client, n):
-    x = client.submit(inc, 0, pure=False)
-    for _ in range(n - 1):
-        x = client.submit(inc, x, pure=False)
-    assert x.result() == n
 
 
 def _tasks(kind, n):
@@ -83,7 +51,7 @@ def _best(fn, rounds):
 
 @pytest.mark.parametrize("kind", ["map", "tree", "chain"])
 def test_throughput_vs_dask(benchmark, ours, kind):
-    fn = {"map": _map, "tree": _tree, "chain": _chain}[kind]
+    fn = {"map": map_tasks, "tree": tree_reduction, "chain": chain}[kind]
     n_ours, n_dask = SIZES[kind]
     with dask_cluster() as dask_client:          # closed before ours is measured
         fn(dask_client, min(n_dask, 100))  # warm up

@@ -3,8 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from taskcore.testing import import_required
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")

@@ -45,7 +45,6 @@ from taskcore.errors import CommClosedError
 from taskcore.futures import default_client  # noqa: F401 (public here too)
 from taskcore.futures import (ERROR, FINISHED, PENDING, Future, RemoteTraceback,
                               _futures_in)
-from taskcore.graph import TaskRef
 from taskcore.transports import connect
 from taskcore.utils import LoopRunner
 

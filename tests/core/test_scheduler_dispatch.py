@@ -6,7 +6,6 @@ dispatch queues is observable, in order, next to the hooks' calls.
 """
 import logging
 
-import pytest
 
 from taskcore.core.messages import (decode_compute_tasks, decode_keys_in_memory, payload_of,
                                     update_graph, value_of)
