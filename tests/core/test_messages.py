@@ -125,14 +125,6 @@ def test_serialized_payload_is_passed_as_is():
     assert sent and type(value) is Serialized and value.deserialize() == {"a": [1, 2, 3]}
 
 
-def test_op_of():
-    assert M.op_of(["update-graph", 1, 2, 3]) == "update-graph"
-    assert M.op_of({"op": "heartbeat"}) == "heartbeat"
-    assert M.op_of([]) is None and M.op_of(3) is None
-    assert set(M.HOT_OPS) == {"update-graph", "compute-tasks", "tasks-finished",
-                              "keys-in-memory"}
-
-
 # --------------------------------------------------------------------------
 # update-graph
 # --------------------------------------------------------------------------

@@ -71,9 +71,6 @@ cdef str _COMPUTE_TASKS = COMPUTE_TASKS
 cdef str _TASKS_FINISHED = TASKS_FINISHED
 cdef str _KEYS_IN_MEMORY = KEYS_IN_MEMORY
 
-#: The ops this module owns (a positional message is one of these).
-HOT_OPS = (UPDATE_GRAPH, COMPUTE_TASKS, TASKS_FINISHED, KEYS_IN_MEMORY)
-
 
 cdef inline int _check(list msg, str op, Py_ssize_t nfields) except -1:
     if len(msg) != nfields:
@@ -93,15 +90,6 @@ cdef inline int _same_length(list columns, Py_ssize_t n, str op) except -1:
         if type(c) is not list or len(<list>c) != n:
             raise ValueError(f"{op}: columns of different lengths or types")
     return 0
-
-
-def op_of(msg):
-    """The op of any wire message (a positional list or a map), or None."""
-    if type(msg) is list:
-        return (<list>msg)[0] if msg else None
-    if type(msg) is dict:
-        return (<dict>msg).get("op")
-    return None
 
 
 # ---------------------------------------------------------------------------
