@@ -35,6 +35,7 @@ import sys
 import time
 
 from taskcore.errors import CommClosedError, HandshakeError, ProtocolError
+from taskcore.member import ClusterMember
 from taskcore.process import ProcessStartError, Status, Subprocess, worker_cli_args
 from taskcore.utils import format_bytes, get_ip_interface, parse_memory_limit
 
@@ -43,8 +44,8 @@ logger = logging.getLogger("taskcore.nanny")
 _COMM_ERRORS = (CommClosedError, HandshakeError, ProtocolError, OSError, EOFError)
 
 
-class Nanny:
-    """Supervise one worker process; see the module docstring.
+class Nanny(ClusterMember):
+    """Supervise one worker process; see the module docstring. A cluster member.
 
     `address` is the nanny's own listen address; `worker_address` and `worker_pid`
     describe the current worker process (they change on every restart).
@@ -120,6 +121,16 @@ class Nanny:
     def worker_pid(self) -> int | None:
         p = self.process
         return p.pid if p is not None and p.returncode is None else None
+
+    role = "worker"
+
+    async def fetch_logs(self, n: int = 1000) -> list:
+        return list(self.logs)[-n:]
+
+    def kill(self) -> None:
+        """After close() timed out: SIGKILL the worker process now."""
+        if self.process is not None:
+            self.process.kill()
 
     def __repr__(self):
         return (f"<Nanny {self.name!r} address={self.address!r} worker={self.worker_address!r} "

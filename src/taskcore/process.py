@@ -43,6 +43,8 @@ import sys
 import time
 import weakref
 
+from taskcore.member import ClusterMember
+
 __all__ = ["Status", "ProcessInterface", "ProcessStartError", "ProcessGone", "Subprocess",
            "read_lines", "worker_cli_args", "scheduler_cli_args", "security_cli_args"]
 
@@ -70,13 +72,17 @@ class Status(str, enum.Enum):
         return self.value
 
 
-class ProcessInterface:
-    """One scheduler or worker "process" somewhere, as an async object.
+class ProcessInterface(ClusterMember):
+    """One scheduler or worker "process" somewhere, as an async object: a `ClusterMember`.
 
     Subclasses override `start()` (set `self.address`, then call
     `await super().start()`) and `close()` (stop it, then `await super().close()`).
     `finished()` resolves once the process is gone, whether closed by us or not.
+    `info` is the process's ready message once it has one (taskcore/member.py lists
+    the optional hooks a subclass may override).
     """
+
+    info: dict | None = None
 
     def __init__(self, scheduler: str | None = None, name=None):
         self.scheduler = scheduler  # the scheduler's address, for workers
@@ -106,6 +112,11 @@ class ProcessInterface:
 
     async def __aexit__(self, *exc):
         await self.close()
+
+    @property
+    def dashboard_address(self) -> str | None:
+        info = self.info or {}
+        return info.get("dashboard_address") or info.get("dashboard")
 
     def __repr__(self):
         return (f"<{type(self).__name__} {self.name!r} address={self.address!r} "
@@ -359,6 +370,9 @@ class Subprocess(ProcessInterface):
     def kill(self) -> None:
         """SIGKILL now, without waiting (`finished()` resolves once it is reaped)."""
         self.send_signal(signal.SIGKILL)
+
+    async def fetch_logs(self, n: int = 1000) -> list:
+        return list(self.logs)[-n:]
 
     # -- internals ----------------------------------------------------------------------------
     def _label(self):

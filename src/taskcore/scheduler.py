@@ -51,6 +51,8 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
     `await Scheduler(...).start()`, then `address`; `await close()`; `await finished()`.
     """
 
+    role = "scheduler"  # as a cluster member (taskcore/member.py)
+
     def __init__(self, host="127.0.0.1", port=0, protocol="tcp", security=None,
                  idle_timeout=None, scheduler_file=None, listen_addresses=None,
                  worker_ttl=60.0, heartbeat_interval=0.5, balance_interval=0.1,

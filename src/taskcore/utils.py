@@ -15,6 +15,8 @@ import re
 import tempfile
 import threading
 
+from taskcore.member import ClusterMember
+
 logger = logging.getLogger("taskcore.utils")
 
 # ---------------------------------------------------------------------------------------------
@@ -457,9 +459,10 @@ async def run_user_function(payload, server, param_names):
         return ["error", serialize_obj(e)]
 
 
-class ServerLifecycle:
+class ServerLifecycle(ClusterMember):
     """What Scheduler and Worker share: `await server`, `async with server`, `finished()`
-    and `_spawn` for background tasks that are cancelled on close.
+    and `_spawn` for background tasks that are cancelled on close. Both are cluster
+    members as they are (taskcore/member.py): a SpecCluster holds them in process.
 
     Subclasses provide `start()`, `close()`, `status`, `_closed` (a future resolved on
     close) and `_tasks` (a set).

@@ -65,6 +65,8 @@ def _memory_limit(limit, nthreads):
 class Worker(WorkerDispatch, ServerLifecycle):
     """`Worker(scheduler_address, nthreads=1, memory_limit="auto", name=None, ...)`."""
 
+    role = "worker"  # as a cluster member (taskcore/member.py)
+
     def __init__(self, scheduler_address=None, nthreads=1, memory_limit="auto", name=None,
                  resources=None, local_directory=None, death_timeout=None, lifetime=None,
                  lifetime_stagger=0, protocol=None, host=None, interface=None, security=None,

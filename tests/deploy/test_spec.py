@@ -1,8 +1,10 @@
 """SpecCluster reconciliation and the Cluster facade, with in-memory test doubles.
 
-No real scheduler or worker is involved: `SchedulerDouble` and `WorkerDouble`
-only implement the handle interface (start/close/finished/address), so these
-tests pin down the cluster's bookkeeping independently of the servers.
+No real worker is involved: `SchedulerDouble` and `WorkerDouble` only
+implement the member interface (taskcore/member.py), so these tests pin down
+the cluster's bookkeeping independently of the servers. Where the cluster must
+talk to its scheduler (retirement), a real in-process Scheduler answers: the
+cluster has one path to a scheduler, over the network.
 """
 import asyncio
 import threading
@@ -10,32 +12,42 @@ import threading
 import pytest
 
 from taskcore.deploy import ProcessInterface, SpecCluster, Status
+from taskcore.scheduler import Scheduler
 from taskcore.testing import run
 
 
-class SchedulerDouble:
-    """Test double of a scheduler handle; records retire requests."""
+class SchedulerDouble(ProcessInterface):
+    """Test double of a scheduler handle: its address leads nowhere, so whatever the
+    cluster asks it fails (and is best effort: retirement, worker info)."""
 
     instances = []
+    role = "scheduler"
 
     def __init__(self, **options):
+        super().__init__()
         self.options = options
-        self.address = None
         self.closed = False
-        self.retired = []
         SchedulerDouble.instances.append(self)
 
     async def start(self):
         self.address = "fake://scheduler"
-        return self
+        return await super().start()
 
     async def close(self):
         self.closed = True
+        await super().close()
 
 
-class RetiringSchedulerDouble(SchedulerDouble):
-    async def retire_workers(self, workers):
+class RetiringScheduler(Scheduler):
+    """A real in-process scheduler that records the retire requests it gets."""
+
+    def __init__(self, **options):
+        super().__init__(protocol="inproc")
+        self.retired = []
+
+    async def rpc_retire_workers(self, peer, workers, **kwargs):
         self.retired.append(sorted(workers))
+        return {}
 
 
 class WorkerDouble(ProcessInterface):
@@ -140,9 +152,6 @@ def test_sync_mode_runs_on_a_background_loop():
         assert threads == {cluster._runner.name}
         assert cluster.scale(3) is None  # blocks until reconciled
         assert len(cluster.workers) == 3
-        cluster.wait_for_workers(3, timeout=5)
-        with pytest.raises(TimeoutError):
-            cluster.wait_for_workers(4, timeout=0.2)
         runner = cluster._runner
     assert cluster.status == "closed"
     assert not runner.running
@@ -231,7 +240,7 @@ def test_a_worker_that_keeps_dying_leaves_the_spec():
 
 def test_scale_down_retires_through_the_scheduler():
     async def main():
-        async with make(3, scheduler_cls=RetiringSchedulerDouble) as cluster:
+        async with make(3, scheduler_cls=RetiringScheduler) as cluster:
             await cluster.scale(1)
             assert cluster.scheduler.retired == [["fake://worker-1", "fake://worker-2"]]
         # Closing the whole cluster does not retire (nowhere to move data to).

@@ -11,11 +11,17 @@ Subclasses implement `_start`, `_close`, `_scale`, and (optionally)
 (`_registry_entry`, `_from_registry`).
 
 Talking to the scheduler: the scheduler may live on the cluster's loop (an
-in-process `Scheduler`), in a subprocess, or on another machine. Everything the
-cluster asks it (retire workers, the adaptive target, wait for workers) goes
-through `_scheduler_rpc`, which calls the `rpc_*` handler directly in the first
-case and opens a one-shot connection otherwise, so both paths run the same
-scheduler code.
+in-process `Scheduler`), in a subprocess, in a batch job, or on another
+machine. Everything the cluster asks it (retire workers, the adaptive target,
+wait for workers) goes through `_scheduler_rpc`: one request over a one-shot
+connection to its address (inproc:// for one on our loop), so every backend
+runs the same scheduler code the same way, and none reaches into a scheduler
+object.
+
+Backends: a cluster class names itself in `backend` and is registered under
+that name in the `taskcore.deploy` entry-point group (as transports are in
+`taskcore.transports`); `from_name` finds the class of a registered cluster
+that way, so a backend from another package reconnects like the built-in ones.
 
 Lifetime: `close()` stops everything unless `shutdown_on_close=False`, in
 which case it only detaches this handle (the processes keep running, and
@@ -28,8 +34,6 @@ import asyncio
 import atexit
 import collections
 import html
-import importlib
-import inspect
 import logging
 import math
 import os
@@ -87,6 +91,8 @@ def _close_clusters_at_exit():
 
 class Cluster:
     """Base class of LocalCluster, SpecCluster and the remote backends."""
+
+    backend: str | None = None  # its name in the `taskcore.deploy` entry-point group
 
     def __init__(self, asynchronous: bool = False, name: str | None = None,
                  shutdown_on_close: bool = True, log_capacity: int = 10_000):
@@ -351,26 +357,16 @@ class Cluster:
     # -- the scheduler --------------------------------------------------------------------------
     async def _scheduler_rpc(self, method: str, args: dict | None = None,
                              timeout: float | None = 30):
-        """Call the scheduler's `rpc_<method>(**args)`: directly when it runs on our loop, else
-        over a one-shot connection. `timeout` bounds our wait for the answer."""
-        args = args or {}
-        handler = getattr(self.scheduler, f"rpc_{method}", None)
-        if handler is not None:
-            result = handler(None, **args)
-            if inspect.isawaitable(result):
-                result = await (result if timeout is None else asyncio.wait_for(result, timeout))
-            return result
+        """Call the scheduler's `rpc_<method>(**args)` over a one-shot connection (the one
+        path to the scheduler, wherever it runs). `timeout` bounds our wait for the answer."""
         if not self.scheduler_address:
             raise RuntimeError(f"{self.name} has no scheduler address yet")
-        return await scheduler_rpc(self.scheduler_address, method, args,
+        return await scheduler_rpc(self.scheduler_address, method, args or {},
                                    security=self.security, timeout=timeout)
 
     async def _scheduler_call(self, func, timeout: float | None = 30, **kwargs):
         """Run `func(scheduler, **kwargs)` on the scheduler (in its process) and return the
         result. `func` must be importable there (a module-level function)."""
-        sched = self.scheduler
-        if hasattr(sched, "state") and hasattr(sched, "rpc_run_on_scheduler"):
-            return func(sched, **kwargs)
         from taskcore.core.serialize import Serialized, serialize_obj
 
         status, value = await self._scheduler_rpc(
@@ -384,14 +380,7 @@ class Cluster:
     @property
     def dashboard_link(self) -> str | None:
         """The dashboard's URL, or None while the scheduler serves no dashboard."""
-        sched = self.scheduler
-        link = getattr(sched, "dashboard_link", None)
-        if isinstance(link, str):
-            return link
-        addr = getattr(sched, "dashboard_address", None)
-        info = getattr(sched, "info", None)
-        if addr is None and isinstance(info, dict):
-            addr = info.get("dashboard_address") or info.get("dashboard")
+        addr = self.scheduler.dashboard_address if self.scheduler is not None else None
         if not addr:
             return None
         return addr if "://" in str(addr) else f"http://{addr}/status"
@@ -447,12 +436,7 @@ class Cluster:
         from taskcore.deploy import registry
 
         entry = registry.load(name)
-        module, _, attr = entry.get("cls", "").rpartition(".")
-        try:
-            actual = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise TypeError(f"cluster {name!r} was made by {entry.get('cls')!r}, which cannot "
-                            f"be imported here: {e}") from None
+        actual = registry.backend_class(entry)
         if not (isinstance(actual, type) and issubclass(actual, cls)):
             raise TypeError(f"cluster {name!r} is a {actual.__name__}, not a {cls.__name__}")
         if not entry.get("detached"):
@@ -474,34 +458,20 @@ class Cluster:
         return getattr(self.scheduler, "address", None)
 
     def _count_workers(self) -> int:
-        """Workers up and connected. Subclasses with a better source (the scheduler) override."""
-        return sum(1 for w in self.workers.values()
-                   if str(getattr(w, "status", "")) == Status.running.value)
+        """Workers up and running, as far as the handles know."""
+        return sum(1 for w in self.workers.values() if w.status == Status.running.value)
 
     def wait_for_workers(self, n: int, timeout: float | None = None):
         """Block (or, async, wait) until at least `n` workers are connected to the scheduler.
 
-        Returns the number connected. Asks the scheduler itself (one request that waits
-        there) when it can; handles that are not real schedulers are counted instead.
+        Returns the number connected. One request that the scheduler answers when
+        enough workers have arrived (or raises TimeoutError after `timeout` seconds).
         """
         async def _wait():
             if self.status in (Status.closing, Status.closed, Status.failed):
                 raise RuntimeError(f"{self.name} is {self.status.value}")
-            sched = self.scheduler
-            if hasattr(sched, "rpc_wait_for_workers") or (
-                    getattr(sched, "role", None) == "scheduler" and self.scheduler_address):
-                # The scheduler waits on its side: one request, no polling.
-                return await self._scheduler_rpc("wait_for_workers",
-                                                 {"n": n, "timeout": timeout}, timeout=None)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while self._count_workers() < n:
-                if self.status in (Status.closing, Status.closed, Status.failed):
-                    raise RuntimeError(f"{self.name} is {self.status.value}")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"only {self._count_workers()} of {n} workers after "
-                                       f"{timeout} s")
-                await asyncio.sleep(0.02)
-            return self._count_workers()
+            return await self._scheduler_rpc("wait_for_workers", {"n": n, "timeout": timeout},
+                                             timeout=None)
         return self.sync(_wait)
 
     def get_logs(self, cluster: bool = True, scheduler: bool = True, workers: bool = True):

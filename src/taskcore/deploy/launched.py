@@ -138,6 +138,15 @@ class LocalTarget(Target):
     def record(self):
         return {"kind": "local", "python": self.python}
 
+    @classmethod
+    def from_record(cls, record, context):
+        """One LocalTarget per python per rebuild (deploy/specdata.py)."""
+        cache = context.setdefault("targets", {})
+        key = ("local", record.get("python"))
+        if key not in cache:
+            cache[key] = cls(python=record.get("python"))
+        return cache[key]
+
 
 class _LocalChannel:
     """The launcher as a local child process, behind the same small API as an SSH channel."""

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 
-import copy
-
 from taskcore.deploy.spec import SpecCluster
 from taskcore.utils import cpu_count, parse_memory_limit
 
@@ -58,6 +56,8 @@ class LocalCluster(SpecCluster):
     `scheduler_kwargs` go to the Scheduler. `shutdown_on_close=False` detaches the
     cluster's processes from this one (see the module doc and `from_name`).
     """
+
+    backend = "local"
 
     def __init__(self, n_workers: int | None = None, threads_per_worker: int | None = None,
                  processes: bool = True, memory_limit="auto", host: str = "127.0.0.1",
@@ -186,53 +186,15 @@ class LocalCluster(SpecCluster):
     def _registry_config(self):
         if not self.processes:
             return None  # inproc:// cannot be reached from another process: nothing to list
-
-        def plain(spec):
-            opts = dict((spec or {}).get("options") or {})
-            opts.pop("target", None)
-            opts.pop("record", None)
-            return opts
-
         if not self._detachable():
             return {"kind": "local", "attached": True}
-        return {"kind": "local", "python": self.new_spec["options"]["target"].python,
-                "threads_per_worker": self.threads_per_worker,
-                "memory_limit": self.memory_limit,
-                "worker": plain(self.new_spec),
-                "worker_groups": {g: plain(t) for g, t in self.worker_groups.items()}}
+        return {"kind": "local", "threads_per_worker": self.threads_per_worker,
+                "memory_limit": self.memory_limit}
 
-    @classmethod
-    def _from_registry(cls, entry, asynchronous=False, shutdown_on_close=False, **kwargs):
-        from taskcore.deploy.launched import LaunchedScheduler, LaunchedWorker, LocalTarget
-
-        if kwargs:
-            raise TypeError(f"unexpected arguments for LocalCluster.from_name: {sorted(kwargs)}")
-        cfg = entry.get("config") or {}
-        self = cls.__new__(cls)
+    def _restore(self, config, **kwargs):
         self.processes = True
         self.detached = True
         self.security = None
-        self.threads_per_worker = cfg.get("threads_per_worker")
-        self.memory_limit = cfg.get("memory_limit")
-        self._created = entry.get("created")
-        target = LocalTarget(python=cfg.get("python"))
-        template = {"cls": LaunchedWorker, "options": dict(cfg.get("worker") or {}, target=target)}
-        groups = {g: {"cls": LaunchedWorker, "options": dict(o, target=target)}
-                  for g, o in (cfg.get("worker_groups") or {}).items()}
-        scheduler = {"cls": LaunchedScheduler,
-                     "options": {"record": entry["scheduler"], "target": target}}
-        workers = {}
-        for key, w in (entry.get("workers") or {}).items():
-            group = w.get("worker_group")
-            base = copy.deepcopy((groups.get(group) if group else template)["options"])
-            spec = {"cls": LaunchedWorker, "options": dict(base, record=w["record"])}
-            if group:
-                spec["worker_group"] = group
-            if w.get("group"):
-                spec["group"] = w["group"]
-            workers[cls._name_from_registry(key)] = spec
-        SpecCluster.__init__(self, workers=workers, scheduler=scheduler, worker=template,
-                             worker_groups=groups, asynchronous=asynchronous,
-                             name=entry["name"], shutdown_on_close=shutdown_on_close)
-        return self
-
+        self.threads_per_worker = config.get("threads_per_worker")
+        self.memory_limit = config.get("memory_limit")
+        return super()._restore(config, **kwargs)

@@ -11,18 +11,26 @@ Where: `$TASKCORE_CLUSTERS_DIR`, else `$XDG_STATE_HOME/taskcore/clusters`,
 else `~/.local/state/taskcore/clusters`. Files are created mode 0600 (they
 may hold SSH connection options; never passwords, which are dropped).
 
-Entry format (version 1)::
+Entry format (version 2)::
 
-    {"version": 1, "name": ..., "cls": "taskcore.deploy.ssh.SSHCluster",
+    {"version": 2, "name": ..., "backend": "ssh",
+     "cls": "taskcore.deploy.ssh.SSHCluster",
      "created": <epoch>, "updated": <epoch>, "host": <where the manager ran>,
      "manager_pid": <pid of the managing process, null once detached>,
      "detached": <true when the processes outlive their manager>,
      "scheduler_address": ..., "scheduler": <process record>,
-     "workers": {name: {"record": <process record>, "worker_group": ...}},
-     "config": {<backend-specific: how to start more workers>}}
+     "workers": {name: {"record": <member record>, "worker_group": ...}},
+     "config": {<the backend's own attributes, for its _restore>},
+     "spec": {"scheduler": ..., "worker": ..., "worker_groups": ...,
+              "workers": {name: spec}, "cluster": {<SpecCluster options>}}}
 
-A process record is what `LaunchedProcess.record()` returns (host, PIDs
-and their start times, address, log file).
+A member record is what the member's `record()` returns (for a process: host,
+PIDs and their start times, address, log file; for a batch job: its job id).
+`spec` (detached clusters only) is the cluster's spec as data
+(deploy/specdata.py): with the records it rebuilds any backend the same way.
+
+The class that rebuilds an entry is found by `backend` in the
+`taskcore.deploy` entry-point group, else by its dotted `cls`.
 """
 from __future__ import annotations
 
@@ -34,7 +42,8 @@ import time
 
 from taskcore.utils import read_json_file
 
-VERSION = 1
+VERSION = 2
+ENTRY_POINT_GROUP = "taskcore.deploy"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -97,6 +106,27 @@ def load(name: str) -> dict:
     if not isinstance(entry, dict) or entry.get("version") != VERSION:
         raise ValueError(f"registry entry {_path(name)} has an unknown format")
     return entry
+
+
+def backends() -> dict:
+    """{backend name: entry point} of the installed cluster backends."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def backend_class(entry: dict):
+    """The cluster class that made `entry`: its backend's entry point, else its dotted cls."""
+    from taskcore.deploy.specdata import import_dotted
+
+    name = entry.get("backend")
+    ep = backends().get(name) if name else None
+    where = f"backend {name!r}" if ep is not None else repr(entry.get("cls"))
+    try:
+        return ep.load() if ep is not None else import_dotted(entry.get("cls") or "")
+    except (ImportError, AttributeError, ValueError) as e:
+        raise TypeError(f"cluster {entry.get('name')!r} was made by {where}, which cannot be "
+                        f"imported here: {e}") from None
 
 
 def remove(name: str) -> None:

@@ -14,12 +14,31 @@ changes the cluster's size (`scale`, later `adapt`) only edits `worker_spec`
 and then reconciles, so there is exactly one code path that starts and stops
 workers, and it is serialized by one lock.
 
-A handle is anything with `start()`, `close()`, `finished()` and `address`:
-a ProcessInterface subclass (a subprocess, an SSH process, a pod...), a
-Nanny, or an in-process Worker server. The scheduler spec is built the same
-way (`cls(**options)`), workers as `cls(scheduler_address, name=name, **options)`.
-`ProcessInterface` and `Status` are defined in taskcore/process.py (the layer
-under both deploy/ and the nanny) and re-exported here.
+A handle is a cluster member (taskcore/member.py: `start()`, `close()`,
+`finished()`, `address`, `status`, and the optional hooks with their
+defaults): a ProcessInterface subclass (a subprocess, an SSH process, a batch
+job, a pod...), a Nanny, or an in-process Scheduler or Worker. The cluster
+calls nothing on a handle outside that contract. The scheduler spec is built
+the same way (`cls(**options)`), workers as `cls(scheduler_address, name=name,
+**options)`. `ProcessInterface` and `Status` are defined in taskcore/process.py
+(the layer under both deploy/ and the nanny) and re-exported here.
+
+The scheduler is only ever talked to over the network (`_scheduler_rpc`, one
+RPC path), also when it runs on the cluster's own loop: the cluster never
+reads an in-process scheduler's state, so every backend behaves the same.
+
+Reconnecting (`from_name`) is generic: the registry entry holds the spec as
+data (deploy/specdata.py) and each member's `record()`; `_from_registry`
+rebuilds the specs, and each member class adopts its running process from
+`record=`. A backend only says what else it needs (`_registry_config`, and
+`_restore` to set its own attributes back), and registers by entry point
+in the `taskcore.deploy` group.
+
+Members that end on their own: a spec entry may be marked *expiring*
+(`expire(name)`): it is about to leave by itself (a batch job reaching its
+walltime). It no longer counts towards the group's size, so a replacement is
+planned at once, and when it ends it leaves the spec instead of being
+restarted.
 
 Multi-worker handles: a spec may carry `"group": [suffix, ...]`; one handle
 then stands for `len(group)` workers (one process running several workers,
@@ -41,14 +60,15 @@ A worker that fails to *start* is dropped from the spec at once.
 from __future__ import annotations
 
 import asyncio
-import collections
 import copy
 import importlib
 import logging
 import math
 import time
 
+from taskcore.deploy import specdata
 from taskcore.deploy.cluster import Cluster
+from taskcore.member import check_member
 from taskcore.process import ProcessGone, ProcessInterface, Status
 from taskcore.utils import parse_bytes
 
@@ -84,11 +104,6 @@ def _group_size(spec) -> int:
 
 def _is_adopted(spec) -> bool:
     return bool(spec) and "record" in (spec.get("options") or {})
-
-
-def _is_process_scheduler(handle) -> bool:
-    """A scheduler in another process (ours, or reached over SSH): talk to it over the network."""
-    return getattr(handle, "role", None) == "scheduler"
 
 
 class SpecCluster(Cluster):
@@ -131,6 +146,7 @@ class SpecCluster(Cluster):
         self._start_times: dict = {}
         self._rapid_deaths: dict = {}
         self._pending: set = set()
+        self._expiring: set = set()
         self._closing = False
         if not asynchronous:
             self._start_sync()
@@ -139,7 +155,8 @@ class SpecCluster(Cluster):
     async def _start(self):
         self._lock = asyncio.Lock()
         cls = _resolve_cls(self.scheduler_spec["cls"])
-        self.scheduler = cls(**self.scheduler_spec.get("options", {}))
+        self.scheduler = check_member(cls(**self.scheduler_spec.get("options", {})),
+                                      f"{self.name}'s scheduler")
         try:
             await self.scheduler.start()
         except BaseException:
@@ -151,14 +168,6 @@ class SpecCluster(Cluster):
                 pass
             raise
         self._log(logging.INFO, "%s: scheduler at %s", self.name, self.scheduler.address)
-        if hasattr(self.scheduler, "state") and not hasattr(self.scheduler, "logs"):
-            # An in-process scheduler writes no stream of its own: give get_logs() a bounded
-            # buffer of its logger's records.
-            from taskcore.deploy.cluster import _BufferHandler
-
-            self._scheduler_logs = collections.deque(maxlen=self._logs.maxlen)
-            self._scheduler_log_handler = _BufferHandler(self._scheduler_logs)
-            logging.getLogger("taskcore.scheduler").addHandler(self._scheduler_log_handler)
         await self._correct_state(raise_errors=True)
         self._save_registry()  # also with no workers (then reconciling changed nothing)
 
@@ -182,12 +191,6 @@ class SpecCluster(Cluster):
                     self._log(logging.WARNING, "%s: closing the scheduler failed: %r", self.name, e)
         self._log(logging.INFO, "%s: closed", self.name)
 
-    async def _release(self):
-        handler = getattr(self, "_scheduler_log_handler", None)
-        if handler is not None:
-            logging.getLogger("taskcore.scheduler").removeHandler(handler)
-        await super()._release()
-
     async def _detach(self):
         """Stop watching and reconciling, and let every process run on."""
         self._closing = True
@@ -198,9 +201,8 @@ class SpecCluster(Cluster):
         for t in list(self._watchers.values()):
             t.cancel()
         for h in [self.scheduler, *self.workers.values()]:
-            detach = getattr(h, "detach_handle", None)
-            if detach is not None:
-                detach()
+            if h is not None:
+                h.detach_handle()
 
     # -- reconciliation -----------------------------------------------------------------------
     async def _correct_state(self, raise_errors: bool = False):
@@ -241,7 +243,9 @@ class SpecCluster(Cluster):
             spec = self.worker_spec[name]
             try:
                 cls = _resolve_cls(spec["cls"])
-                handles[name] = cls(self.scheduler_address, name=name, **spec.get("options", {}))
+                handles[name] = check_member(
+                    cls(self.scheduler_address, name=name, **spec.get("options", {})),
+                    f"{self.name}'s worker {name!r}")
             except Exception as e:
                 errors.append(e)
                 self.worker_spec.pop(name, None)
@@ -275,8 +279,9 @@ class SpecCluster(Cluster):
             else:
                 self._started_names.add(name)
                 self._start_times[name] = time.monotonic()
-                self._log(logging.INFO, "%s: worker %r started at %s", self.name, name,
-                          getattr(handle, "worker_address", None) or handle.address)
+                self._log(logging.INFO, "%s: worker %r %s", self.name, name,
+                          "submitted" if handle.pending else
+                          f"started at {handle.worker_address or handle.address}")
                 self._watchers[name] = asyncio.ensure_future(self._watch(name, handle))
         return errors
 
@@ -295,11 +300,18 @@ class SpecCluster(Cluster):
         spec = self.worker_spec.get(name)
         if spec is None:
             return
+        if name in self._expiring:
+            # It was expected to end (expire()): its replacement is already planned.
+            self._expiring.discard(name)
+            self.worker_spec.pop(name, None)
+            self._log(logging.INFO, "%s: worker %r ended as planned", self.name, name)
+            self._save_registry()
+            return
         now = time.monotonic()
         lived = now - self._start_times.get(name, now)
         deaths = self._rapid_deaths.get(name, 0) + 1 if lived < self.rapid_death_seconds else 1
         self._rapid_deaths[name] = deaths
-        status = getattr(handle, "status", None)
+        status = handle.status
         if deaths >= self.max_rapid_deaths:
             self._log(logging.ERROR, "%s: worker %r died %d times in a row soon after starting; "
                       "removing it from the spec", self.name, name, deaths)
@@ -335,6 +347,7 @@ class SpecCluster(Cluster):
                     del self.workers[name]
                 self._started_names.discard(name)
                 self._closing_names.discard(name)
+                self._expiring.discard(name)
                 self._start_times.pop(name, None)
                 w = self._watchers.pop(name, None)
                 if w is not None:
@@ -342,13 +355,11 @@ class SpecCluster(Cluster):
 
     async def _scheduler_worker_info(self) -> dict | None:
         """{address: info} as the scheduler sees its workers, or None if it cannot be asked."""
-        sched = self.scheduler
+        if not self.scheduler_address:
+            return None
         try:
-            if hasattr(sched, "state") and hasattr(sched, "rpc_scheduler_info"):
-                return sched.state.worker_info()
-            if _is_process_scheduler(sched) and self.scheduler_address:
-                info = await self._scheduler_rpc("scheduler_info", timeout=10)
-                return info.get("workers") or {}
+            info = await self._scheduler_rpc("scheduler_info", timeout=10)
+            return info.get("workers") or {}
         except Exception as e:
             self._log(logging.DEBUG, "%s: cannot get worker info: %r", self.name, e)
         return None
@@ -357,7 +368,8 @@ class SpecCluster(Cluster):
         """The names a spec entry's workers register under (several for multi-worker specs)."""
         spec = self.worker_spec.get(name) or {}
         handle = self.workers.get(name)
-        names = {str(n) for n in (getattr(handle, "worker_names", None) or []) if n is not None}
+        names = {str(n) for n in (handle.worker_names if handle is not None else ())
+                 if n is not None}
         suffixes = spec.get("group")
         if suffixes:
             names |= {f"{name}{s}" for s in suffixes}
@@ -386,7 +398,7 @@ class SpecCluster(Cluster):
         for n in names:
             h = self.workers.get(n)
             if h is not None:
-                a = getattr(h, "worker_address", None) or getattr(h, "address", None)
+                a = h.worker_address or h.address
                 if a:
                     out.append(a)
         return out
@@ -394,30 +406,15 @@ class SpecCluster(Cluster):
     async def _retire(self, names):
         """Before a scale-down, let the scheduler move unique data off the leaving workers.
 
-        Uses the scheduler's retirement (in process, or over the network for a scheduler
-        process); otherwise an in-process worker retires itself (`close_gracefully`). Best
-        effort: on failure the workers are closed anyway and the scheduler recomputes what
-        was lost.
+        Best effort: on failure the workers are closed anyway and the scheduler
+        recomputes what was lost.
         """
-        handles = [self.workers[n] for n in names if n in self.workers]
         addresses = await self._worker_addresses(names)
-        retire = getattr(self.scheduler, "retire_workers", None)
-        if retire is None and hasattr(self.scheduler, "rpc_retire_workers"):
-            # The in-process Scheduler exposes retirement as an RPC handler (peer first).
-            def retire(workers, _rpc=self.scheduler.rpc_retire_workers):
-                return _rpc(None, workers=workers)
-        if retire is None and _is_process_scheduler(self.scheduler) and self.scheduler_address:
-            def retire(workers):
-                return self._scheduler_rpc("retire_workers", {"workers": workers}, timeout=None)
+        if not addresses or not self.scheduler_address:
+            return
         try:
-            if retire is not None and addresses:
-                await asyncio.wait_for(retire(workers=addresses), self.retire_timeout)
-            elif retire is None:
-                graceful = [h.close_gracefully() for h in handles
-                            if hasattr(h, "close_gracefully")]
-                if graceful:
-                    await asyncio.wait_for(asyncio.gather(*graceful, return_exceptions=True),
-                                           self.retire_timeout)
+            await self._scheduler_rpc("retire_workers", {"workers": addresses},
+                                      timeout=self.retire_timeout)
         except Exception as e:
             self._log(logging.WARNING, "%s: retiring %s failed (closing them anyway): %r",
                       self.name, addresses, e)
@@ -426,9 +423,7 @@ class SpecCluster(Cluster):
         try:
             await asyncio.wait_for(handle.close(), self.close_timeout)
         except asyncio.TimeoutError:
-            kill = getattr(handle, "kill", None)
-            if kill is not None:
-                kill()
+            handle.kill()
             raise
 
     # -- worker groups ------------------------------------------------------------------------
@@ -452,8 +447,25 @@ class SpecCluster(Cluster):
         return spec
 
     def _in_group(self, worker_group=None) -> list:
+        """The group's entries that count towards its size (expiring ones do not)."""
         return [n for n, s in self.worker_spec.items()
-                if (s or {}).get("worker_group") == worker_group]
+                if (s or {}).get("worker_group") == worker_group and n not in self._expiring]
+
+    def expire(self, name) -> None:
+        """Entry `name` will end on its own soon (a walltime): plan its replacement now.
+
+        It stays in the spec and keeps running (and working) until it ends; then it
+        leaves the spec instead of being restarted. Call on the cluster's loop.
+        """
+        if name not in self.worker_spec or name in self._expiring:
+            return
+        group = self.worker_spec[name].get("worker_group")
+        target = self._planned_workers(group)
+        self._expiring.add(name)
+        self._log(logging.INFO, "%s: worker %r expires soon; planning its replacement",
+                  self.name, name)
+        self._edit_spec(target, group)
+        self._schedule_reconcile()
 
     def add_worker_group(self, name: str, n: int = 0, spec: dict | None = None, **options):
         """Add a named group of workers with their own template; start `n` of them.
@@ -616,7 +628,7 @@ class SpecCluster(Cluster):
         if unresolved:
             addr_to_name = {}
             for n, h in self.workers.items():
-                for a in (getattr(h, "worker_address", None), getattr(h, "address", None)):
+                for a in (h.worker_address, h.address):
                     if a:
                         addr_to_name[a] = n
             info = await self._scheduler_worker_info() or {}
@@ -633,27 +645,20 @@ class SpecCluster(Cluster):
 
     # -- introspection ------------------------------------------------------------------------
     def _count_workers(self) -> int:
-        return self._worker_count(n for n in self._started_names if n in self.workers)
+        """Workers started and running (a batch job still queued does not count)."""
+        return self._worker_count(n for n in self._started_names
+                                  if n in self.workers and not self.workers[n].pending)
 
     async def _gather_logs(self, cluster, scheduler, workers):
         out = await super()._gather_logs(cluster, scheduler, workers)
 
-        async def lines(handle):
-            fetch = getattr(handle, "fetch_logs", None)
-            if fetch is not None:
-                return await fetch()
-            logs = getattr(handle, "logs", None)
-            return list(logs) if logs is not None and not callable(logs) else None
-
         if scheduler and self.scheduler is not None:
-            got = await lines(self.scheduler)
-            if got is None and getattr(self, "_scheduler_logs", None) is not None:
-                got = list(self._scheduler_logs)
+            got = await self.scheduler.fetch_logs()
             if got is not None:
                 out["Scheduler"] = got
         if workers:
             for name, w in list(self.workers.items()):
-                got = await lines(w)
+                got = await w.fetch_logs()
                 if got is not None:
                     out[str(name)] = got
         return out
@@ -679,24 +684,77 @@ class SpecCluster(Cluster):
 
     # -- registry -------------------------------------------------------------------------------
     def _registry_config(self) -> dict | None:
-        """Backend data that lets another process start more workers (None: not registrable)."""
+        """Backend data (JSON) that `_restore` needs to rebuild it; None: not registrable."""
         return None
+
+    def _restore(self, config: dict, **kwargs) -> dict:
+        """Set the backend's own attributes from `_registry_config()`'s data, on a bare
+        instance, before SpecCluster.__init__ runs; return the context for loading the
+        specs (deploy/specdata.py). `kwargs` are from_name's extra arguments."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments for {type(self).__name__}.from_name: "
+                            f"{sorted(kwargs)}")
+        return {}
 
     def _registry_entry(self) -> dict | None:
         config = self._registry_config()
         if config is None:
             return None
-        record = getattr(self.scheduler, "record", None)
         workers = {}
         for name, h in self.workers.items():
             spec = self.worker_spec.get(name) or {}
-            rec = h.record() if hasattr(h, "record") else None
-            workers[str(name)] = {"record": rec, "worker_group": spec.get("worker_group"),
+            workers[str(name)] = {"record": h.record(), "worker_group": spec.get("worker_group"),
                                   "group": spec.get("group")}
-        return {"name": self.name, "detached": self._detachable(),
-                "scheduler_address": self.scheduler_address,
-                "scheduler": record() if callable(record) else None,
-                "workers": workers, "config": config}
+        entry = {"name": self.name, "detached": self._detachable(),
+                 "scheduler_address": self.scheduler_address, "backend": self.backend,
+                 "scheduler": self.scheduler.record() if self.scheduler is not None else None,
+                 "workers": workers, "config": config}
+        if self._detachable():
+            # Only what can be adopted again needs its spec: an attached cluster is listed,
+            # never rebuilt (and may hold what JSON cannot, such as a Security object).
+            entry["spec"] = {
+                "scheduler": specdata.dump(_without_record(self.scheduler_spec), "scheduler"),
+                "worker": specdata.dump(self.new_spec, "worker"),
+                "worker_groups": specdata.dump(self.worker_groups, "worker_groups"),
+                "workers": {str(n): specdata.dump(_without_record(s), f"workers.{n}")
+                            for n, s in self.worker_spec.items() if n in self.workers},
+                "cluster": {"close_timeout": self.close_timeout,
+                            "retire_timeout": self.retire_timeout,
+                            "max_rapid_deaths": self.max_rapid_deaths,
+                            "rapid_death_seconds": self.rapid_death_seconds}}
+        return entry
+
+    @classmethod
+    def _from_registry(cls, entry, asynchronous=False, shutdown_on_close=False, **kwargs):
+        """Rebuild the cluster around its running members: every backend, one way."""
+        if "spec" not in entry:
+            raise RuntimeError(f"cluster {entry.get('name')!r} has no stored spec to rebuild "
+                               f"it from")
+        self = cls.__new__(cls)
+        self._created = entry.get("created")
+        context = self._restore(entry.get("config") or {}, **kwargs)
+        spec = specdata.load(entry["spec"], context)
+        template = spec.get("worker")
+        groups = spec.get("worker_groups") or {}
+        scheduler = dict(spec["scheduler"])
+        scheduler["options"] = dict(scheduler.get("options") or {}, record=entry["scheduler"])
+        workers = {}
+        for key, w in (entry.get("workers") or {}).items():
+            one = spec["workers"].get(key)
+            if one is None:
+                group = w.get("worker_group")
+                one = copy.deepcopy(groups[group] if group in groups else template)
+                if group in groups:
+                    one["worker_group"] = group
+                if w.get("group"):
+                    one["group"] = w["group"]
+            one["options"] = dict(one.get("options") or {}, record=w["record"])
+            workers[cls._name_from_registry(key)] = one
+        SpecCluster.__init__(self, workers=workers, scheduler=scheduler, worker=template,
+                             worker_groups=groups, asynchronous=asynchronous,
+                             name=entry["name"], shutdown_on_close=shutdown_on_close,
+                             **spec.get("cluster", {}))
+        return self
 
     def _detachable(self) -> bool:
         return not self.shutdown_on_close
@@ -704,3 +762,12 @@ class SpecCluster(Cluster):
     @staticmethod
     def _name_from_registry(key: str):
         return int(key) if key.isdigit() else key
+
+
+def _without_record(spec):
+    """A spec without the adoption record a reconnected member was made with."""
+    if not spec or "record" not in (spec.get("options") or {}):
+        return spec
+    out = dict(spec)
+    out["options"] = {k: v for k, v in spec["options"].items() if k != "record"}
+    return out

@@ -33,14 +33,12 @@ with a capped log file under `~/.cache/taskcore/clusters/<name>/` on their host.
 from __future__ import annotations
 
 import asyncio
-import copy
 import ipaddress
 import json
 import logging
 import shlex
 
-from taskcore.deploy.launched import (LaunchedScheduler, LaunchedWorker, LocalTarget,
-                                      ProcessStartError, Target)
+from taskcore.deploy.launched import LaunchedScheduler, LaunchedWorker, ProcessStartError, Target
 from taskcore.deploy.spec import SpecCluster
 
 logger = logging.getLogger("taskcore.deploy.ssh")
@@ -325,10 +323,21 @@ class SSHTarget(Target):
                 "connect_timeout": self.connect_timeout}
 
     @classmethod
-    def from_record(cls, record, pool=None, connect_options=None):
-        return cls(record["host"], connect_options=connect_options or record.get("connect_options"),
-                   remote_python=record.get("python"), env=record.get("env"), pool=pool,
-                   connect_timeout=record.get("connect_timeout", 15))
+    def from_record(cls, record, context):
+        """The target a record describes, on the rebuilding cluster's pool (`ssh_pool` in
+        `context`), with `connect_options[host]` there replacing the recorded options (a
+        password is never recorded). One object per host, options and python."""
+        cache = context.setdefault("targets", {})
+        key = ("ssh", record["host"], json.dumps(record.get("connect_options") or {},
+                                                 sort_keys=True), record.get("python"))
+        if key not in cache:
+            override = (context.get("connect_options") or {}).get(record["host"])
+            cache[key] = cls(record["host"],
+                             connect_options=override or record.get("connect_options"),
+                             remote_python=record.get("python"), env=record.get("env"),
+                             pool=context.get("ssh_pool"),
+                             connect_timeout=record.get("connect_timeout", 15))
+        return cache[key]
 
     def explain_exit(self, code, stderr_tail, launched):
         if not launched and code == 127:
@@ -341,19 +350,6 @@ class SSHTarget(Target):
                     f"{self.python!r} (install it there, or set PYTHONPATH with remote_env=)"
                     f"{stderr_tail}")
         return None
-
-
-def target_from_record(record: dict, **overrides) -> Target:
-    """The Target a registry record describes (`Target.record()`): local or over SSH.
-
-    Here rather than in launched.py, which would otherwise import this module back.
-    """
-    kind = (record or {}).get("kind")
-    if kind == "local":
-        return LocalTarget(python=record.get("python"))
-    if kind == "ssh":
-        return SSHTarget.from_record(record, **overrides)
-    raise ValueError(f"unknown target kind {kind!r} in registry record")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +388,8 @@ class SSHCluster(SpecCluster):
     (close_timeout, retire_timeout, ...). `scale(n)` places new workers on the
     worker hosts with the fewest workers.
     """
+
+    backend = "ssh"
 
     def __init__(self, hosts=None, connect_options=None, worker_options=None,
                  scheduler_options=None, worker_class="taskcore.Nanny", remote_python=None, *,
@@ -514,22 +512,12 @@ class SSHCluster(SpecCluster):
                 "worker_options": self.worker_options, "worker_class": self.worker_class,
                 "scheduler_options": self.scheduler_options, "remote_env": self.remote_env,
                 "connect_timeout": self.connect_timeout, "startup_timeout": self.startup_timeout,
-                "close_grace": self.close_grace, "log_level": self.log_level,
-                "detached": self._detachable(),
-                "worker_groups": {g: {k: v for k, v in (t.get("options") or {}).items()
-                                      if k not in ("target", "record")}
-                                  for g, t in self.worker_groups.items()}}
+                "close_grace": self.close_grace, "log_level": self.log_level}
 
-    @classmethod
-    def _from_registry(cls, entry, asynchronous=False, shutdown_on_close=False,
-                       connect_options=None, forward_logs=False, **kwargs):
-        """Rebuild an SSHCluster around a detached cluster's processes.
-
-        `connect_options` (a dict, or a list per host) replaces the recorded ones, for
-        instance to supply a password that was never written to the registry.
-        """
-        cfg = entry.get("config") or {}
-        self = cls.__new__(cls)
+    def _restore(self, config, connect_options=None, forward_logs=False, **kwargs):
+        """`connect_options` (a dict, or a list per host) replaces the recorded ones, for
+        instance to supply a password that was never written to the registry."""
+        cfg = config
         self.hosts = list(cfg.get("hosts") or [])
         self.nanny = _worker_kind(cfg.get("worker_class", "taskcore.Nanny"))
         self.worker_class = cfg.get("worker_class", "taskcore.Nanny")
@@ -542,46 +530,12 @@ class SSHCluster(SpecCluster):
         self.forward_logs = forward_logs
         self.log_level = cfg.get("log_level", "warning")
         self._detached_processes = True
-        self._created = entry.get("created")
         self._pool = SSHConnections()
-        records = cfg.get("targets") or []
-        overrides = _per_host(connect_options, len(records), "connect_options", dict) \
-            if connect_options is not None else [None] * len(records)
-        self._targets = []
-        by_key = {}
-        for rec, o in zip(records, overrides):
-            key = (rec["host"], json.dumps(rec.get("connect_options") or {}, sort_keys=True),
-                   rec.get("python"))
-            if key not in by_key:
-                by_key[key] = SSHTarget.from_record(rec, pool=self._pool, connect_options=o)
-            self._targets.append(by_key[key])
-
-        def target_for(rec):
-            t = (rec or {}).get("target") or {}
-            key = (t.get("host"), json.dumps(t.get("connect_options") or {}, sort_keys=True),
-                   t.get("python"))
-            if key not in by_key:
-                by_key[key] = SSHTarget.from_record(t, pool=self._pool)
-            return by_key[key]
-
-        name = entry["name"]
-        template = self._worker_template(None, True, name)
-        groups = {g: {"cls": LaunchedWorker, "options": dict(o, target=None)}
-                  for g, o in (cfg.get("worker_groups") or {}).items()}
-        scheduler = {"cls": LaunchedScheduler,
-                     "options": {"record": entry["scheduler"],
-                                 "target": target_for(entry["scheduler"])}}
-        workers = {}
-        for key, w in (entry.get("workers") or {}).items():
-            group = w.get("worker_group")
-            spec = copy.deepcopy(groups[group] if group in groups else template)
-            spec["options"].update(record=w["record"], target=target_for(w["record"]))
-            if group in groups:
-                spec["worker_group"] = group
-            if w.get("group"):
-                spec["group"] = w["group"]
-            workers[cls._name_from_registry(key)] = spec
-        SpecCluster.__init__(self, workers=workers, scheduler=scheduler, worker=template,
-                             worker_groups=groups, asynchronous=asynchronous, name=name,
-                             shutdown_on_close=shutdown_on_close, **kwargs)
-        return self
+        overrides = {}
+        if connect_options is not None:
+            per_host = _per_host(connect_options, len(self.hosts), "connect_options", dict)
+            overrides = {h: o for h, o in zip(self.hosts, per_host) if o}
+        context = dict(super()._restore(config, **kwargs), ssh_pool=self._pool,
+                       connect_options=overrides)
+        self._targets = [SSHTarget.from_record(rec, context) for rec in cfg.get("targets") or []]
+        return context
