@@ -24,6 +24,7 @@ _LAZY = {
     "LocalCluster": "taskcore.deploy", "SpecCluster": "taskcore.deploy",
     "Cluster": "taskcore.deploy", "ProcessInterface": "taskcore.deploy",
     "SSHCluster": "taskcore.deploy", "Adaptive": "taskcore.deploy",
+    "SLURMCluster": "taskcore.deploy", "JobQueueCluster": "taskcore.deploy",
 }
 
 

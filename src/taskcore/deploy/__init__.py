@@ -25,6 +25,8 @@ _EXPORTS = {
     "Adaptive": "taskcore.deploy.adaptive",
     "LaunchedProcess": "taskcore.deploy.launched",
     "list_clusters": "taskcore.deploy.registry",
+    "JobQueueCluster": "taskcore.deploy.jobqueue.cluster",
+    "SLURMCluster": "taskcore.deploy.jobqueue.slurm",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,391 @@
+"""JobQueueCluster: workers (and optionally the scheduler) as batch jobs, on the SpecCluster base.
+
+One spec entry is one job (`Job`, deploy/jobqueue/job.py) running
+`processes` workers; the SpecCluster machinery does the rest: scaling edits
+the spec, one reconcile loop submits and cancels, a job that ends without
+us (cancelled from outside, failed, its node lost) is replaced under the
+same name, and `scale(jobs=N)` / `adapt(minimum_jobs=, maximum_jobs=)` count
+jobs while the spec counts workers (a job of 4 processes is 4 workers).
+
+What a job queue adds:
+
+- **Job states, polled** (`BatchSystem`): one status command per interval
+  for all jobs; `cluster.jobs`, the repr and `_repr_html_` show pending
+  and running jobs apart, and pending jobs are not counted as workers.
+- **Site limits**: `max_jobs_queued` and `max_jobs_running` hold jobs on
+  our side until the batch system may take them.
+- **Walltime without losing work**: workers retire (their data moves) at
+  `walltime - walltime_margin`, and the cluster marks each job *expiring*
+  (SpecCluster.expire) early enough before that for its replacement to get
+  through the queue: the lead is the longest queue wait seen so far plus
+  two poll intervals. The worker count does not dip in steady state.
+- **The scheduler in its own job** (`scheduler="job"`): its address comes
+  back through a scheduler file in `shared_directory`. With every process
+  a batch job, the cluster can be detached (`shutdown_on_close=False`) and
+  found again with `from_name` from any machine that shares the registry
+  and reaches the scheduler.
+- **Worker groups** (`worker_groups={"bigmem": {"queue": "bigmem", ...}}`):
+  each group is its own job template (any job option overridden), scaled
+  and adapted on its own.
+- Bad input fails fast: before anything is submitted, every job template
+  (and the scheduler's) is checked by the batch system without queueing
+  (`sbatch --test-only`), so an unknown partition or account is an error
+  carrying the batch system's own message, and nothing is left queued.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import html
+import logging
+import math
+import os
+import tempfile
+import time
+
+from taskcore.deploy.jobqueue.config import load_section
+from taskcore.deploy.jobqueue.job import JOB_OPTIONS, Job, JobScript, SchedulerJob
+from taskcore.deploy.jobqueue.system import BatchCommandError, JobState
+from taskcore.deploy.spec import SpecCluster
+from taskcore.utils import format_bytes, get_ip_interface, parse_bytes
+
+logger = logging.getLogger("taskcore.deploy.jobqueue")
+
+__all__ = ["JobQueueCluster"]
+
+# Cluster parameters besides the job options (JOB_OPTIONS), also settable in the config file.
+CLUSTER_OPTIONS = frozenset({
+    "scheduler", "scheduler_options", "scheduler_job", "shared_directory", "max_jobs_queued",
+    "max_jobs_running", "poll_interval", "submit_options", "worker_groups",
+})
+DEFAULTS = {"processes": 1, "job_name": "taskcore-worker", "shebang": "#!/usr/bin/env bash",
+            "walltime_margin": "auto", "lifetime_stagger": "auto", "poll_interval": 2.0,
+            "scheduler": "local"}
+_CHECK_ADDRESS = "tcp://127.0.0.1:1"  # stands in for the scheduler while checking scripts
+
+
+class JobQueueCluster(SpecCluster):
+    """Workers as batch jobs; a batch system is a subclass setting `system_class`.
+
+    `n_workers` workers are started at once (in `ceil(n_workers / processes)`
+    jobs). Job options (cores, memory, processes, queue, account, walltime,
+    job_name, job_extra_directives, job_directives_skip, job_script_prologue,
+    job_cpu, job_mem, interface, local_directory, log_directory, python,
+    shebang, worker_extra_args, death_timeout, header_template,
+    walltime_margin, lifetime_stagger, resources) have dask-jobqueue's
+    meanings; unset ones come from the config file's section for this
+    batch system (deploy/jobqueue/config.py). See the module doc for the rest.
+    """
+
+    system_class = None
+    config_name = None
+
+    def __init__(self, n_workers: int = 0, *, scheduler: str | None = None,
+                 scheduler_options: dict | None = None, scheduler_job: dict | None = None,
+                 shared_directory: str | None = None, security=None,
+                 max_jobs_queued: int | None = None, max_jobs_running: int | None = None,
+                 poll_interval: float | None = None, submit_options: list | None = None,
+                 worker_groups: dict | None = None, name: str | None = None,
+                 asynchronous: bool = False, shutdown_on_close: bool = True,
+                 close_timeout: float = 60, retire_timeout: float = 60, **job_options):
+        if self.system_class is None:
+            raise TypeError("JobQueueCluster is abstract: use SLURMCluster or another batch "
+                            "system's cluster")
+        unknown = set(job_options) - JOB_OPTIONS
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown option(s) {sorted(unknown)}; "
+                            f"job options are {sorted(JOB_OPTIONS)}")
+        site = load_section(self.config_name, JOB_OPTIONS | CLUSTER_OPTIONS)
+        given = dict(scheduler=scheduler, scheduler_options=scheduler_options,
+                     scheduler_job=scheduler_job, shared_directory=shared_directory,
+                     max_jobs_queued=max_jobs_queued, max_jobs_running=max_jobs_running,
+                     poll_interval=poll_interval, submit_options=submit_options,
+                     worker_groups=worker_groups, **job_options)
+        opts = dict(DEFAULTS)
+        opts.update(site)
+        opts.update({k: v for k, v in given.items() if v is not None})
+        mode = opts["scheduler"]
+        if mode not in ("local", "job"):
+            raise ValueError(f"scheduler must be 'local' (in this process) or 'job' (its own "
+                             f"batch job), not {mode!r}")
+        if not shutdown_on_close and mode != "job":
+            raise ValueError("shutdown_on_close=False needs scheduler='job': a scheduler in "
+                             "this process cannot outlive it")
+        if not shutdown_on_close and security is not None:
+            raise ValueError("shutdown_on_close=False does not support TLS security yet")
+        if name is None and not shutdown_on_close:
+            import uuid
+
+            name = f"{self.config_name}cluster-{uuid.uuid4().hex[:8]}"
+        self.security = security
+        self.system = self.system_class(
+            poll_interval=float(opts["poll_interval"]), max_jobs_queued=opts.get("max_jobs_queued"),
+            max_jobs_running=opts.get("max_jobs_running"),
+            submit_options=opts.get("submit_options"))
+        job = {k: v for k, v in opts.items() if k in JOB_OPTIONS}
+        JobScript(self.system, **job)  # every job option checked here, in the caller
+        template = self._job_template(job)
+        groups = {g: self._job_template({**job, **_group_options(g, o)}, g)
+                  for g, o in (opts.get("worker_groups") or {}).items()}
+        scheduler_spec = self._scheduler_spec(mode, job, opts, name)
+        per_job = template["options"]["job"].get("processes", 1)
+        workers = {i: copy.deepcopy(template) for i in range(math.ceil(n_workers / per_job))}
+        self._queue_waits: list = []
+        self._walltime_task: asyncio.Task | None = None
+        super().__init__(workers=workers, scheduler=scheduler_spec, worker=template,
+                         worker_groups=groups, asynchronous=asynchronous, name=name,
+                         shutdown_on_close=shutdown_on_close, close_timeout=close_timeout,
+                         retire_timeout=retire_timeout)
+
+    # -- specs --------------------------------------------------------------------------------------
+    def _job_template(self, job: dict, group=None) -> dict:
+        spec = {"cls": Job, "options": {"system": self.system, "job": job}}
+        processes = int(job.get("processes") or 1)
+        if processes > 1:
+            spec["group"] = [f"-{i}" for i in range(processes)]  # core-worker names NAME-i
+        return spec
+
+    def _scheduler_spec(self, mode, job, opts, name):
+        sched_opts = dict(opts.get("scheduler_options") or {})
+        if mode == "local":
+            from taskcore.scheduler import Scheduler
+
+            host = sched_opts.pop("host", None)
+            interface = sched_opts.pop("interface", None) or job.get("interface")
+            if host is None:
+                host = get_ip_interface(interface) if interface else "0.0.0.0"
+            sched_opts.setdefault("port", 0)
+            if self.security is not None:
+                sched_opts.setdefault("security", self.security)
+                sched_opts.setdefault("protocol", "tls")
+            return {"cls": Scheduler, "options": dict(sched_opts, host=host)}
+        # The scheduler's job: the workers' job options, one core, no worker lifetime, and
+        # whatever scheduler_job= overrides (a longer walltime, another queue...).
+        sjob = {k: v for k, v in job.items()
+                if k not in ("processes", "worker_extra_args", "death_timeout", "resources")}
+        sjob.update(cores=1, job_name="taskcore-scheduler", walltime_margin=None)
+        sjob.update(_group_options("scheduler_job", opts.get("scheduler_job") or {}))
+        JobScript(self.system, **sjob)
+        shared = opts.get("shared_directory") or os.path.join(
+            os.path.expanduser("~"), ".cache", "taskcore", "jobqueue")
+        label = name or f"{self.config_name}-{os.getpid()}-{time.monotonic_ns()}"
+        return {"cls": SchedulerJob,
+                "options": {"system": self.system, "job": sjob,
+                            "scheduler_file": os.path.join(shared, f"{label}.scheduler.json"),
+                            "scheduler_options": sched_opts}}
+
+    def _group_job(self, worker_group=None) -> dict:
+        return self._template(worker_group)["options"]["job"]
+
+    def _processes(self, worker_group=None) -> int:
+        return int(self._group_job(worker_group).get("processes") or 1)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def _start(self):
+        await self._check_scripts()
+        await super()._start()
+        self._walltime_task = asyncio.ensure_future(self._walltime_loop())
+
+    async def _check_scripts(self, templates=None):
+        """Ask the batch system to accept every job template, queueing nothing."""
+        if templates is None:
+            templates = [("worker", self.new_spec)] + list(self.worker_groups.items())
+            if self.scheduler_spec["cls"] is SchedulerJob:
+                templates.append(("scheduler", None))
+        for label, spec in templates:
+            if spec is None:
+                opts = self.scheduler_spec["options"]
+                text = JobScript(self.system, **opts["job"]).scheduler_script(
+                    opts["scheduler_file"], opts["scheduler_options"])
+            else:
+                text = JobScript(self.system, **spec["options"]["job"]).worker_script(
+                    _CHECK_ADDRESS, "check")
+            fd, path = tempfile.mkstemp(prefix="taskcore-check-", suffix=".sh")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                await self.system.validate(path)
+            except BatchCommandError as e:
+                raise BatchCommandError(f"{self.name}: the {label} job would be rejected: "
+                                        f"{e}") from None
+            finally:
+                os.unlink(path)
+
+    async def _close(self):
+        if self._walltime_task is not None:
+            self._walltime_task.cancel()
+        await super()._close()
+
+    async def _detach(self):
+        if self._walltime_task is not None:
+            self._walltime_task.cancel()
+        await super()._detach()
+
+    async def _release(self):
+        await self.system.close()
+        await super()._release()
+
+    # -- walltime ---------------------------------------------------------------------------------
+    def _replacement_lead(self) -> float:
+        """How long before a worker retires its replacement job should be submitted."""
+        wait = max(self._queue_waits[-20:], default=0.0)
+        return wait + 2 * self.system.poll_interval + 1.0
+
+    async def _walltime_loop(self):
+        seen = set()
+        while True:
+            await asyncio.sleep(self.system.poll_interval / 2)
+            now = time.monotonic()
+            for name, h in list(self.workers.items()):
+                if not isinstance(h, Job) or h.running_since is None:
+                    continue
+                if h.job_id not in seen and h.submitted_at is not None:
+                    seen.add(h.job_id)
+                    self._queue_waits.append(h.running_since - h.submitted_at)
+                lifetime = h.script.lifetime
+                if lifetime is None or name in self._expiring or name not in self.worker_spec:
+                    continue
+                retire_at = h.running_since + lifetime - (h.script.lifetime_stagger or 0)
+                if now >= retire_at - self._replacement_lead():
+                    self.expire(name)
+
+    # -- scaling in jobs ----------------------------------------------------------------------------
+    def scale(self, n: int | None = None, jobs: int | None = None, memory=None, cores=None,
+              worker_group=None):
+        """Scale to `n` workers, or to `jobs` jobs (of `processes` workers each)."""
+        if jobs is not None:
+            if n is not None:
+                raise TypeError("give n (workers) or jobs, not both")
+            n = int(jobs) * self._processes(worker_group)
+        return super().scale(n, cores=cores, memory=memory, worker_group=worker_group)
+
+    def _target_from(self, n=None, cores=None, memory=None, worker_group=None) -> int:
+        if n is None and (cores is not None or memory is not None):
+            job = JobScript(self.system, **self._group_job(worker_group))
+            jobs = (math.ceil(cores / job.cores) if cores is not None
+                    else math.ceil(parse_bytes(memory) / job.memory))
+            return jobs * job.processes
+        return super()._target_from(n, cores, memory, worker_group)
+
+    def adapt(self, minimum: int = 0, maximum: float = math.inf, minimum_jobs: int | None = None,
+              maximum_jobs: int | None = None, worker_group=None, **kwargs):
+        """Adapt between `minimum` and `maximum` workers, or `minimum_jobs`/`maximum_jobs` jobs."""
+        per = self._processes(worker_group)
+        if minimum_jobs is not None:
+            minimum = minimum_jobs * per
+        if maximum_jobs is not None:
+            maximum = maximum_jobs * per
+        return super().adapt(minimum=minimum, maximum=maximum, worker_group=worker_group,
+                             **kwargs)
+
+    def add_worker_group(self, name: str, n: int = 0, spec: dict | None = None, **job_options):
+        """A new group of jobs: the default job options overridden by `job_options`
+        (`queue="bigmem", memory="64GiB"`); checked by the batch system first."""
+        if spec is not None:
+            return super().add_worker_group(name, n, spec=spec)
+        job = {**self._group_job(None), **_group_options(name, job_options)}
+        JobScript(self.system, **job)
+        template = self._job_template(job)
+        check = [(f"worker group {name!r}", template)]
+        if self.asynchronous:
+            async def add():
+                await self._check_scripts(check)
+                started = SpecCluster.add_worker_group(self, name, n, spec=template)
+                if started is not None:
+                    await started
+            return asyncio.ensure_future(add())
+        self.sync(self._check_scripts, check)
+        return super().add_worker_group(name, n, spec=template)
+
+    # -- what users look at -----------------------------------------------------------------------
+    def job_script(self, worker_group=None) -> str:
+        """The exact script the next job of this group will be submitted with."""
+        job = JobScript(self.system, **self._group_job(worker_group))
+        name = self._peek_name(worker_group)
+        return job.worker_script(self.scheduler_address or _CHECK_ADDRESS, name)
+
+    def _peek_name(self, worker_group=None):
+        if worker_group is not None:
+            i = self._next_group_name.get(worker_group, 0)
+            while f"{worker_group}-{i}" in self.worker_spec or f"{worker_group}-{i}" in self.workers:
+                i += 1
+            return f"{worker_group}-{i}"
+        i = self._next_name
+        while i in self.worker_spec or i in self.workers:
+            i += 1
+        return i
+
+    @property
+    def jobs(self) -> dict:
+        """{spec name: {"job_id", "state", "native_state", "worker_group", "workers"}}."""
+        out = {}
+        for name, h in self.workers.items():
+            if not isinstance(h, Job):
+                continue
+            info = h.info_state
+            out[name] = {"job_id": h.job_id, "state": h.state.value,
+                         "native_state": info.native if info is not None else None,
+                         "worker_group": (self.worker_spec.get(name) or {}).get("worker_group"),
+                         "workers": len(h.worker_names)}
+        return out
+
+    def _job_counts(self) -> dict:
+        counts = {"running": 0, "pending": 0}
+        for j in self.jobs.values():
+            if j["state"] == JobState.running.value:
+                counts["running"] += 1
+            elif j["state"] in (JobState.pending.value, JobState.held.value):
+                counts["pending"] += 1
+        return counts
+
+    def _summary(self) -> dict:
+        threads = memory = 0
+        for name, h in self.workers.items():
+            if isinstance(h, Job) and h.state is JobState.running:
+                threads += h.script.cores
+                memory += h.script.memory
+        return {"workers": self._count_workers(), "threads": threads, "memory": memory or None,
+                **{f"jobs_{k}": v for k, v in self._job_counts().items()}}
+
+    def __repr__(self):
+        s = self._summary()
+        return (f"{type(self).__name__}({self.name!r}, {self.scheduler_address!r}, "
+                f"status={self.status.value}, workers={s['workers']}, "
+                f"jobs_running={s['jobs_running']}, jobs_pending={s['jobs_pending']})")
+
+    def _repr_html_(self):
+        s = self._summary()
+        rows = [("Name", self.name), ("Scheduler", self.scheduler_address or "not started"),
+                ("Status", self.status.value), ("Workers", s["workers"]),
+                ("Jobs running", s["jobs_running"]), ("Jobs pending", s["jobs_pending"]),
+                ("Threads", s["threads"])]
+        if s.get("memory"):
+            rows.append(("Memory", format_bytes(s["memory"])))
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
+                       f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                       for k, v in rows)
+        return (f"<div><h3 style='margin-bottom:0'>{html.escape(type(self).__name__)}</h3>"
+                f"<table>{body}</table></div>")
+
+    # -- registry ---------------------------------------------------------------------------------
+    def _detachable(self) -> bool:
+        return not self.shutdown_on_close and self.scheduler_spec["cls"] is SchedulerJob
+
+    def _registry_config(self):
+        return {"kind": self.config_name, "system": self.system.record()}
+
+    def _restore(self, config, **kwargs):
+        context = super()._restore(config, **kwargs)
+        self.security = None
+        self.system = self.system_class.from_record(config["system"], context)
+        self._queue_waits = []
+        self._walltime_task = None
+        return context
+
+
+def _group_options(group, options: dict) -> dict:
+    unknown = set(options) - JOB_OPTIONS
+    if unknown:
+        raise TypeError(f"{group}: unknown job option(s) {sorted(unknown)}")
+    return dict(options)
+

@@ -1,0 +1,520 @@
+"""Batch jobs as cluster members: the job script, a worker job, the scheduler's job.
+
+The job script
+--------------
+`JobScript` turns dask-jobqueue's parameters into the exact text that is
+submitted::
+
+    <shebang>
+
+    <header: the batch system's template, one directive per line>
+    <job_extra_directives, each with the directive prefix>
+
+    <job_script_prologue lines>
+    <the command: core-worker (with its nanny) or core-scheduler>
+
+The header template is the batch system's (`BatchSystem.header_template`),
+or the site's own (`header_template=`, or the config file). Each line is
+formatted with the script's fields (`job_name`, `queue`, `account`,
+`walltime`, `job_cpu`, `job_mem`, `cores`, `memory`, `processes`,
+`log_directory`); a line whose fields are all empty is dropped, so one
+template serves jobs with and without a queue or an account. Then every
+header line that contains one of `job_directives_skip` is removed.
+
+Walltime: a worker job started with a walltime gets `--lifetime` = walltime
+minus `walltime_margin`, with `lifetime_stagger`, so it retires (its data
+moves to other workers) before the batch system kills it; the cluster plans
+its replacement ahead of that (deploy/jobqueue/cluster.py).
+
+The members
+-----------
+`Job` submits the script on `start()`, which returns once the batch system
+accepted it (or holds it back while a site limit is reached: `pending`
+stays True until the job runs). Its state comes from the cluster's poller
+(`BatchSystem.poll`); when the job leaves the queue, `finished()` resolves.
+`close()` cancels it and waits until the batch system lists it as ended.
+`record()` is the job id: another process adopts the job with `record=`.
+
+`SchedulerJob` runs `core-scheduler --scheduler-file <shared file>` as a
+job; `start()` returns once that file names the scheduler's address.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import re
+import shlex
+import string
+import sys
+import tempfile
+import time
+
+from taskcore.deploy.jobqueue.system import BatchCommandError, JobState
+from taskcore.process import (ProcessGone, ProcessInterface, ProcessStartError, Status,
+                              scheduler_cli_args, worker_cli_args)
+from taskcore.utils import parse_bytes, parse_timedelta, read_json_file
+
+logger = logging.getLogger("taskcore.deploy.jobqueue")
+
+__all__ = ["JobScript", "Job", "SchedulerJob", "parse_walltime", "JOB_OPTIONS"]
+
+# Every option a job template accepts (dask-jobqueue's names, plus ours after the blank line).
+JOB_OPTIONS = frozenset({
+    "cores", "memory", "processes", "queue", "account", "walltime", "job_name",
+    "job_extra_directives", "job_directives_skip", "job_script_prologue", "job_cpu",
+    "job_mem", "interface", "local_directory", "log_directory", "python", "shebang",
+    "worker_extra_args", "death_timeout",
+
+    "header_template", "walltime_margin", "lifetime_stagger", "nanny", "protocol",
+    "resources",
+})
+
+
+def parse_walltime(value) -> float | None:
+    """Seconds in a walltime: "D-HH:MM:SS", "HH:MM:SS", "MM:SS", minutes, or "90m", "1h"."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if m:
+        days, *rest = m.groups()
+        parts = [int(x) for x in rest if x is not None]
+        if days is None:
+            # sbatch's forms: MM, MM:SS, HH:MM:SS
+            units = {1: [60], 2: [60, 1], 3: [3600, 60, 1]}[len(parts)]
+        else:
+            # D-HH, D-HH:MM, D-HH:MM:SS
+            units = [3600, 60, 1][:len(parts)]
+        return float(int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units)))
+    seconds = parse_timedelta(text)
+    if seconds is None:
+        raise ValueError(f"invalid walltime {value!r}")
+    return seconds
+
+
+def format_walltime(seconds: float) -> str:
+    seconds = int(math.ceil(seconds))
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class _Fields(string.Formatter):
+    """Collects the field names a template line uses."""
+
+    def names(self, line: str) -> list:
+        return [f for _, f, _, _ in self.parse(line) if f]
+
+
+_FIELDS = _Fields()
+
+
+class JobScript:
+    """The text of one job script; see the module doc. Pure: no I/O, no batch system calls."""
+
+    def __init__(self, system, *, cores=None, memory=None, processes=1, queue=None,
+                 account=None, walltime=None, job_name="taskcore-worker",
+                 job_extra_directives=(), job_directives_skip=(), job_script_prologue=(),
+                 job_cpu=None, job_mem=None, interface=None, local_directory=None,
+                 log_directory=None, python=None, shebang="#!/usr/bin/env bash",
+                 worker_extra_args=(), death_timeout=None, header_template=None,
+                 walltime_margin="auto", lifetime_stagger="auto", nanny=True, protocol=None,
+                 resources=None):
+        if cores is None or memory is None:
+            raise ValueError("a job needs cores= and memory= (per job, as in dask-jobqueue)")
+        self.system = system
+        self.cores = int(cores)
+        self.memory = parse_bytes(memory)
+        self.processes = int(processes or 1)
+        if self.cores < 1 or self.processes < 1:
+            raise ValueError(f"cores ({cores}) and processes ({processes}) must be >= 1")
+        if self.processes > self.cores:
+            raise ValueError(f"processes={processes} > cores={cores}: every worker process "
+                             f"needs at least one core")
+        self.queue = queue
+        self.account = account
+        self.walltime = walltime
+        self.walltime_seconds = parse_walltime(walltime)
+        self.job_name = job_name
+        self.job_extra_directives = _lines(job_extra_directives, "job_extra_directives")
+        self.job_directives_skip = _lines(job_directives_skip, "job_directives_skip")
+        self.job_script_prologue = _lines(job_script_prologue, "job_script_prologue")
+        self.job_cpu = job_cpu if job_cpu is not None else self.cores
+        self.job_mem = job_mem if job_mem is not None else system.format_memory(self.memory)
+        self.interface = interface
+        self.local_directory = local_directory
+        self.log_directory = log_directory
+        self.python = python or sys.executable
+        self.shebang = shebang
+        self.worker_extra_args = [str(a) for a in _lines(worker_extra_args, "worker_extra_args")]
+        self.death_timeout = death_timeout
+        self.header_template = header_template if header_template is not None \
+            else system.header_template
+        self.nanny = nanny
+        self.protocol = protocol
+        self.resources = resources
+        self.lifetime, self.lifetime_stagger = self._lifetime(walltime_margin, lifetime_stagger)
+
+    def _lifetime(self, margin, stagger):
+        w = self.walltime_seconds
+        if w is None or margin is None:
+            return None, None
+        if margin == "auto":
+            margin = min(max(0.05 * w, 60.0), 0.25 * w)
+        else:
+            margin = parse_timedelta(margin)
+        if margin >= w:
+            raise ValueError(f"walltime_margin ({margin} s) must be shorter than the walltime "
+                             f"({w} s)")
+        stagger = margin / 4 if stagger == "auto" else (parse_timedelta(stagger) or 0.0)
+        if stagger >= margin:
+            raise ValueError(f"lifetime_stagger ({stagger} s) must be shorter than "
+                             f"walltime_margin ({margin} s)")
+        return w - margin, stagger
+
+    # -- rendering ------------------------------------------------------------------------------
+    def fields(self) -> dict:
+        return {"job_name": self.job_name, "queue": self.queue, "account": self.account,
+                "walltime": self.walltime, "job_cpu": self.job_cpu, "job_mem": self.job_mem,
+                "cores": self.cores, "memory": self.memory, "processes": self.processes,
+                "log_directory": self.log_directory}
+
+    def header(self) -> list:
+        fields = self.fields()
+        out = []
+        templates = self.header_template.splitlines()
+        if self.log_directory:
+            templates += self.system.log_template.splitlines()
+        for line in templates:
+            if not line.strip():
+                continue
+            names = _FIELDS.names(line)
+            unknown = [n for n in names if n not in fields]
+            if unknown:
+                raise ValueError(f"header template line {line!r} uses unknown field(s) "
+                                 f"{unknown}; known: {sorted(fields)}")
+            if names and all(fields[n] in (None, "", False) for n in names):
+                continue
+            out.append(line.format_map(fields))
+        prefix = self.system.directive_prefix
+        out += [d if d.startswith("#") else f"{prefix} {d}" for d in self.job_extra_directives]
+        return [h for h in out if not any(skip in h for skip in self.job_directives_skip)]
+
+    def worker_command(self, scheduler_address: str, name) -> list:
+        per_worker_memory = self.memory // self.processes
+        args = worker_cli_args(
+            scheduler_address, nanny=self.nanny, nthreads=max(1, self.cores // self.processes),
+            nworkers=self.processes if self.processes > 1 else None,
+            memory_limit=per_worker_memory, name=name, resources=self.resources,
+            local_directory=self.local_directory, death_timeout=self.death_timeout,
+            lifetime=self.lifetime, lifetime_stagger=self.lifetime_stagger,
+            protocol=self.protocol, interface=self.interface, python=self.python,
+            log_level="info")
+        return args + self.worker_extra_args
+
+    def render(self, command: list) -> str:
+        lines = [self.shebang, ""] + self.header() + [""] + self.job_script_prologue
+        # exec: the job's main process is the server itself, so a cancel reaches it directly
+        # and nothing is left to escape the batch system's process tracking.
+        lines.append("exec " + shlex.join(str(a) for a in command))
+        return "\n".join(lines) + "\n"
+
+    def worker_script(self, scheduler_address: str, name) -> str:
+        return self.render(self.worker_command(scheduler_address, name))
+
+    def scheduler_script(self, scheduler_file: str, options: dict) -> str:
+        opts = dict(options)
+        if self.interface and "interface" not in opts and "host" not in opts:
+            opts["interface"] = self.interface
+        host = opts.pop("host", None)
+        interface = opts.pop("interface", None)
+        args = scheduler_cli_args(host=host if host or interface else "0.0.0.0",
+                                  scheduler_file=scheduler_file, python=self.python,
+                                  log_level="info", **opts)
+        if interface:
+            args += ["--interface", interface]
+        return self.render(args)
+
+
+def _lines(value, what) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise TypeError(f"{what} must be a list of strings, not one string: {value!r}")
+    return list(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Members
+# ---------------------------------------------------------------------------------------------
+
+class Job(ProcessInterface):
+    """One worker job (with `processes` workers); see the module doc."""
+
+    role = "worker"
+
+    def __init__(self, scheduler=None, name=None, *, system, job: dict, record=None,
+                 close_timeout: float = 30, startup_timeout: float = 120):
+        super().__init__(scheduler=scheduler, name=name)
+        unknown = set(job) - JOB_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown job option(s) {sorted(unknown)}")
+        self.system = system
+        self.job_options = dict(job)
+        self.script = JobScript(system, **job)
+        self.close_timeout = close_timeout
+        self.startup_timeout = startup_timeout
+        self.job_id: str | None = None
+        self.info_state = None  # the poller's JobInfo once submitted
+        self.submitted_at: float | None = None
+        self.adopted = record is not None
+        self._record = record
+        self._follower: asyncio.Task | None = None
+        self._held: asyncio.Task | None = None
+        self._closing = False
+        if record is not None:
+            self.job_id = str(record["job_id"])
+            if self.name is None:
+                self.name = record.get("name")
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def state(self) -> JobState:
+        if self.info_state is None:
+            return JobState.held
+        return self.info_state.state
+
+    @property
+    def pending(self) -> bool:
+        return self.state in (JobState.held, JobState.pending)
+
+    @property
+    def running_since(self) -> float | None:
+        return None if self.info_state is None else self.info_state.running_since
+
+    @property
+    def worker_names(self) -> list:
+        if self.script.processes > 1:
+            return [f"{self.name}-{i}" for i in range(self.script.processes)]
+        return [self.name]
+
+    def _label(self):
+        return f"{self.role} job {self.name!r}" + (f" ({self.job_id})" if self.job_id else "")
+
+    def __repr__(self):
+        return (f"<{type(self).__name__} {self.name!r} job_id={self.job_id} "
+                f"state={self.state.value} status={self.status.value}>")
+
+    # -- the script --------------------------------------------------------------------------------
+    def job_script(self) -> str:
+        return self.script.worker_script(self.scheduler, self.name)
+
+    @property
+    def log_file(self) -> str | None:
+        d = self.script.log_directory
+        if not d or not self.job_id:
+            return None
+        return os.path.join(d, f"{self.script.job_name}-{self.job_id}.out")
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self):
+        if self.status is not Status.created:
+            return self
+        self.status = Status.starting
+        try:
+            if self.adopted:
+                await self._adopt()
+            elif self.system.reserve():
+                try:
+                    await self._submit()
+                finally:
+                    self.system.release()
+            else:
+                # A site limit: hold the job on our side and submit it when a slot frees.
+                self._held = asyncio.ensure_future(self._submit_when_allowed())
+        except BaseException:
+            self.status = Status.failed
+            self._finished.set()
+            raise
+        self.status = Status.running
+        return self
+
+    async def _submit(self):
+        text = self.job_script()
+        fd, path = tempfile.mkstemp(prefix=f"taskcore-{self.name}-", suffix=".sh")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            job_id = await self.system.submit(path)
+        except BatchCommandError as e:
+            raise ProcessStartError(f"{self._label()}: {e}") from None
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.job_id = job_id
+        self.submitted_at = time.monotonic()
+        self.info_state = self.system.jobs[job_id]
+        self._follower = asyncio.ensure_future(self._follow())
+        logger.info("%s submitted", self._label())
+
+    async def _submit_when_allowed(self):
+        try:
+            await self.system.wait_for_slot()
+            try:
+                if self._closing:
+                    return
+                await self._submit()
+            finally:
+                self.system.release()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.error("%s: held job could not be submitted: %s", self._label(), e)
+            self.status = Status.failed
+            self._finished.set()
+
+    async def _adopt(self):
+        self.info_state = self.system.watch(self.job_id)
+        try:
+            await self.system.poll()
+        except BatchCommandError as e:
+            raise ProcessStartError(f"{self._label()}: {e}") from None
+        if self.info_state.state.ended:
+            self.system.forget(self.job_id)
+            raise ProcessGone(f"{self._label()} is no longer running "
+                              f"({self.info_state.reason or self.info_state.native})")
+        self._follower = asyncio.ensure_future(self._follow())
+
+    async def _follow(self):
+        """Wait for the poller to report the job ended; then this member is finished."""
+        info = self.info_state
+        while not info.state.ended:
+            await info.event.wait()
+        if not self._closing:
+            self.status = Status.failed if info.state is not JobState.done else Status.closed
+            logger.info("%s ended: %s%s", self._label(), info.native or info.state.value,
+                        f" ({info.reason})" if info.reason else "")
+            self.system.forget(self.job_id)
+        self._finished.set()
+
+    async def close(self):
+        if self._closing:
+            await self._finished.wait()
+            return
+        self._closing = True
+        if self.status not in (Status.closed, Status.failed):
+            self.status = Status.closing
+        if self._held is not None:
+            self._held.cancel()
+        try:
+            info = self.info_state
+            if self.job_id and info is not None and not info.state.ended:
+                await self.system.cancel([self.job_id])
+                deadline = time.monotonic() + self.close_timeout
+                # Closed means gone from the queue: ask until the batch system agrees.
+                while not info.state.ended and time.monotonic() < deadline:
+                    await asyncio.sleep(0.25)
+                    await self.system.poll()
+                if not info.state.ended:
+                    logger.warning("%s still listed %s s after cancelling it", self._label(),
+                                   self.close_timeout)
+        finally:
+            if self.job_id:
+                self.system.forget(self.job_id)
+            if self._follower is not None:
+                self._follower.cancel()
+            self.status = Status.closed
+            self._finished.set()
+
+    def kill(self):
+        if self.job_id:
+            asyncio.ensure_future(self.system.cancel([self.job_id]))
+
+    def detach_handle(self):
+        self._closing = True
+        for t in (self._follower, self._held):
+            if t is not None:
+                t.cancel()
+        self._finished.set()
+
+    # -- logs and records ------------------------------------------------------------------------
+    async def fetch_logs(self, n: int = 1000) -> list | None:
+        path = self.log_file
+        if path is None:
+            return None
+        try:
+            with open(path, errors="replace") as f:
+                return [line.rstrip("\n") for line in f.readlines()[-n:]]
+        except FileNotFoundError:
+            return [f"(no output yet: {path})"]
+
+    def record(self) -> dict | None:
+        if not self.job_id:
+            return None
+        return {"job_id": self.job_id, "name": self.name, "role": self.role,
+                "address": self.address}
+
+
+class SchedulerJob(Job):
+    """The scheduler in its own job; its address arrives through a shared scheduler file."""
+
+    role = "scheduler"
+
+    def __init__(self, name="Scheduler", *, system, job: dict, scheduler_file: str,
+                 scheduler_options: dict | None = None, record=None, close_timeout=30,
+                 startup_timeout=300):
+        super().__init__(None, name=name, system=system, job=job, record=record,
+                         close_timeout=close_timeout, startup_timeout=startup_timeout)
+        self.scheduler_file = scheduler_file
+        self.scheduler_options = dict(scheduler_options or {})
+        if record is not None:
+            self.address = record.get("address")
+            self.scheduler_file = record.get("scheduler_file", scheduler_file)
+        else:
+            self.job_script()  # fail here, in the caller, on options that cannot travel
+
+    @property
+    def worker_names(self) -> list:
+        return []
+
+    def job_script(self) -> str:
+        return self.script.scheduler_script(self.scheduler_file, self.scheduler_options)
+
+    async def _submit(self):
+        os.makedirs(os.path.dirname(self.scheduler_file) or ".", exist_ok=True)
+        try:
+            os.unlink(self.scheduler_file)  # a stale file from an earlier run must not count
+        except FileNotFoundError:
+            pass
+        await super()._submit()
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            got = read_json_file(self.scheduler_file)
+            if isinstance(got, dict) and isinstance(got.get("address"), str):
+                self.address = got["address"]
+                return
+            if self.info_state.state.ended:
+                tail = await self.fetch_logs(20) or []
+                await self.close()
+                raise ProcessStartError(
+                    f"{self._label()} ended ({self.info_state.native or 'gone'}) before it "
+                    f"wrote {self.scheduler_file}" + ("; last output:\n  " + "\n  ".join(tail)
+                                                      if tail else ""))
+            if time.monotonic() > deadline:
+                state = self.info_state.state.value
+                await self.close()
+                raise ProcessStartError(f"{self._label()} did not start within "
+                                        f"{self.startup_timeout} s (job {state})")
+            await asyncio.sleep(0.2)
+            if self.info_state.state is JobState.pending:
+                await asyncio.sleep(0.3)
+
+    def record(self):
+        rec = super().record()
+        if rec is not None:
+            rec["scheduler_file"] = self.scheduler_file
+        return rec

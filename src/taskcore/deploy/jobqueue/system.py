@@ -1,0 +1,324 @@
+"""A batch system as one small class: its commands, its directives, its job states.
+
+`BatchSystem` holds everything a job queue cluster needs from SLURM, PBS,
+SGE...: how to submit a script and read the job id, how to cancel, how to ask
+the state of many jobs in one call, and what its states mean. A new system
+is a subclass that fills in the class attributes and two parsers (see
+slurm.py: about 60 lines).
+
+One object per cluster (shared by every job of the cluster, deep copies
+included) also owns:
+
+- the **poller**: every `poll_interval` one status command for all the jobs
+  the cluster knows, never one per job. Each job learns its state from it
+  (`JobState`), and a job that leaves the queue, or ends in a failed state,
+  is reported through its `finished()`.
+- the **submission gate**: `max_jobs_queued` (jobs accepted by the batch
+  system but not running yet) and `max_jobs_running` (pending plus running).
+  A job that cannot be submitted yet waits here, held on our side.
+
+Commands run as subprocesses with a timeout, in the environment of this
+process (`SLURM_CONF` and the like apply); a non-zero exit raises
+`BatchCommandError` carrying the system's own message.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import shlex
+import time
+
+logger = logging.getLogger("taskcore.deploy.jobqueue")
+
+__all__ = ["BatchSystem", "BatchCommandError", "JobState", "JobInfo"]
+
+
+class BatchCommandError(RuntimeError):
+    """A batch command failed; the message carries the batch system's own words."""
+
+
+class JobState(str, enum.Enum):
+    """Where a job is, in the batch system's terms mapped to ours."""
+
+    held = "held"          # waiting on our side (a site limit), not submitted yet
+    pending = "pending"    # queued by the batch system
+    running = "running"
+    done = "done"          # ended normally
+    failed = "failed"      # ended otherwise: cancelled, timed out, node failure...
+    gone = "gone"          # no longer known to the batch system
+
+    @property
+    def ended(self) -> bool:
+        return self in (JobState.done, JobState.failed, JobState.gone)
+
+    def __str__(self):
+        return self.value
+
+
+class JobInfo:
+    """What the poller knows about one job."""
+
+    __slots__ = ("job_id", "state", "native", "reason", "since", "running_since", "event")
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.state = JobState.pending
+        self.native = None  # the batch system's own state name
+        self.reason = None
+        self.since = time.monotonic()
+        self.running_since: float | None = None
+        self.event = asyncio.Event()  # set on every change
+
+    def update(self, state: JobState, native=None, reason=None) -> bool:
+        if state is self.state and native == self.native:
+            return False
+        self.state = state
+        self.native = native
+        self.reason = reason
+        self.since = time.monotonic()
+        if state is JobState.running and self.running_since is None:
+            self.running_since = self.since
+        self.event.set()
+        self.event = asyncio.Event()
+        return True
+
+
+class BatchSystem:
+    """One batch system, as seen by one cluster; see the module doc."""
+
+    name = "abstract"
+    directive_prefix = "#"
+    submit_command = "false"
+    cancel_command = "false"
+    # The header of a job script: one directive per line, `{field}` from JobScript's
+    # values; a line whose fields are all empty is dropped (module doc of job.py).
+    header_template = ""
+    # Lines that name the job's output files, appended when a log directory is set.
+    log_template = ""
+    # Environment variable that holds the job id inside a job.
+    job_id_variable = "JOB_ID"
+    # How long (s) a job that vanished from the queue may stay unseen before we call it gone:
+    # some systems drop a job from their listing for a moment while it starts.
+    vanish_grace = 0.0
+
+    def __init__(self, poll_interval: float = 2.0, command_timeout: float = 60,
+                 max_jobs_queued: int | None = None, max_jobs_running: int | None = None,
+                 submit_options: list | None = None):
+        self.poll_interval = poll_interval
+        self.command_timeout = command_timeout
+        self.max_jobs_queued = max_jobs_queued
+        self.max_jobs_running = max_jobs_running
+        self.submit_options = list(submit_options or [])
+        self.jobs: dict[str, JobInfo] = {}
+        self._held = 0  # jobs waiting at the gate
+        self._submitting = 0  # jobs past the gate whose submit command has not returned yet
+        self._gate_changed: asyncio.Event | None = None
+        self._poller: asyncio.Task | None = None
+        self._missing: dict[str, float] = {}
+        self.polls = 0  # status commands run (one per interval, whatever the job count)
+        self.max_pending_seen = 0
+
+    def __deepcopy__(self, memo):
+        return self  # shared by every job of the cluster
+
+    # -- what subclasses provide ----------------------------------------------------------------
+    def format_memory(self, nbytes: int) -> str:
+        """A job's memory as its directive wants it (MiB, rounded up, by default)."""
+        return f"{-(-int(nbytes) // 2**20)}M"
+
+    def submit_argv(self, script_path: str) -> list:
+        return [self.submit_command, *self.submit_options, script_path]
+
+    def test_argv(self, script_path: str) -> list | None:
+        """A command that validates a script without queueing it (None: no such command)."""
+        return None
+
+    def cancel_argv(self, job_ids: list) -> list:
+        return [self.cancel_command, *job_ids]
+
+    def status_argv(self, job_ids: list) -> list:
+        raise NotImplementedError(f"{type(self).__name__} must say how to list job states")
+
+    def parse_job_id(self, out: str) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must parse its submit output")
+
+    def parse_status(self, out: str) -> dict:
+        """{job_id: (JobState, native state, reason)} from the status command's output."""
+        raise NotImplementedError(f"{type(self).__name__} must parse its status output")
+
+    # -- records (the cluster registry stores the system with the spec) --------------------------
+    def record(self) -> dict:
+        return {"poll_interval": self.poll_interval, "command_timeout": self.command_timeout,
+                "max_jobs_queued": self.max_jobs_queued,
+                "max_jobs_running": self.max_jobs_running,
+                "submit_options": self.submit_options}
+
+    @classmethod
+    def from_record(cls, record, context):
+        cache = context.setdefault("batch_systems", {})
+        if cls not in cache:
+            cache[cls] = cls(**record)
+        return cache[cls]
+
+    # -- commands -------------------------------------------------------------------------------
+    async def run(self, argv: list, what: str) -> str:
+        """Run one batch command; its stdout, or BatchCommandError with its stderr."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *map(str, argv), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        except OSError as e:
+            raise BatchCommandError(f"{what}: cannot run {argv[0]!r} ({e.strerror}); is "
+                                    f"{self.name} installed and on PATH?") from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), self.command_timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise BatchCommandError(f"{what}: {shlex.join(map(str, argv))} did not answer "
+                                    f"within {self.command_timeout} s") from None
+        if proc.returncode != 0:
+            msg = (err or out).decode(errors="replace").strip()
+            raise BatchCommandError(f"{what}: {argv[0]} failed (exit status "
+                                    f"{proc.returncode}): {msg}")
+        return out.decode(errors="replace")
+
+    async def submit(self, script_path: str) -> str:
+        out = await self.run(self.submit_argv(script_path), "submitting a job")
+        job_id = self.parse_job_id(out)
+        self.jobs[job_id] = JobInfo(job_id)
+        self._note_pending()
+        self._ensure_poller()
+        return job_id
+
+    async def validate(self, script_path: str) -> None:
+        """Ask the batch system whether it would accept the script, queueing nothing."""
+        argv = self.test_argv(script_path)
+        if argv is not None:
+            await self.run(argv, "checking the job script")
+
+    async def cancel(self, job_ids: list) -> None:
+        job_ids = [j for j in job_ids if j]
+        if job_ids:
+            await self.run(self.cancel_argv(job_ids), f"cancelling job(s) {', '.join(job_ids)}")
+
+    def watch(self, job_id: str) -> JobInfo:
+        """Follow a job submitted elsewhere (a cluster rebuilt with from_name)."""
+        info = self.jobs.get(job_id)
+        if info is None:
+            info = self.jobs[job_id] = JobInfo(job_id)
+        self._ensure_poller()
+        return info
+
+    def forget(self, job_id: str) -> None:
+        self.jobs.pop(job_id, None)
+        self._missing.pop(job_id, None)
+        self._wake_gate()
+
+    def _wake_gate(self):
+        event, self._gate_changed = self._gate_event(), asyncio.Event()
+        event.set()
+
+    # -- the submission gate ----------------------------------------------------------------------
+    def _gate_event(self) -> asyncio.Event:
+        if self._gate_changed is None:
+            self._gate_changed = asyncio.Event()
+        return self._gate_changed
+
+    def counts(self) -> dict:
+        out = {s.value: 0 for s in JobState}
+        for info in self.jobs.values():
+            out[info.state.value] += 1
+        out["held"] = self._held
+        return out
+
+    def can_submit(self) -> bool:
+        c = self.counts()
+        pending = c["pending"] + self._submitting
+        if self.max_jobs_queued is not None and pending >= self.max_jobs_queued:
+            return False
+        if self.max_jobs_running is not None and \
+                pending + c["running"] >= self.max_jobs_running:
+            return False
+        return True
+
+    def reserve(self) -> bool:
+        """Take a submission slot if a site limit allows one now (then call `release`)."""
+        if not self.can_submit():
+            return False
+        self._submitting += 1
+        return True
+
+    def release(self) -> None:
+        """The reserved submission is done (the job is listed now) or failed."""
+        self._submitting -= 1
+        self._wake_gate()
+
+    async def wait_for_slot(self) -> None:
+        """Return once a slot is reserved (see `reserve`) without passing a site limit."""
+        self._held += 1
+        try:
+            while not self.reserve():
+                event = self._gate_event()
+                self._ensure_poller()
+                await event.wait()
+        finally:
+            self._held -= 1
+
+    def _note_pending(self):
+        self.max_pending_seen = max(self.max_pending_seen, self.counts()["pending"])
+
+    # -- the poller -------------------------------------------------------------------------------
+    def _ensure_poller(self):
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll_loop())
+
+    async def _poll_loop(self):
+        while self.jobs:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a slow or failing controller: ask again next time
+                logger.warning("%s: polling job states failed: %s", self.name, e)
+
+    async def poll(self) -> None:
+        """One status command for every job we follow; updates each JobInfo."""
+        ids = [j for j, info in self.jobs.items() if not info.state.ended]
+        if not ids:
+            return
+        out = await self.run(self.status_argv(ids), "polling job states")
+        self.polls += 1
+        seen = self.parse_status(out)
+        now = time.monotonic()
+        changed = False
+        for job_id in ids:
+            info = self.jobs.get(job_id)
+            if info is None:
+                continue
+            if job_id in seen:
+                self._missing.pop(job_id, None)
+                state, native, reason = seen[job_id]
+                changed |= info.update(state, native, reason)
+            else:
+                first = self._missing.setdefault(job_id, now)
+                if now - first >= self.vanish_grace:
+                    changed |= info.update(JobState.gone, None, "no longer in the queue")
+        self._note_pending()
+        if changed:
+            self._wake_gate()
+
+    async def close(self):
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+
+    @staticmethod
+    def user() -> str:
+        import getpass
+
+        return os.environ.get("USER") or getpass.getuser()
