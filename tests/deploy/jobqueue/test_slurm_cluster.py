@@ -170,6 +170,19 @@ def test_worker_groups_on_two_partitions(slurm_clean):
         assert client.submit(inc, 1).result() == 2
 
 
+def test_tls_between_scheduler_and_job_workers(slurm_clean, tmp_path):
+    from taskcore.security import Security
+
+    security = Security.temporary(directory=str(tmp_path))
+    with SLURMCluster(cores=1, memory="1GiB", security=security, **FAST) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        assert "--tls-cert" in cluster.job_script()
+        cluster.scale(jobs=1)
+        cluster.wait_for_workers(1, timeout=60)
+        with Client(cluster, security=security) as client:
+            assert client.submit(inc, 41).result() == 42
+
+
 def test_bad_partition_or_account_fails_fast_with_slurms_message(slurm_clean):
     slurm = slurm_clean
     start = time.monotonic()

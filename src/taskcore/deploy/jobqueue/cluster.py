@@ -140,6 +140,8 @@ class JobQueueCluster(SpecCluster):
     # -- specs --------------------------------------------------------------------------------------
     def _job_template(self, job: dict, group=None) -> dict:
         spec = {"cls": Job, "options": {"system": self.system, "job": job}}
+        if self.security is not None:
+            spec["options"]["security"] = self.security
         processes = int(job.get("processes") or 1)
         if processes > 1:
             spec["group"] = [f"-{i}" for i in range(processes)]  # core-worker names NAME-i
@@ -147,6 +149,8 @@ class JobQueueCluster(SpecCluster):
 
     def _scheduler_spec(self, mode, job, opts, name):
         sched_opts = dict(opts.get("scheduler_options") or {})
+        if self.security is not None:
+            sched_opts.setdefault("protocol", "tls")
         if mode == "local":
             from taskcore.scheduler import Scheduler
 
@@ -157,7 +161,6 @@ class JobQueueCluster(SpecCluster):
             sched_opts.setdefault("port", 0)
             if self.security is not None:
                 sched_opts.setdefault("security", self.security)
-                sched_opts.setdefault("protocol", "tls")
             return {"cls": Scheduler, "options": dict(sched_opts, host=host)}
         # The scheduler's job: the workers' job options, one core, no worker lifetime, and
         # whatever scheduler_job= overrides (a longer walltime, another queue...).
@@ -169,10 +172,13 @@ class JobQueueCluster(SpecCluster):
         shared = opts.get("shared_directory") or os.path.join(
             os.path.expanduser("~"), ".cache", "taskcore", "jobqueue")
         label = name or f"{self.config_name}-{os.getpid()}-{time.monotonic_ns()}"
-        return {"cls": SchedulerJob,
+        spec = {"cls": SchedulerJob,
                 "options": {"system": self.system, "job": sjob,
                             "scheduler_file": os.path.join(shared, f"{label}.scheduler.json"),
                             "scheduler_options": sched_opts}}
+        if self.security is not None:
+            spec["options"]["security"] = self.security
+        return spec
 
     def _group_job(self, worker_group=None) -> dict:
         return self._template(worker_group)["options"]["job"]
@@ -195,10 +201,12 @@ class JobQueueCluster(SpecCluster):
         for label, spec in templates:
             if spec is None:
                 opts = self.scheduler_spec["options"]
-                text = JobScript(self.system, **opts["job"]).scheduler_script(
+                text = JobScript(self.system, security=self.security,
+                                 **opts["job"]).scheduler_script(
                     opts["scheduler_file"], opts["scheduler_options"])
             else:
-                text = JobScript(self.system, **spec["options"]["job"]).worker_script(
+                text = JobScript(self.system, security=self.security,
+                                 **spec["options"]["job"]).worker_script(
                     _CHECK_ADDRESS, "check")
             fd, path = tempfile.mkstemp(prefix="taskcore-check-", suffix=".sh")
             try:
@@ -300,7 +308,7 @@ class JobQueueCluster(SpecCluster):
     # -- what users look at -----------------------------------------------------------------------
     def job_script(self, worker_group=None) -> str:
         """The exact script the next job of this group will be submitted with."""
-        job = JobScript(self.system, **self._group_job(worker_group))
+        job = JobScript(self.system, security=self.security, **self._group_job(worker_group))
         name = self._peek_name(worker_group)
         return job.worker_script(self.scheduler_address or _CHECK_ADDRESS, name)
 

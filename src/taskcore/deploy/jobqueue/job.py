@@ -121,7 +121,7 @@ class JobScript:
                  log_directory=None, python=None, shebang="#!/usr/bin/env bash",
                  worker_extra_args=(), death_timeout=None, header_template=None,
                  walltime_margin="auto", lifetime_stagger="auto", nanny=True, protocol=None,
-                 resources=None):
+                 resources=None, security=None):
         if cores is None or memory is None:
             raise ValueError("a job needs cores= and memory= (per job, as in dask-jobqueue)")
         self.system = system
@@ -155,6 +155,9 @@ class JobScript:
         self.nanny = nanny
         self.protocol = protocol
         self.resources = resources
+        # TLS: the certificate files' paths go into the script, so they must be readable
+        # where the job runs (a shared file system), as dask-jobqueue expects too.
+        self.security = security
         self.lifetime, self.lifetime_stagger = self._lifetime(walltime_margin, lifetime_stagger)
 
     def _lifetime(self, margin, stagger):
@@ -211,7 +214,7 @@ class JobScript:
             local_directory=self.local_directory, death_timeout=self.death_timeout,
             lifetime=self.lifetime, lifetime_stagger=self.lifetime_stagger,
             protocol=self.protocol, interface=self.interface, python=self.python,
-            log_level="info")
+            security=self.security, log_level="info")
         return args + self.worker_extra_args
 
     def render(self, command: list) -> str:
@@ -232,7 +235,7 @@ class JobScript:
         interface = opts.pop("interface", None)
         args = scheduler_cli_args(host=host if host or interface else "0.0.0.0",
                                   scheduler_file=scheduler_file, python=self.python,
-                                  log_level="info", **opts)
+                                  security=self.security, log_level="info", **opts)
         if interface:
             args += ["--interface", interface]
         return self.render(args)
@@ -256,14 +259,14 @@ class Job(ProcessInterface):
     role = "worker"
 
     def __init__(self, scheduler=None, name=None, *, system, job: dict, record=None,
-                 close_timeout: float = 30, startup_timeout: float = 120):
+                 security=None, close_timeout: float = 30, startup_timeout: float = 120):
         super().__init__(scheduler=scheduler, name=name)
         unknown = set(job) - JOB_OPTIONS
         if unknown:
             raise TypeError(f"unknown job option(s) {sorted(unknown)}")
         self.system = system
         self.job_options = dict(job)
-        self.script = JobScript(system, **job)
+        self.script = JobScript(system, security=security, **job)
         self.close_timeout = close_timeout
         self.startup_timeout = startup_timeout
         self.job_id: str | None = None
@@ -465,10 +468,11 @@ class SchedulerJob(Job):
     role = "scheduler"
 
     def __init__(self, name="Scheduler", *, system, job: dict, scheduler_file: str,
-                 scheduler_options: dict | None = None, record=None, close_timeout=30,
-                 startup_timeout=300):
+                 scheduler_options: dict | None = None, record=None, security=None,
+                 close_timeout=30, startup_timeout=300):
         super().__init__(None, name=name, system=system, job=job, record=record,
-                         close_timeout=close_timeout, startup_timeout=startup_timeout)
+                         security=security, close_timeout=close_timeout,
+                         startup_timeout=startup_timeout)
         self.scheduler_file = scheduler_file
         self.scheduler_options = dict(scheduler_options or {})
         if record is not None:
