@@ -41,6 +41,12 @@ def slurm():
             pytest.fail(f"SLURM jobs still there at shutdown, daemons killed anyway: {left}")
 
 
+@pytest.fixture(autouse=True)
+def _job_output_in_tmp(tmp_path, monkeypatch):
+    """sbatch writes slurm-<id>.out into the submission directory: keep it out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def slurm_clean(slurm):
     slurm.wait_idle(30)
