@@ -6,9 +6,10 @@ A cluster object owns an event loop on which its scheduler/worker handles live.
 - `asynchronous=True`: the cluster lives on the caller's running loop; public
   methods return awaitables, `await Cluster(asynchronous=True)` starts it.
 
-Subclasses implement `_start`, `_close`, `_scale`, and (optionally)
-`_count_workers`, `_gather_logs`, `_detach` and the registry hooks
-(`_registry_entry`, `_from_registry`).
+Subclasses must implement `_start`, `_close`, `_scale`, `_scale_down` and
+`_from_registry` (abstract here; SpecCluster implements them for every
+backend), and may override `_count_workers`, `_gather_logs`, `_detach`,
+`_release` and `_registry_entry`.
 
 Talking to the scheduler: the scheduler may live on the cluster's loop (an
 in-process `Scheduler`), in a subprocess, in a batch job, or on another
@@ -30,6 +31,7 @@ which case it only detaches this handle (the processes keep running, and
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import atexit
 import collections
@@ -89,7 +91,7 @@ def _close_clusters_at_exit():
             pass
 
 
-class Cluster:
+class Cluster(abc.ABC):
     """Base class of LocalCluster, SpecCluster and the remote backends."""
 
     backend: str | None = None  # its name in the `taskcore.deploy` entry-point group
@@ -212,11 +214,13 @@ class Cluster:
             logging.getLogger("taskcore").removeHandler(self._log_handler)
             self.status = Status.closed
 
-    async def _start(self):  # pragma: no cover - subclasses
-        pass
+    @abc.abstractmethod
+    async def _start(self):
+        """Start the scheduler and the first workers."""
 
-    async def _close(self):  # pragma: no cover - subclasses
-        pass
+    @abc.abstractmethod
+    async def _close(self):
+        """Stop every worker and the scheduler."""
 
     async def _detach(self):
         """Let go of the processes without stopping them (shutdown_on_close=False)."""
@@ -284,8 +288,9 @@ class Cluster:
         self._stop_adaptive("manual scale")
         return self.sync(self._scale, n, **kwargs)
 
-    async def _scale(self, n, **kwargs):  # pragma: no cover - subclasses
-        raise NotImplementedError(f"{type(self).__name__} cannot scale")
+    @abc.abstractmethod
+    async def _scale(self, n, **kwargs):
+        """Make the cluster hold `n` workers."""
 
     def scale_up(self, n: int, **kwargs):
         """Scale to `n` workers if that is more than planned now (never scales down)."""
@@ -301,8 +306,9 @@ class Cluster:
         self._stop_adaptive("manual scale_down")
         return self.sync(self._scale_down, list(workers))
 
-    async def _scale_down(self, workers):  # pragma: no cover - subclasses
-        raise NotImplementedError(f"{type(self).__name__} cannot scale down")
+    @abc.abstractmethod
+    async def _scale_down(self, workers):
+        """Retire and close these workers (names or addresses)."""
 
     def _planned_workers(self, worker_group=None) -> int:
         return len(self.workers)
@@ -449,8 +455,9 @@ class Cluster:
                                      shutdown_on_close=shutdown_on_close, **kwargs)
 
     @classmethod
+    @abc.abstractmethod
     def _from_registry(cls, entry, asynchronous=False, shutdown_on_close=False, **kwargs):
-        raise NotImplementedError(f"{cls.__name__} cannot reconnect to a running cluster")
+        """Rebuild a cluster object around the running cluster a registry entry describes."""
 
     # -- introspection ------------------------------------------------------------------------
     @property

@@ -23,6 +23,7 @@ grace period) through the target, whatever the channel is doing.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import json
@@ -47,7 +48,7 @@ __all__ = ["Target", "LocalTarget", "LaunchedProcess", "LaunchedScheduler", "Lau
 # Targets
 # ---------------------------------------------------------------------------------------------
 
-class Target:
+class Target(abc.ABC):
     """Where launcher commands run. Subclasses: LocalTarget, ssh.SSHTarget."""
 
     kind = "abstract"
@@ -60,18 +61,21 @@ class Target:
     def __deepcopy__(self, memo):
         return self  # shared by all handles: never copy connections
 
+    @abc.abstractmethod
     async def open_channel(self, args: list, env: dict | None = None):
         """Start `launcher ARGS...`; returns (channel, stdout reader, stderr reader)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def kill(self, targets, grace: float = 5.0, remove=()) -> dict:
-        raise NotImplementedError
+        """`launcher kill`: TERM, grace, KILL of each (pid, start time) and its tree."""
 
+    @abc.abstractmethod
     async def alive(self, targets) -> list[bool]:
-        raise NotImplementedError
+        """Whether each (pid, start time) still runs there."""
 
+    @abc.abstractmethod
     async def tail(self, paths, n: int = 200) -> dict:
-        raise NotImplementedError
+        """{path: its last n lines} of files there."""
 
     async def listen_host(self) -> str | None:
         """An address of this target that the manager reaches it on (None: no opinion)."""
@@ -179,7 +183,7 @@ class _LocalChannel:
 # LaunchedProcess
 # ---------------------------------------------------------------------------------------------
 
-class LaunchedProcess(ProcessInterface):
+class LaunchedProcess(ProcessInterface, metaclass=abc.ABCMeta):
     """One scheduler or worker process started (or adopted) through the launcher on a Target.
 
     `address` is the server's address from its ready line; `launch` the
@@ -229,8 +233,9 @@ class LaunchedProcess(ProcessInterface):
                 self.name = record.get("name")
 
     # -- what to run ----------------------------------------------------------------------------
-    def _server_argv(self) -> list:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _server_argv_async(self) -> list:
+        """The server's argv: the scheduler's or the worker's program."""
 
     @property
     def pids(self) -> list:
@@ -297,9 +302,6 @@ class LaunchedProcess(ProcessInterface):
         if self.status is Status.starting:
             self.status = Status.running
         return self
-
-    async def _server_argv_async(self) -> list:
-        return self._server_argv()
 
     async def _adopt(self):
         """Take over a running process from its registry record (no new process)."""
@@ -551,6 +553,9 @@ class LaunchedWorker(LaunchedProcess):
         self.worker_options = dict(log_level=log_level, **worker_options)
         if record is None:
             self._server_argv()  # fail here on options that cannot reach a worker process
+
+    async def _server_argv_async(self):
+        return self._server_argv()
 
     def _server_argv(self):
         return worker_cli_args(self.scheduler, nanny=self.nanny, name=self.name,

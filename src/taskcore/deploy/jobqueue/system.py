@@ -23,6 +23,7 @@ process (`SLURM_CONF` and the like apply); a non-zero exit raises
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import enum
 import logging
@@ -85,7 +86,7 @@ class JobInfo:
         return True
 
 
-class BatchSystem:
+class BatchSystem(abc.ABC):
     """One batch system, as seen by one cluster; see the module doc."""
 
     name = "abstract"
@@ -138,15 +139,17 @@ class BatchSystem:
     def cancel_argv(self, job_ids: list) -> list:
         return [self.cancel_command, *job_ids]
 
+    @abc.abstractmethod
     def status_argv(self, job_ids: list) -> list:
-        raise NotImplementedError(f"{type(self).__name__} must say how to list job states")
+        """One command that lists the states of these jobs (and may list more)."""
 
+    @abc.abstractmethod
     def parse_job_id(self, out: str) -> str:
-        raise NotImplementedError(f"{type(self).__name__} must parse its submit output")
+        """The job id in the submit command's output."""
 
+    @abc.abstractmethod
     def parse_status(self, out: str) -> dict:
         """{job_id: (JobState, native state, reason)} from the status command's output."""
-        raise NotImplementedError(f"{type(self).__name__} must parse its status output")
 
     # -- records (the cluster registry stores the system with the spec) --------------------------
     def record(self) -> dict:
