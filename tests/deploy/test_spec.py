@@ -238,6 +238,44 @@ def test_a_worker_that_keeps_dying_leaves_the_spec():
     run(main())
 
 
+def test_an_expiring_worker_is_replaced_ahead_and_not_restarted():
+    async def main():
+        async with make(2) as cluster:
+            old = cluster.workers[1]
+            cluster.expire(1)
+            cluster.expire(1)  # idempotent
+            for _ in range(500):
+                if len(cluster.workers) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            # The replacement runs next to the expiring worker, which keeps its place.
+            assert sorted(cluster.workers) == [0, 1, 2] and cluster.workers[1] is old
+            assert cluster._planned_workers() == 2
+            old.die()  # it reaches its end
+            for _ in range(500):
+                if 1 not in cluster.worker_spec:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert sorted(cluster.worker_spec) == [0, 2] and sorted(cluster.workers) == [0, 2]
+            logs = "\n".join((await cluster.get_logs())["Cluster"])
+            assert "expires soon" in logs and "ended as planned" in logs
+            assert "exited unexpectedly" not in logs
+    run(main())
+
+
+def test_a_handle_that_is_not_a_member_is_refused():
+    class NotAMember:
+        def __init__(self, scheduler, name=None):
+            self.address = None
+
+    async def main():
+        cluster = make(1, template={"cls": NotAMember, "options": {}})
+        with pytest.raises(TypeError, match="NotAMember is not a cluster member"):
+            await cluster
+    run(main())
+
+
 def test_scale_down_retires_through_the_scheduler():
     async def main():
         async with make(3, scheduler_cls=RetiringScheduler) as cluster:
