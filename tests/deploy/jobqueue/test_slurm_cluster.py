@@ -64,6 +64,10 @@ def test_scale_jobs_compute_and_close_leaves_nothing(slurm_clean, tmp_path):
         assert "Jobs running" in cluster._repr_html_()
         with Client(cluster) as client:
             assert sum(client.gather(client.map(inc, range(100)))) == sum(range(1, 101))
+        # One status call per interval for all three jobs, not one per job.
+        polls, start = cluster.system.polls, time.monotonic()
+        time.sleep(2)
+        assert cluster.system.polls - polls <= (time.monotonic() - start) / 0.5 + 1
         address = cluster.scheduler_address
         logs = cluster.get_logs()
         assert any("taskcore.worker" in line or "worker" in line for line in logs["0"])

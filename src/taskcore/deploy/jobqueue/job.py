@@ -418,10 +418,15 @@ class Job(ProcessInterface):
             if self.job_id and info is not None and not info.state.ended:
                 await self.system.cancel([self.job_id])
                 deadline = time.monotonic() + self.close_timeout
-                # Closed means gone from the queue: ask until the batch system agrees.
+                # Closed means gone from the queue: ask (with everyone else closing, in one
+                # status call) until the batch system agrees.
                 while not info.state.ended and time.monotonic() < deadline:
-                    await asyncio.sleep(0.25)
-                    await self.system.poll()
+                    event = info.event
+                    self.system.request_poll()
+                    try:
+                        await asyncio.wait_for(event.wait(), 1.0)
+                    except asyncio.TimeoutError:
+                        pass
                 if not info.state.ended:
                     logger.warning("%s still listed %s s after cancelling it", self._label(),
                                    self.close_timeout)

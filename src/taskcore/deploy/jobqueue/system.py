@@ -103,6 +103,7 @@ class BatchSystem(abc.ABC):
     # How long (s) a job that vanished from the queue may stay unseen before we call it gone:
     # some systems drop a job from their listing for a moment while it starts.
     vanish_grace = 0.0
+    MIN_POLL_SPACING = 0.25  # s between status calls, even when many wait for news
 
     def __init__(self, poll_interval: float = 2.0, command_timeout: float = 60,
                  max_jobs_queued: int | None = None, max_jobs_running: int | None = None,
@@ -117,6 +118,8 @@ class BatchSystem(abc.ABC):
         self._submitting = 0  # jobs past the gate whose submit command has not returned yet
         self._gate_changed: asyncio.Event | None = None
         self._poller: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._inflight: asyncio.Future | None = None
         self._missing: dict[str, float] = {}
         self.polls = 0  # status commands run (one per interval, whatever the job count)
         self.max_pending_seen = 0
@@ -278,18 +281,38 @@ class BatchSystem(abc.ABC):
         if self._poller is None or self._poller.done():
             self._poller = asyncio.ensure_future(self._poll_loop())
 
+    def request_poll(self) -> None:
+        """Poll soon (someone waits for a change, e.g. a cancel): callers share one poll."""
+        self._ensure_poller()
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+
     async def _poll_loop(self):
         while self.jobs:
-            await asyncio.sleep(self.poll_interval)
+            if self._wake is None:
+                self._wake = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake = None
             try:
                 await self.poll()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a slow or failing controller: ask again next time
                 logger.warning("%s: polling job states failed: %s", self.name, e)
+            # However many ask, the batch system gets at most one status call per spacing.
+            await asyncio.sleep(min(self.poll_interval, self.MIN_POLL_SPACING))
 
     async def poll(self) -> None:
-        """One status command for every job we follow; updates each JobInfo."""
+        """One status command for every job we follow (concurrent callers share it)."""
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.ensure_future(self._poll_once())
+        await asyncio.shield(self._inflight)
+
+    async def _poll_once(self) -> None:
         ids = [j for j, info in self.jobs.items() if not info.state.ended]
         if not ids:
             return
