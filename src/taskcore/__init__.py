@@ -8,6 +8,8 @@ Every public name is imported on first use, so `import taskcore` (and the CLIs'
 option checking) stays light.
 """
 
+from taskcore.lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -28,19 +30,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'taskcore' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = sorted(_LAZY)

@@ -21,6 +21,21 @@ def run(coro, timeout=60):
     return uvloop.run(guarded())
 
 
+def wait_until(predicate, timeout=10.0, message="a condition", interval=0.05):
+    """Poll `predicate()` (from a sync test) until it is truthy; return its value, or fail
+    with an AssertionError naming `message` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
 def stale_extensions():
     """Compiled modules older than their source (.pyx, or .py for the compiled
     glue, see setup.py): an in-place build left behind by an edit. Tests and

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 import taskcore
+from taskcore import testing
 from taskcore.testing import require
 
 SSHD = "/usr/sbin/sshd"
@@ -313,21 +314,10 @@ def netns_hosts(ssh_keys):
             shutil.rmtree(etc, ignore_errors=True)
 
 
-def _wait_until(predicate, timeout=10.0, interval=0.05, message="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
-
-
 @pytest.fixture
 def wait_until():
     """`wait_until(predicate, timeout, message=)`: poll until truthy (returns the value)."""
-    return _wait_until
+    return testing.wait_until
 
 
 @pytest.fixture

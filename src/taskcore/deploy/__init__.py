@@ -9,7 +9,7 @@ modules that used to define them.
 """
 from __future__ import annotations
 
-import importlib
+from taskcore.lazy import lazy_exports
 
 _EXPORTS = {
     "Cluster": "taskcore.deploy.cluster",
@@ -32,15 +32,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    try:
-        module = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'taskcore.deploy' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

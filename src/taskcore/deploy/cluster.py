@@ -515,7 +515,12 @@ class Cluster(abc.ABC):
             parts.append(f"threads={s['threads']}")
         if s.get("memory"):
             parts.append(f"memory={format_bytes(s['memory'])}")
+        parts += [f"{k}={v}" for k, v in self._extra_summary()]
         return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _extra_summary(self) -> list:
+        """Backend-specific (key, value) pairs for the repr and _repr_html_ (job counts...)."""
+        return []
 
     def _repr_html_(self):
         s = self._summary()
@@ -525,6 +530,7 @@ class Cluster(abc.ABC):
             rows.append(("Threads", s["threads"]))
         if s.get("memory"):
             rows.append(("Memory", format_bytes(s["memory"])))
+        rows += [(k.replace("_", " ").capitalize(), v) for k, v in self._extra_summary()]
         body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
                        f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
                        for k, v in rows)

@@ -15,6 +15,7 @@ import pytest
 from taskcore import Client
 from taskcore.deploy.jobqueue.slurm import SLURMCluster
 from taskcore.deploy.jobqueue.system import BatchCommandError
+from taskcore.testing import wait_until
 
 FAST = dict(poll_interval=0.5)
 # The jobs' workers cannot import this test module: send its functions by value.
@@ -28,14 +29,6 @@ def inc(x):
 def slowinc(x, delay=0.1):
     time.sleep(delay)
     return x + 1
-
-
-def _until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def _server_processes(address):
@@ -59,7 +52,7 @@ def test_scale_jobs_compute_and_close_leaves_nothing(slurm_clean, tmp_path):
         cluster.scale(jobs=3)
         assert len(cluster.jobs) == 3
         cluster.wait_for_workers(3, timeout=60)
-        _until(lambda: cluster._job_counts()["running"] == 3, 10, "3 running jobs")
+        wait_until(lambda: cluster._job_counts()["running"] == 3, 10, "3 running jobs")
         assert "jobs_running=3, jobs_pending=0" in repr(cluster)
         assert "Jobs running" in cluster._repr_html_()
         with Client(cluster) as client:
@@ -86,7 +79,7 @@ def test_a_job_cancelled_from_outside_is_replaced_and_results_stay_right(slurm_c
         time.sleep(0.5)
         slurm.run("scancel", victim)
         assert client.gather(futures) == list(range(1, 41))
-        _until(lambda: (len(cluster.jobs) == 2 and victim not in
+        wait_until(lambda: (len(cluster.jobs) == 2 and victim not in
                         {j["job_id"] for j in cluster.jobs.values()}
                         and cluster._job_counts()["running"] == 2), 60, "a replacement job")
         assert any("exited unexpectedly" in line for line in cluster.get_logs()["Cluster"])
@@ -114,7 +107,7 @@ def test_max_jobs_queued_is_respected(slurm_clean):
         # A running job leaving frees a queue slot: the held job goes in.
         running = [j["job_id"] for j in cluster.jobs.values() if j["state"] == "running"]
         cluster.scale_down([n for n, j in cluster.jobs.items() if j["job_id"] == running[0]])
-        _until(lambda: all(j["job_id"] for j in cluster.jobs.values()), 30,
+        wait_until(lambda: all(j["job_id"] for j in cluster.jobs.values()), 30,
                "the held job to be submitted")
         assert max(s.count("PENDING") for s in [[x for _, x in slurm.jobs()]]) <= 2
 
@@ -150,9 +143,9 @@ def test_processes_per_job_count_as_workers_in_scale_and_adapt(slurm_clean):
         assert cluster._planned_workers() == 4
         adaptive = cluster.adapt(minimum_jobs=1, maximum_jobs=1, interval="200ms",
                                  wait_count=2)
-        _until(lambda: len(cluster.jobs) == 1, 30, "adaptive to close one job")
+        wait_until(lambda: len(cluster.jobs) == 1, 30, "adaptive to close one job")
         assert adaptive.minimum == 2 and adaptive.maximum == 2
-        _until(lambda: len(client.scheduler_info()["workers"]) == 2, 30, "two workers left")
+        wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, 30, "two workers left")
         time.sleep(1.5)
         assert len(cluster.jobs) == 1 and adaptive.scale_ups == 0  # no flapping
 
@@ -170,7 +163,7 @@ def test_worker_groups_on_two_partitions(slurm_clean):
         assert "--mem=2048M" in cluster.job_script(worker_group="bigmem")
         cluster.adapt(minimum_jobs=1, maximum_jobs=1, worker_group="bigmem", interval="200ms",
                       wait_count=2)
-        _until(lambda: _partitions(slurm) == ["bigmem", "debug"], 30, "bigmem down to 1 job")
+        wait_until(lambda: _partitions(slurm) == ["bigmem", "debug"], 30, "bigmem down to 1 job")
         assert client.submit(inc, 1).result() == 2
 
 
@@ -241,5 +234,5 @@ def test_scheduler_in_its_own_job_detach_and_from_name_in_a_new_process(slurm_cl
                          timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "result 55" in out.stdout
-    _until(lambda: slurm.jobs() == [], 30, "every job to be gone")
+    wait_until(lambda: slurm.jobs() == [], 30, "every job to be gone")
     assert _server_processes(address) == []

@@ -4,16 +4,7 @@ import os
 import sys
 import time
 
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+from taskcore.testing import wait_until
 
 
 def state(slurm, job):
@@ -34,7 +25,7 @@ def test_batch_job_runs_with_the_submitters_environment(slurm_clean, tmp_path):
     env = {**slurm.env, "PYTHONPATH": str(mods)}  # sbatch's default --export=ALL passes it on
     job = slurm.sbatch(f"--output={tmp_path / 'job.out'}", "--job-name=tc-write", str(script),
                        env=env)
-    wait_for(lambda: state(slurm, job) == "COMPLETED", 15, f"job {job} to complete")
+    wait_until(lambda: state(slurm, job) == "COMPLETED", 15, f"job {job} to complete")
     assert result.read_text() == f"probe-ok {job} {slurm.conf}"
     assert (tmp_path / "job.out").read_text() == ""
     assert slurm.jobs() == []
@@ -54,7 +45,7 @@ def test_two_jobs_run_at_once(slurm_clean, tmp_path):
         "done\n")
     jobs = [slurm.sbatch(f"--output={tmp_path}/pair-{a}.out", "--mem=2G", str(script), a, b)
             for a, b in (("a", "b"), ("b", "a"))]
-    wait_for(lambda: all(state(slurm, j) in ("COMPLETED", "FAILED") for j in jobs), 15,
+    wait_until(lambda: all(state(slurm, j) in ("COMPLETED", "FAILED") for j in jobs), 15,
              f"jobs {jobs} to end")
     assert [state(slurm, j) for j in jobs] == ["COMPLETED", "COMPLETED"]
 
@@ -64,13 +55,13 @@ def test_scancel_kills_a_running_job(slurm_clean, tmp_path):
     pidfile = tmp_path / "pid"
     job = slurm.sbatch(f"--output={tmp_path}/sleep.out", "--wrap",
                        f"echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; exec sleep 300")
-    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 15,
+    pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 15,
                        "the job to start"))
     assert state(slurm, job) == "RUNNING"
     t0 = time.monotonic()
     slurm.run("scancel", job)
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 5, f"the job's process {pid} to end")
-    wait_for(lambda: state(slurm, job) == "CANCELLED", 10, "squeue to show CANCELLED")
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 5, f"the job's process {pid} to end")
+    wait_until(lambda: state(slurm, job) == "CANCELLED", 10, "squeue to show CANCELLED")
     assert time.monotonic() - t0 < 10
     assert slurm.jobs() == []  # plain squeue lists only jobs not finished
 

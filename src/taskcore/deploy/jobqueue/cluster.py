@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import html
 import logging
 import math
 import os
@@ -47,7 +46,7 @@ from taskcore.deploy.jobqueue.config import load_section
 from taskcore.deploy.jobqueue.job import JOB_OPTIONS, Job, JobScript, SchedulerJob
 from taskcore.deploy.jobqueue.system import BatchCommandError, JobState
 from taskcore.deploy.spec import SpecCluster
-from taskcore.utils import format_bytes, get_ip_interface, parse_bytes
+from taskcore.utils import get_ip_interface, parse_bytes
 
 logger = logging.getLogger("taskcore.deploy.jobqueue")
 
@@ -352,28 +351,11 @@ class JobQueueCluster(SpecCluster):
             if isinstance(h, Job) and h.state is JobState.running:
                 threads += h.script.cores
                 memory += h.script.memory
-        return {"workers": self._count_workers(), "threads": threads, "memory": memory or None,
-                **{f"jobs_{k}": v for k, v in self._job_counts().items()}}
+        return {"workers": self._count_workers(), "threads": threads, "memory": memory or None}
 
-    def __repr__(self):
-        s = self._summary()
-        return (f"{type(self).__name__}({self.name!r}, {self.scheduler_address!r}, "
-                f"status={self.status.value}, workers={s['workers']}, "
-                f"jobs_running={s['jobs_running']}, jobs_pending={s['jobs_pending']})")
-
-    def _repr_html_(self):
-        s = self._summary()
-        rows = [("Name", self.name), ("Scheduler", self.scheduler_address or "not started"),
-                ("Status", self.status.value), ("Workers", s["workers"]),
-                ("Jobs running", s["jobs_running"]), ("Jobs pending", s["jobs_pending"]),
-                ("Threads", s["threads"])]
-        if s.get("memory"):
-            rows.append(("Memory", format_bytes(s["memory"])))
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
-                       f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-                       for k, v in rows)
-        return (f"<div><h3 style='margin-bottom:0'>{html.escape(type(self).__name__)}</h3>"
-                f"<table>{body}</table></div>")
+    def _extra_summary(self) -> list:
+        counts = self._job_counts()
+        return [("jobs_running", counts["running"]), ("jobs_pending", counts["pending"])]
 
     # -- registry ---------------------------------------------------------------------------------
     def _detachable(self) -> bool:
