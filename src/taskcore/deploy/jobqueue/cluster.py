@@ -99,10 +99,13 @@ class JobQueueCluster(SpecCluster):
                      scheduler_job=scheduler_job, shared_directory=shared_directory,
                      max_jobs_queued=max_jobs_queued, max_jobs_running=max_jobs_running,
                      poll_interval=poll_interval, submit_options=submit_options,
-                     worker_groups=worker_groups, **job_options)
+                     worker_groups=worker_groups)
         opts = dict(DEFAULTS)
         opts.update(site)
         opts.update({k: v for k, v in given.items() if v is not None})
+        # Job options arrive only when given, so an explicit None means None
+        # (walltime_margin=None: no lifetime), not "use the default".
+        opts.update(job_options)
         mode = opts["scheduler"]
         if mode not in ("local", "job"):
             raise ValueError(f"scheduler must be 'local' (in this process) or 'job' (its own "

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import re
 import shlex
@@ -90,15 +89,14 @@ def parse_walltime(value) -> float | None:
             # D-HH, D-HH:MM, D-HH:MM:SS
             units = [3600, 60, 1][:len(parts)]
         return float(int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units)))
-    seconds = parse_timedelta(text)
+    try:
+        seconds = parse_timedelta(text)
+    except ValueError:
+        seconds = None
     if seconds is None:
-        raise ValueError(f"invalid walltime {value!r}")
+        raise ValueError(f"invalid walltime {value!r}: use D-HH:MM:SS, HH:MM:SS, MM:SS, minutes, "
+                         f"or a duration such as '90m'")
     return seconds
-
-
-def format_walltime(seconds: float) -> str:
-    seconds = int(math.ceil(seconds))
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class _Fields(string.Formatter):
@@ -168,11 +166,14 @@ class JobScript:
             margin = min(max(0.05 * w, 60.0), 0.25 * w)
         else:
             margin = parse_timedelta(margin)
+        if margin <= 0:
+            raise ValueError(f"walltime_margin must be positive (None: no lifetime), got "
+                             f"{margin} s")
         if margin >= w:
             raise ValueError(f"walltime_margin ({margin} s) must be shorter than the walltime "
                              f"({w} s)")
         stagger = margin / 4 if stagger == "auto" else (parse_timedelta(stagger) or 0.0)
-        if stagger >= margin:
+        if stagger and stagger >= margin:
             raise ValueError(f"lifetime_stagger ({stagger} s) must be shorter than "
                              f"walltime_margin ({margin} s)")
         return w - margin, stagger
@@ -180,7 +181,9 @@ class JobScript:
     # -- rendering ------------------------------------------------------------------------------
     def fields(self) -> dict:
         return {"job_name": self.job_name, "queue": self.queue, "account": self.account,
-                "walltime": self.walltime, "job_cpu": self.job_cpu, "job_mem": self.job_mem,
+                "walltime": None if self.walltime_seconds is None
+                else self.system.format_walltime(self.walltime_seconds),
+                "job_cpu": self.job_cpu, "job_mem": self.job_mem,
                 "cores": self.cores, "memory": self.memory, "processes": self.processes,
                 "log_directory": self.log_directory}
 
@@ -198,12 +201,15 @@ class JobScript:
             if unknown:
                 raise ValueError(f"header template line {line!r} uses unknown field(s) "
                                  f"{unknown}; known: {sorted(fields)}")
-            if names and all(fields[n] in (None, "", False) for n in names):
+            if names and all(_empty(fields[n]) for n in names):
                 continue
-            out.append(line.format_map(fields))
+            out.append(line.format_map({k: "" if _empty(v) else v for k, v in fields.items()}))
+        # As in dask-jobqueue: the skip list edits the template's lines; the extra directives
+        # are the user's own and always go in (skip --mem, add --mem-per-cpu).
+        out = [h for h in out if not any(skip in h for skip in self.job_directives_skip)]
         prefix = self.system.directive_prefix
-        out += [d if d.startswith("#") else f"{prefix} {d}" for d in self.job_extra_directives]
-        return [h for h in out if not any(skip in h for skip in self.job_directives_skip)]
+        return out + [d if d.startswith("#") else f"{prefix} {d}"
+                      for d in self.job_extra_directives]
 
     def worker_command(self, scheduler_address: str, name) -> list:
         per_worker_memory = self.memory // self.processes
@@ -221,7 +227,7 @@ class JobScript:
         lines = [self.shebang, ""] + self.header() + [""] + self.job_script_prologue
         # exec: the job's main process is the server itself, so a cancel reaches it directly
         # and nothing is left to escape the batch system's process tracking.
-        lines.append("exec " + shlex.join(str(a) for a in command))
+        lines.append("exec " + " ".join(_shell_word(str(a)) for a in command))
         return "\n".join(lines) + "\n"
 
     def worker_script(self, scheduler_address: str, name) -> str:
@@ -239,6 +245,18 @@ class JobScript:
         if interface:
             args += ["--interface", interface]
         return self.render(args)
+
+
+def _empty(value) -> bool:
+    return value is None or value is False or value == ""
+
+
+def _shell_word(word: str) -> str:
+    """Quote one argument for the job's shell, leaving `$VAR`/`${VAR}` to expand there:
+    dask-jobqueue users write `local_directory="$TMPDIR"` for a node-local directory."""
+    if "$" not in word:
+        return shlex.quote(word)
+    return '"' + re.sub(r'(["\\`])', r"\\\1", word) + '"'
 
 
 def _lines(value, what) -> list:
@@ -345,6 +363,8 @@ class Job(ProcessInterface):
         return self
 
     async def _submit(self):
+        if self.script.log_directory:
+            os.makedirs(self.script.log_directory, exist_ok=True)
         text = self.job_script()
         fd, path = tempfile.mkstemp(prefix=f"taskcore-{self.name}-", suffix=".sh")
         try:

@@ -6,6 +6,8 @@ itself is the generic JobQueueCluster (deploy/jobqueue/cluster.py).
 """
 from __future__ import annotations
 
+import re
+
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
 from taskcore.deploy.jobqueue.system import BatchSystem, JobState
 
@@ -47,10 +49,13 @@ class SLURM(BatchSystem):
                 "--format=%i|%T|%r"]
 
     def parse_job_id(self, out):
-        job_id = out.strip().splitlines()[-1].split(";")[0].strip() if out.strip() else ""
-        if not job_id.isdigit():
+        # `--parsable` prints "ID" or "ID;CLUSTER"; a site's sbatch wrapper may still print
+        # the plain "Submitted batch job ID".
+        last = out.strip().splitlines()[-1].strip() if out.strip() else ""
+        m = re.fullmatch(r"(?:Submitted batch job )?(\d+)\s*(?:;.*)?", last)
+        if m is None:
             raise ValueError(f"sbatch printed no job id: {out!r}")
-        return job_id
+        return m.group(1)
 
     def parse_status(self, out):
         seen = {}

@@ -73,12 +73,13 @@ class JobInfo:
         self.event = asyncio.Event()  # set on every change
 
     def update(self, state: JobState, native=None, reason=None) -> bool:
-        if state is self.state and native == self.native:
+        if state is self.state and native == self.native and reason == self.reason:
             return False
+        if state is not self.state:
+            self.since = time.monotonic()
         self.state = state
         self.native = native
         self.reason = reason
-        self.since = time.monotonic()
         if state is JobState.running and self.running_since is None:
             self.running_since = self.since
         self.event.set()
@@ -128,6 +129,11 @@ class BatchSystem(abc.ABC):
         return self  # shared by every job of the cluster
 
     # -- what subclasses provide ----------------------------------------------------------------
+    def format_walltime(self, seconds: float) -> str:
+        """A walltime as its directive wants it (HH:MM:SS by default)."""
+        seconds = int(-(-seconds // 1))
+        return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
     def format_memory(self, nbytes: int) -> str:
         """A job's memory as its directive wants it (MiB, rounded up, by default)."""
         return f"{-(-int(nbytes) // 2**20)}M"
@@ -193,7 +199,13 @@ class BatchSystem(abc.ABC):
 
     async def submit(self, script_path: str) -> str:
         out = await self.run(self.submit_argv(script_path), "submitting a job")
-        job_id = self.parse_job_id(out)
+        try:
+            job_id = self.parse_job_id(out)
+        except ValueError:
+            # Submitted, but we cannot tell which job it is: nothing could ever cancel it.
+            raise BatchCommandError(f"submitting a job: {self.submit_command} printed no job "
+                                    f"id we can read ({out.strip()[:200]!r}); check the queue "
+                                    f"for a job left behind") from None
         self.jobs[job_id] = JobInfo(job_id)
         self._note_pending()
         self._ensure_poller()
