@@ -554,9 +554,10 @@ class SpecCluster(Cluster):
         target = math.ceil(n / per)
         names = self._in_group(worker_group)
         if target < len(names):
-            # Drop what is not running yet first, then the newest: old workers hold more data.
+            # Drop what is not running yet first (a queued job included), then the newest:
+            # old workers hold more data.
             def running(x):
-                return x in self._started_names
+                return x in self._started_names and not self.workers[x].pending
 
             order = ([x for x in reversed(names) if not running(x)]
                      + [x for x in reversed(names) if running(x)])

@@ -453,6 +453,16 @@ def test_cancel():
     run(main())
 
 
+def test_cancels_in_one_loop_turn_are_one_command():
+    async def main():
+        s = FakeSLURM()
+        await asyncio.gather(*(s.cancel_batched(str(i)) for i in range(5)))
+        await s.cancel_batched("9")  # a later turn: a command of its own
+        assert s.cancelled == [["0", "1", "2", "3", "4"], ["9"]]
+
+    run(main())
+
+
 def test_watch_and_forget():
     async def main():
         s = FakeSLURM()

@@ -56,10 +56,11 @@ __all__ = ["JobQueueCluster"]
 CLUSTER_OPTIONS = frozenset({
     "scheduler", "scheduler_options", "scheduler_job", "shared_directory", "max_jobs_queued",
     "max_jobs_running", "poll_interval", "submit_options", "worker_groups",
+    "scheduler_timeout",
 })
 DEFAULTS = {"processes": 1, "job_name": "taskcore-worker", "shebang": "#!/usr/bin/env bash",
             "walltime_margin": "auto", "lifetime_stagger": "auto", "poll_interval": 2.0,
-            "scheduler": "local"}
+            "scheduler": "local", "scheduler_timeout": 300}
 _CHECK_ADDRESS = "tcp://127.0.0.1:1"  # stands in for the scheduler while checking scripts
 
 
@@ -84,7 +85,8 @@ class JobQueueCluster(SpecCluster):
                  shared_directory: str | None = None, security=None,
                  max_jobs_queued: int | None = None, max_jobs_running: int | None = None,
                  poll_interval: float | None = None, submit_options: list | None = None,
-                 worker_groups: dict | None = None, name: str | None = None,
+                 worker_groups: dict | None = None, scheduler_timeout: float | None = None,
+                 name: str | None = None,
                  asynchronous: bool = False, shutdown_on_close: bool = True,
                  close_timeout: float = 60, retire_timeout: float = 60, **job_options):
         if self.system_class is None:
@@ -99,7 +101,7 @@ class JobQueueCluster(SpecCluster):
                      scheduler_job=scheduler_job, shared_directory=shared_directory,
                      max_jobs_queued=max_jobs_queued, max_jobs_running=max_jobs_running,
                      poll_interval=poll_interval, submit_options=submit_options,
-                     worker_groups=worker_groups)
+                     worker_groups=worker_groups, scheduler_timeout=scheduler_timeout)
         opts = dict(DEFAULTS)
         opts.update(site)
         opts.update({k: v for k, v in given.items() if v is not None})
@@ -171,13 +173,15 @@ class JobQueueCluster(SpecCluster):
         sjob.update(cores=1, job_name="taskcore-scheduler", walltime_margin=None)
         sjob.update(_group_options("scheduler_job", opts.get("scheduler_job") or {}))
         JobScript(self.system, **sjob)
-        shared = opts.get("shared_directory") or os.path.join(
-            os.path.expanduser("~"), ".cache", "taskcore", "jobqueue")
+        shared = os.path.expanduser(opts.get("shared_directory") or os.path.join(
+            "~", ".cache", "taskcore", "jobqueue"))
         label = name or f"{self.config_name}-{os.getpid()}-{time.monotonic_ns()}"
         spec = {"cls": SchedulerJob,
                 "options": {"system": self.system, "job": sjob,
                             "scheduler_file": os.path.join(shared, f"{label}.scheduler.json"),
-                            "scheduler_options": sched_opts}}
+                            "scheduler_options": sched_opts,
+                            # its queue wait included: a busy site may need hours
+                            "startup_timeout": float(opts["scheduler_timeout"])}}
         if self.security is not None:
             spec["options"]["security"] = self.security
         return spec
@@ -327,7 +331,8 @@ class JobQueueCluster(SpecCluster):
 
     @property
     def jobs(self) -> dict:
-        """{spec name: {"job_id", "state", "native_state", "worker_group", "workers"}}."""
+        """{spec name: {"job_id", "state", "native_state", "reason", "worker_group",
+        "workers"}}: `reason` is the batch system's (why a job waits, why it ended)."""
         out = {}
         for name, h in self.workers.items():
             if not isinstance(h, Job):
@@ -335,6 +340,7 @@ class JobQueueCluster(SpecCluster):
             info = h.info_state
             out[name] = {"job_id": h.job_id, "state": h.state.value,
                          "native_state": info.native if info is not None else None,
+                         "reason": info.reason if info is not None else None,
                          "worker_group": (self.worker_spec.get(name) or {}).get("worker_group"),
                          "workers": len(h.worker_names)}
         return out

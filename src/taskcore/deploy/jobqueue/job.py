@@ -143,7 +143,8 @@ class JobScript:
         self.job_mem = job_mem if job_mem is not None else system.format_memory(self.memory)
         self.interface = interface
         self.local_directory = local_directory
-        self.log_directory = log_directory
+        # Expanded here: the batch system takes `-o` literally, and it is read back here.
+        self.log_directory = os.path.expanduser(log_directory) if log_directory else None
         self.python = python or sys.executable
         self.shebang = shebang
         self.worker_extra_args = [str(a) for a in _lines(worker_extra_args, "worker_extra_args")]
@@ -285,6 +286,9 @@ class Job(ProcessInterface):
         self.system = system
         self.job_options = dict(job)
         self.script = JobScript(system, security=security, **job)
+        # A job adopted from a record keeps the start time its first manager saw, so its
+        # walltime replacement is planned for when it really expires.
+        self._started_wall = (record or {}).get("started")
         self.close_timeout = close_timeout
         self.startup_timeout = startup_timeout
         self.job_id: str | None = None
@@ -410,6 +414,10 @@ class Job(ProcessInterface):
             self.system.forget(self.job_id)
             raise ProcessGone(f"{self._label()} is no longer running "
                               f"({self.info_state.reason or self.info_state.native})")
+        if self._started_wall is not None and self.info_state.state is JobState.running:
+            age = max(0.0, time.time() - self._started_wall)
+            self.info_state.running_since = time.monotonic() - age
+            self.info_state.started_wall = self._started_wall
         self._follower = asyncio.ensure_future(self._follow())
 
     async def _follow(self):
@@ -436,7 +444,7 @@ class Job(ProcessInterface):
         try:
             info = self.info_state
             if self.job_id and info is not None and not info.state.ended:
-                await self.system.cancel([self.job_id])
+                await self.system.cancel_batched(self.job_id)
                 deadline = time.monotonic() + self.close_timeout
                 # Closed means gone from the queue: ask (with everyone else closing, in one
                 # status call) until the batch system agrees.
@@ -483,8 +491,10 @@ class Job(ProcessInterface):
     def record(self) -> dict | None:
         if not self.job_id:
             return None
+        info = self.info_state
         return {"job_id": self.job_id, "name": self.name, "role": self.role,
-                "address": self.address}
+                "address": self.address,
+                "started": info.started_wall if info is not None else None}
 
 
 class SchedulerJob(Job):
