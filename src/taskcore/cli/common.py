@@ -107,14 +107,40 @@ def port_type(text: str) -> int:
     return port
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, least: int, what: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if n < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {n}")
     return n
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def count_type(text: str) -> int:
+    """A count that may be zero (jobs, workers)."""
+    return _int_at_least(text, 0, "a number >= 0")
+
+
+async def start_unless_stopped(start, stopper):
+    """Await the coroutine `start` unless `stopper` (a shutdown signal's future) ends first.
+
+    Returns (started, error): (False, None) when a signal came first (the start is
+    cancelled, and whatever it holds is released by its own cancellation handling);
+    (True, exception) when the start failed; (True, None) when it succeeded. The CLIs
+    that start servers or clusters share it, so Ctrl-C during a slow start is a clean exit.
+    """
+    task = asyncio.ensure_future(start)
+    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False, None
+    return True, task.exception()
 
 
 def log_level_type(text: str) -> str:

@@ -31,7 +31,8 @@ import importlib
 import logging
 import sys
 
-from taskcore.cli.common import (add_logging_options, announce, bytes_type, duration_type,
+from taskcore.cli.common import (add_logging_options, announce, bytes_type, count_type,
+                                 duration_type, start_unless_stopped,
                                  Parser, port_type, positive_int, remove_shutdown_signals,
                                  resources_type, run_cli, shutdown_event)
 
@@ -67,16 +68,6 @@ def _walltime_type(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text  # JobScript writes it in the batch system's own form
-
-
-def _count_type(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {n}")
-    return n
 
 
 # argparse dest -> job option (the cluster's keyword argument); see add_job_options.
@@ -139,7 +130,7 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
 
 def add_cluster_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster options")
-    g.add_argument("--jobs", type=_count_type, default=1, help="worker jobs to submit (default 1)")
+    g.add_argument("--jobs", type=count_type, default=1, help="worker jobs to submit (default 1)")
     g.add_argument("--scheduler-in-job", action="store_true",
                    help="run the scheduler in its own job too (needed for --detach)")
     g.add_argument("--scheduler-port", type=port_type, default=None,
@@ -259,15 +250,12 @@ async def run(args) -> int:
             return 2
         # Started here, not in the constructor: a signal during start-up (a scheduler job
         # waiting in the queue) still ends in a clean close.
-        start = asyncio.ensure_future(cluster._start_once())
-        await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
+        started, error = await start_unless_stopped(cluster._start_once(), stopper)
+        if not started:
             return 0
-        if start.exception() is not None:
+        if error is not None:
             sys.stderr.write(f"{PROG}: error: could not start the cluster: "
-                             f"{_describe(start.exception())}\n")
+                             f"{_describe(error)}\n")
             return 1
         name, address, jobs = cluster.name, cluster.scheduler_address, len(cluster.jobs)
         if args.detach:

@@ -19,6 +19,7 @@ import logging
 import sys
 
 from taskcore.cli.common import (add_logging_options, announce, duration_type, memory_limit_type,
+                                 start_unless_stopped,
                                  Parser, port_type, positive_int, remove_shutdown_signals,
                                  run_cli, shutdown_event)
 
@@ -119,14 +120,10 @@ async def run(args) -> int:
         except (TypeError, ValueError, ImportError) as e:
             sys.stderr.write(f"{PROG}: error: {e}\n")
             return 2
-        start = asyncio.ensure_future(cluster._start_once())
-        await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
+        started, e = await start_unless_stopped(cluster._start_once(), stopper)
+        if not started:
             return 0
-        if start.exception() is not None:
-            e = start.exception()
+        if e is not None:
             msg = str(e) if isinstance(e, ProcessStartError) else repr(e)
             sys.stderr.write(f"{PROG}: error: could not start the cluster: {msg}\n")
             return 1

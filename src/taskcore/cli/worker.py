@@ -19,6 +19,7 @@ import logging
 import sys
 
 from taskcore.cli.common import (add_logging_options, add_tls_options, address_type, announce,
+                                 start_unless_stopped,
                                  duration_type, memory_limit_type, Parser, positive_int,
                                  remove_shutdown_signals, resolve_protocol, resources_type,
                                  run_cli, security_from_args, shutdown_event,
@@ -190,14 +191,11 @@ async def run(args) -> int:
         except (TypeError, ValueError) as e:
             sys.stderr.write(f"{PROG}: error: {e}\n")
             return 2
-        start = asyncio.ensure_future(asyncio.gather(*(s.start() for s in servers)))
-        await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if not start.done():
-            start.cancel()
-            await asyncio.gather(start, return_exceptions=True)
+        started, e = await start_unless_stopped(
+            asyncio.gather(*(s.start() for s in servers)), stopper)
+        if not started:
             return 0
-        if start.exception() is not None:
-            e = start.exception()
+        if e is not None:
             sys.stderr.write(f"{PROG}: error: could not start worker: {e}\n")
             return 1
         workers = [_describe(s, args.nanny) for s in servers]
