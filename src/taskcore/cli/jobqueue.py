@@ -205,18 +205,16 @@ def parse_args(argv=None):
 
 def job_script(system: str, job: dict):
     """The JobScript these options make: defaults < site config file < `job`."""
-    from taskcore.deploy.jobqueue.cluster import CLUSTER_OPTIONS, DEFAULTS
-    from taskcore.deploy.jobqueue.config import config_path, load_section
-    from taskcore.deploy.jobqueue.job import JOB_OPTIONS, JobScript
+    from taskcore.deploy.jobqueue.config import config_path
 
     cls = cluster_class(system)
-    site = load_section(cls.config_name, JOB_OPTIONS | CLUSTER_OPTIONS)
-    options = {k: v for k, v in {**DEFAULTS, **site}.items() if k in JOB_OPTIONS}
-    options.update(job)
-    if options.get("cores") is None or options.get("memory") is None:
+    try:
+        return cls.job_script_template(**job)
+    except ValueError as e:
+        if "cores= and memory=" not in str(e):
+            raise
         raise ValueError(f"--cores and --memory are needed (or cores and memory in the "
-                         f"[{cls.config_name}] table of {config_path()})")
-    return JobScript(cls.system_class(), **options)
+                         f"[{cls.config_name}] table of {config_path()})") from None
 
 
 def cluster_kwargs(args) -> dict:

@@ -89,25 +89,12 @@ class JobQueueCluster(SpecCluster):
                  name: str | None = None,
                  asynchronous: bool = False, shutdown_on_close: bool = True,
                  close_timeout: float = 60, retire_timeout: float = 60, **job_options):
-        if self.system_class is None:
-            raise TypeError("JobQueueCluster is abstract: use SLURMCluster or another batch "
-                            "system's cluster")
-        unknown = set(job_options) - JOB_OPTIONS
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unknown option(s) {sorted(unknown)}; "
-                            f"job options are {sorted(JOB_OPTIONS)}")
-        site = load_section(self.config_name, JOB_OPTIONS | CLUSTER_OPTIONS)
         given = dict(scheduler=scheduler, scheduler_options=scheduler_options,
                      scheduler_job=scheduler_job, shared_directory=shared_directory,
                      max_jobs_queued=max_jobs_queued, max_jobs_running=max_jobs_running,
                      poll_interval=poll_interval, submit_options=submit_options,
                      worker_groups=worker_groups, scheduler_timeout=scheduler_timeout)
-        opts = dict(DEFAULTS)
-        opts.update(site)
-        opts.update({k: v for k, v in given.items() if v is not None})
-        # Job options arrive only when given, so an explicit None means None
-        # (walltime_margin=None: no lifetime), not "use the default".
-        opts.update(job_options)
+        opts = self.resolve_options(given, job_options)
         mode = opts["scheduler"]
         if mode not in ("local", "job"):
             raise ValueError(f"scheduler must be 'local' (in this process) or 'job' (its own "
@@ -126,10 +113,10 @@ class JobQueueCluster(SpecCluster):
             poll_interval=float(opts["poll_interval"]), max_jobs_queued=opts.get("max_jobs_queued"),
             max_jobs_running=opts.get("max_jobs_running"),
             submit_options=opts.get("submit_options"))
-        job = {k: v for k, v in opts.items() if k in JOB_OPTIONS}
+        job = {k: v for k, v in opts.items() if k in self.option_names()}
         JobScript(self.system, **job)  # every job option checked here, in the caller
         template = self._job_template(job)
-        groups = {g: self._job_template({**job, **_group_options(g, o)}, g)
+        groups = {g: self._job_template({**job, **self._group_options(g, o)}, g)
                   for g, o in (opts.get("worker_groups") or {}).items()}
         scheduler_spec = self._scheduler_spec(mode, job, opts, name)
         per_job = template["options"]["job"].get("processes", 1)
@@ -140,6 +127,46 @@ class JobQueueCluster(SpecCluster):
                          worker_groups=groups, asynchronous=asynchronous, name=name,
                          shutdown_on_close=shutdown_on_close, close_timeout=close_timeout,
                          retire_timeout=retire_timeout)
+
+    # -- options --------------------------------------------------------------------------------------
+    @classmethod
+    def option_names(cls) -> frozenset:
+        """The job options this batch system takes: the common ones and its own."""
+        return JOB_OPTIONS | frozenset(cls.system_class.job_options)
+
+    @classmethod
+    def resolve_options(cls, given: dict, job_options: dict) -> dict:
+        """Every option's value: built-in defaults < the site config file < `given`
+        (cluster options; None: not given) < `job_options` (only the given ones arrive,
+        so an explicit None stays None: walltime_margin=None means no lifetime)."""
+        if cls.system_class is None:
+            raise TypeError("JobQueueCluster is abstract: use SLURMCluster or another batch "
+                            "system's cluster")
+        unknown = set(job_options) - cls.option_names()
+        if unknown:
+            raise TypeError(f"{cls.__name__} got unknown option(s) {sorted(unknown)}; "
+                            f"job options are {sorted(cls.option_names())}")
+        site = load_section(cls.config_name, cls.option_names() | CLUSTER_OPTIONS)
+        opts = dict(DEFAULTS)
+        opts.update(site)
+        opts.update({k: v for k, v in given.items() if v is not None})
+        opts.update(job_options)
+        return opts
+
+    @classmethod
+    def job_script_template(cls, **job_options) -> JobScript:
+        """The JobScript of the default worker template these options make, with the site
+        config applied, without a cluster (`core-jobqueue script`)."""
+        opts = cls.resolve_options({}, job_options)
+        return JobScript(cls.system_class(),
+                         **{k: v for k, v in opts.items() if k in cls.option_names()})
+
+    @classmethod
+    def _group_options(cls, group, options: dict) -> dict:
+        unknown = set(options) - cls.option_names()
+        if unknown:
+            raise TypeError(f"{group}: unknown job option(s) {sorted(unknown)}")
+        return dict(options)
 
     # -- specs --------------------------------------------------------------------------------------
     def _job_template(self, job: dict, group=None) -> dict:
@@ -171,7 +198,7 @@ class JobQueueCluster(SpecCluster):
         sjob = {k: v for k, v in job.items()
                 if k not in ("processes", "worker_extra_args", "death_timeout", "resources")}
         sjob.update(cores=1, job_name="taskcore-scheduler", walltime_margin=None)
-        sjob.update(_group_options("scheduler_job", opts.get("scheduler_job") or {}))
+        sjob.update(self._group_options("scheduler_job", opts.get("scheduler_job") or {}))
         JobScript(self.system, **sjob)
         shared = os.path.expanduser(opts.get("shared_directory") or os.path.join(
             "~", ".cache", "taskcore", "jobqueue"))
@@ -297,7 +324,7 @@ class JobQueueCluster(SpecCluster):
         (`queue="bigmem", memory="64GiB"`); checked by the batch system first."""
         if spec is not None:
             return super().add_worker_group(name, n, spec=spec)
-        job = {**self._group_job(None), **_group_options(name, job_options)}
+        job = {**self._group_job(None), **self._group_options(name, job_options)}
         JobScript(self.system, **job)
         template = self._job_template(job)
         check = [(f"worker group {name!r}", template)]
@@ -381,10 +408,4 @@ class JobQueueCluster(SpecCluster):
         self._walltime_task = None
         return context
 
-
-def _group_options(group, options: dict) -> dict:
-    unknown = set(options) - JOB_OPTIONS
-    if unknown:
-        raise TypeError(f"{group}: unknown job option(s) {sorted(unknown)}")
-    return dict(options)
 

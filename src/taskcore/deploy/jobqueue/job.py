@@ -119,10 +119,15 @@ class JobScript:
                  log_directory=None, python=None, shebang="#!/usr/bin/env bash",
                  worker_extra_args=(), death_timeout=None, header_template=None,
                  walltime_margin="auto", lifetime_stagger="auto", nanny=True, protocol=None,
-                 resources=None, security=None):
+                 resources=None, security=None, **system_options):
         if cores is None or memory is None:
             raise ValueError("a job needs cores= and memory= (per job, as in dask-jobqueue)")
+        unknown = set(system_options) - set(system.job_options)
+        if unknown:
+            raise TypeError(f"unknown job option(s) {sorted(unknown)} for {system.name}; its "
+                            f"own options are {sorted(system.job_options) or 'none'}")
         self.system = system
+        self.system_options = {**system.job_options, **system_options}
         self.cores = int(cores)
         self.memory = parse_bytes(memory)
         self.processes = int(processes or 1)
@@ -181,6 +186,9 @@ class JobScript:
 
     # -- rendering ------------------------------------------------------------------------------
     def fields(self) -> dict:
+        return {**self.common_fields(), **self.system.fields(self)}
+
+    def common_fields(self) -> dict:
         return {"job_name": self.job_name, "queue": self.queue, "account": self.account,
                 "walltime": None if self.walltime_seconds is None
                 else self.system.format_walltime(self.walltime_seconds),
@@ -280,7 +288,7 @@ class Job(ProcessInterface):
     def __init__(self, scheduler=None, name=None, *, system, job: dict, record=None,
                  security=None, close_timeout: float = 30, startup_timeout: float = 120):
         super().__init__(scheduler=scheduler, name=name)
-        unknown = set(job) - JOB_OPTIONS
+        unknown = set(job) - JOB_OPTIONS - set(system.job_options)
         if unknown:
             raise TypeError(f"unknown job option(s) {sorted(unknown)}")
         self.system = system

@@ -104,6 +104,11 @@ class BatchSystem(abc.ABC):
     log_template = ""
     # Environment variable that holds the job id inside a job.
     job_id_variable = "JOB_ID"
+    # Job options of this system's own (dask-jobqueue's `resource_spec` for SGE...), with
+    # their defaults; they reach the header template through `fields()`.
+    job_options: dict = {}
+    # True: the script goes to the submit command's stdin (LSF's `bsub < script`).
+    script_on_stdin = False
     # How long (s) a job that vanished from the queue may stay unseen before we call it gone:
     # some systems drop a job from their listing for a moment while it starts.
     vanish_grace = 0.0
@@ -133,6 +138,11 @@ class BatchSystem(abc.ABC):
         return self  # shared by every job of the cluster
 
     # -- what subclasses provide ----------------------------------------------------------------
+    def fields(self, script) -> dict:
+        """Header template fields of this system's own, from a JobScript (its common fields
+        and `script.system_options`); the common fields are in JobScript.fields()."""
+        return {}
+
     def format_walltime(self, seconds: float) -> str:
         """A walltime as its directive wants it (HH:MM:SS by default)."""
         seconds = int(-(-seconds // 1))
@@ -179,17 +189,18 @@ class BatchSystem(abc.ABC):
         return cache[cls]
 
     # -- commands -------------------------------------------------------------------------------
-    async def run(self, argv: list, what: str) -> str:
+    async def run(self, argv: list, what: str, stdin: bytes | None = None) -> str:
         """Run one batch command; its stdout, or BatchCommandError with its stderr."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                *map(str, argv), stdin=asyncio.subprocess.DEVNULL,
+                *map(str, argv),
+                stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except OSError as e:
             raise BatchCommandError(f"{what}: cannot run {argv[0]!r} ({e.strerror}); is "
                                     f"{self.name} installed and on PATH?") from None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.command_timeout)
+            out, err = await asyncio.wait_for(proc.communicate(stdin), self.command_timeout)
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
@@ -202,7 +213,11 @@ class BatchSystem(abc.ABC):
         return out.decode(errors="replace")
 
     async def submit(self, script_path: str) -> str:
-        out = await self.run(self.submit_argv(script_path), "submitting a job")
+        stdin = None
+        if self.script_on_stdin:
+            with open(script_path, "rb") as f:
+                stdin = f.read()
+        out = await self.run(self.submit_argv(script_path), "submitting a job", stdin=stdin)
         try:
             job_id = self.parse_job_id(out)
         except ValueError:
