@@ -27,6 +27,10 @@ _LAZY = {
     "Cluster": "taskcore.deploy", "ProcessInterface": "taskcore.deploy",
     "SSHCluster": "taskcore.deploy", "Adaptive": "taskcore.deploy",
     "SLURMCluster": "taskcore.deploy", "JobQueueCluster": "taskcore.deploy",
+    "SGECluster": "taskcore.deploy", "OARCluster": "taskcore.deploy",
+    "PBSCluster": "taskcore.deploy", "TorqueCluster": "taskcore.deploy",
+    "MoabCluster": "taskcore.deploy", "LSFCluster": "taskcore.deploy",
+    "HTCondorCluster": "taskcore.deploy", "FluxCluster": "taskcore.deploy",
 }
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import sys
 
@@ -42,6 +43,14 @@ PROG = "core-jobqueue"
 # Batch system name -> its cluster class ("module:Class"), imported only when used.
 SYSTEMS = {
     "slurm": "taskcore.deploy.jobqueue.slurm:SLURMCluster",
+    "sge": "taskcore.deploy.jobqueue.sge:SGECluster",
+    "oar": "taskcore.deploy.jobqueue.oar:OARCluster",
+    "pbs": "taskcore.deploy.jobqueue.pbs:PBSCluster",
+    "torque": "taskcore.deploy.jobqueue.pbs:TorqueCluster",
+    "moab": "taskcore.deploy.jobqueue.pbs:MoabCluster",
+    "lsf": "taskcore.deploy.jobqueue.lsf:LSFCluster",
+    "htcondor": "taskcore.deploy.jobqueue.htcondor:HTCondorCluster",
+    "flux": "taskcore.deploy.jobqueue.flux:FluxCluster",
 }
 SCRIPT_SCHEDULER = "tcp://SCHEDULER:8786"  # stands in for the address in `script` output
 
@@ -58,6 +67,16 @@ class _Parser(Parser):
 def cluster_class(system: str):
     module, name = SYSTEMS[system].split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def _option_type(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def _walltime_type(text: str) -> str:
@@ -126,6 +145,11 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help="run each worker under a nanny (default yes)")
     g.add_argument("--resources", type=resources_type, default=None,
                    help='abstract resources per worker, like "GPU=2"')
+    g.add_argument("--option", action="append", type=_option_type, default=None,
+                   metavar="KEY=VALUE", dest="system_option",
+                   help="a job option of this batch system's own, like resource_spec=... "
+                        "(SGE, PBS), lsf_units=MB (LSF), disk=2GiB (HTCondor); VALUE is "
+                        "read as JSON when it parses, else as text (repeatable)")
 
 
 def add_cluster_options(p: argparse.ArgumentParser) -> None:
@@ -195,6 +219,7 @@ def parse_args(argv=None):
                 parser.error(str(e))
     args.job = {opt: getattr(args, dest) for dest, opt in JOB_ARGS.items()
                 if getattr(args, dest) is not None}
+    args.job.update(dict(args.system_option or []))
     # Every job option checked now, with the site config applied, before anything starts.
     try:
         args.job_script = job_script(args.system, args.job)

@@ -27,6 +27,14 @@ _EXPORTS = {
     "list_clusters": "taskcore.deploy.registry",
     "JobQueueCluster": "taskcore.deploy.jobqueue.cluster",
     "SLURMCluster": "taskcore.deploy.jobqueue.slurm",
+    "SGECluster": "taskcore.deploy.jobqueue.sge",
+    "OARCluster": "taskcore.deploy.jobqueue.oar",
+    "PBSCluster": "taskcore.deploy.jobqueue.pbs",
+    "TorqueCluster": "taskcore.deploy.jobqueue.pbs",
+    "MoabCluster": "taskcore.deploy.jobqueue.pbs",
+    "LSFCluster": "taskcore.deploy.jobqueue.lsf",
+    "HTCondorCluster": "taskcore.deploy.jobqueue.htcondor",
+    "FluxCluster": "taskcore.deploy.jobqueue.flux",
 }
 
 __all__ = sorted(_EXPORTS)

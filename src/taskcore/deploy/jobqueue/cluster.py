@@ -55,7 +55,7 @@ __all__ = ["JobQueueCluster"]
 # Cluster parameters besides the job options (JOB_OPTIONS), also settable in the config file.
 CLUSTER_OPTIONS = frozenset({
     "scheduler", "scheduler_options", "scheduler_job", "shared_directory", "max_jobs_queued",
-    "max_jobs_running", "poll_interval", "submit_options", "worker_groups",
+    "max_jobs_running", "poll_interval", "submit_options", "command_prefix", "worker_groups",
     "scheduler_timeout",
 })
 DEFAULTS = {"processes": 1, "job_name": "taskcore-worker", "shebang": "#!/usr/bin/env bash",
@@ -85,6 +85,7 @@ class JobQueueCluster(SpecCluster):
                  shared_directory: str | None = None, security=None,
                  max_jobs_queued: int | None = None, max_jobs_running: int | None = None,
                  poll_interval: float | None = None, submit_options: list | None = None,
+                 command_prefix: list | None = None,
                  worker_groups: dict | None = None, scheduler_timeout: float | None = None,
                  name: str | None = None,
                  asynchronous: bool = False, shutdown_on_close: bool = True,
@@ -93,6 +94,7 @@ class JobQueueCluster(SpecCluster):
                      scheduler_job=scheduler_job, shared_directory=shared_directory,
                      max_jobs_queued=max_jobs_queued, max_jobs_running=max_jobs_running,
                      poll_interval=poll_interval, submit_options=submit_options,
+                     command_prefix=command_prefix,
                      worker_groups=worker_groups, scheduler_timeout=scheduler_timeout)
         opts = self.resolve_options(given, job_options)
         mode = opts["scheduler"]
@@ -109,10 +111,7 @@ class JobQueueCluster(SpecCluster):
 
             name = f"{self.config_name}cluster-{uuid.uuid4().hex[:8]}"
         self.security = security
-        self.system = self.system_class(
-            poll_interval=float(opts["poll_interval"]), max_jobs_queued=opts.get("max_jobs_queued"),
-            max_jobs_running=opts.get("max_jobs_running"),
-            submit_options=opts.get("submit_options"))
+        self.system = self._make_system(opts)
         job = {k: v for k, v in opts.items() if k in self.option_names()}
         JobScript(self.system, **job)  # every job option checked here, in the caller
         template = self._job_template(job)
@@ -160,6 +159,19 @@ class JobQueueCluster(SpecCluster):
         opts = cls.resolve_options({}, job_options)
         return JobScript(cls.system_class(),
                          **{k: v for k, v in opts.items() if k in cls.option_names()})
+
+    def _make_system(self, opts):
+        """The batch system object; a system with settings of its own (LSF's use_stdin)
+        overrides this to pass them."""
+        return self.system_class(**self._system_kwargs(opts))
+
+    @staticmethod
+    def _system_kwargs(opts) -> dict:
+        return dict(poll_interval=float(opts["poll_interval"]),
+                    max_jobs_queued=opts.get("max_jobs_queued"),
+                    max_jobs_running=opts.get("max_jobs_running"),
+                    submit_options=opts.get("submit_options"),
+                    command_prefix=opts.get("command_prefix"))
 
     @classmethod
     def _group_options(cls, group, options: dict) -> dict:

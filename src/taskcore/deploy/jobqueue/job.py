@@ -217,7 +217,7 @@ class JobScript:
         # are the user's own and always go in (skip --mem, add --mem-per-cpu).
         out = [h for h in out if not any(skip in h for skip in self.job_directives_skip)]
         prefix = self.system.directive_prefix
-        return out + [d if d.startswith("#") else f"{prefix} {d}"
+        return out + [d if d.startswith("#") or not prefix else f"{prefix} {d}"
                       for d in self.job_extra_directives]
 
     def worker_command(self, scheduler_address: str, name) -> list:
@@ -233,6 +233,9 @@ class JobScript:
         return args + self.worker_extra_args
 
     def render(self, command: list) -> str:
+        return self.system.render(self, command)
+
+    def shell_script(self, command: list) -> str:
         lines = [self.shebang, ""] + self.header() + [""] + self.job_script_prologue
         # exec: the job's main process is the server itself, so a cancel reaches it directly
         # and nothing is left to escape the batch system's process tracking.
@@ -273,6 +276,8 @@ def _lines(value, what) -> list:
         return []
     if isinstance(value, str):
         raise TypeError(f"{what} must be a list of strings, not one string: {value!r}")
+    if isinstance(value, dict):  # HTCondor-style {key: value} directives
+        return [f"{k} = {v}" for k, v in value.items()]
     return list(value)
 
 
@@ -349,7 +354,7 @@ class Job(ProcessInterface):
         d = self.script.log_directory
         if not d or not self.job_id:
             return None
-        return os.path.join(d, f"{self.script.job_name}-{self.job_id}.out")
+        return os.path.join(d, self.system.log_file_name(self.script, self.job_id))
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self):
@@ -437,6 +442,11 @@ class Job(ProcessInterface):
             self.status = Status.failed if info.state is not JobState.done else Status.closed
             logger.info("%s ended: %s%s", self._label(), info.native or info.state.value,
                         f" ({info.reason})" if info.reason else "")
+            if info.native in self.system.lingering_states:
+                try:  # failed, yet still queued: remove it, or it would stay forever
+                    await self.system.cancel_batched(self.job_id)
+                except Exception as e:
+                    logger.warning("%s: could not remove it: %s", self._label(), e)
             self.system.forget(self.job_id)
         self._finished.set()
 

@@ -109,6 +109,9 @@ class BatchSystem(abc.ABC):
     job_options: dict = {}
     # True: the script goes to the submit command's stdin (LSF's `bsub < script`).
     script_on_stdin = False
+    # Native states of jobs that have failed but stay listed until removed (HTCondor's
+    # Held, SGE's Eqw): the job is cancelled when seen there, so it cannot linger.
+    lingering_states: frozenset = frozenset()
     # How long (s) a job that vanished from the queue may stay unseen before we call it gone:
     # some systems drop a job from their listing for a moment while it starts.
     vanish_grace = 0.0
@@ -116,8 +119,11 @@ class BatchSystem(abc.ABC):
 
     def __init__(self, poll_interval: float = 2.0, command_timeout: float = 60,
                  max_jobs_queued: int | None = None, max_jobs_running: int | None = None,
-                 submit_options: list | None = None):
+                 submit_options: list | None = None, command_prefix: list | None = None):
         self.poll_interval = poll_interval
+        # Every batch command runs behind this prefix: `["ssh", "login1"]` where the batch
+        # tools live on another host, `["runuser", "-u", "me", "--"]` to submit as a user.
+        self.command_prefix = [str(a) for a in command_prefix or []]
         self.command_timeout = command_timeout
         self.max_jobs_queued = max_jobs_queued
         self.max_jobs_running = max_jobs_running
@@ -138,6 +144,11 @@ class BatchSystem(abc.ABC):
         return self  # shared by every job of the cluster
 
     # -- what subclasses provide ----------------------------------------------------------------
+    def render(self, script, command: list) -> str:
+        """The text submitted for `command` (a worker or the scheduler): a shell script with
+        the header by default (JobScript.shell_script); HTCondor writes a submit file."""
+        return script.shell_script(command)
+
     def fields(self, script) -> dict:
         """Header template fields of this system's own, from a JobScript (its common fields
         and `script.system_options`); the common fields are in JobScript.fields()."""
@@ -147,6 +158,10 @@ class BatchSystem(abc.ABC):
         """A walltime as its directive wants it (HH:MM:SS by default)."""
         seconds = int(-(-seconds // 1))
         return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+    def log_file_name(self, script, job_id: str) -> str:
+        """The name of a job's output file in the log directory (see `log_template`)."""
+        return f"{script.job_name}-{job_id}.out"
 
     def format_memory(self, nbytes: int) -> str:
         """A job's memory as its directive wants it (MiB, rounded up, by default)."""
@@ -166,6 +181,11 @@ class BatchSystem(abc.ABC):
     def status_argv(self, job_ids: list) -> list:
         """One command that lists the states of these jobs (and may list more)."""
 
+    def status_accepts(self, returncode: int, out: str, err: str) -> bool:
+        """Whether a status command that exited with `returncode` still answered: some
+        fail the whole call for one id they forgot, yet print the others."""
+        return returncode == 0
+
     @abc.abstractmethod
     def parse_job_id(self, out: str) -> str:
         """The job id in the submit command's output."""
@@ -179,7 +199,7 @@ class BatchSystem(abc.ABC):
         return {"poll_interval": self.poll_interval, "command_timeout": self.command_timeout,
                 "max_jobs_queued": self.max_jobs_queued,
                 "max_jobs_running": self.max_jobs_running,
-                "submit_options": self.submit_options}
+                "submit_options": self.submit_options, "command_prefix": self.command_prefix}
 
     @classmethod
     def from_record(cls, record, context):
@@ -189,8 +209,11 @@ class BatchSystem(abc.ABC):
         return cache[cls]
 
     # -- commands -------------------------------------------------------------------------------
-    async def run(self, argv: list, what: str, stdin: bytes | None = None) -> str:
-        """Run one batch command; its stdout, or BatchCommandError with its stderr."""
+    async def run(self, argv: list, what: str, stdin: bytes | None = None,
+                  accept=None) -> str:
+        """Run one batch command; its stdout, or BatchCommandError with its stderr.
+        `accept(returncode, out, err)` may let a non-zero exit through."""
+        argv = self.command_prefix + [str(a) for a in argv]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *map(str, argv),
@@ -206,11 +229,14 @@ class BatchSystem(abc.ABC):
             await proc.wait()
             raise BatchCommandError(f"{what}: {shlex.join(map(str, argv))} did not answer "
                                     f"within {self.command_timeout} s") from None
-        if proc.returncode != 0:
+        text = out.decode(errors="replace")
+        if proc.returncode != 0 and not (
+                accept is not None and accept(proc.returncode, text,
+                                              err.decode(errors="replace"))):
             msg = (err or out).decode(errors="replace").strip()
             raise BatchCommandError(f"{what}: {argv[0]} failed (exit status "
                                     f"{proc.returncode}): {msg}")
-        return out.decode(errors="replace")
+        return text
 
     async def submit(self, script_path: str) -> str:
         stdin = None
@@ -367,7 +393,8 @@ class BatchSystem(abc.ABC):
         ids = [j for j, info in self.jobs.items() if not info.state.ended]
         if not ids:
             return
-        out = await self.run(self.status_argv(ids), "polling job states")
+        out = await self.run(self.status_argv(ids), "polling job states",
+                             accept=self.status_accepts)
         self.polls += 1
         seen = self.parse_status(out)
         now = time.monotonic()

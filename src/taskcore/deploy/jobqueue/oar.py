@@ -1,0 +1,90 @@
+"""OAR: `oarsub -S`, `oarstat -J`, `oardel`, and `OARCluster`.
+
+OAR reads `#OAR` directives from an executable script (`oarsub -S`). The
+resources and the walltime go in one `-l` line; dask-jobqueue's
+`oar_resource_properties` becomes `-p` (an SQL filter on resource properties),
+and `memory_per_core_property_name` adds a `memcore>=N` filter (MiB per core)
+so a job lands where its memory fits, since OAR has no memory request.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from taskcore.deploy.jobqueue.cluster import JobQueueCluster
+from taskcore.deploy.jobqueue.system import BatchSystem, JobState
+
+__all__ = ["OAR", "OARCluster"]
+
+_PENDING = {"Waiting", "Hold", "toLaunch", "toAckReservation", "Launching"}
+_RUNNING = {"Running", "Suspended", "Resuming", "Finishing", "toError"}
+
+
+class OAR(BatchSystem):
+    name = "OAR"
+    directive_prefix = "#OAR"
+    submit_command = "oarsub"
+    cancel_command = "oardel"
+    job_id_variable = "OAR_JOB_ID"
+    job_options = {"oar_resource_properties": None, "memory_per_core_property_name": None}
+    header_template = "\n".join([
+        "#OAR -n {job_name}",
+        "#OAR -q {queue}",
+        "#OAR --project {account}",
+        "#OAR -l {resources}",
+        "#OAR -p {properties}",
+    ])
+    log_template = "#OAR -O {log_directory}/{job_name}-%jobid%.out\n" \
+                   "#OAR -E {log_directory}/{job_name}-%jobid%.out"
+
+    def fields(self, script):
+        resources = f"/nodes=1/core={script.job_cpu}"
+        if script.walltime_seconds is not None:
+            resources += f",walltime={self.format_walltime(script.walltime_seconds)}"
+        props = script.system_options.get("oar_resource_properties")
+        mem_prop = script.system_options.get("memory_per_core_property_name")
+        if mem_prop:
+            per_core = -(-script.memory // 2**20 // max(1, int(script.job_cpu)))
+            cond = f"{mem_prop}>={per_core}"
+            props = f"({props}) AND {cond}" if props else cond
+        return {"resources": resources, "properties": f'"{props}"' if props else None}
+
+    def submit_argv(self, script_path):
+        os.chmod(script_path, 0o755)  # oarsub -S runs the script itself
+        return ["oarsub", *self.submit_options, "-S", script_path]
+
+    def status_argv(self, job_ids):
+        return ["oarstat", "-J", "-u", self.user()]
+
+    def parse_job_id(self, out):
+        m = re.search(r"OAR_JOB_ID=(\d+)", out)
+        if m is None:
+            raise ValueError(f"oarsub printed no job id: {out!r}")
+        return m.group(1)
+
+    def parse_status(self, out):
+        if not out.strip():
+            return {}
+        data = json.loads(out)
+        seen = {}
+        for job_id, job in (data.items() if isinstance(data, dict) else ()):
+            native = job.get("state", "")
+            if native in _PENDING:
+                state = JobState.pending
+            elif native in _RUNNING:
+                state = JobState.running
+            elif native == "Terminated":
+                state = JobState.done
+            else:  # Error
+                state = JobState.failed
+            seen[str(job_id)] = (state, native, job.get("message") or None)
+        return seen
+
+
+class OARCluster(JobQueueCluster):
+    """Workers as OAR jobs (dask-jobqueue's OARCluster parameters)."""
+
+    backend = "oar"
+    system_class = OAR
+    config_name = "oar"

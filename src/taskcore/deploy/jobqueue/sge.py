@@ -1,0 +1,83 @@
+"""Grid Engine (SGE, Son of Grid Engine, UGE): `qsub`, `qstat -xml`, `qdel`, and `SGECluster`.
+
+dask-jobqueue's SGE parameter `resource_spec` (for example "h_vmem=4G,m_mem_free=4G")
+becomes one `-l` line; without it no memory request is written, since Grid Engine
+sites name their memory complexes differently. The walltime is `-l h_rt=`.
+`qsub -w v` checks a script against the configuration without queueing it.
+A job in an error state (`Eqw`) stays queued until deleted: it counts as
+failed and is deleted.
+"""
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+
+from taskcore.deploy.jobqueue.cluster import JobQueueCluster
+from taskcore.deploy.jobqueue.system import BatchSystem, JobState
+
+__all__ = ["SGE", "SGECluster"]
+
+
+class SGE(BatchSystem):
+    name = "SGE"
+    directive_prefix = "#$"
+    submit_command = "qsub"
+    cancel_command = "qdel"
+    job_id_variable = "JOB_ID"
+    job_options = {"resource_spec": None}
+    header_template = "\n".join([
+        "#$ -N {job_name}",
+        "#$ -q {queue}",
+        "#$ -P {account}",
+        "#$ -l {resource_spec}",
+        "#$ -l h_rt={walltime}",
+        "#$ -cwd",
+        "#$ -j y",
+        "#$ -V",
+    ])
+    log_template = "#$ -o {log_directory}/$JOB_NAME-$JOB_ID.out"
+    lingering_states = frozenset({"Eqw", "Ehqw", "Eqw", "Erq"})
+
+    def fields(self, script):
+        return {"resource_spec": script.system_options.get("resource_spec")}
+
+    def submit_argv(self, script_path):
+        return ["qsub", "-terse", *self.submit_options, script_path]
+
+    def test_argv(self, script_path):
+        return ["qsub", "-w", "v", *self.submit_options, script_path]
+
+    def status_argv(self, job_ids):
+        return ["qstat", "-xml", "-u", self.user()]
+
+    def parse_job_id(self, out):
+        m = re.search(r"^\s*(\d+)(?:\.\S+)?\s*$", out, re.M)
+        if m is None:
+            raise ValueError(f"qsub printed no job id: {out!r}")
+        return m.group(1)
+
+    def parse_status(self, out):
+        if not out.strip():
+            return {}
+        seen = {}
+        for job in ET.fromstring(out).iter("job_list"):
+            job_id = (job.findtext("JB_job_number") or "").strip()
+            native = (job.findtext("state") or "").strip()
+            if "E" in native:
+                state = JobState.failed
+            elif "d" in native:
+                state = JobState.running  # being deleted: gone soon
+            elif "r" in native or "t" in native or "s" in native.lower():
+                state = JobState.running
+            else:  # qw, hqw, ...
+                state = JobState.pending
+            seen[job_id] = (state, native, None)
+        return seen
+
+
+class SGECluster(JobQueueCluster):
+    """Workers as Grid Engine jobs (dask-jobqueue's SGECluster parameters)."""
+
+    backend = "sge"
+    system_class = SGE
+    config_name = "sge"
