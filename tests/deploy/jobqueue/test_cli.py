@@ -103,8 +103,11 @@ def test_script_applies_the_site_config(env, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["slurm", "--cores", "1", "--memory", "1GiB", "--bogus"],
      "unrecognized arguments: --bogus"),
-    (["pbs", "--cores", "1"], "invalid choice: 'pbs' (choose from 'slurm', 'script')"),
-    (["script", "pbs"], "invalid choice: 'pbs' (choose from 'slurm')"),
+    (["nosuch", "--cores", "1"], "invalid choice: 'nosuch' (choose from 'slurm', 'sge', "
+                                 "'oar', 'pbs', 'torque', 'moab', 'lsf', 'htcondor', 'flux', "
+                                 "'script')"),
+    (["script", "nosuch"], "invalid choice: 'nosuch' (choose from 'slurm', 'sge', 'oar', "
+                           "'pbs', 'torque', 'moab', 'lsf', 'htcondor', 'flux')"),
     (["script", "slurm", "--cores", "1"],
      "--cores and --memory are needed (or cores and memory in the [slurm] table of"),
     (["script", "slurm", "--cores", "1", "--memory", "lots"], "argument --memory: invalid"),

@@ -559,7 +559,8 @@ def test_record_round_trip_one_object_per_context():
               submit_options=["--qos=low"])
     record = s.record()
     assert record == {"poll_interval": 5, "command_timeout": 30, "max_jobs_queued": 4,
-                      "max_jobs_running": 8, "submit_options": ["--qos=low"]}
+                      "max_jobs_running": 8, "submit_options": ["--qos=low"],
+                      "command_prefix": []}
     context = {}
     restored = SLURM.from_record(record, context)
     assert type(restored) is SLURM and restored is not s
@@ -572,7 +573,8 @@ def test_record_round_trip_one_object_per_context():
 def test_record_defaults():
     record = SLURM().record()
     assert record == {"poll_interval": 2.0, "command_timeout": 60, "max_jobs_queued": None,
-                      "max_jobs_running": None, "submit_options": []}
+                      "max_jobs_running": None, "submit_options": [],
+                      "command_prefix": []}
     assert SLURM.from_record(record, {}).record() == record
 
 

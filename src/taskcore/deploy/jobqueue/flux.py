@@ -48,7 +48,7 @@ class Flux(BatchSystem):
         return ["flux", "cancel", *job_ids]
 
     def status_argv(self, job_ids):
-        return ["flux", "jobs", "-a", "--no-header", "--format={id.f58} {state} {result}",
+        return ["flux", "jobs", "-a", "-n", "--format={id.f58} {state} {result}",
                 *job_ids]
 
     def parse_job_id(self, out):

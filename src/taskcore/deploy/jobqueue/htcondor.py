@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
 from taskcore.deploy.jobqueue.system import BatchSystem, JobState
@@ -81,8 +82,11 @@ class HTCondor(BatchSystem):
     def render(self, script, command):
         from taskcore.deploy.jobqueue.job import _shell_word
 
-        shell = "; ".join(script.job_script_prologue
-                          + ["exec " + " ".join(_shell_word(str(a)) for a in command)])
+        # One `eval` per prologue line, so a comment or a trailing `&` stays in its line.
+        lines = [f"eval {shlex.quote(line)}" for line in script.job_script_prologue]
+        shell = "; ".join(lines + ["exec " + " ".join(_shell_word(str(a)) for a in command)])
+        # condor_submit expands $(macro) anywhere in the file; $(DOLLAR) is a literal $.
+        shell = shell.replace("$", "$(DOLLAR)")
         return "\n".join(script.header() + [
             "executable = /bin/sh",
             f'arguments = "-c {condor_argument(shell)}"',
@@ -100,7 +104,13 @@ class HTCondor(BatchSystem):
         return ["condor_rm", *self.cancel_command_extra, *job_ids]
 
     def status_argv(self, job_ids):
-        return ["condor_q", *self.submit_command_extra, "-json", "-attributes",
+        # Only the schedd/pool choice of the submit options applies to condor_q.
+        where = []
+        extra = self.submit_command_extra
+        for i, a in enumerate(extra[:-1]):
+            if a in ("-name", "-pool"):
+                where += [a, extra[i + 1]]
+        return ["condor_q", *where, "-json", "-attributes",
                 "ClusterId,ProcId,JobStatus,HoldReason", *job_ids]
 
     def parse_job_id(self, out):

@@ -259,6 +259,13 @@ class JobScript:
         return self.render(args)
 
 
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _empty(value) -> bool:
     return value is None or value is False or value == ""
 
@@ -311,6 +318,7 @@ class Job(ProcessInterface):
         self._record = record
         self._follower: asyncio.Task | None = None
         self._held: asyncio.Task | None = None
+        self._script_path: str | None = None  # a kept script file, removed when the job ends
         self._closing = False
         if record is not None:
             self.job_id = str(record["job_id"])
@@ -383,18 +391,28 @@ class Job(ProcessInterface):
         if self.script.log_directory:
             os.makedirs(self.script.log_directory, exist_ok=True)
         text = self.job_script()
-        fd, path = tempfile.mkstemp(prefix=f"taskcore-{self.name}-", suffix=".sh")
+        keep = self.system.keeps_script
+        directory = None
+        if keep:
+            # The batch system runs this very file when the job starts (OAR's `-S`): it
+            # must outlive the submission, where the nodes see it, until the job ends.
+            directory = self.script.log_directory or os.path.expanduser(
+                os.path.join("~", ".cache", "taskcore", "jobqueue", "scripts"))
+            os.makedirs(directory, exist_ok=True)
+        fd, path = tempfile.mkstemp(prefix=f"taskcore-{self.name}-", suffix=".sh", dir=directory)
+        submitted = False
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+            os.chmod(path, self.system.script_mode)
             job_id = await self.system.submit(path)
+            submitted = True
         except BatchCommandError as e:
             raise ProcessStartError(f"{self._label()}: {e}") from None
         finally:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            if not (keep and submitted):
+                _unlink(path)
+        self._script_path = path if keep else None
         self.job_id = job_id
         self.submitted_at = time.monotonic()
         self.info_state = self.system.jobs[job_id]
@@ -448,7 +466,13 @@ class Job(ProcessInterface):
                 except Exception as e:
                     logger.warning("%s: could not remove it: %s", self._label(), e)
             self.system.forget(self.job_id)
+        self._drop_script()
         self._finished.set()
+
+    def _drop_script(self):
+        if self._script_path is not None:
+            _unlink(self._script_path)
+            self._script_path = None
 
     async def close(self):
         if self._closing:
@@ -481,6 +505,7 @@ class Job(ProcessInterface):
                 self.system.forget(self.job_id)
             if self._follower is not None:
                 self._follower.cancel()
+            self._drop_script()
             self.status = Status.closed
             self._finished.set()
 

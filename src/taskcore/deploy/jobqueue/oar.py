@@ -9,7 +9,6 @@ so a job lands where its memory fits, since OAR has no memory request.
 from __future__ import annotations
 
 import json
-import os
 import re
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
@@ -50,8 +49,10 @@ class OAR(BatchSystem):
             props = f"({props}) AND {cond}" if props else cond
         return {"resources": resources, "properties": f'"{props}"' if props else None}
 
+    keeps_script = True  # oarsub -S records the path; the node runs that file at start
+    script_mode = 0o755
+
     def submit_argv(self, script_path):
-        os.chmod(script_path, 0o755)  # oarsub -S runs the script itself
         return ["oarsub", *self.submit_options, "-S", script_path]
 
     def status_argv(self, job_ids):

@@ -110,10 +110,11 @@ class Torque(PBS):
         return ["qstat", "-x", *job_ids]
 
     def parse_status(self, out):
-        if not out.strip():
-            return {}
         seen = {}
-        for job in ET.fromstring(out).iter("Job"):
+        # Torque prints one `<?xml ...?><Data>...</Data>` document per job id asked.
+        jobs = [job for doc in re.findall(r"<Data>.*?</Data>", out, re.S)
+                for job in ET.fromstring(doc).iter("Job")]
+        for job in jobs:
             job_id = (job.findtext("Job_Id") or "").strip()
             letter = (job.findtext("job_state") or "").strip()
             state = _PBS_STATES.get(letter, JobState.failed)
@@ -146,8 +147,8 @@ class Moab(Torque):
         return returncode == 0
 
     def parse_job_id(self, out):
-        # msub prints the id on a line of its own, sometimes as "Moab.123".
-        m = re.search(r"^\s*(?:\S+\.)?(\d+)\s*$", out, re.M)
+        # msub prints the id on a line of its own, as Moab names it ("123" or "Moab.123").
+        m = re.search(r"^\s*((?:\S+\.)?\d+)\s*$", out, re.M)
         if m is None:
             raise ValueError(f"msub printed no job id: {out!r}")
         return m.group(1)
@@ -168,6 +169,7 @@ class Moab(Torque):
             else:  # Removed, Vacated, ...
                 state = JobState.failed
             seen[job_id] = (state, native, job.get("BlockReason"))
+            seen.setdefault(job_id.rpartition(".")[2], seen[job_id])  # "Moab.123" and "123"
         return seen
 
 

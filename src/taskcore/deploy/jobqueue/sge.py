@@ -36,7 +36,7 @@ class SGE(BatchSystem):
         "#$ -V",
     ])
     log_template = "#$ -o {log_directory}/$JOB_NAME-$JOB_ID.out"
-    lingering_states = frozenset({"Eqw", "Ehqw", "Eqw", "Erq"})
+    lingering_states = frozenset({"Eqw", "Ehqw", "EhRqw"})  # sge_status(5): error states
 
     def fields(self, script):
         return {"resource_spec": script.system_options.get("resource_spec")}
@@ -67,7 +67,7 @@ class SGE(BatchSystem):
                 state = JobState.failed
             elif "d" in native:
                 state = JobState.running  # being deleted: gone soon
-            elif "r" in native or "t" in native or "s" in native.lower():
+            elif set(native) & set("rtsST"):  # running, transferring, suspended
                 state = JobState.running
             else:  # qw, hqw, ...
                 state = JobState.pending

@@ -109,6 +109,10 @@ class BatchSystem(abc.ABC):
     job_options: dict = {}
     # True: the script goes to the submit command's stdin (LSF's `bsub < script`).
     script_on_stdin = False
+    # True: the batch system runs the submitted file itself when the job starts (OAR), so
+    # it is kept (in the log directory, or ~/.cache/taskcore/jobqueue/scripts) until then.
+    keeps_script = False
+    script_mode = 0o644
     # Native states of jobs that have failed but stay listed until removed (HTCondor's
     # Held, SGE's Eqw): the job is cancelled when seen there, so it cannot linger.
     lingering_states: frozenset = frozenset()

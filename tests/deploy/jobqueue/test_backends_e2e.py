@@ -1,0 +1,102 @@
+"""The same end-to-end checks on every batch system: real SLURM, SGE and OAR, and the
+stand-ins of PBS Pro, Torque, Moab, LSF, HTCondor and Flux (tests/deploy/jobqueue/standins).
+
+Each system is a `BatchEnv` (how to build its cluster, its queues, how to list and
+delete jobs from outside); a system's server starts only when one of its tests runs.
+"""
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+from taskcore import Client
+from taskcore.deploy.jobqueue.system import BatchCommandError
+from taskcore.testing import wait_until
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def slowinc(x, delay=0.05):
+    time.sleep(delay)
+    return x + 1
+
+
+class BatchEnv:
+    """What the tests need to know about one batch system under test."""
+
+    def __init__(self, name, cluster_class, jobs, delete, bad_queue_message, kwargs=None,
+                 bad_queue="nosuch", shared_directory=None):
+        self.name = name
+        self.cluster_class = cluster_class
+        self.jobs = jobs                  # () -> ids of jobs queued or running
+        self.delete = delete              # (job_id) -> delete it as a user would
+        self.bad_queue_message = bad_queue_message
+        self.kwargs = dict(kwargs or {})
+        self.bad_queue = bad_queue
+        self.shared_directory = shared_directory
+
+    def __repr__(self):
+        return self.name
+
+
+def _slurm_env(request):
+    from taskcore.deploy.jobqueue.slurm import SLURMCluster
+
+    slurm = request.getfixturevalue("slurm_clean")
+    return BatchEnv("slurm", SLURMCluster, jobs=lambda: [j for j, _ in slurm.jobs()],
+                    delete=lambda job_id: slurm.run("scancel", job_id),
+                    bad_queue_message="Invalid partition name specified")
+
+
+ENVS = {"slurm": _slurm_env}
+
+
+@pytest.fixture(params=sorted(ENVS))
+def batch(request, tmp_path):
+    env = ENVS[request.param](request)
+    if env.shared_directory is None:
+        env.shared_directory = str(tmp_path / "shared")
+    env.kwargs.setdefault("log_directory", str(tmp_path / "logs"))
+    env.kwargs.setdefault("poll_interval", 0.5)
+    return env
+
+
+def test_scale_compute_lose_a_job_and_close(batch):
+    cls = batch.cluster_class
+    with cls(cores=1, memory="1GiB", **batch.kwargs) as cluster, Client(cluster) as client:
+        cluster.scale(jobs=2)
+        client.wait_for_workers(2, timeout=120)
+        assert len(batch.jobs()) == 2
+        futures = client.map(slowinc, range(60))
+        victim = cluster.jobs[0]["job_id"]
+        batch.delete(victim)
+        assert client.gather(futures) == list(range(1, 61))
+        wait_until(lambda: (victim not in {j["job_id"] for j in cluster.jobs.values()}
+                            and cluster._job_counts()["running"] == 2), 120,
+                   "the deleted job's replacement")
+        client.wait_for_workers(2, timeout=120)
+        assert client.submit(slowinc, 1).result() == 2
+    wait_until(lambda: batch.jobs() == [], 30, "no job left after close")
+
+
+def test_scheduler_in_its_own_job(batch):
+    cls = batch.cluster_class
+    with cls(cores=1, memory="1GiB", scheduler="job", shared_directory=batch.shared_directory,
+             **batch.kwargs) as cluster:
+        assert cluster.scheduler.job_id in batch.jobs()
+        cluster.scale(jobs=1)
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=120)
+            assert client.submit(slowinc, 41).result() == 42
+        assert len(batch.jobs()) == 2
+    wait_until(lambda: batch.jobs() == [], 30, "no job left after close")
+
+
+def test_an_unknown_queue_is_refused_with_the_systems_message(batch):
+    cls = batch.cluster_class
+    start = time.monotonic()
+    with pytest.raises(BatchCommandError, match=batch.bad_queue_message):
+        cls(cores=1, memory="1GiB", queue=batch.bad_queue, n_workers=1, **batch.kwargs)
+    assert time.monotonic() - start < 30
+    assert batch.jobs() == []
