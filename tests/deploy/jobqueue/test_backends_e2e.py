@@ -49,7 +49,17 @@ def _slurm_env(request):
                     bad_queue_message="Invalid partition name specified")
 
 
-ENVS = {"slurm": _slurm_env}
+def _sge_env(request):
+    from taskcore.deploy.jobqueue.sge import SGECluster
+
+    sge = request.getfixturevalue("sge_clean")
+    return BatchEnv("sge", SGECluster, jobs=lambda: [j for j, _ in sge.jobs()],
+                    delete=lambda job_id: sge.run("qdel", job_id),
+                    bad_queue="nosuch.q",
+                    bad_queue_message='job requests unknown queue "nosuch.q"')
+
+
+ENVS = {"slurm": _slurm_env, "sge": _sge_env}
 
 
 @pytest.fixture(params=sorted(ENVS))

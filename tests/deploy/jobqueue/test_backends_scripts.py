@@ -99,6 +99,7 @@ def test_sge_minimal(fixed_python):
 #$ -cwd
 #$ -j y
 #$ -V
+#$ -S /bin/bash
 
 {WORKER_MIN}
 """
@@ -119,6 +120,7 @@ def test_sge_every_option():
 #$ -l h_rt=01:00:00
 #$ -cwd
 #$ -V
+#$ -S /bin/bash
 #$ -o /home/u/logs/$JOB_NAME-$JOB_ID.out
 #$ -pe smp 16
 #$ -m n
@@ -139,6 +141,7 @@ def test_sge_scheduler_script():
 #$ -cwd
 #$ -j y
 #$ -V
+#$ -S /bin/bash
 
 {SCHEDULER}
 """

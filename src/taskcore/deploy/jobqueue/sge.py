@@ -4,6 +4,8 @@ dask-jobqueue's SGE parameter `resource_spec` (for example "h_vmem=4G,m_mem_free
 becomes one `-l` line; without it no memory request is written, since Grid Engine
 sites name their memory complexes differently. The walltime is `-l h_rt=`.
 `qsub -w v` checks a script against the configuration without queueing it.
+Grid Engine ignores the `#!` line and starts a login shell (`-S /bin/bash`
+here), which may reset PATH: the worker's Python is always an absolute path.
 A job in an error state (`Eqw`) stays queued until deleted: it counts as
 failed and is deleted.
 """
@@ -34,6 +36,7 @@ class SGE(BatchSystem):
         "#$ -cwd",
         "#$ -j y",
         "#$ -V",
+        "#$ -S /bin/bash",
     ])
     log_template = "#$ -o {log_directory}/$JOB_NAME-$JOB_ID.out"
     lingering_states = frozenset({"Eqw", "Ehqw", "EhRqw"})  # sge_status(5): error states
