@@ -4,17 +4,20 @@ stand-ins of PBS Pro, Torque, Moab, LSF, HTCondor and Flux (tests/deploy/jobqueu
 Each system is a `BatchEnv` (how to build its cluster, its queues, how to list and
 delete jobs from outside); a system's server starts only when one of its tests runs.
 """
+import os
 import sys
 import time
 
 import cloudpickle
 import pytest
 
+import taskcore
 from taskcore import Client
 from taskcore.deploy.jobqueue.system import BatchCommandError
 from taskcore.testing import wait_until
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
+SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(taskcore.__file__)))
 
 
 def slowinc(x, delay=0.05):
@@ -59,7 +62,28 @@ def _sge_env(request):
                     bad_queue_message='job requests unknown queue "nosuch.q"')
 
 
-ENVS = {"slurm": _slurm_env, "sge": _sge_env}
+def _oar_env(request):
+    import site
+
+    from taskcore.deploy.jobqueue.oar import OARCluster
+
+    oar = request.getfixturevalue("oar_clean")
+    home = request.getfixturevalue("oar_dir")
+    # OAR refuses root's jobs: submit as the test user, from (and logging into) its home.
+    # Its jobs run Debian's python3 on this checkout and this venv's packages: this venv's
+    # own interpreter lives under /root, which the user cannot enter.
+    path = ":".join([site.getsitepackages()[0], SRC_DIR])
+    request.getfixturevalue("monkeypatch").chdir(home)
+    return BatchEnv("oar", OARCluster, jobs=lambda: [j for j, _ in oar.jobs()],
+                    delete=lambda job_id: oar.run("oardel", job_id),
+                    bad_queue_message="The queue nosuch does not exist",
+                    shared_directory=str(home),
+                    kwargs=dict(command_prefix=["runuser", "-u", oar.user, "--"],
+                                python="/usr/bin/python3", log_directory=str(home),
+                                job_script_prologue=[f"export PYTHONPATH={path}"]))
+
+
+ENVS = {"slurm": _slurm_env, "sge": _sge_env, "oar": _oar_env}
 
 
 @pytest.fixture(params=sorted(ENVS))

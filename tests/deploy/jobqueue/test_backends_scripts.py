@@ -175,7 +175,7 @@ def test_oar_every_option():
 #OAR -n tc-job
 #OAR -q debug
 #OAR -l /nodes=1/core=16,walltime=01:00:00
-#OAR -p "(cluster='dahu') AND memcore>=1024"
+#OAR -p (cluster='dahu') AND memcore>=1024
 #OAR -O /home/u/logs/tc-job-%jobid%.out
 #OAR -E /home/u/logs/tc-job-%jobid%.out
 #OAR -t besteffort
@@ -188,10 +188,10 @@ export OMP_NUM_THREADS=1
 
 
 @pytest.mark.parametrize("options, line", [
-    ({"oar_resource_properties": "host like 'gros-%'"}, "#OAR -p \"host like 'gros-%'\""),
-    ({"memory_per_core_property_name": "memcore"}, '#OAR -p "memcore>=2048"'),
+    ({"oar_resource_properties": "host like 'gros-%'"}, "#OAR -p host like 'gros-%'"),
+    ({"memory_per_core_property_name": "memcore"}, '#OAR -p memcore>=2048'),
     # 4 GiB over 3 cores: 1365.33 MiB per core, rounded up.
-    ({"memory_per_core_property_name": "mem_core", "cores": 3}, '#OAR -p "mem_core>=1366"'),
+    ({"memory_per_core_property_name": "mem_core", "cores": 3}, '#OAR -p mem_core>=1366'),
 ])
 def test_oar_properties_line(options, line):
     job = JobScript(OAR(), **{"cores": 2, "memory": "4GiB", **options})
@@ -885,7 +885,7 @@ CLUSTERS = [
     (SGECluster, SGE, {"resource_spec": "h_vmem=4G"}, "#$ -l h_vmem=4G", "lsf_units"),
     (OARCluster, OAR, {"memory_per_core_property_name": "memcore",
                        "oar_resource_properties": "gpu='YES'"},
-     "#OAR -p \"(gpu='YES') AND memcore>=2048\"", "resource_spec"),
+     "#OAR -p (gpu='YES') AND memcore>=2048", "resource_spec"),
     (PBSCluster, PBS, {"resource_spec": "select=1:ncpus=2:mem=8gb"},
      "#PBS -l select=1:ncpus=2:mem=8gb", "disk"),
     (TorqueCluster, Torque, {"resource_spec": "nodes=1:ppn=2:gpus=1"},

@@ -408,7 +408,7 @@ class Job(ProcessInterface):
             job_id = await self.system.submit(path)
             submitted = True
         except BatchCommandError as e:
-            raise ProcessStartError(f"{self._label()}: {e}") from None
+            raise BatchCommandError(f"{self._label()}: {e}") from None
         finally:
             if not (keep and submitted):
                 _unlink(path)

@@ -47,7 +47,8 @@ class OAR(BatchSystem):
             per_core = -(-script.memory // 2**20 // max(1, int(script.job_cpu)))
             cond = f"{mem_prop}>={per_core}"
             props = f"({props}) AND {cond}" if props else cond
-        return {"resources": resources, "properties": f'"{props}"' if props else None}
+        # Unquoted: OAR takes a directive's value to the end of the line, quotes included.
+        return {"resources": resources, "properties": props or None}
 
     keeps_script = True  # oarsub -S records the path; the node runs that file at start
     script_mode = 0o755

@@ -128,6 +128,7 @@ class BatchSystem(abc.ABC):
         # Every batch command runs behind this prefix: `["ssh", "login1"]` where the batch
         # tools live on another host, `["runuser", "-u", "me", "--"]` to submit as a user.
         self.command_prefix = [str(a) for a in command_prefix or []]
+        self._user: str | None = None
         self.command_timeout = command_timeout
         self.max_jobs_queued = max_jobs_queued
         self.max_jobs_running = max_jobs_running
@@ -218,9 +219,11 @@ class BatchSystem(abc.ABC):
         """Run one batch command; its stdout, or BatchCommandError with its stderr.
         `accept(returncode, out, err)` may let a non-zero exit through."""
         argv = self.command_prefix + [str(a) for a in argv]
+        # PWD as well as the cwd: oarsub takes the job's directory from $PWD.
+        env = dict(os.environ, PWD=os.getcwd())
         try:
             proc = await asyncio.create_subprocess_exec(
-                *map(str, argv),
+                *map(str, argv), env=env,
                 stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except OSError as e:
@@ -425,8 +428,23 @@ class BatchSystem(abc.ABC):
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
 
-    @staticmethod
-    def user() -> str:
-        import getpass
+    def user(self) -> str:
+        """Who the batch commands run as: us, or whom `command_prefix` makes them run as
+        (asked once, through the prefix, for the status commands' user filter)."""
+        if self._user is None:
+            if self.command_prefix:
+                import subprocess
 
-        return os.environ.get("USER") or getpass.getuser()
+                try:
+                    out = subprocess.run([*self.command_prefix, "id", "-un"],
+                                         capture_output=True, text=True,
+                                         timeout=self.command_timeout, check=True)
+                    self._user = out.stdout.strip()
+                except (OSError, subprocess.SubprocessError) as e:
+                    raise BatchCommandError(f"cannot tell which user {self.command_prefix} "
+                                            f"runs commands as: {e}") from None
+            else:
+                import getpass
+
+                self._user = os.environ.get("USER") or getpass.getuser()
+        return self._user
