@@ -28,15 +28,15 @@ def slowinc(x, delay=0.05):
 class BatchEnv:
     """What the tests need to know about one batch system under test."""
 
-    def __init__(self, name, cluster_class, jobs, delete, bad_queue_message, kwargs=None,
-                 bad_queue="nosuch", shared_directory=None):
+    def __init__(self, name, cluster_class, jobs, delete, bad_message, kwargs=None,
+                 bad_kwargs=None, shared_directory=None):
         self.name = name
         self.cluster_class = cluster_class
         self.jobs = jobs                  # () -> ids of jobs queued or running
         self.delete = delete              # (job_id) -> delete it as a user would
-        self.bad_queue_message = bad_queue_message
+        self.bad_message = bad_message    # the batch system's own words for bad_kwargs
         self.kwargs = dict(kwargs or {})
-        self.bad_queue = bad_queue
+        self.bad_kwargs = dict(bad_kwargs or {"queue": "nosuch"})
         self.shared_directory = shared_directory
 
     def __repr__(self):
@@ -49,7 +49,7 @@ def _slurm_env(request):
     slurm = request.getfixturevalue("slurm_clean")
     return BatchEnv("slurm", SLURMCluster, jobs=lambda: [j for j, _ in slurm.jobs()],
                     delete=lambda job_id: slurm.run("scancel", job_id),
-                    bad_queue_message="Invalid partition name specified")
+                    bad_message="Invalid partition name specified")
 
 
 def _sge_env(request):
@@ -58,8 +58,8 @@ def _sge_env(request):
     sge = request.getfixturevalue("sge_clean")
     return BatchEnv("sge", SGECluster, jobs=lambda: [j for j, _ in sge.jobs()],
                     delete=lambda job_id: sge.run("qdel", job_id),
-                    bad_queue="nosuch.q",
-                    bad_queue_message='job requests unknown queue "nosuch.q"')
+                    bad_kwargs={"queue": "nosuch.q"},
+                    bad_message='job requests unknown queue "nosuch.q"')
 
 
 def _oar_env(request):
@@ -76,14 +76,60 @@ def _oar_env(request):
     request.getfixturevalue("monkeypatch").chdir(home)
     return BatchEnv("oar", OARCluster, jobs=lambda: [j for j, _ in oar.jobs()],
                     delete=lambda job_id: oar.run("oardel", job_id),
-                    bad_queue_message="The queue nosuch does not exist",
+                    bad_message="The queue nosuch does not exist",
                     shared_directory=str(home),
                     kwargs=dict(command_prefix=["runuser", "-u", oar.user, "--"],
                                 python="/usr/bin/python3", log_directory=str(home),
                                 job_script_prologue=[f"export PYTHONPATH={path}"]))
 
 
-ENVS = {"slurm": _slurm_env, "sge": _sge_env, "oar": _oar_env}
+CANCEL = {"pbs": ["qdel"], "torque": ["qdel"], "moab": ["canceljob"], "lsf": ["bkill"],
+          "htcondor": ["condor_rm"], "flux": ["flux", "cancel"]}
+# Stand-ins (tests/deploy/jobqueue/standins): family -> (cluster class, bad input, its message).
+STANDINS = {
+    "pbs": ("taskcore.deploy.jobqueue.pbs:PBSCluster", {"queue": "nosuch"}, "Unknown queue"),
+    "torque": ("taskcore.deploy.jobqueue.pbs:TorqueCluster", {"queue": "nosuch"},
+               "Unknown queue"),
+    "moab": ("taskcore.deploy.jobqueue.pbs:MoabCluster", {"queue": "nosuch"},
+             "invalid class 'nosuch'"),
+    "lsf": ("taskcore.deploy.jobqueue.lsf:LSFCluster", {"queue": "nosuch"},
+            "nosuch: No such queue"),
+    # HTCondor has no queues: a directive it refuses instead.
+    "htcondor": ("taskcore.deploy.jobqueue.htcondor:HTCondorCluster",
+                 {"job_extra_directives": {"request_memory": "lots"}},
+                 "request_memory = lots is not a valid quantity"),
+    "flux": ("taskcore.deploy.jobqueue.flux:FluxCluster", {"queue": "nosuch"},
+             "'nosuch' is not a valid queue"),
+}
+
+
+def _standin_env(family):
+    def make(request):
+        from taskcore.deploy.specdata import import_dotted
+
+        from .conftest import _standin_teardown
+        from .standins import StandinBatch
+
+        dotted, bad, message = STANDINS[family]
+        server = StandinBatch(family, request.getfixturevalue("tmp_path_factory").mktemp(
+            f"standin-{family}"))
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+
+        def check():
+            leaked, left = _standin_teardown(server)
+            assert not leaked, f"{family} stand-in jobs left by the test: {leaked} ({left})"
+        request.addfinalizer(check)
+        return BatchEnv(f"{family} (stand-in)", import_dotted(dotted.replace(":", ".")),
+                        jobs=lambda: [j for j, _ in server.jobs()],
+                        delete=lambda job_id: server.run(*CANCEL[family], job_id),
+                        bad_kwargs=bad, bad_message=message)
+    return make
+
+
+ENVS = {"slurm": _slurm_env, "sge": _sge_env, "oar": _oar_env,
+        **{family: _standin_env(family) for family in STANDINS}}
 
 
 @pytest.fixture(params=sorted(ENVS))
@@ -127,10 +173,10 @@ def test_scheduler_in_its_own_job(batch):
     wait_until(lambda: batch.jobs() == [], 30, "no job left after close")
 
 
-def test_an_unknown_queue_is_refused_with_the_systems_message(batch):
+def test_bad_input_is_refused_with_the_systems_own_message(batch):
     cls = batch.cluster_class
     start = time.monotonic()
-    with pytest.raises(BatchCommandError, match=batch.bad_queue_message):
-        cls(cores=1, memory="1GiB", queue=batch.bad_queue, n_workers=1, **batch.kwargs)
+    with pytest.raises(BatchCommandError, match=batch.bad_message):
+        cls(cores=1, memory="1GiB", n_workers=1, **{**batch.kwargs, **batch.bad_kwargs})
     assert time.monotonic() - start < 30
     assert batch.jobs() == []

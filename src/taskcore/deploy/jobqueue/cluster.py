@@ -250,9 +250,10 @@ class JobQueueCluster(SpecCluster):
                                  **opts["job"]).scheduler_script(
                     opts["scheduler_file"], opts["scheduler_options"])
             else:
-                text = JobScript(self.system, security=self.security,
-                                 **spec["options"]["job"]).worker_script(
-                    _CHECK_ADDRESS, "check")
+                job = JobScript(self.system, security=self.security, **spec["options"]["job"])
+                if job.log_directory:  # some checks open the output files (condor_submit)
+                    os.makedirs(job.log_directory, exist_ok=True)
+                text = job.worker_script(_CHECK_ADDRESS, "check")
             fd, path = tempfile.mkstemp(prefix="taskcore-check-", suffix=".sh")
             try:
                 with os.fdopen(fd, "w") as f:

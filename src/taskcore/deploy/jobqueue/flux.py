@@ -23,7 +23,6 @@ class Flux(BatchSystem):
     directive_prefix = "#flux:"
     submit_command = "flux"
     cancel_command = "flux"
-    job_id_variable = "FLUX_JOB_ID"
     header_template = "\n".join([
         "#flux: --job-name={job_name}",
         "#flux: --queue={queue}",

@@ -43,7 +43,6 @@ class HTCondor(BatchSystem):
     directive_prefix = ""
     submit_command = "condor_submit"
     cancel_command = "condor_rm"
-    job_id_variable = "CONDOR_JOB_ID"
     job_options = {"disk": "1GiB", "submit_command_extra": (), "cancel_command_extra": ()}
     lingering_states = frozenset({"Held"})
     header_template = "\n".join([
@@ -83,6 +82,11 @@ class HTCondor(BatchSystem):
         from taskcore.deploy.jobqueue.job import _shell_word
 
         # One `eval` per prologue line, so a comment or a trailing `&` stays in its line.
+        # The submit file's arguments are one line: a line break cannot be written there.
+        for text in [*script.job_script_prologue, *map(str, command)]:
+            if "\n" in text or "\r" in text:
+                raise ValueError(f"HTCondor: a job_script_prologue line or a worker argument "
+                                 f"cannot hold a line break: {text!r}")
         lines = [f"eval {shlex.quote(line)}" for line in script.job_script_prologue]
         shell = "; ".join(lines + ["exec " + " ".join(_shell_word(str(a)) for a in command)])
         # condor_submit expands $(macro) anywhere in the file; $(DOLLAR) is a literal $.

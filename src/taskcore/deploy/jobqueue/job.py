@@ -486,7 +486,12 @@ class Job(ProcessInterface):
         try:
             info = self.info_state
             if self.job_id and info is not None and not info.state.ended:
-                await self.system.cancel_batched(self.job_id)
+                try:
+                    await self.system.cancel_batched(self.job_id)
+                except BatchCommandError as e:
+                    # Refused: most often the job ended since the last poll. The poll below
+                    # tells; a job still listed afterwards is worth a warning.
+                    logger.debug("%s: cancel refused: %s", self._label(), e)
                 deadline = time.monotonic() + self.close_timeout
                 # Closed means gone from the queue: ask (with everyone else closing, in one
                 # status call) until the batch system agrees.

@@ -24,7 +24,6 @@ class LSF(BatchSystem):
     directive_prefix = "#BSUB"
     submit_command = "bsub"
     cancel_command = "bkill"
-    job_id_variable = "LSB_JOBID"
     job_options = {"use_stdin": True, "lsf_units": "KB"}
     header_template = "\n".join([
         "#BSUB -J {job_name}",
@@ -40,6 +39,10 @@ class LSF(BatchSystem):
     def __init__(self, *args, use_stdin: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.script_on_stdin = use_stdin
+        # `bsub FILE` runs that file when the job starts (and reads its #BSUB lines only
+        # where the site sets LSB_BSUB_PARSE_SCRIPT=Y): keep it until the job ends.
+        self.keeps_script = not use_stdin
+        self.script_mode = 0o644 if use_stdin else 0o755
 
     def record(self):
         return dict(super().record(), use_stdin=self.script_on_stdin)

@@ -25,7 +25,6 @@ class OAR(BatchSystem):
     directive_prefix = "#OAR"
     submit_command = "oarsub"
     cancel_command = "oardel"
-    job_id_variable = "OAR_JOB_ID"
     job_options = {"oar_resource_properties": None, "memory_per_core_property_name": None}
     header_template = "\n".join([
         "#OAR -n {job_name}",

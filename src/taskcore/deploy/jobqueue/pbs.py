@@ -36,7 +36,6 @@ class PBS(BatchSystem):
     directive_prefix = "#PBS"
     submit_command = "qsub"
     cancel_command = "qdel"
-    job_id_variable = "PBS_JOBID"
     job_options = {"resource_spec": None}
     header_template = "\n".join([
         "#PBS -N {job_name}",
@@ -135,7 +134,6 @@ class Moab(Torque):
     name = "Moab"
     submit_command = "msub"
     cancel_command = "canceljob"
-    job_id_variable = "MOAB_JOBID"
 
     def cancel_argv(self, job_ids):
         return ["canceljob", *job_ids]

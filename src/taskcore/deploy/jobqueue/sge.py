@@ -25,7 +25,6 @@ class SGE(BatchSystem):
     directive_prefix = "#$"
     submit_command = "qsub"
     cancel_command = "qdel"
-    job_id_variable = "JOB_ID"
     job_options = {"resource_spec": None}
     header_template = "\n".join([
         "#$ -N {job_name}",

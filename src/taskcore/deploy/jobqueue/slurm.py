@@ -24,7 +24,6 @@ class SLURM(BatchSystem):
     directive_prefix = "#SBATCH"
     submit_command = "sbatch"
     cancel_command = "scancel"
-    job_id_variable = "SLURM_JOB_ID"
     header_template = "\n".join([
         "#SBATCH -J {job_name}",
         "#SBATCH -p {queue}",

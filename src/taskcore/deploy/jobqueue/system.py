@@ -102,8 +102,6 @@ class BatchSystem(abc.ABC):
     header_template = ""
     # Lines that name the job's output files, appended when a log directory is set.
     log_template = ""
-    # Environment variable that holds the job id inside a job.
-    job_id_variable = "JOB_ID"
     # Job options of this system's own (dask-jobqueue's `resource_spec` for SGE...), with
     # their defaults; they reach the header template through `fields()`.
     job_options: dict = {}
@@ -283,16 +281,30 @@ class BatchSystem(abc.ABC):
             async def flush():
                 await asyncio.sleep(0)  # the other closers of this turn add their ids
                 self._cancel_batch = None
+                errors = {}
                 try:
                     await self.cancel(batch[0])
+                except BatchCommandError as e:
+                    # Every system refuses to cancel a job that has just ended, and one
+                    # such id fails the whole command: then cancel one by one, so each
+                    # waiter learns about its own job only.
+                    if len(batch[0]) == 1:
+                        errors[batch[0][0]] = e
+                    else:
+                        for one in batch[0]:
+                            try:
+                                await self.cancel([one])
+                            except BatchCommandError as e1:
+                                errors[one] = e1
                 except BaseException as e:
-                    batch[1].set_exception(e)
-                else:
-                    batch[1].set_result(None)
+                    errors = {one: e for one in batch[0]}
+                batch[1].set_result(errors)
             asyncio.ensure_future(flush())
         ids, done = self._cancel_batch
         ids.append(job_id)
-        await asyncio.shield(done)
+        error = (await asyncio.shield(done)).get(job_id)
+        if error is not None:
+            raise error
 
     def watch(self, job_id: str) -> JobInfo:
         """Follow a job submitted elsewhere (a cluster rebuilt with from_name)."""
