@@ -10,16 +10,15 @@ from __future__ import annotations
 import re
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
-from taskcore.deploy.jobqueue.system import BatchSystem, JobState
+from taskcore.deploy.jobqueue.system import BatchSystem
 
 __all__ = ["Flux", "FluxCluster"]
 
-_PENDING = {"NEW", "DEPEND", "PRIORITY", "SCHED"}
-_RUNNING = {"RUN", "CLEANUP"}
-
-
 class Flux(BatchSystem):
     name = "Flux"
+    pending_states = frozenset({"NEW", "DEPEND", "PRIORITY", "SCHED"})
+    running_states = frozenset({"RUN", "CLEANUP"})
+    done_states = frozenset({"COMPLETED"})  # an INACTIVE job's result; FAILED, CANCELED...
     directive_prefix = "#flux:"
     submit_command = "flux"
     cancel_command = "flux"
@@ -64,14 +63,8 @@ class Flux(BatchSystem):
                 continue
             job_id, native = parts[0], parts[1]
             result = parts[2] if len(parts) > 2 else ""
-            if native in _PENDING:
-                state = JobState.pending
-            elif native in _RUNNING:
-                state = JobState.running
-            elif result == "COMPLETED":
-                state = JobState.done
-            else:  # INACTIVE with FAILED, CANCELED, TIMEOUT
-                state = JobState.failed
+            # An inactive job is what its result says.
+            state = self.state_of(result if native == "INACTIVE" else native)
             seen[job_id] = (state, result or native, None)
         return seen
 

@@ -22,15 +22,13 @@ import re
 import shlex
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
-from taskcore.deploy.jobqueue.system import BatchSystem, JobState
+from taskcore.deploy.jobqueue.system import BatchSystem
 from taskcore.utils import parse_bytes
 
 __all__ = ["HTCondor", "HTCondorCluster", "condor_argument"]
 
-_STATES = {1: ("Idle", JobState.pending), 2: ("Running", JobState.running),
-           3: ("Removed", JobState.failed), 4: ("Completed", JobState.done),
-           5: ("Held", JobState.failed), 6: ("TransferringOutput", JobState.running),
-           7: ("Suspended", JobState.running)}
+_STATUS_NAMES = {1: "Idle", 2: "Running", 3: "Removed", 4: "Completed", 5: "Held",
+                 6: "TransferringOutput", 7: "Suspended"}  # JobStatus codes
 
 
 def condor_argument(text: str) -> str:
@@ -40,6 +38,9 @@ def condor_argument(text: str) -> str:
 
 class HTCondor(BatchSystem):
     name = "HTCondor"
+    pending_states = frozenset({"Idle"})
+    running_states = frozenset({"Running", "TransferringOutput", "Suspended"})
+    done_states = frozenset({"Completed"})  # Removed, Held (an error): failed
     directive_prefix = ""
     submit_command = "condor_submit"
     cancel_command = "condor_rm"
@@ -128,7 +129,8 @@ class HTCondor(BatchSystem):
             return {}  # condor_q -json prints nothing when no job matches
         seen = {}
         for ad in json.loads(out):
-            native, state = _STATES.get(ad.get("JobStatus"), ("Unknown", JobState.failed))
+            native = _STATUS_NAMES.get(ad.get("JobStatus"), "Unknown")
+            state = self.state_of(native)
             seen[str(ad.get("ClusterId"))] = (state, native, ad.get("HoldReason"))
         return seen
 

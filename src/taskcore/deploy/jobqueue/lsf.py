@@ -10,13 +10,13 @@ import json
 import re
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
-from taskcore.deploy.jobqueue.system import BatchSystem, JobState
+from taskcore.deploy.jobqueue.system import BatchSystem
 
 __all__ = ["LSF", "LSFCluster"]
 
 _UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "PB": 2**50, "EB": 2**60}
-_PENDING = {"PEND", "PSUSP", "WAIT", "PROV"}
-_RUNNING = {"RUN", "USUSP", "SSUSP", "UNKWN", "ZOMBI"}
+_PENDING = frozenset({"PEND", "PSUSP", "WAIT", "PROV"})
+_RUNNING = frozenset({"RUN", "USUSP", "SSUSP", "UNKWN", "ZOMBI"})
 
 
 class LSF(BatchSystem):
@@ -24,6 +24,9 @@ class LSF(BatchSystem):
     directive_prefix = "#BSUB"
     submit_command = "bsub"
     cancel_command = "bkill"
+    pending_states = _PENDING
+    running_states = _RUNNING
+    done_states = frozenset({"DONE"})  # EXIT: failed
     job_options = {"use_stdin": True, "lsf_units": "KB"}
     header_template = "\n".join([
         "#BSUB -J {job_name}",
@@ -87,14 +90,7 @@ class LSF(BatchSystem):
             if rec.get("ERROR") or not job_id:
                 continue  # not found: not listed, so it counts as gone
             native = rec.get("STAT", "")
-            if native in _PENDING:
-                state = JobState.pending
-            elif native in _RUNNING:
-                state = JobState.running
-            elif native == "DONE":
-                state = JobState.done
-            else:  # EXIT
-                state = JobState.failed
+            state = self.state_of(native)
             seen[job_id] = (state, native, rec.get("EXIT_REASON") or None)
         return seen
 

@@ -12,12 +12,12 @@ import json
 import re
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
-from taskcore.deploy.jobqueue.system import BatchSystem, JobState
+from taskcore.deploy.jobqueue.system import BatchSystem
 
 __all__ = ["OAR", "OARCluster"]
 
-_PENDING = {"Waiting", "Hold", "toLaunch", "toAckReservation", "Launching"}
-_RUNNING = {"Running", "Suspended", "Resuming", "Finishing", "toError"}
+_PENDING = frozenset({"Waiting", "Hold", "toLaunch", "toAckReservation", "Launching"})
+_RUNNING = frozenset({"Running", "Suspended", "Resuming", "Finishing", "toError"})
 
 
 class OAR(BatchSystem):
@@ -25,6 +25,9 @@ class OAR(BatchSystem):
     directive_prefix = "#OAR"
     submit_command = "oarsub"
     cancel_command = "oardel"
+    pending_states = _PENDING
+    running_states = _RUNNING
+    done_states = frozenset({"Terminated"})  # Error: failed
     job_options = {"oar_resource_properties": None, "memory_per_core_property_name": None}
     header_template = "\n".join([
         "#OAR -n {job_name}",
@@ -71,14 +74,7 @@ class OAR(BatchSystem):
         seen = {}
         for job_id, job in (data.items() if isinstance(data, dict) else ()):
             native = job.get("state", "")
-            if native in _PENDING:
-                state = JobState.pending
-            elif native in _RUNNING:
-                state = JobState.running
-            elif native == "Terminated":
-                state = JobState.done
-            else:  # Error
-                state = JobState.failed
+            state = self.state_of(native)
             seen[str(job_id)] = (state, native, job.get("message") or None)
         return seen
 

@@ -22,17 +22,14 @@ from taskcore.deploy.jobqueue.system import BatchSystem, JobState
 
 __all__ = ["PBS", "Torque", "Moab", "PBSCluster", "TorqueCluster", "MoabCluster"]
 
-# PBS/Torque job_state letters.
-_PBS_STATES = {
-    "Q": JobState.pending, "H": JobState.pending, "W": JobState.pending,
-    "T": JobState.pending, "U": JobState.pending, "S": JobState.running,
-    "R": JobState.running, "E": JobState.running, "B": JobState.running,
-    "C": JobState.done, "F": JobState.done, "X": JobState.done,
-}
 
 
 class PBS(BatchSystem):
     name = "PBS"
+    # job_state letters (a finished one is done only with exit status 0)
+    pending_states = frozenset("QHWTU")
+    running_states = frozenset("SREB")
+    done_states = frozenset("CFX")
     directive_prefix = "#PBS"
     submit_command = "qsub"
     cancel_command = "qdel"
@@ -81,7 +78,7 @@ class PBS(BatchSystem):
         seen = {}
         for job_id, attrs in jobs.items():
             letter = attrs.get("job_state", "")
-            state = _PBS_STATES.get(letter, JobState.failed)
+            state = self.state_of(letter)
             exit_status = attrs.get("Exit_status")
             if state is JobState.done and exit_status not in (None, 0):
                 state = JobState.failed
@@ -116,7 +113,7 @@ class Torque(PBS):
         for job in jobs:
             job_id = (job.findtext("Job_Id") or "").strip()
             letter = (job.findtext("job_state") or "").strip()
-            state = _PBS_STATES.get(letter, JobState.failed)
+            state = self.state_of(letter)
             exit_status = job.findtext("exit_status")
             if state is JobState.done and exit_status not in (None, "", "0"):
                 state = JobState.failed
@@ -125,13 +122,13 @@ class Torque(PBS):
         return seen
 
 
-_MOAB_PENDING = {"Idle", "Hold", "UserHold", "SystemHold", "BatchHold", "Deferred", "Blocked",
-                 "Staging", "Starting", "NotQueued", "Migrated"}
-_MOAB_RUNNING = {"Running", "Suspended", "Canceling"}
-
-
 class Moab(Torque):
     name = "Moab"
+    pending_states = frozenset({"Idle", "Hold", "UserHold", "SystemHold", "BatchHold",
+                                "Deferred", "Blocked", "Staging", "Starting", "NotQueued",
+                                "Migrated"})
+    running_states = frozenset({"Running", "Suspended", "Canceling"})
+    done_states = frozenset({"Completed"})  # Removed, Vacated...: failed
     submit_command = "msub"
     cancel_command = "canceljob"
 
@@ -158,14 +155,7 @@ class Moab(Torque):
         for job in ET.fromstring(out).iter("job"):
             job_id = job.get("JobID", "")
             native = job.get("State", "")
-            if native in _MOAB_PENDING:
-                state = JobState.pending
-            elif native in _MOAB_RUNNING:
-                state = JobState.running
-            elif native == "Completed":
-                state = JobState.done
-            else:  # Removed, Vacated, ...
-                state = JobState.failed
+            state = self.state_of(native)
             seen[job_id] = (state, native, job.get("BlockReason"))
             seen.setdefault(job_id.rpartition(".")[2], seen[job_id])  # "Moab.123" and "123"
         return seen

@@ -9,14 +9,14 @@ from __future__ import annotations
 import re
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
-from taskcore.deploy.jobqueue.system import BatchSystem, JobState
+from taskcore.deploy.jobqueue.system import BatchSystem
 
 __all__ = ["SLURM", "SLURMCluster"]
 
-_PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-            "RESV_DEL_HOLD", "POWER_UP_NODE"}
-_RUNNING = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED",
-            "STOPPED"}
+_PENDING = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+            "RESV_DEL_HOLD", "POWER_UP_NODE"})
+_RUNNING = frozenset({"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING", "SUSPENDED",
+            "STOPPED"})
 
 
 class SLURM(BatchSystem):
@@ -24,6 +24,9 @@ class SLURM(BatchSystem):
     directive_prefix = "#SBATCH"
     submit_command = "sbatch"
     cancel_command = "scancel"
+    pending_states = _PENDING
+    running_states = _RUNNING
+    done_states = frozenset({"COMPLETED"})  # others: CANCELLED, FAILED, TIMEOUT, NODE_FAIL...
     header_template = "\n".join([
         "#SBATCH -J {job_name}",
         "#SBATCH -p {queue}",
@@ -64,14 +67,7 @@ class SLURM(BatchSystem):
                 continue
             job_id, native = parts[0], parts[1]
             reason = parts[2] if len(parts) > 2 and parts[2] not in ("None", "") else None
-            if native in _PENDING:
-                state = JobState.pending
-            elif native in _RUNNING:
-                state = JobState.running
-            elif native == "COMPLETED":
-                state = JobState.done
-            else:  # CANCELLED, FAILED, TIMEOUT, NODE_FAIL, PREEMPTED, OUT_OF_MEMORY, ...
-                state = JobState.failed
+            state = self.state_of(native)
             seen[job_id] = (state, native, reason)
         return seen
 

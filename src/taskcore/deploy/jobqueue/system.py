@@ -114,6 +114,10 @@ class BatchSystem(abc.ABC):
     # Native states of jobs that have failed but stay listed until removed (HTCondor's
     # Held, SGE's Eqw): the job is cancelled when seen there, so it cannot linger.
     lingering_states: frozenset = frozenset()
+    # The system's own state names, as `state_of` reads them; any other is a failure.
+    pending_states: frozenset = frozenset()
+    running_states: frozenset = frozenset()
+    done_states: frozenset = frozenset()
     # How long (s) a job that vanished from the queue may stay unseen before we call it gone:
     # some systems drop a job from their listing for a moment while it starts.
     vanish_grace = 0.0
@@ -179,6 +183,16 @@ class BatchSystem(abc.ABC):
 
     def cancel_argv(self, job_ids: list) -> list:
         return [self.cancel_command, *job_ids]
+
+    def state_of(self, native: str) -> JobState:
+        """Our state for one of the system's own state names (the class's tables)."""
+        if native in self.pending_states:
+            return JobState.pending
+        if native in self.running_states:
+            return JobState.running
+        if native in self.done_states:
+            return JobState.done
+        return JobState.failed
 
     @abc.abstractmethod
     def status_argv(self, job_ids: list) -> list:
