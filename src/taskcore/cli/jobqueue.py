@@ -223,6 +223,9 @@ def parse_args(argv=None):
     # Every job option checked now, with the site config applied, before anything starts.
     try:
         args.job_script = job_script(args.system, args.job)
+        # Rendered once too: some options fail only there (a header template's unknown
+        # field, lsf_units, a line break HTCondor cannot write).
+        args.job_script.worker_script(SCRIPT_SCHEDULER, "0")
     except (TypeError, ValueError, OSError) as e:  # OSError: a named config file is missing
         parser.error(str(e))
     return args

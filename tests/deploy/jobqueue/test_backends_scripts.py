@@ -942,3 +942,27 @@ def test_job_script_template_reads_the_site_config(tmp_path, monkeypatch):
     assert "#BSUB -M 4096" in LSFCluster.job_script_template(
         cores=1, memory="4GiB", lsf_units="MB").header()
     assert "#$ -l h_vmem=2G" in SGECluster.job_script_template(cores=1, memory="1GiB").header()
+
+
+def test_lsf_walltime_is_hours_and_minutes_as_bsub_reads_it():
+    from taskcore.deploy.jobqueue.lsf import LSF
+
+    job = JobScript(LSF(), cores=1, memory="1GiB", walltime="01:30")
+    assert job.walltime_seconds == 5400 and "#BSUB -W 01:30" in job.header()
+    assert JobScript(LSF(), cores=1, memory="1GiB", walltime="45").walltime_seconds == 2700
+    assert JobScript(LSF(), cores=1, memory="1GiB", walltime="2h").walltime_seconds == 7200
+
+
+def test_oar_not_applicable_memory_property_adds_no_filter():
+    from taskcore.deploy.jobqueue.oar import OAR
+
+    job = JobScript(OAR(), cores=1, memory="1GiB", memory_per_core_property_name="not_applicable")
+    assert not [h for h in job.header() if h.startswith("#OAR -p")]
+
+
+def test_pbs_log_names_use_the_sequence_number():
+    from taskcore.deploy.jobqueue.pbs import PBS, Moab
+
+    job = JobScript(PBS(), cores=1, memory="1GiB", log_directory="/logs")
+    assert PBS().log_file_name(job, "123.server") == "taskcore-worker.o123"
+    assert Moab().log_file_name(job, "Moab.77") == "taskcore-worker.o77"

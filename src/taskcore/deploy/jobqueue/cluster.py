@@ -258,6 +258,8 @@ class JobQueueCluster(SpecCluster):
             try:
                 with os.fdopen(fd, "w") as f:
                     f.write(text)
+                # readable by the user a command_prefix may switch to
+                os.chmod(path, self.system.script_mode)
                 await self.system.validate(path)
             except BatchCommandError as e:
                 raise BatchCommandError(f"{self.name}: the {label} job would be rejected: "

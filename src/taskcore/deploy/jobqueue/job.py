@@ -139,7 +139,7 @@ class JobScript:
         self.queue = queue
         self.account = account
         self.walltime = walltime
-        self.walltime_seconds = parse_walltime(walltime)
+        self.walltime_seconds = system.parse_walltime(walltime)
         self.job_name = job_name
         self.job_extra_directives = _lines(job_extra_directives, "job_extra_directives")
         self.job_directives_skip = _lines(job_directives_skip, "job_directives_skip")

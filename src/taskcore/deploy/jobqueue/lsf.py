@@ -58,6 +58,13 @@ class LSF(BatchSystem):
             raise ValueError(f"lsf_units must be one of {sorted(_UNITS)}, not {units!r}")
         return {"memory_limit": -(-script.memory // _UNITS[units])}
 
+    def parse_walltime(self, value):
+        # bsub -W (and dask-jobqueue's LSF walltime) is [hours:]minutes: "01:30" is 90 min.
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+(:\d+)?\s*", value):
+            hours, _, minutes = value.strip().rpartition(":")
+            return float(int(hours or 0) * 3600 + int(minutes) * 60)
+        return super().parse_walltime(value)
+
     def format_walltime(self, seconds):
         minutes = int(-(-seconds // 60))  # bsub -W is [hours:]minutes
         return f"{minutes // 60:02d}:{minutes % 60:02d}"

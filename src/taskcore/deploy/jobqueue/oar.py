@@ -2,9 +2,11 @@
 
 OAR reads `#OAR` directives from an executable script (`oarsub -S`). The
 resources and the walltime go in one `-l` line; dask-jobqueue's
-`oar_resource_properties` becomes `-p` (an SQL filter on resource properties),
-and `memory_per_core_property_name` adds a `memcore>=N` filter (MiB per core)
-so a job lands where its memory fits, since OAR has no memory request.
+our `oar_resource_properties` becomes `-p` (an SQL filter on resource
+properties), and dask-jobqueue's `memory_per_core_property_name` adds a
+`memcore>=N` filter (MiB per core) so a job lands where its memory fits, since
+OAR has no memory request; "not_applicable" (dask-jobqueue's word for a site
+without such a property) or None adds none.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ class OAR(BatchSystem):
             resources += f",walltime={self.format_walltime(script.walltime_seconds)}"
         props = script.system_options.get("oar_resource_properties")
         mem_prop = script.system_options.get("memory_per_core_property_name")
-        if mem_prop:
+        if mem_prop and mem_prop != "not_applicable":
             per_core = -(-script.memory // 2**20 // max(1, int(script.job_cpu)))
             cond = f"{mem_prop}>={per_core}"
             props = f"({props}) AND {cond}" if props else cond

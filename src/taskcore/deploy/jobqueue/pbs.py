@@ -44,7 +44,10 @@ class PBS(BatchSystem):
     log_template = "#PBS -o {log_directory}/\n#PBS -j oe"
 
     def log_file_name(self, script, job_id):
-        return f"{script.job_name}.o{job_id.split('.')[0]}"  # `-o DIR/`: PBS names it
+        # `-o DIR/`: PBS names the file after the job's sequence number ("123.server",
+        # "Moab.123": 123).
+        sequence = re.search(r"\d+", job_id).group(0)
+        return f"{script.job_name}.o{sequence}"
 
     def format_memory(self, nbytes):
         return f"{-(-int(nbytes) // 2**20)}mb"  # PBS units are binary: 1mb = 2**20 bytes

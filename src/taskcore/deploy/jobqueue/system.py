@@ -127,8 +127,9 @@ class BatchSystem(abc.ABC):
                  max_jobs_queued: int | None = None, max_jobs_running: int | None = None,
                  submit_options: list | None = None, command_prefix: list | None = None):
         self.poll_interval = poll_interval
-        # Every batch command runs behind this prefix: `["ssh", "login1"]` where the batch
-        # tools live on another host, `["runuser", "-u", "me", "--"]` to submit as a user.
+        # Every batch command runs behind this prefix, which must pass the words on as they
+        # are (`["runuser", "-u", "me", "--"]` to submit as another user on this host). Not
+        # `ssh`: a remote shell splits the words again, and the script is a local file.
         self.command_prefix = [str(a) for a in command_prefix or []]
         self._user: str | None = None
         self.command_timeout = command_timeout
@@ -165,6 +166,13 @@ class BatchSystem(abc.ABC):
         """A walltime as its directive wants it (HH:MM:SS by default)."""
         seconds = int(-(-seconds // 1))
         return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+    def parse_walltime(self, value) -> float | None:
+        """Seconds in a walltime as this system's users write it (sbatch's forms, or a
+        duration such as "90m", by default)."""
+        from taskcore.deploy.jobqueue.job import parse_walltime
+
+        return parse_walltime(value)
 
     def log_file_name(self, script, job_id: str) -> str:
         """The name of a job's output file in the log directory (see `log_template`)."""
