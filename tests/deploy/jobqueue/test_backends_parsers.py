@@ -605,7 +605,7 @@ def test_htcondor_parse_job_id(out, job_id):
 
 
 def test_htcondor_parse_job_id_refuses_errors():
-    with pytest.raises(ValueError, match="condor_submit printed no cluster id"):
+    with pytest.raises(ValueError, match="condor_submit printed no job id"):
         HTCondor().parse_job_id("ERROR: Failed to connect to local queue manager\n")
 
 

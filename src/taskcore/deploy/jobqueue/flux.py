@@ -7,7 +7,6 @@ is asked for the same form, so they are compared as printed. `flux batch
 """
 from __future__ import annotations
 
-import re
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
 from taskcore.deploy.jobqueue.system import BatchSystem
@@ -22,6 +21,8 @@ class Flux(BatchSystem):
     directive_prefix = "#flux:"
     submit_command = "flux"
     cancel_command = "flux"
+    job_id_pattern = r"^\s*([ƒf][1-9A-HJ-NP-Za-km-z]+|\d+)\s*$"  # F58, or decimal
+    submit_label = "flux batch"
     header_template = "\n".join([
         "#flux: --job-name={job_name}",
         "#flux: --queue={queue}",
@@ -48,12 +49,6 @@ class Flux(BatchSystem):
     def status_argv(self, job_ids):
         return ["flux", "jobs", "-a", "-n", "--format={id.f58} {state} {result}",
                 *job_ids]
-
-    def parse_job_id(self, out):
-        m = re.search(r"^\s*(\S+)\s*$", out.strip().splitlines()[-1] if out.strip() else "")
-        if m is None or not re.fullmatch(r"[ƒf][1-9A-HJ-NP-Za-km-z]+|\d+", m.group(1)):
-            raise ValueError(f"flux batch printed no job id: {out!r}")
-        return m.group(1)
 
     def parse_status(self, out):
         seen = {}

@@ -18,7 +18,6 @@ is removed, so it cannot linger in the queue.
 from __future__ import annotations
 
 import json
-import re
 import shlex
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
@@ -44,6 +43,7 @@ class HTCondor(BatchSystem):
     directive_prefix = ""
     submit_command = "condor_submit"
     cancel_command = "condor_rm"
+    job_id_pattern = r"submitted to cluster (\d+)"
     job_options = {"disk": "1GiB", "submit_command_extra": (), "cancel_command_extra": ()}
     lingering_states = frozenset({"Held"})
     header_template = "\n".join([
@@ -117,12 +117,6 @@ class HTCondor(BatchSystem):
                 where += [a, extra[i + 1]]
         return ["condor_q", *where, "-json", "-attributes",
                 "ClusterId,ProcId,JobStatus,HoldReason", *job_ids]
-
-    def parse_job_id(self, out):
-        m = re.search(r"submitted to cluster (\d+)", out)
-        if m is None:
-            raise ValueError(f"condor_submit printed no cluster id: {out!r}")
-        return m.group(1)
 
     def parse_status(self, out):
         if not out.strip():

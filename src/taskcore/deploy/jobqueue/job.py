@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 
-from taskcore.deploy.jobqueue.system import BatchCommandError, JobState
+from taskcore.deploy.jobqueue.system import BatchCommandError, JobState, parse_walltime
 from taskcore.process import (ProcessGone, ProcessInterface, ProcessStartError, Status,
                               scheduler_cli_args, worker_cli_args)
 from taskcore.utils import parse_bytes, parse_timedelta, read_json_file
@@ -69,34 +69,6 @@ JOB_OPTIONS = frozenset({
     "header_template", "walltime_margin", "lifetime_stagger", "nanny", "protocol",
     "resources",
 })
-
-
-def parse_walltime(value) -> float | None:
-    """Seconds in a walltime: "D-HH:MM:SS", "HH:MM:SS", "MM:SS", minutes, or "90m", "1h"."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    text = str(value).strip()
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
-    if m:
-        days, *rest = m.groups()
-        parts = [int(x) for x in rest if x is not None]
-        if days is None:
-            # sbatch's forms: MM, MM:SS, HH:MM:SS
-            units = {1: [60], 2: [60, 1], 3: [3600, 60, 1]}[len(parts)]
-        else:
-            # D-HH, D-HH:MM, D-HH:MM:SS
-            units = [3600, 60, 1][:len(parts)]
-        return float(int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units)))
-    try:
-        seconds = parse_timedelta(text)
-    except ValueError:
-        seconds = None
-    if seconds is None:
-        raise ValueError(f"invalid walltime {value!r}: use D-HH:MM:SS, HH:MM:SS, MM:SS, minutes, "
-                         f"or a duration such as '90m'")
-    return seconds
 
 
 class _Fields(string.Formatter):

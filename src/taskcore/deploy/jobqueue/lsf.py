@@ -24,6 +24,7 @@ class LSF(BatchSystem):
     directive_prefix = "#BSUB"
     submit_command = "bsub"
     cancel_command = "bkill"
+    job_id_pattern = r"Job <(\d+)> is submitted"
     pending_states = _PENDING
     running_states = _RUNNING
     done_states = frozenset({"DONE"})  # EXIT: failed
@@ -81,12 +82,6 @@ class LSF(BatchSystem):
         # bjobs exits non-zero when one id is unknown ("Job <N> is not found"); the JSON
         # still holds the others, and the unknown ones carry an ERROR.
         return out.lstrip().startswith("{")
-
-    def parse_job_id(self, out):
-        m = re.search(r"Job <(\d+)> is submitted", out)
-        if m is None:
-            raise ValueError(f"bsub printed no job id: {out!r}")
-        return m.group(1)
 
     def parse_status(self, out):
         if not out.strip():

@@ -11,7 +11,6 @@ without such a property) or None adds none.
 from __future__ import annotations
 
 import json
-import re
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
 from taskcore.deploy.jobqueue.system import BatchSystem
@@ -27,6 +26,7 @@ class OAR(BatchSystem):
     directive_prefix = "#OAR"
     submit_command = "oarsub"
     cancel_command = "oardel"
+    job_id_pattern = r"OAR_JOB_ID=(\d+)"
     pending_states = _PENDING
     running_states = _RUNNING
     done_states = frozenset({"Terminated"})  # Error: failed
@@ -62,12 +62,6 @@ class OAR(BatchSystem):
 
     def status_argv(self, job_ids):
         return ["oarstat", "-J", "-u", self.user()]
-
-    def parse_job_id(self, out):
-        m = re.search(r"OAR_JOB_ID=(\d+)", out)
-        if m is None:
-            raise ValueError(f"oarsub printed no job id: {out!r}")
-        return m.group(1)
 
     def parse_status(self, out):
         if not out.strip():

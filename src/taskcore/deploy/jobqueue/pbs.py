@@ -33,6 +33,7 @@ class PBS(BatchSystem):
     directive_prefix = "#PBS"
     submit_command = "qsub"
     cancel_command = "qdel"
+    job_id_pattern = r"^\s*(\d+(?:\[\d*\])?(?:\.\S+)?)\s*$"  # "123.server", arrays "12[]"
     job_options = {"resource_spec": None}
     header_template = "\n".join([
         "#PBS -N {job_name}",
@@ -67,12 +68,6 @@ class PBS(BatchSystem):
     def status_accepts(self, returncode, out, err):
         # One id the server forgot fails the whole call, but the others are still printed.
         return returncode == 0 or "Unknown Job Id" in err
-
-    def parse_job_id(self, out):
-        m = re.search(r"^\s*(\d+(?:\[\d*\])?(?:\.\S+)?)\s*$", out, re.M)
-        if m is None:
-            raise ValueError(f"qsub printed no job id: {out!r}")
-        return m.group(1)
 
     def parse_status(self, out):
         if not out.strip():
@@ -134,6 +129,8 @@ class Moab(Torque):
     done_states = frozenset({"Completed"})  # Removed, Vacated...: failed
     submit_command = "msub"
     cancel_command = "canceljob"
+    # msub prints the id on a line of its own, as Moab names it ("123" or "Moab.123").
+    job_id_pattern = r"^\s*((?:\S+\.)?\d+)\s*$"
 
     def cancel_argv(self, job_ids):
         return ["canceljob", *job_ids]
@@ -143,13 +140,6 @@ class Moab(Torque):
 
     def status_accepts(self, returncode, out, err):
         return returncode == 0
-
-    def parse_job_id(self, out):
-        # msub prints the id on a line of its own, as Moab names it ("123" or "Moab.123").
-        m = re.search(r"^\s*((?:\S+\.)?\d+)\s*$", out, re.M)
-        if m is None:
-            raise ValueError(f"msub printed no job id: {out!r}")
-        return m.group(1)
 
     def parse_status(self, out):
         if not out.strip():

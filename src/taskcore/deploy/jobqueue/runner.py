@@ -49,6 +49,7 @@ rank and the task count come from (`get_rank`, `get_size`, `get_run_id`).
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import os
@@ -74,7 +75,7 @@ class Role:
     worker = "worker"
 
 
-class BaseRunner:
+class BaseRunner(abc.ABC):
     """A cluster made of the tasks of one parallel launch; see the module doc.
 
     `scheduler_file`: a path every task can read (a shared file system when the
@@ -108,11 +109,13 @@ class BaseRunner:
         self._lifeline = None
 
     # -- what a launcher provides ---------------------------------------------------------------
+    @abc.abstractmethod
     def get_rank(self) -> int:
-        raise NotImplementedError
+        """This task's rank, 0 to size - 1."""
 
+    @abc.abstractmethod
     def get_size(self) -> int:
-        raise NotImplementedError
+        """How many tasks the launch started."""
 
     def get_run_id(self) -> str | None:
         """Names this launch in the scheduler file (None: accept any file at the path)."""

@@ -11,7 +11,6 @@ failed and is deleted.
 """
 from __future__ import annotations
 
-import re
 import xml.etree.ElementTree as ET
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
@@ -25,6 +24,7 @@ class SGE(BatchSystem):
     directive_prefix = "#$"
     submit_command = "qsub"
     cancel_command = "qdel"
+    job_id_pattern = r"^\s*(\d+)(?:\.\S+)?\s*$"
     job_options = {"resource_spec": None}
     header_template = "\n".join([
         "#$ -N {job_name}",
@@ -51,12 +51,6 @@ class SGE(BatchSystem):
 
     def status_argv(self, job_ids):
         return ["qstat", "-xml", "-u", self.user()]
-
-    def parse_job_id(self, out):
-        m = re.search(r"^\s*(\d+)(?:\.\S+)?\s*$", out, re.M)
-        if m is None:
-            raise ValueError(f"qsub printed no job id: {out!r}")
-        return m.group(1)
 
     def parse_status(self, out):
         if not out.strip():

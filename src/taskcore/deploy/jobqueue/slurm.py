@@ -6,7 +6,6 @@ itself is the generic JobQueueCluster (deploy/jobqueue/cluster.py).
 """
 from __future__ import annotations
 
-import re
 
 from taskcore.deploy.jobqueue.cluster import JobQueueCluster
 from taskcore.deploy.jobqueue.system import BatchSystem
@@ -24,6 +23,9 @@ class SLURM(BatchSystem):
     directive_prefix = "#SBATCH"
     submit_command = "sbatch"
     cancel_command = "scancel"
+    # `--parsable` prints "ID" or "ID;CLUSTER"; a site's sbatch wrapper may still print
+    # the plain "Submitted batch job ID".
+    job_id_pattern = r"^\s*(?:Submitted batch job )?(\d+)\s*(?:;.*)?$"
     pending_states = _PENDING
     running_states = _RUNNING
     done_states = frozenset({"COMPLETED"})  # others: CANCELLED, FAILED, TIMEOUT, NODE_FAIL...
@@ -49,15 +51,6 @@ class SLURM(BatchSystem):
         # SLURM has already purged fails the whole call.
         return ["squeue", "--noheader", "--states=all", f"--user={self.user()}",
                 "--format=%i|%T|%r"]
-
-    def parse_job_id(self, out):
-        # `--parsable` prints "ID" or "ID;CLUSTER"; a site's sbatch wrapper may still print
-        # the plain "Submitted batch job ID".
-        last = out.strip().splitlines()[-1].strip() if out.strip() else ""
-        m = re.fullmatch(r"(?:Submitted batch job )?(\d+)\s*(?:;.*)?", last)
-        if m is None:
-            raise ValueError(f"sbatch printed no job id: {out!r}")
-        return m.group(1)
 
     def parse_status(self, out):
         seen = {}

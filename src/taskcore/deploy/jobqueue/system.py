@@ -28,12 +28,43 @@ import asyncio
 import enum
 import logging
 import os
+import re
 import shlex
 import time
+
+from taskcore.utils import parse_timedelta
 
 logger = logging.getLogger("taskcore.deploy.jobqueue")
 
 __all__ = ["BatchSystem", "BatchCommandError", "JobState", "JobInfo"]
+
+
+def parse_walltime(value) -> float | None:
+    """Seconds in a walltime: "D-HH:MM:SS", "HH:MM:SS", "MM:SS", minutes, or "90m", "1h"."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if m:
+        days, *rest = m.groups()
+        parts = [int(x) for x in rest if x is not None]
+        if days is None:
+            # sbatch's forms: MM, MM:SS, HH:MM:SS
+            units = {1: [60], 2: [60, 1], 3: [3600, 60, 1]}[len(parts)]
+        else:
+            # D-HH, D-HH:MM, D-HH:MM:SS
+            units = [3600, 60, 1][:len(parts)]
+        return float(int(days or 0) * 86400 + sum(p * u for p, u in zip(parts, units)))
+    try:
+        seconds = parse_timedelta(text)
+    except ValueError:
+        seconds = None
+    if seconds is None:
+        raise ValueError(f"invalid walltime {value!r}: use D-HH:MM:SS, HH:MM:SS, MM:SS, minutes, "
+                         f"or a duration such as '90m'")
+    return seconds
 
 
 class BatchCommandError(RuntimeError):
@@ -118,6 +149,9 @@ class BatchSystem(abc.ABC):
     pending_states: frozenset = frozenset()
     running_states: frozenset = frozenset()
     done_states: frozenset = frozenset()
+    # The job id in the submit command's output (one group), and how to name that command.
+    job_id_pattern = r"^\s*(\d+)\s*$"
+    submit_label = None
     # How long (s) a job that vanished from the queue may stay unseen before we call it gone:
     # some systems drop a job from their listing for a moment while it starts.
     vanish_grace = 0.0
@@ -170,8 +204,6 @@ class BatchSystem(abc.ABC):
     def parse_walltime(self, value) -> float | None:
         """Seconds in a walltime as this system's users write it (sbatch's forms, or a
         duration such as "90m", by default)."""
-        from taskcore.deploy.jobqueue.job import parse_walltime
-
         return parse_walltime(value)
 
     def log_file_name(self, script, job_id: str) -> str:
@@ -211,9 +243,14 @@ class BatchSystem(abc.ABC):
         fail the whole call for one id they forgot, yet print the others."""
         return returncode == 0
 
-    @abc.abstractmethod
     def parse_job_id(self, out: str) -> str:
-        """The job id in the submit command's output."""
+        """The job id in the submit command's output: `job_id_pattern`'s group, on the last
+        line that matches it (notes and warnings may come first)."""
+        found = re.findall(self.job_id_pattern, out, re.M)
+        if not found:
+            raise ValueError(f"{self.submit_label or self.submit_command} printed no job id: "
+                             f"{out!r}")
+        return found[-1]
 
     @abc.abstractmethod
     def parse_status(self, out: str) -> dict:
