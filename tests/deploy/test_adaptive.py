@@ -153,7 +153,9 @@ def test_burst_scales_to_maximum_and_back_without_losing_results():
         assert client.gather(futures) == [i * 2 for i in range(500)]
         actions = [e["action"] for e in adaptive.log if e["action"] in ("up", "down")]
         # Up once or twice (the first estimate may be below the cap), then down; never again up.
-        assert 1 <= adaptive.scale_ups <= 2 and 1 <= adaptive.scale_downs <= 2, adaptive.log
+        # One or two steps up; down in as many steps as the workers go idle at different
+        # times (at most one per worker above the minimum), and never up again after that.
+        assert 1 <= adaptive.scale_ups <= 2 and 1 <= adaptive.scale_downs <= 4, adaptive.log
         assert "up" not in actions[actions.index("down"):], actions
         assert busy_time < 30
 

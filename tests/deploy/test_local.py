@@ -28,8 +28,16 @@ def test_default_sizes(args, expected):
 
 
 def children():
-    return {p.pid for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE}
+    """Our taskcore processes (not the daemons other tests' session fixtures left running,
+    such as OAR's and PostgreSQL's, which fork helpers of their own at any time)."""
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "taskcore" in " ".join(p.cmdline()):
+                out.add(p.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
 
 def worker_pids(cluster):
