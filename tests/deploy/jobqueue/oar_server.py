@@ -60,6 +60,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .batch_server import BatchServer
+
 USER = "tcoar"
 RESOURCES = 8
 MEMCORE = 2048  # property memcore (MiB per core) of every resource: `-p memcore>=N`
@@ -226,10 +228,15 @@ class _Daemon:
             return False
 
 
-class OARServer:
+class OARServer(BatchServer):
     """OAR on this machine, for the tests: `start()`, `stop()`, `jobs()`, `cancel_all()`,
     `wait_idle()`; `run(...)` (an OAR command as root), `run_as_user(...)`, `submit(...)`
     and `make_dir()` for the test user (`user`, `home`)."""
+
+    label = "OAR"
+    error = OARError
+    idle_poll = 0.2
+    missing = staticmethod(missing_components)
 
     def __init__(self, user=USER, resources=RESOURCES):
         self.user = user
@@ -247,17 +254,10 @@ class OARServer:
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self, timeout=60.0, lock_timeout=300.0):
-        missing = missing_components()
-        if missing:
-            raise OARError("cannot run OAR here, missing: " + "; ".join(missing))
+        self.check_can_run()
         STATE_DIR.mkdir(mode=0o755, exist_ok=True)
-        self._take_lock(lock_timeout)
-        try:
-            self._start(timeout)
-        except BaseException:
-            self.stop(cancel=False)
-            raise
-        return self
+        self._take_lock(lock_timeout)  # one OAR per machine: a second session waits here
+        return self._start_or_stop(timeout)
 
     def _take_lock(self, timeout):
         self._lock = open(STATE_DIR / "lock", "w")
@@ -567,20 +567,6 @@ class OARServer:
             self.run("oardel", "--force-terminate-finishing-job", *stuck, check=False)
             left = self.wait_idle(10, raise_=False)
         return left
-
-    def wait_idle(self, timeout=30.0, raise_=True):
-        """Wait until no job is listed (all Terminated or Error). Returns []; after
-        `timeout` raises OARError, or returns what is left."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = self.jobs()
-            if not left:
-                return []
-            if time.monotonic() > deadline:
-                if raise_:
-                    raise OARError(f"OAR not idle after {timeout} s: jobs {left}")
-                return left
-            time.sleep(0.2)
 
     def python_problem(self, python=None, module="taskcore"):
         """Why the test user cannot run `python` (default: this interpreter) and import

@@ -69,6 +69,8 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from .batch_server import BatchServer
+
 SGE_ROOT = "/var/lib/gridengine"
 SGE_CELL = "default"
 SPOOL = Path("/var/spool/gridengine")
@@ -237,12 +239,16 @@ def _set_fields(text, values):
     return text
 
 
-class SGEServer:
+class SGEServer(BatchServer):
     """The machine's single-node SGE: `start()`, `stop()`, `env`, `jobs()`, `wait_idle()`.
 
     `env` is os.environ plus SGE_ROOT and SGE_CELL, for the subprocesses (qsub, qstat,
     qdel, ...) that talk to it.
     """
+
+    label = "SGE"
+    error = SGEError
+    missing = staticmethod(missing_components)
 
     def __init__(self, queues=None, log_dir=None):
         self.queues = dict(QUEUES if queues is None else queues)
@@ -265,17 +271,6 @@ class SGEServer:
                 "SGE_ND": "1", "HOME": "/root", "LANG": "C.UTF-8"}
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self, timeout=30.0):
-        missing = missing_components()
-        if missing:
-            raise SGEError("cannot run SGE here, missing: " + "; ".join(missing))
-        try:
-            self._start(timeout)
-        except BaseException:
-            self.stop(cancel=False)
-            raise
-        return self
 
     def _start(self, timeout):
         if self.procs:
@@ -477,17 +472,3 @@ class SGEServer:
         if jobs:
             self.run("qdel", *[j for j, _ in jobs], check=False, timeout=10)
         return jobs
-
-    def wait_idle(self, timeout=30.0, raise_=True):
-        """Wait until qstat lists no job. Returns [] then; after `timeout` raises
-        SGEError, or returns what is left."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = self.jobs()
-            if not left:
-                return []
-            if time.monotonic() > deadline:
-                if raise_:
-                    raise SGEError(f"SGE not idle after {timeout} s: jobs {left}")
-                return left
-            time.sleep(0.1)

@@ -41,6 +41,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .batch_server import BatchServer
+
 MUNGED = "/usr/sbin/munged"
 SLURMCTLD = "/usr/sbin/slurmctld"
 SLURMD = "/usr/sbin/slurmd"
@@ -112,12 +114,22 @@ def _tail(path: Path, lines=25):
     return "\n".join(f"  {line}" for line in text[-lines:]) or f"  ({path.name} is empty)"
 
 
-class SlurmServer:
+class SlurmServer(BatchServer):
     """A private single-node SLURM: `start()`, `stop()`, `env`, `jobs()`, `wait_idle()`.
 
     `env` is os.environ plus SLURM_CONF, for the subprocesses (sbatch, squeue, ...) that
     must talk to this cluster; jobs inherit it (sbatch's default `--export=ALL`).
     """
+
+    label = "SLURM"
+    error = SlurmError
+    missing = staticmethod(missing_components)
+
+    def settled(self):
+        return self.node_states() == ["idle"]
+
+    def idle_detail(self):
+        return f", node {self.node_states()}"
 
     def __init__(self, directory=None, cpus=CPUS, real_memory=REAL_MEMORY, min_job_age=30,
                  kill_wait=5):
@@ -188,17 +200,6 @@ class SlurmServer:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self, timeout=30.0):
-        missing = missing_components()
-        if missing:
-            raise SlurmError("cannot run SLURM here, missing: " + "; ".join(missing))
-        try:
-            self._start(timeout)
-        except BaseException:
-            self.stop(cancel=False)
-            raise
-        return self
 
     def _start(self, timeout):
         # munged (as user munge) must reach its socket: every directory on the way 0755.
@@ -324,18 +325,3 @@ class SlurmServer:
         if jobs:
             self.run("scancel", *[j for j, _ in jobs], check=False, timeout=10)
         return jobs
-
-    def wait_idle(self, timeout=30.0, raise_=True):
-        """Wait until squeue lists no job (not even COMPLETING) and the node is idle.
-        Returns [] then; after `timeout` raises SlurmError, or returns what is left."""
-        deadline = time.monotonic() + timeout
-        while True:
-            left = self.jobs()
-            if not left and self.node_states() == ["idle"]:
-                return []
-            if time.monotonic() > deadline:
-                if raise_:
-                    raise SlurmError(f"SLURM not idle after {timeout} s: jobs {left}, "
-                                     f"node {self.node_states()}")
-                return left
-            time.sleep(0.1)
