@@ -5,6 +5,7 @@ here (`missing()`), how to start its daemons (`_start`), how to stop them
 (`stop`) and how to list jobs (`jobs`); this base makes a failed start leave
 nothing running and waits for the queue to empty.
 """
+import subprocess
 import time
 
 
@@ -34,6 +35,30 @@ class BatchServer:
             self.stop(cancel=False)
             raise
         return self
+
+    def force_delete(self, job_ids) -> bool:
+        """The last resort for jobs a plain cancel left behind; True when it tried."""
+        return False
+
+    def clean_up_after_test(self, settle):
+        """Cancel what a test left: ([(job, state)] it left, [(job, state)] still there).
+        A job that ended just now may stay listed for `settle` s: not a leak."""
+        self.wait_idle(settle, raise_=False)
+        leaked = self.cancel_all()
+        left = self.wait_idle(30, raise_=False)
+        if left and self.force_delete([job for job, _ in left]):
+            left = self.wait_idle(10, raise_=False)
+        return leaked, left
+
+    def run(self, *cmd, check=True, timeout=30, **kwargs):
+        """A command of this system, with `env` (default: this server's); the
+        CompletedProcess (text), or this system's error when it fails and `check`."""
+        proc = subprocess.run(cmd, env=kwargs.pop("env", getattr(self, "env", None)),
+                              capture_output=True, text=True, timeout=timeout, **kwargs)
+        if check and proc.returncode != 0:
+            raise self.error(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                             f"{proc.stdout.strip()} {proc.stderr.strip()}".rstrip())
+        return proc
 
     def settled(self) -> bool:
         """Besides an empty queue, whatever else idle means (SLURM: the node is idle)."""

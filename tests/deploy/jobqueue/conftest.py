@@ -61,14 +61,17 @@ def slurm_clean(slurm):
     slurm.wait_idle(30)
     yield slurm
     # A job that just ended (an srun step) stays COMPLETING for a moment: not a leak.
-    slurm.wait_idle(5, raise_=False)
-    leaked = slurm.cancel_all()
-    left = slurm.wait_idle(30, raise_=False)
+    _fail_on_leaks(slurm, settle=5)
+
+
+def _fail_on_leaks(server, settle):
+    """After a test: cancel what it left on `server`, and fail it if it left anything."""
+    leaked, left = server.clean_up_after_test(settle)
     if leaked:
-        pytest.fail(f"SLURM jobs left queued or running by the test, now cancelled: {leaked}"
-                    + (f" (still not gone: {left})" if left else ""))
+        pytest.fail(f"{server.label} jobs left queued or running by the test, now "
+                    f"cancelled: {leaked}" + (f" (still not gone: {left})" if left else ""))
     if left:
-        pytest.fail(f"SLURM jobs did not finish after the test: {left}")
+        pytest.fail(f"{server.label} jobs did not finish after the test: {left}")
 
 
 @pytest.fixture(scope="session")
@@ -101,17 +104,7 @@ def sge_clean(sge):
     sge.wait_idle(30)
     yield sge
     # A job whose script just ended stays in qstat for about a second: not a leak.
-    sge.wait_idle(3, raise_=False)
-    leaked = sge.cancel_all()
-    left = sge.wait_idle(30, raise_=False)
-    if left:  # a qdel that raced the job's dispatch can hang in "dr" for long
-        sge.run("qdel", "-f", *[job for job, _ in left], check=False)
-        left = sge.wait_idle(10, raise_=False)
-    if leaked:
-        pytest.fail(f"SGE jobs left queued or running by the test, now deleted: {leaked}"
-                    + (f" (still not gone: {left})" if left else ""))
-    if left:
-        pytest.fail(f"SGE jobs did not finish after the test: {left}")
+    _fail_on_leaks(sge, settle=3)
 
 
 # -- OAR (tests/deploy/jobqueue/oar_server.py) ------------------------------------------
@@ -151,18 +144,7 @@ def oar_clean(oar):
     oar.wait_idle(30)
     yield oar
     # A job whose command just ended is Finishing for about a second: not a leak.
-    oar.wait_idle(5, raise_=False)
-    leaked = oar.cancel_all()
-    left = oar.wait_idle(30, raise_=False)
-    if left:
-        oar.run("oardel", "--force-terminate-finishing-job", *[j for j, _ in left],
-                check=False)
-        left = oar.wait_idle(10, raise_=False)
-    if leaked:
-        pytest.fail(f"OAR jobs left waiting or running by the test, now deleted: {leaked}"
-                    + (f" (still not gone: {left})" if left else ""))
-    if left:
-        pytest.fail(f"OAR jobs did not finish after the test: {left}")
+    _fail_on_leaks(oar, settle=5)
 
 
 @pytest.fixture

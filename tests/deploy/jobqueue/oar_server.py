@@ -478,15 +478,15 @@ class OARServer(BatchServer):
 
     # -- commands --------------------------------------------------------------------------
 
-    def run(self, *cmd, check=True, timeout=30, **kwargs):
-        """An OAR command as root (OAR's clients wait for ever without the database:
-        always bounded). Returns the CompletedProcess (text)."""
+    def run(self, *cmd, **kwargs):
+        """An OAR command as root, from / (OAR's clients wait for ever without the
+        database: always bounded by the timeout)."""
         kwargs.setdefault("cwd", "/")
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
-        if check and proc.returncode != 0:
-            raise OARError(f"{' '.join(cmd)} failed ({proc.returncode}): "
-                           f"{proc.stdout.strip()} {proc.stderr.strip()}")
-        return proc
+        return super().run(*cmd, **kwargs)
+
+    def force_delete(self, job_ids):
+        self.run("oardel", "--force-terminate-finishing-job", *job_ids, check=False)
+        return True
 
     def user_env(self, **extra):
         """A login-like environment for the test user (nothing of this process's own)."""

@@ -250,6 +250,11 @@ class SGEServer(BatchServer):
     error = SGEError
     missing = staticmethod(missing_components)
 
+    def force_delete(self, job_ids):
+        # a qdel that raced the job's dispatch can hang in "dr" for long
+        self.run("qdel", "-f", *job_ids, check=False)
+        return True
+
     def __init__(self, queues=None, log_dir=None):
         self.queues = dict(QUEUES if queues is None else queues)
         self._own_dir = log_dir is None
@@ -445,15 +450,6 @@ class SGEServer(BatchServer):
         return left
 
     # -- commands --------------------------------------------------------------------------
-
-    def run(self, *cmd, check=True, timeout=30, **kwargs):
-        """Run an SGE command against this cluster; returns the CompletedProcess (text)."""
-        proc = subprocess.run(cmd, env=kwargs.pop("env", self.env), capture_output=True,
-                              text=True, timeout=timeout, **kwargs)
-        if check and proc.returncode != 0:
-            raise SGEError(f"{' '.join(cmd)} failed ({proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout).strip()}")
-        return proc
 
     def qsub(self, *args, **kwargs):
         """`qsub -terse ARGS`: the job id (a string)."""

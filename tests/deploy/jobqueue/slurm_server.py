@@ -296,14 +296,6 @@ class SlurmServer(BatchServer):
 
     # -- commands --------------------------------------------------------------------------
 
-    def run(self, *cmd, check=True, timeout=30, **kwargs):
-        """Run a SLURM command against this cluster; returns the CompletedProcess (text)."""
-        proc = subprocess.run(cmd, env=kwargs.pop("env", self.env), capture_output=True,
-                              text=True, timeout=timeout, **kwargs)
-        if check and proc.returncode != 0:
-            raise SlurmError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        return proc
-
     def sbatch(self, *args, **kwargs):
         """`sbatch --parsable ARGS`: the job id (a string)."""
         return self.run("sbatch", "--parsable", *args, **kwargs).stdout.strip().split(";")[0]

@@ -7,16 +7,7 @@ import time
 
 import pytest
 
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
+from taskcore.testing import wait_until
 
 
 def script(path, body):
@@ -37,7 +28,7 @@ def test_job_script_runs_and_writes_a_file_in_either_queue(sge_clean, tmp_path):
     for queue, job_id in ids.items():
         assert job_id.isdigit()
         result = tmp_path / f"result.{job_id}"
-        wait_for(lambda: result.exists() and result.read_text().strip(), 15,
+        wait_until(lambda: result.exists() and result.read_text().strip(), 15,
                  f"{result.name} from job {job_id}")
         assert result.read_text().split() == [job_id, queue, str(tmp_path)]
     sge_clean.wait_idle(10)  # ended jobs leave qstat about a second later
@@ -65,7 +56,7 @@ ls started.* | wc -l > "seen.$JOB_ID"
     # a second after it started, and these end sooner.)
     for job_id in ids:
         seen = tmp_path / f"seen.{job_id}"
-        wait_for(lambda: seen.exists() and seen.read_text().strip(), 15, seen.name)
+        wait_until(lambda: seen.exists() and seen.read_text().strip(), 15, seen.name)
         assert seen.read_text().strip() == "2"
     sge_clean.wait_idle(10)
 
@@ -74,9 +65,9 @@ def test_qdel_ends_a_running_job(sge_clean, tmp_path):
     job = script(tmp_path / "long.sh", 'echo $$ > "pid.$JOB_ID"\nsleep 300\n')
     job_id = sge_clean.qsub("-cwd", "-o", "/dev/null", "-e", "/dev/null", str(job))
     pid_file = tmp_path / f"pid.{job_id}"
-    wait_for(pid_file.exists, 15, "the job to start")
-    wait_for(lambda: dict(sge_clean.jobs()).get(job_id) == "r", 10, "state r")
-    pid = int(wait_for(lambda: pid_file.read_text().strip(), 5, "the pid"))
+    wait_until(pid_file.exists, 15, "the job to start")
+    wait_until(lambda: dict(sge_clean.jobs()).get(job_id) == "r", 10, "state r")
+    pid = int(wait_until(lambda: pid_file.read_text().strip(), 5, "the pid"))
     start = time.monotonic()
     out = sge_clean.run("qdel", job_id).stdout
     assert out.strip() == f"root has registered the job {job_id} for deletion"
