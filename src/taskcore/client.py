@@ -134,6 +134,7 @@ class Client:
         self._reqids = itertools.count(1)
         self._replies: dict = {}
         self._worker_comms: dict = {}
+        self._reconnecting = None     # the task reconnecting after a lost scheduler
         self._worker_locks: dict = {}
         self.scheduler_info_cache = {}
         self._previous_dask_scheduler = None
@@ -181,24 +182,34 @@ class Client:
 
     async def _start(self):
         self.loop = asyncio.get_running_loop()
-        opts = {"security": self.security} if self.security is not None else {}
-        self.comm = await connect(self.address, timeout=self.timeout, role="client", **opts)
-        self.comm.send({"op": "register-client", "client": self.id})
-        reply = await asyncio.wait_for(self.comm.read(), self.timeout)
-        if not isinstance(reply, dict) or reply.get("op") != "registered":
-            raise ConnectionError(f"scheduler {self.address} refused the client: {reply!r}")
-        self.scheduler_info_cache = reply.get("info", {})
-        self.comm.set_message_handler(self._hot.handle)
-        if not self.asynchronous and hasattr(self.comm, "allow_write_now"):
-            # result() in a caller's thread writes its own submit (ClientHotPath).
-            self.comm.allow_write_now()
-        self.comm.on_close = self._on_comm_closed
+        await self._connect()
         self.status = "running"
         if self._set_as_default:
             with _default_lock:
                 _futures._set_default_client(self)
             self._install_dask_scheduler()
         return self
+
+    async def _connect(self):
+        """Connect and register (at start, and again after a lost scheduler)."""
+        opts = {"security": self.security} if self.security is not None else {}
+        comm = await connect(self.address, timeout=self.timeout, role="client", **opts)
+        try:
+            comm.send({"op": "register-client", "client": self.id})
+            reply = await asyncio.wait_for(comm.read(), self.timeout)
+        except BaseException:
+            comm.abort()
+            raise
+        if not isinstance(reply, dict) or reply.get("op") != "registered":
+            comm.abort()
+            raise ConnectionError(f"scheduler {self.address} refused the client: {reply!r}")
+        self.scheduler_info_cache = reply.get("info", {})
+        self.comm = comm
+        comm.set_message_handler(self._hot.handle)
+        if not self.asynchronous and hasattr(comm, "allow_write_now"):
+            # result() in a caller's thread writes its own submit (ClientHotPath).
+            comm.allow_write_now()
+        comm.on_close = self._on_comm_closed
 
     def _install_dask_scheduler(self):
         """Make this client dask's default scheduler (restored on close).
@@ -247,17 +258,49 @@ class Client:
             dask.config.set(scheduler=prev)
 
     def _on_comm_closed(self, comm):
-        if self.status in ("closing", "closed"):
+        """The scheduler is gone (crashed, restarted, unreachable): a new one knows none of
+        our keys, so every Future still waiting, and every result held by the cluster,
+        fails now with this error instead of hanging; results already here stay. Then
+        reconnect to the same address for up to `reconnect_timeout` seconds (a scheduler
+        restarted by Kubernetes, say); Futures made after that are new work."""
+        if self.status in ("closing", "closed") or comm is not self.comm:
             return
-        logger.warning("lost connection to scheduler %s", self.address)
+        logger.warning("lost connection to scheduler %s; reconnecting", self.address)
         self.status = "disconnected"
-        exc = CommClosedError(f"lost connection to the scheduler at {self.address}")
+        exc = CommClosedError(
+            f"lost connection to the scheduler at {self.address}: work in flight and "
+            f"results held by the cluster are gone; submit again once reconnected")
         for fut in list(self._replies.values()):
             if not fut.done():
                 fut.set_exception(exc)
-        for st in list(self._states.values()):
-            if st.status == PENDING:
-                st.set_error(exc, None)
+        self._hot.forget_all(exc)
+        for c in self._worker_comms.values():
+            c.abort()
+        self._worker_comms.clear()
+        if self.reconnect_timeout and self.loop is not None:
+            self._reconnecting = self.loop.create_task(self._reconnect())
+
+    async def _reconnect(self):
+        deadline = self.loop.time() + self.reconnect_timeout
+        delay = 0.1
+        while self.status == "disconnected":
+            try:
+                await self._connect()
+            except (OSError, CommClosedError, ConnectionError, asyncio.TimeoutError) as e:
+                if self.loop.time() > deadline:
+                    logger.error("could not reconnect to %s in %s s (%r); closing the client",
+                                 self.address, self.reconnect_timeout, e)
+                    await self._close()
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if self.status != "disconnected":     # closed meanwhile
+                self.comm.abort()
+                return
+            self.status = "running"
+            logger.info("reconnected to %s", self.address)
+            self._hot.flush_outbox()               # submitted while disconnected
 
     def sync(self, fn, *args, timeout=None, **kwargs):
         """Run coroutine function `fn` on the client's loop; return an awaitable if asynchronous."""
@@ -303,6 +346,9 @@ class Client:
         if self.status == "closed":
             return
         self.status = "closing"
+        task, self._reconnecting = self._reconnecting, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
         for comm in self._worker_comms.values():
             comm.abort()
         self._worker_comms.clear()
@@ -381,6 +427,7 @@ class Client:
         self._hot.comm = value
 
     RELEASE_DELAY = 0.02      # seconds releases are collected before they go out
+    reconnect_timeout = 60.0  # seconds to keep trying after losing the scheduler (0: never)
 
     # -- incoming messages (on the loop) -------------------------------------------
     def _handle_other(self, msg):

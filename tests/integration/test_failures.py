@@ -208,3 +208,41 @@ def test_cli_workers_with_sigterm_exit_cleanly(procs):
     sched = procs.procs[0]
     sched.send_signal(signal.SIGTERM)
     assert sched.wait(15) == 0
+
+
+def test_scheduler_restart_client_errors_clearly_then_reconnects(procs):
+    """A scheduler that dies and comes back on the same address (as Kubernetes restarts
+    one behind its Service): waiting Futures fail at once with a clear error, results
+    already here stay, the worker and the client reconnect, and the same keys can be
+    submitted again."""
+    from taskcore.errors import CommClosedError
+
+    addr = procs.scheduler()
+    port = addr.rsplit(":", 1)[1]
+    procs.worker(addr, "--death-timeout", "30")
+    with Client(addr, timeout=10) as c:
+        c.reconnect_timeout = 30
+        done = c.submit(add, 1, 2, key="done")
+        assert done.result(timeout=10) == 3
+        slow = c.submit(slowinc, 1, delay=3, key="slow")
+        time.sleep(0.5)
+        procs.procs[0].kill()
+        procs.procs[0].wait()
+        t0 = time.monotonic()
+        with pytest.raises(CommClosedError, match="submit again once reconnected"):
+            slow.result(timeout=10)
+        assert time.monotonic() - t0 < 5
+        assert done.result() == 3          # came back inline before: still here
+        assert c.status == "disconnected"
+        procs.scheduler("--port", port)
+        deadline = time.monotonic() + 20
+        while c.status != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.status == "running"
+        c.wait_for_workers(1, timeout=20)
+        again = c.submit(slowinc, 1, delay=0.01, key="slow")
+        assert again.result(timeout=20) == 2
+        assert c.submit(add, 2, 3, key="done").result(timeout=20) == 5
+        del slow                            # an old Future's release must not free the new key
+        time.sleep(0.2)
+        assert again.result(timeout=5) == 2

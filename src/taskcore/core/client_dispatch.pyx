@@ -354,13 +354,13 @@ cdef class FutureBase:
     def release(self):
         if not self._released:
             self._released = True
-            self._hot.dec_ref(self.key)
+            self._hot.dec_ref(self.key, self._state)
 
     def __del__(self):
         if not self._released and self._hot is not None:
             self._released = True
             try:
-                self._hot.dec_ref(self.key)
+                self._hot.dec_ref(self.key, self._state)
             except Exception:  # interpreter shutdown
                 pass
 
@@ -547,10 +547,14 @@ cdef class ClientHotPath:
             self.lock.release()
         return st
 
-    cpdef int dec_ref(self, object key) except -1:
+    cpdef int dec_ref(self, object key, FutureState state=None) except -1:
         cdef Py_ssize_t n
         self.lock.acquire()
         try:
+            if state is not None and self.states.get(key) is not state:
+                # A Future from before `forget_all` (a lost scheduler): its key may
+                # have been submitted again since, and that reference is not ours.
+                return 0
             n = self.refcount.get(key, 0) - 1
             if n > 0:
                 self.refcount[key] = n
@@ -576,6 +580,28 @@ cdef class ClientHotPath:
         except RuntimeError:      # loop closed during interpreter shutdown
             pass
         return 0
+
+    cpdef list forget_all(self, exception):
+        """The scheduler was lost, and everything it knew with it: fail every state still
+        waiting and every result not held here, and start with no keys, so keys submitted
+        again are new ones. Existing Futures keep their (failed) states. Returns the
+        states failed."""
+        cdef FutureState st
+        cdef list failed = []
+        self.lock.acquire()
+        try:
+            states = list(self.states.values())
+            self.states.clear()           # in place: the Client aliases these dicts
+            self.refcount.clear()
+            self.release_pending = []
+            self.outbox = []              # messages about the forgotten keys
+        finally:
+            self.lock.release()
+        for st in states:
+            if st.status == _PENDING or (st.status == _FINISHED and not st.has_data):
+                st.set_error(exception, None)
+                failed.append(st)
+        return failed
 
     def _arm_release_timer(self):
         self.loop.call_later(self.release_delay, self._release_timer_fired)
@@ -702,6 +728,12 @@ cdef class ClientHotPath:
             self.lock.release()
         comm = self._comm
         if comm is None or comm.closed:
+            # Kept for the next connection (a client reconnecting after a lost scheduler).
+            self.lock.acquire()
+            try:
+                self.outbox = msgs + self.outbox
+            finally:
+                self.lock.release()
             return 0
         sink = self.sink
         # Inside begin/end the messages are only queued; end_batch writes them all,
