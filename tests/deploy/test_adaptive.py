@@ -11,7 +11,7 @@ from taskcore.deploy.adaptive import Adaptive
 from taskcore.deploy.local import LocalCluster
 from taskcore.testing import run
 
-from test_spec import SchedulerDouble, WorkerDouble  # noqa: E402  (the spec tests' doubles)
+from .test_spec import SchedulerDouble, WorkerDouble  # noqa: E402  (the spec tests' doubles)
 
 
 def scripted(cluster, answers):

@@ -35,6 +35,7 @@ _EXPORTS = {
     "LSFCluster": "taskcore.deploy.jobqueue.lsf",
     "HTCondorCluster": "taskcore.deploy.jobqueue.htcondor",
     "FluxCluster": "taskcore.deploy.jobqueue.flux",
+    "KubeCluster": "taskcore.deploy.kubernetes.cluster",
 }
 
 __all__ = sorted(_EXPORTS)

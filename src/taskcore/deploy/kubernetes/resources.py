@@ -1,0 +1,353 @@
+"""The TaskcoreCluster resource and the Kubernetes objects it owns, as plain dicts.
+
+Pure functions, no I/O and no kubernetes_asyncio: what a cluster *should* look
+like. The reconciler (reconcile.py) compares this with what exists; the
+manifests in the repository's deploy/kubernetes/ are rendered from here
+(`crd_manifest`), and a test keeps the two equal.
+
+A TaskcoreCluster (group taskcore.dev, version v1):
+
+    spec:
+      idleTimeout: 0                # seconds without clients or work before the
+                                    # cluster deletes itself; 0 = never
+      scheduler:
+        spec: <PodSpec>             # one container, named "scheduler"
+        service: <ServiceSpec>      # type ClusterIP | NodePort | LoadBalancer
+      workerGroups:
+        - name: default
+          replicas: 2
+          spec: <PodSpec>           # one container, named "worker"
+          adapt: {minimum, maximum, targetDuration, waitCount, interval}   # optional
+    status:                         # written by the controller only
+      phase: Pending | Running | Failed
+      controller, schedulerAddress, observedGeneration, message,
+      groups: {name: {replicas, pods, ready}}
+
+Children, all labelled `taskcore.dev/cluster=<name>` and owned (ownerReferences)
+by the cluster's resource, so deleting it deletes everything:
+- Deployment `<name>-scheduler` (one replica: Kubernetes recreates a dead scheduler),
+- Service `<name>-scheduler` (a stable address for workers and clients),
+- worker Pods `<name>-<group>-<random>`, created and deleted by the controller
+  one by one (never by a ReplicaSet), so a scale-down retires the exact workers
+  the scheduler chose.
+
+The controller injects into the containers what only it knows: the pod's IP
+(POD_IP), the scheduler's address (TASKCORE_SCHEDULER_ADDRESS: the Service's
+cluster IP, stable while the Service lives, so no cluster DNS is needed) and
+the worker's name (TASKCORE_WORKER_NAME = the pod name, so the scheduler's
+worker names are pod names).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shlex
+
+GROUP = "taskcore.dev"
+VERSION = "v1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TaskcoreCluster"
+PLURAL = "taskcoreclusters"
+SINGULAR = "taskcorecluster"
+SHORT_NAMES = ["tcc"]
+
+SCHEDULER_PORT = 8786
+DEFAULT_IMAGE = "ghcr.io/taskcore/taskcore:latest"
+DEFAULT_GROUP = "default"
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+
+LABEL_CLUSTER = f"{GROUP}/cluster"
+LABEL_COMPONENT = f"{GROUP}/component"
+LABEL_GROUP = f"{GROUP}/worker-group"
+LABEL_CONTROLLER = f"{GROUP}/controller"   # "embedded" on resources a client reconciles itself
+LABEL_MANAGED = "app.kubernetes.io/managed-by"
+MANAGED_BY = "taskcore"
+ANNOTATION_TEMPLATE_HASH = f"{GROUP}/template-hash"
+
+__all__ = ["make_cluster_spec", "make_worker_spec", "crd_manifest", "scheduler_deployment",
+           "scheduler_service", "worker_pod", "validate_cluster"]
+
+
+def _as_command(command) -> list:
+    if isinstance(command, str):
+        return shlex.split(command)
+    return [str(c) for c in command]
+
+
+def _env_list(env) -> list:
+    if not env:
+        return []
+    if isinstance(env, dict):
+        return [{"name": str(k), "value": str(v)} for k, v in env.items()]
+    return [dict(e) for e in env]
+
+
+def _resources(resources) -> dict:
+    """`{"requests": {...}, "limits": {...}}` as given, or shorthand {"cpu": .., "memory": ..}
+    meaning requests = limits."""
+    if not resources:
+        return {}
+    if set(resources) <= {"requests", "limits"}:
+        return copy.deepcopy(resources)
+    flat = {k: str(v) for k, v in resources.items()}
+    return {"requests": dict(flat), "limits": dict(flat)}
+
+
+def make_worker_spec(image: str = DEFAULT_IMAGE, n_workers: int = 3, resources: dict | None = None,
+                     env=None, worker_command="core-worker", name: str = DEFAULT_GROUP,
+                     nthreads: int | None = None, death_timeout: float = 60) -> dict:
+    """One worker group of a TaskcoreCluster spec: `{name, replicas, spec: PodSpec}`.
+
+    `worker_command` (a string or list) starts the worker; the controller's variables
+    complete it: it is called with the scheduler's address, `--name <pod name>` and
+    `--host <pod IP>`.
+    """
+    if int(n_workers) < 0:
+        raise ValueError(f"n_workers must be >= 0, got {n_workers}")
+    args = ["$(TASKCORE_SCHEDULER_ADDRESS)", "--name", "$(TASKCORE_WORKER_NAME)",
+            "--host", "$(POD_IP)", "--death-timeout", str(death_timeout)]
+    if nthreads is not None:
+        args += ["--nthreads", str(int(nthreads))]
+    res = _resources(resources)
+    memory = (res.get("limits") or {}).get("memory")
+    if memory is not None:
+        args += ["--memory-limit", _quantity_bytes(memory)]
+    container = {"name": "worker", "image": image, "command": _as_command(worker_command),
+                 "args": args, "env": _env_list(env)}
+    if res:
+        container["resources"] = res
+    return {"name": name, "replicas": int(n_workers),
+            "spec": {"containers": [container], "restartPolicy": "OnFailure",
+                     "terminationGracePeriodSeconds": 30}}
+
+
+def make_cluster_spec(name: str, image: str = DEFAULT_IMAGE, n_workers: int = 3,
+                      resources: dict | None = None, env=None, worker_command="core-worker",
+                      scheduler_service_type: str = "ClusterIP", idle_timeout: float = 0,
+                      scheduler_command="core-scheduler", nthreads: int | None = None) -> dict:
+    """A whole TaskcoreCluster resource (a dict you can edit, dump as YAML, or pass to
+    `KubeCluster(custom_cluster_spec=...)`)."""
+    if scheduler_service_type not in SERVICE_TYPES:
+        raise ValueError(f"scheduler_service_type must be one of {SERVICE_TYPES}, "
+                         f"got {scheduler_service_type!r}")
+    container = {
+        "name": "scheduler", "image": image, "command": _as_command(scheduler_command),
+        "args": ["--host", "$(POD_IP)", "--port", str(SCHEDULER_PORT)],
+        "env": _env_list(env),
+        "ports": [{"name": "tcp-comm", "containerPort": SCHEDULER_PORT, "protocol": "TCP"}],
+        # Ready once it accepts connections: only then does the Service send workers to it.
+        "readinessProbe": {"tcpSocket": {"port": "tcp-comm"}, "periodSeconds": 2,
+                           "initialDelaySeconds": 0},
+    }
+    res = _resources(resources)
+    if res:
+        container["resources"] = res
+    return {
+        "apiVersion": API_VERSION, "kind": KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "idleTimeout": float(idle_timeout or 0),
+            "scheduler": {
+                "spec": {"containers": [container], "terminationGracePeriodSeconds": 10},
+                "service": {"type": scheduler_service_type,
+                            "ports": [{"name": "tcp-comm", "port": SCHEDULER_PORT,
+                                       "targetPort": "tcp-comm", "protocol": "TCP"}]},
+            },
+            "workerGroups": [make_worker_spec(image=image, n_workers=n_workers,
+                                              resources=resources, env=env,
+                                              worker_command=worker_command, nthreads=nthreads)],
+        },
+    }
+
+
+_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+             "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+
+
+def _quantity_bytes(q) -> str:
+    """A Kubernetes memory quantity ("4Gi", "500M", "1e9") as a byte count string."""
+    s = str(q).strip()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if s.endswith(suffix):
+            return str(int(float(s[:-len(suffix)]) * _SUFFIXES[suffix]))
+    return str(int(float(s)))
+
+
+# -- validation -----------------------------------------------------------------------------
+class ClusterSpecError(ValueError):
+    """A TaskcoreCluster spec the controller cannot act on."""
+
+
+def validate_cluster(obj: dict) -> None:
+    """Check what the CRD schema cannot: one named container per pod spec, unique group
+    names, sane adapt bounds. Raises ClusterSpecError with the offending path."""
+    spec = obj.get("spec") or {}
+    sched = spec.get("scheduler") or {}
+    _one_container(sched.get("spec"), "spec.scheduler.spec", "scheduler")
+    svc_type = (sched.get("service") or {}).get("type", "ClusterIP")
+    if svc_type not in SERVICE_TYPES:
+        raise ClusterSpecError(f"spec.scheduler.service.type: {svc_type!r} is not one of "
+                               f"{SERVICE_TYPES}")
+    seen = set()
+    for i, g in enumerate(spec.get("workerGroups") or []):
+        where = f"spec.workerGroups[{i}]"
+        name = g.get("name")
+        if not name or name in seen:
+            raise ClusterSpecError(f"{where}.name: missing or repeated ({name!r})")
+        seen.add(name)
+        if int(g.get("replicas", 0)) < 0:
+            raise ClusterSpecError(f"{where}.replicas: must be >= 0")
+        _one_container(g.get("spec"), f"{where}.spec", "worker")
+        adapt = g.get("adapt")
+        if adapt:
+            lo, hi = int(adapt.get("minimum", 0)), adapt.get("maximum")
+            if lo < 0 or (hi is not None and int(hi) < lo):
+                raise ClusterSpecError(f"{where}.adapt: need 0 <= minimum <= maximum, got "
+                                       f"{lo}..{hi}")
+
+
+def _one_container(podspec, where, name):
+    containers = (podspec or {}).get("containers") or []
+    if not any(c.get("name") == name for c in containers):
+        raise ClusterSpecError(f"{where}.containers: needs a container named {name!r}")
+
+
+# -- children --------------------------------------------------------------------------------
+def cluster_labels(name: str, component: str, group: str | None = None) -> dict:
+    labels = {LABEL_CLUSTER: name, LABEL_COMPONENT: component, LABEL_MANAGED: MANAGED_BY}
+    if group is not None:
+        labels[LABEL_GROUP] = group
+    return labels
+
+
+def owner_reference(owner: dict) -> dict:
+    meta = owner["metadata"]
+    return {"apiVersion": owner.get("apiVersion", API_VERSION), "kind": owner.get("kind", KIND),
+            "name": meta["name"], "uid": meta["uid"], "controller": True,
+            "blockOwnerDeletion": True}
+
+
+def scheduler_name(cluster_name: str) -> str:
+    return f"{cluster_name}-scheduler"
+
+
+def _inject_env(container: dict, env: list) -> None:
+    """Add the controller's variables first, so the user's env can refer to them with
+    $(VAR); a variable the user set keeps the user's value."""
+    mine = {e["name"] for e in container.get("env") or []}
+    container["env"] = [e for e in env if e["name"] not in mine] + list(container.get("env") or [])
+
+
+_POD_IP = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+
+
+def template_hash(podspec: dict) -> str:
+    return hashlib.sha256(json.dumps(podspec, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def scheduler_deployment(cluster: dict) -> dict:
+    name = cluster["metadata"]["name"]
+    podspec = copy.deepcopy(cluster["spec"]["scheduler"]["spec"])
+    for c in podspec["containers"]:
+        if c.get("name") == "scheduler":
+            _inject_env(c, [_POD_IP, {"name": "TASKCORE_CLUSTER_NAME", "value": name}])
+    labels = cluster_labels(name, "scheduler")
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": scheduler_name(name), "labels": labels,
+                     "annotations": {ANNOTATION_TEMPLATE_HASH: template_hash(podspec)},
+                     "ownerReferences": [owner_reference(cluster)]},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 # A new scheduler knows nothing of the old one's state: never run two.
+                 "strategy": {"type": "Recreate"},
+                 "template": {"metadata": {"labels": labels}, "spec": podspec}},
+    }
+
+
+def scheduler_service(cluster: dict) -> dict:
+    name = cluster["metadata"]["name"]
+    spec = copy.deepcopy(cluster["spec"]["scheduler"].get("service") or {})
+    spec.setdefault("type", "ClusterIP")
+    spec.setdefault("ports", [{"name": "tcp-comm", "port": SCHEDULER_PORT,
+                               "targetPort": "tcp-comm", "protocol": "TCP"}])
+    spec["selector"] = cluster_labels(name, "scheduler")
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": scheduler_name(name), "labels": cluster_labels(name, "scheduler"),
+                         "ownerReferences": [owner_reference(cluster)]},
+            "spec": spec}
+
+
+def worker_pod(cluster: dict, group: dict, scheduler_address: str) -> dict:
+    name = cluster["metadata"]["name"]
+    podspec = copy.deepcopy(group["spec"])
+    h = template_hash(podspec)
+    for c in podspec["containers"]:
+        if c.get("name") == "worker":
+            _inject_env(c, [
+                _POD_IP,
+                {"name": "TASKCORE_WORKER_NAME",
+                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                {"name": "TASKCORE_SCHEDULER_ADDRESS", "value": scheduler_address},
+                {"name": "TASKCORE_WORKER_GROUP", "value": group["name"]},
+                {"name": "TASKCORE_CLUSTER_NAME", "value": name},
+            ])
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": f"{name}-{group['name']}-",
+                         "labels": cluster_labels(name, "worker", group["name"]),
+                         "annotations": {ANNOTATION_TEMPLATE_HASH: h},
+                         "ownerReferences": [owner_reference(cluster)]},
+            "spec": podspec}
+
+
+# -- the CRD -----------------------------------------------------------------------------------
+_OPEN = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+_ADAPT = {"type": "object", "properties": {
+    "minimum": {"type": "integer", "minimum": 0},
+    "maximum": {"type": "integer", "minimum": 0},
+    "targetDuration": {"type": "number", "minimum": 0},
+    "waitCount": {"type": "integer", "minimum": 1},
+    "interval": {"type": "number", "minimum": 0.1}}}
+
+
+def crd_manifest() -> dict:
+    """The CustomResourceDefinition of TaskcoreCluster (deploy/kubernetes/crd.yaml)."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "spec": {
+                "type": "object", "required": ["scheduler", "workerGroups"],
+                "properties": {
+                    "idleTimeout": {"type": "number", "minimum": 0},
+                    "scheduler": {"type": "object", "required": ["spec"], "properties": {
+                        "spec": _OPEN, "service": _OPEN}},
+                    "workerGroups": {"type": "array", "items": {
+                        "type": "object", "required": ["name", "spec"], "properties": {
+                            "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                                     "maxLength": 30},
+                            "replicas": {"type": "integer", "minimum": 0},
+                            "spec": _OPEN, "adapt": _ADAPT}}},
+                },
+            },
+            "status": _OPEN,
+        },
+    }
+    printer = [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Scheduler", "type": "string", "jsonPath": ".status.schedulerAddress"},
+        {"name": "Controller", "type": "string", "jsonPath": ".status.controller"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}"},
+        "spec": {
+            "group": GROUP, "scope": "Namespaced",
+            "names": {"kind": KIND, "plural": PLURAL, "singular": SINGULAR,
+                      "shortNames": SHORT_NAMES, "listKind": f"{KIND}List"},
+            "versions": [{"name": VERSION, "served": True, "storage": True,
+                          "schema": {"openAPIV3Schema": schema},
+                          "subresources": {"status": {}},
+                          "additionalPrinterColumns": printer}],
+        },
+    }

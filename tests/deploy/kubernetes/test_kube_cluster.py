@@ -1,0 +1,386 @@
+"""KubeCluster end to end against the Kubernetes stand-in (tests/deploy/kubernetes/standin/):
+the unmodified kubernetes_asyncio client, real scheduler and worker processes run by the
+stand-in's kubelet, reached through its kube-proxy, a port-forward, or a NodePort.
+
+Each test gets a fresh stand-in (the `kube` fixture), which fails the test if any pod
+process survives it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import cloudpickle
+import pytest
+
+from taskcore import Client
+from taskcore.deploy.kubernetes import KubeCluster, KubeClusterError, make_worker_spec
+from taskcore.deploy.kubernetes import resources as r
+from taskcore.testing import wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+# The pods cannot import this test module: ship its functions by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def inc(x):
+    return x + 1
+
+
+def slowinc(x, delay=0.2):
+    time.sleep(delay)
+    return x + 1
+
+
+def cluster_objects(kube, name):
+    """Every stored object labelled with (or named for) this cluster, and the resource."""
+    out = []
+    for obj in kube.objects():
+        meta = obj.get("metadata") or {}
+        if (meta.get("labels") or {}).get(r.LABEL_CLUSTER) == name or (
+                obj.get("kind") == r.KIND and meta.get("name") == name):
+            out.append(f"{obj.get('kind')}/{meta.get('name')}")
+    return out
+
+
+def worker_pods(kube, name, group=None, running=True):
+    pods = []
+    for p in kube.pods("default"):
+        labels = p["metadata"].get("labels") or {}
+        if labels.get(r.LABEL_CLUSTER) != name or labels.get(r.LABEL_COMPONENT) != "worker":
+            continue
+        if group is not None and labels.get(r.LABEL_GROUP) != group:
+            continue
+        if p["metadata"].get("deletionTimestamp"):
+            continue
+        if running and (p.get("status") or {}).get("phase") != "Running":
+            continue
+        pods.append(p["metadata"]["name"])
+    return sorted(pods)
+
+
+def scheduler_workers(client):
+    return {str(w["name"]) for w in client.scheduler_info()["workers"].values()}
+
+
+def assert_all_gone(kube, name, timeout=60):
+    wait_until(lambda: not cluster_objects(kube, name), timeout,
+               f"every object of {name} to be deleted (left: {cluster_objects(kube, name)})")
+    wait_until(lambda: not [p for p in kube.pods("default")
+                            if (p["metadata"].get("labels") or {}).get(r.LABEL_CLUSTER) == name],
+               timeout, "its pods to be gone")
+
+
+def test_embedded_cluster_computes_scales_and_leaves_nothing(kube):
+    with KubeCluster(name="emb", n_workers=2, controller="embedded", nthreads=1,
+                     startup_timeout=120) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.3.")    # the Service's IP
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            assert scheduler_workers(client) == set(worker_pods(kube, "emb"))
+            assert sum(client.gather(client.map(inc, range(100)))) == 5050
+            cluster.scale(3)
+            client.wait_for_workers(3, timeout=60)
+            victim = worker_pods(kube, "emb")[0]
+            cluster.scale_down([victim])                  # exactly this one goes
+            wait_until(lambda: victim not in worker_pods(kube, "emb", running=False), 60,
+                       f"{victim} to be deleted")
+            assert victim not in scheduler_workers(client)
+            assert cluster.refresh()["spec"]["workerGroups"][0]["replicas"] == 2
+            cluster.scale(1)
+            wait_until(lambda: len(scheduler_workers(client)) == 1, 60, "scale down to 1")
+            wait_until(lambda: len(worker_pods(kube, "emb", running=False)) == 1, 60,
+                       "one worker pod left")
+            assert client.submit(inc, 41).result(timeout=30) == 42
+        res = cluster.refresh()
+        assert res["status"]["controller"].startswith("embedded/")
+        assert "group default" in repr(cluster) and "<table>" in cluster._repr_html_()
+        logs = cluster.get_logs()
+        assert any(k.startswith("emb-scheduler") for k in logs)
+    assert_all_gone(kube, "emb")
+
+
+def test_port_forward_when_the_service_is_not_reachable(kube):
+    with KubeCluster(name="pf", n_workers=1, controller="embedded", nthreads=1,
+                     port_forward_cluster_ip=True, startup_timeout=120) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=60)
+            assert client.submit(inc, 1).result(timeout=30) == 2
+            big = client.submit(lambda n: b"x" * n, 3_000_000).result(timeout=30)
+            assert len(big) == 3_000_000
+    assert_all_gone(kube, "pf")
+
+
+@pytest.mark.parametrize("service_type", ["NodePort", "LoadBalancer"])
+def test_nodeport_and_load_balancer_services(kube, service_type):
+    name = service_type.lower()
+    with KubeCluster(name=name, n_workers=1, controller="embedded", nthreads=1,
+                     scheduler_service_type=service_type, startup_timeout=120) as cluster:
+        host, port = cluster.scheduler_address.split("://")[1].rsplit(":", 1)
+        if service_type == "NodePort":
+            assert host == "127.0.0.1" and 30000 <= int(port) <= 32767
+        else:
+            assert host.startswith("127.4.") and port == "8786"   # the balancer's ingress
+        with Client(cluster) as client:
+            assert client.submit(inc, 1).result(timeout=60) == 2
+    assert_all_gone(kube, name)
+
+
+def test_idle_timeout_deletes_an_unused_cluster(kube):
+    cluster = KubeCluster(name="idle", n_workers=1, controller="embedded", idle_timeout=2,
+                          startup_timeout=120)
+    try:
+        with Client(cluster) as client:               # a connected client keeps it alive
+            assert client.submit(inc, 1).result(timeout=60) == 2
+            time.sleep(4)
+            assert f"{r.KIND}/idle" in cluster_objects(kube, "idle")
+        t0 = time.monotonic()
+        assert_all_gone(kube, "idle", timeout=60)
+        assert time.monotonic() - t0 > 1.0
+    finally:
+        cluster.close()                               # the resource is gone already: no error
+
+
+def _start_operator(kube, tmp_path):
+    log = open(tmp_path / "operator.log", "w")
+    env = dict(os.environ, KUBECONFIG=str(kube.kubeconfig))
+    proc = subprocess.Popen([sys.executable, "-m", "taskcore.cli.kubernetes", "--namespace",
+                             "default", "--resync", "1s", "--install-crd"],
+                            stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+    line = proc.stdout.readline()
+    assert line, (tmp_path / "operator.log").read_text()
+    ready = json.loads(line)
+    assert ready["role"] == "kube-operator"
+    return proc
+
+
+def _create_resource(kube, body):
+    """What `kubectl apply -f cluster.yaml` does: POST the resource."""
+    import asyncio
+
+    from kubernetes_asyncio import client, config
+
+    async def go():
+        await config.load_kube_config(config_file=str(kube.kubeconfig))
+        async with client.ApiClient() as api:
+            await client.CustomObjectsApi(api).create_namespaced_custom_object(
+                r.GROUP, r.VERSION, "default", r.PLURAL, body)
+    asyncio.run(go())
+
+
+def test_operator_process_reconciles_a_resource_made_with_kubectl(kube, tmp_path):
+    op = _start_operator(kube, tmp_path)
+    try:
+        body = r.make_cluster_spec("opc", n_workers=2, nthreads=1)
+        _create_resource(kube, body)
+        wait_until(lambda: len(worker_pods(kube, "opc")) == 2, 90, "the operator's workers")
+        # A client connects by name; the operator keeps reconciling (no embedded controller).
+        cluster = KubeCluster.from_name("opc", startup_timeout=60)
+        try:
+            assert cluster._controller is None
+            assert cluster.refresh()["status"]["controller"].startswith("operator/")
+            with Client(cluster) as client:
+                client.wait_for_workers(2, timeout=60)
+                assert sum(client.gather(client.map(inc, range(20)))) == 210
+                # A worker pod that is killed for good is replaced by the operator.
+                victim = worker_pods(kube, "opc")[0]
+                kube.evict("default", victim)
+                wait_until(lambda: victim not in worker_pods(kube, "opc", running=False)
+                           and len(worker_pods(kube, "opc")) == 2, 90, "a replacement pod")
+                client.wait_for_workers(2, timeout=60)
+        finally:
+            cluster.shutdown()
+        assert_all_gone(kube, "opc")
+    finally:
+        op.send_signal(signal.SIGTERM)
+        assert op.wait(30) == 0
+
+
+def test_operator_as_a_pod_in_cluster(kube, tmp_path):
+    """The operator's own manifest (deploy/kubernetes/operator.yaml), run by the stand-in
+    with the pod's service account (in-cluster configuration)."""
+    import yaml
+
+    from .test_manifests import ROOT
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "operator.yaml").read_text()) if d]
+    import asyncio
+
+    from kubernetes_asyncio import client, config
+
+    async def apply():
+        await config.load_kube_config(config_file=str(kube.kubeconfig))
+        async with client.ApiClient() as api:
+            from kubernetes_asyncio import utils
+            for d in docs:
+                await utils.create_from_dict(api, d)
+    asyncio.run(apply())
+    # No operator was told to install the CRD: KubeCluster installs it (the stand-in has no
+    # RBAC), and the operator in its pod picks the resource up.
+    wait_until(lambda: any(p["metadata"]["name"].startswith("taskcore-operator") and
+                           (p.get("status") or {}).get("phase") == "Running"
+                           for p in kube.pods("taskcore-system")), 60, "the operator pod")
+    with KubeCluster(name="inpod", n_workers=1, nthreads=1, controller="operator",
+                     operator_timeout=30, startup_timeout=120) as cluster:
+        assert cluster.refresh()["status"]["controller"].startswith("operator/")
+        with Client(cluster) as c:
+            assert c.submit(inc, 1).result(timeout=60) == 2
+    assert_all_gone(kube, "inpod")
+
+
+def test_scheduler_pod_killed_mid_computation(kube):
+    with KubeCluster(name="sk", n_workers=2, controller="embedded", nthreads=1,
+                     startup_timeout=120) as cluster:
+        with Client(cluster) as client:
+            client.reconnect_timeout = 120
+            client.wait_for_workers(2, timeout=60)
+            futures = client.map(slowinc, range(40), delay=0.5)
+            time.sleep(1.0)
+            (sched,) = [p["metadata"]["name"] for p in kube.pods("default")
+                        if p["metadata"]["labels"].get(r.LABEL_COMPONENT) == "scheduler"]
+            # Evicted: the pod is gone for good, its Deployment makes a new one (a new IP);
+            # the Service's address stays.
+            kube.evict("default", sched)
+            t0 = time.monotonic()
+            with pytest.raises(Exception, match="lost connection to the scheduler"):
+                client.gather(futures)
+            assert time.monotonic() - t0 < 30          # an error, not a hang
+            # Kubernetes restarts the scheduler; workers and client come back by the Service.
+            wait_until(lambda: client.status == "running", 120, "the client to reconnect")
+            client.wait_for_workers(2, timeout=120)
+            futures = client.map(slowinc, range(40), delay=0.01)
+            assert client.gather(futures) == list(range(1, 41))
+            (new,) = [p["metadata"]["name"] for p in kube.pods("default")
+                      if p["metadata"]["labels"].get(r.LABEL_COMPONENT) == "scheduler"
+                      and not p["metadata"].get("deletionTimestamp")]
+            assert new != sched
+            # The scheduler's process crashes (the container restarts in the same pod).
+            old_comm = client.comm
+            kube.kill_pod("default", new)
+
+            def restarts():
+                (pod,) = [p for p in kube.pods("default") if p["metadata"]["name"] == new]
+                return pod["status"]["containerStatuses"][0]["restartCount"]
+            wait_until(lambda: restarts() >= 1, 30, "the scheduler container to restart")
+            wait_until(lambda: client.comm is not old_comm and client.status == "running", 120,
+                       "the client to reconnect")
+            client.wait_for_workers(2, timeout=120)
+            assert client.submit(inc, 1, key="after-crash").result(timeout=60) == 2
+            # Worker pods killed: the computation still finishes right.
+            futures = client.map(slowinc, range(60), delay=0.2, key=[f"w{i}" for i in range(60)])
+            for victim in worker_pods(kube, "sk"):
+                kube.kill_pod("default", victim)
+            assert client.gather(futures) == list(range(1, 61))
+    assert_all_gone(kube, "sk")
+
+
+def test_adaptive_groups_scale_independently_without_losing_results(kube):
+    with KubeCluster(name="ad", n_workers=1, controller="embedded", nthreads=1,
+                     startup_timeout=120) as cluster:
+        cluster.add_worker_group("extra", n_workers=0)
+        cluster.adapt(minimum=1, maximum=2, interval=0.5, wait_count=2)
+        cluster.adapt(minimum=0, maximum=2, worker_group="extra", interval=0.5, wait_count=2)
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=60)
+            # Results held while the cluster grows and shrinks under load.
+            held = client.map(inc, range(50), key=[f"held-{i}" for i in range(50)])
+            client.gather(held)
+            work = client.map(slowinc, range(200), delay=0.3)
+            wait_until(lambda: len(worker_pods(kube, "ad", "default")) == 2 and
+                       len(worker_pods(kube, "ad", "extra")) == 2, 120,
+                       "both groups at their maximum")
+            assert client.gather(work) == list(range(1, 201))
+            wait_until(lambda: len(worker_pods(kube, "ad", "default", running=False)) == 1 and
+                       not worker_pods(kube, "ad", "extra", running=False), 120,
+                       "both groups back at their minimum")
+            assert client.gather(held) == list(range(1, 51))       # nothing lost
+            # A manual scale of one group ends its adaptation only.
+            cluster.scale(2, worker_group="extra")
+            groups = {g["name"]: g for g in cluster.refresh()["spec"]["workerGroups"]}
+            assert "adapt" not in groups["extra"] and groups["default"]["adapt"]["maximum"] == 2
+            wait_until(lambda: len(worker_pods(kube, "ad", "extra")) == 2, 90, "extra at 2")
+            time.sleep(3)                                 # idle: default stays at its minimum,
+            assert len(worker_pods(kube, "ad", "extra", running=False)) == 2   # extra untouched
+    assert_all_gone(kube, "ad")
+
+
+@pytest.mark.parametrize("failure", ["crash", "image"])
+def test_pods_that_cannot_run_fail_fast_with_the_reason(kube, failure):
+    if failure == "image":
+        kube.set_image_missing("example.org/missing:1")
+        kwargs = {"image": "example.org/missing:1"}
+        expect = "ImagePullBackOff|ErrImagePull"
+    else:
+        spec = r.make_cluster_spec("bad-crash", n_workers=1)
+        c = spec["spec"]["scheduler"]["spec"]["containers"][0]
+        c["command"] = [sys.executable, "-c",
+                        "import sys; print('scheduler config is broken', flush=True); "
+                        "sys.exit(3)"]
+        c["args"] = []
+        kwargs = {"custom_cluster_spec": spec}
+        expect = "CrashLoopBackOff"
+    name = f"bad-{failure}"
+    t0 = time.monotonic()
+    with pytest.raises(KubeClusterError, match=expect) as info:
+        KubeCluster(name=name, controller="embedded", startup_timeout=120, **kwargs)
+    assert time.monotonic() - t0 < 60
+    if failure == "crash":
+        assert "exit code 3" in str(info.value)
+        assert "scheduler config is broken" in str(info.value)     # the pod's last log lines
+    assert_all_gone(kube, name)     # a failed start cleans up
+
+
+def test_detach_and_from_name_in_a_new_process(kube):
+    code = textwrap.dedent("""
+        from taskcore.deploy.kubernetes import KubeCluster
+        c = KubeCluster(name="det", n_workers=1, nthreads=1, controller="embedded",
+                        shutdown_on_close=False, startup_timeout=120)
+        print(c.scheduler_address)
+        c.close()
+    """)
+    env = dict(os.environ, KUBECONFIG=str(kube.kubeconfig))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "KubeCluster" not in out.stdout
+    # Still there, without its maker; no longer labelled embedded (an operator may take it).
+    assert f"{r.KIND}/det" in cluster_objects(kube, "det")
+    assert worker_pods(kube, "det", running=False)
+    cluster = KubeCluster.from_name("det", operator_timeout=0.5)
+    assert cluster._controller is not None            # no operator: reconciled from here
+    with Client(cluster) as client:
+        client.wait_for_workers(1, timeout=60)
+        assert client.submit(inc, 1).result(timeout=30) == 2
+        cluster.scale(2)
+        client.wait_for_workers(2, timeout=60)
+    cluster.shutdown()
+    assert_all_gone(kube, "det")
+
+
+def test_bad_arguments_fail_before_anything_is_made(kube):
+    with pytest.raises(ValueError, match="scheduler_service_type"):
+        KubeCluster(name="x1", scheduler_service_type="Magic")
+    with pytest.raises(ValueError, match="controller"):
+        KubeCluster(name="x1", controller="nobody")
+    with pytest.raises(KubeClusterError, match="no TaskcoreCluster named 'nope'"):
+        KubeCluster.from_name("nope")
+    with pytest.raises(ValueError, match="must be a TaskcoreCluster"):
+        KubeCluster(custom_cluster_spec={"kind": "Pod"})
+    with KubeCluster(name="x2", n_workers=0, controller="embedded",
+                     startup_timeout=120) as cluster:
+        with pytest.raises(ValueError, match="no worker group"):
+            cluster.scale(1, worker_group="ghost")
+        with pytest.raises(ValueError, match="already exists"):
+            cluster.add_worker_group("default")
+        with pytest.raises(KubeClusterError, match="already exists"):
+            KubeCluster(name="x2", create_mode="create_only")
+        cluster.add_worker_group("gpu", n_workers=0,
+                                 custom_spec=make_worker_spec(name="gpu", n_workers=0))
+        cluster.delete_worker_group("gpu")
+        with pytest.raises(ValueError, match="no worker group"):
+            cluster.delete_worker_group("gpu")
+    assert_all_gone(kube, "x2")
