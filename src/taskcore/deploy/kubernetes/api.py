@@ -189,6 +189,13 @@ class KubeAPI:
         svc = next((s for s in svcs["items"] if s["metadata"]["name"] == name), None)
         return dep, svc, pods["items"]
 
+    async def pod_listing(self, ns: str | None, label_selector: str | None = None) -> dict:
+        """A PodList (with its resourceVersion) in one namespace, or in all (`ns=None`)."""
+        kw = {"label_selector": label_selector} if label_selector else {}
+        if ns is None:
+            return await self._call(self.core.list_pod_for_all_namespaces, **kw)
+        return await self._call(self.core.list_namespaced_pod, ns, **kw)
+
     async def list_pods(self, ns: str, label_selector: str) -> list:
         return (await self._call(self.core.list_namespaced_pod, ns,
                                  label_selector=label_selector))["items"]

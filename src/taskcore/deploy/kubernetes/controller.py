@@ -63,7 +63,7 @@ class Controller:
 
     `namespace=None` watches all namespaces. `only=<name>` reconciles one cluster
     (the embedded mode; the operator takes all that are not labelled embedded).
-    `address_for(cluster) -> str | None` overrides where the scheduler is reached
+    `async address_for(cluster) -> str | None` overrides where the scheduler is reached
     from here (a port-forward, for a client outside the cluster).
     """
 
@@ -139,7 +139,7 @@ class Controller:
                     if kind == r.KIND:
                         listing = await self.api.list_clusters(self.namespace, label_selector)
                     else:
-                        listing = await self._list_pods(label_selector)
+                        listing = await self.api.pod_listing(self.namespace, label_selector)
                     rv = listing["metadata"]["resourceVersion"]
                     for obj in listing["items"]:
                         on_event("ADDED", obj)
@@ -164,14 +164,6 @@ class Controller:
                 rv = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
-
-    async def _list_pods(self, label_selector):
-        core = self.api.core
-        if self.namespace is None:
-            return await self.api._call(core.list_pod_for_all_namespaces,
-                                        label_selector=label_selector)
-        return await self.api._call(core.list_namespaced_pod, self.namespace,
-                                    label_selector=label_selector)
 
     async def _watch_clusters(self):
         def on_event(typ, obj):
@@ -274,13 +266,14 @@ class Controller:
                 return True
         return False
 
+    async def _address(self, cluster, service) -> str | None:
+        """The scheduler's address as seen from this process."""
+        if self.address_for is not None:
+            return await self.address_for(cluster)
+        return scheduler_address_of(service)
+
     async def _scheduler_view(self, cluster, service) -> dict | None:
-        address = (self.address_for(cluster) if self.address_for is not None
-                   else scheduler_address_of(service))
-        if address is None:
-            return None
-        if hasattr(address, "__await__"):
-            address = await address
+        address = await self._address(cluster, service)
         if address is None or (cluster.get("status") or {}).get("phase") != "Running":
             return None
         from taskcore.core.serialize import Serialized, serialize_obj
@@ -354,10 +347,7 @@ class Controller:
         try:
             cluster = await self.api.get_cluster(ns, name)
             _, service, _ = await self.api.children(ns, name)
-            address = (self.address_for(cluster) if self.address_for is not None
-                       else scheduler_address_of(service))
-            if hasattr(address, "__await__"):
-                address = await address
+            address = await self._address(cluster, service)
             known = (view or {}).get("workers") or {}
             addresses = [known[p]["address"] for p in pods if p in known]
             if address and addresses:

@@ -45,6 +45,8 @@ import uuid
 import yaml
 from aiohttp import web
 
+from taskcore.testing import wait_until
+
 from .apiserver import ApiServer
 from .controllers import (DeploymentController, GarbageCollector, KubeProxy, Kubelet,
                           NamespaceController, ServiceController)
@@ -371,14 +373,7 @@ class StandinKubernetes:
                  interval: float = 0.05):
         """Poll `predicate()` (which typically reads `objects()`/`pods()`) until it returns a
         truthy value, and return that; AssertionError naming `message` after `timeout`."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-            time.sleep(interval)
+        return wait_until(predicate, timeout, message, interval)
 
 
 def main() -> None:     # python -m tests.deploy.kubernetes.standin
