@@ -254,3 +254,42 @@ def test_a_closed_comm_or_client():
         hot.submit([["b", "s", [], None]], ["b"])
     with pytest.raises(RuntimeError, match="closed"):
         hot.enqueue({"op": "x"})
+
+
+def test_forget_all_fails_what_the_lost_scheduler_held_and_old_futures_release_nothing():
+    hot = make_hot()
+    pending, held, inline = hot.submit([[k, "s", [], None] for k in "abc"], ["a", "b", "c"])
+    hot.states["b"]._set("finished")                     # its data is on a worker
+    hot.states["c"].finish(data=5, has_data=True)        # its data came back inline
+    hot.loop.run()
+    hot.comm.sent.clear()
+    error = ConnectionError("scheduler lost")
+    failed = hot.forget_all(error)
+    assert sorted(st.key for st in failed) == ["a", "b"]
+    assert pending.status == held.status == "error" and pending._state.exception is error
+    assert inline.status == "finished"                    # still readable here
+    assert hot.states == {} and hot.refcount == {} and hot.generation == 1
+    # The same key submitted again is a new reference; the old Future going away does
+    # not release it.
+    (again,) = hot.submit([["a", "s", [], None]], ["a"])
+    assert again.status == "pending" and hot.refcount == {"a": 1}
+    pending.release()
+    del held
+    assert hot.refcount == {"a": 1}
+    hot.loop.run()
+    assert not [m for m in hot.comm.sent if isinstance(m, dict)]   # no release-keys
+    again.release()
+    hot.loop.run()
+    assert {"op": "release-keys", "keys": ["a"]} in hot.comm.sent
+
+
+def test_submits_to_a_closed_comm_wait_for_the_next_one():
+    hot = make_hot()
+    hot.comm.closed = True
+    (f,) = hot.submit([["a", "s", [], None]], ["a"])
+    hot.loop.run()
+    assert hot.comm.sent == []
+    hot.comm = FakeComm()                                 # reconnected
+    hot.flush_outbox()
+    assert hot.comm.sent == [update_graph([["a", "s", [], None]], ["a"])]
+    assert f.status == "pending"

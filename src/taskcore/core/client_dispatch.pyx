@@ -300,6 +300,7 @@ cdef class FutureBase:
     cdef readonly FutureState _state
     cdef ClientHotPath _hot
     cdef bint _released
+    cdef long long _generation       # the ClientHotPath generation it was made in
     cdef object __weakref__
 
     def _bind(self, key, client, FutureState state=None):
@@ -309,6 +310,7 @@ cdef class FutureBase:
         self.client = client
         self._hot = client._hot
         self._state = state if state is not None else self._hot.inc_ref(key)
+        self._generation = self._hot.generation
         self._released = False
 
     @property
@@ -354,13 +356,18 @@ cdef class FutureBase:
     def release(self):
         if not self._released:
             self._released = True
-            self._hot.dec_ref(self.key, self._state)
+            if self._generation == self._hot.generation:
+                self._hot.dec_ref(self.key)
 
     def __del__(self):
         if not self._released and self._hot is not None:
             self._released = True
+            # A Future from before `forget_all` (a lost scheduler) holds no reference
+            # any more: its key may have been submitted again, and that one is not ours.
+            if self._generation != self._hot.generation:
+                return
             try:
-                self._hot.dec_ref(self.key, self._state)
+                self._hot.dec_ref(self.key)
             except Exception:  # interpreter shutdown
                 pass
 
@@ -408,6 +415,7 @@ cdef class ClientHotPath:
     cdef str last_name                   # weak dictionary (a Python-level lookup)
     cdef str uid                         # unique keys (pure=False): "<name>-<uid>-<n>"
     cdef long long counter
+    cdef readonly long long generation   # +1 at each forget_all: older Futures hold no reference
 
     def __init__(self, client, bint asynchronous, double release_delay):
         self.client = client
@@ -547,14 +555,10 @@ cdef class ClientHotPath:
             self.lock.release()
         return st
 
-    cpdef int dec_ref(self, object key, FutureState state=None) except -1:
+    cpdef int dec_ref(self, object key) except -1:
         cdef Py_ssize_t n
         self.lock.acquire()
         try:
-            if state is not None and self.states.get(key) is not state:
-                # A Future from before `forget_all` (a lost scheduler): its key may
-                # have been submitted again since, and that reference is not ours.
-                return 0
             n = self.refcount.get(key, 0) - 1
             if n > 0:
                 self.refcount[key] = n
@@ -584,13 +588,15 @@ cdef class ClientHotPath:
     cpdef list forget_all(self, exception):
         """The scheduler was lost, and everything it knew with it: fail every state still
         waiting and every result not held here, and start with no keys, so keys submitted
-        again are new ones. Existing Futures keep their (failed) states. Returns the
+        again are new ones. Existing Futures keep their (failed) states and, being of an
+        older generation, release nothing when they go. Returns the
         states failed."""
         cdef FutureState st
         cdef list failed = []
         self.lock.acquire()
         try:
             states = list(self.states.values())
+            self.generation += 1
             self.states.clear()           # in place: the Client aliases these dicts
             self.refcount.clear()
             self.release_pending = []
@@ -645,6 +651,7 @@ cdef class ClientHotPath:
                 f.client = self.client
                 f._hot = self
                 f._state = st
+                f._generation = self.generation
                 futures.append(f)
             self.outbox.append(msg)
             schedule = not self.outbox_scheduled
