@@ -142,6 +142,7 @@ class StandinKubernetes:
         self.port = None
         # (pid, command line) of pod processes still alive after stop(), which killed them.
         self.leaked: list[tuple[int, list[str]]] = []
+        self.stop_problems: list[str] = []   # steps of stop() that hung (with task stacks)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -265,23 +266,45 @@ class StandinKubernetes:
 
     async def _astop(self) -> None:
         # The API first (no new requests), then the controllers that would replace or
-        # create pods, then the pods themselves, then the kubelet.
+        # create pods, then the pods themselves, then the kubelet. Each step is bounded:
+        # a step that hangs is logged with the stacks of what it waits for, and stopping
+        # goes on (pod processes still alive after that are killed by _kill_leftovers and
+        # reported in `leaked`, which fails the test).
         if getattr(self, "api", None) is not None:
-            await self.api.close_streams()
+            await self._bounded("closing streams", self.api.close_streams(), 10)
         if getattr(self, "_runner", None) is not None:
-            await self._runner.cleanup()
+            await self._bounded("stopping the API server", self._runner.cleanup(), 10)
         kubelet = getattr(self, "kubelet", None)
         for c in getattr(self, "controllers", []):
             if c is not kubelet:
-                await c.stop()
+                await self._bounded(f"stopping {c.name}", c.stop(), 10)
         if kubelet is not None and kubelet._task is not None:
             kubelet.stopping = True
-            await kubelet.stop_pods(self.stop_grace, timeout=self.stop_grace + 10)
-            await kubelet.stop()
+            await self._bounded("stopping pods", kubelet.stop_pods(
+                self.stop_grace, timeout=self.stop_grace + 10), self.stop_grace + 20)
+            await self._bounded("stopping the kubelet", kubelet.stop(), 10)
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._bounded("cancelling the remaining tasks",
+                            asyncio.gather(*tasks, return_exceptions=True), 10)
+
+    async def _bounded(self, what: str, aw, timeout: float) -> None:
+        task = asyncio.ensure_future(aw)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if done:
+            task.result()
+            return
+        import io
+
+        stacks = io.StringIO()
+        for t in asyncio.all_tasks():
+            if t is not asyncio.current_task() and not t.done():
+                t.print_stack(limit=8, file=stacks)
+        problem = f"stand-in stop: {what} took over {timeout} s; tasks:\n{stacks.getvalue()}"
+        log.error("%s", problem)
+        self.stop_problems.append(problem)
+        task.cancel()
 
     def leftover_processes(self) -> list:
         """Live processes started by this stand-in's pods (found by MARKER_ENV)."""
