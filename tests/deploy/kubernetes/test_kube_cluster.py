@@ -384,3 +384,20 @@ def test_bad_arguments_fail_before_anything_is_made(kube):
         with pytest.raises(ValueError, match="no worker group"):
             cluster.delete_worker_group("gpu")
     assert_all_gone(kube, "x2")
+
+
+def test_asynchronous_cluster(kube):
+    import asyncio
+
+    async def main():
+        async with KubeCluster(name="as", n_workers=1, nthreads=1, controller="embedded",
+                               startup_timeout=120, asynchronous=True) as cluster:
+            async with Client(cluster, asynchronous=True) as client:
+                await client.wait_for_workers(1, timeout=60)
+                assert await client.submit(inc, 1) == 2
+                await cluster.scale(2)
+                await client.wait_for_workers(2, timeout=60)
+                logs = await cluster.get_logs()
+                assert any(k.startswith("as-default-") for k in logs)
+    asyncio.run(main())
+    assert_all_gone(kube, "as")
