@@ -187,3 +187,14 @@ def test_adaptive_counter_goes_up_at_once_and_down_after_wait_count():
     assert c.step(1, 3, 3) is None
     assert c.step(1, 3, 3) is None
     assert c.step(1, 3, 3) == 1
+
+
+def test_pods_named_in_scale_down_go_first_and_are_still_retired():
+    picked = pod("busy-picked", metadata={"annotations": {r.ANNOTATION_RETIRE: "requested"}})
+    pods = [pod("idle"), picked]
+    known = {"idle": {"processing": 0, "nbytes": 0}, "busy-picked": {"processing": 5,
+                                                                     "nbytes": 10**6}}
+    actions = plan(Observed(cluster(n=1), pods=pods, deployment={}, service=service(),
+                            scheduler_workers=known))
+    assert not kinds(actions, Delete)
+    assert [a.pods for a in kinds(actions, Retire)] == [("busy-picked",)]

@@ -217,6 +217,11 @@ class KubeAPI:
             if e.status != 404:
                 raise
 
+    async def annotate_pod(self, ns: str, name: str, annotations: dict):
+        await self._call(self.core.patch_namespaced_pod, name, ns,
+                         {"metadata": {"annotations": annotations}},
+                         _content_type="application/merge-patch+json")
+
     async def get_service(self, ns: str, name: str) -> dict | None:
         try:
             return await self._call(self.core.read_namespaced_service, name, ns)

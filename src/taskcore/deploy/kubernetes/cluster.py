@@ -333,19 +333,17 @@ class KubeCluster(Cluster):
                                             {worker_group: int(n)}, keep_adapt=False)
 
     async def _scale_down(self, workers):
-        """Retire these workers (pod names): the group shrinks by as many, and exactly these
-        go, their data moved first."""
+        """Retire these workers (pod names): their groups shrink by as many, and exactly
+        these go (marked for the controller, which retires them through the scheduler,
+        data first, like any scale-down). Waits until their pods are gone."""
         pods = {p["metadata"]["name"]: p for p in await self._api.list_pods(
             self.namespace, f"{r.LABEL_CLUSTER}={self.name},{r.LABEL_COMPONENT}=worker")}
         unknown = [w for w in workers if w not in pods]
         if unknown:
             raise ValueError(f"{self.name} has no worker pods {unknown}")
-        # The scheduler moves the data now; the controller then sees fewer replicas wanted
-        # and the retired pods (Succeeded) are the ones it removes.
-        await self._scheduler_rpc("retire_workers", {"workers": await self._addresses(workers)},
-                                  timeout=120)
         counts: dict = {}
         for w in workers:
+            await self._api.annotate_pod(self.namespace, w, {r.ANNOTATION_RETIRE: "requested"})
             g = pods[w]["metadata"]["labels"].get(r.LABEL_GROUP)
             counts[g] = counts.get(g, 0) + 1
         res = await self._get_resource()
@@ -354,12 +352,15 @@ class KubeCluster(Cluster):
             self._api, self.namespace, self.name,
             {g: max(0, current.get(g, 0) - c) for g, c in counts.items() if g in current},
             keep_adapt=False)
-        for w in workers:
-            await self._api.delete(self.namespace, "Pod", w)
-
-    async def _addresses(self, names) -> list:
-        info = (await self._scheduler_rpc("scheduler_info", timeout=10)).get("workers") or {}
-        return [a for a, i in info.items() if str(i.get("name")) in set(names)]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            left = {p["metadata"]["name"] for p in await self._api.list_pods(
+                self.namespace, f"{r.LABEL_CLUSTER}={self.name},{r.LABEL_COMPONENT}=worker")}
+            if not left & set(workers):
+                return
+            await asyncio.sleep(0.25)
+        raise KubeClusterError(f"{self.name}: workers {sorted(set(workers) & left)} were not "
+                               f"retired within 120 s")
 
     def adapt(self, minimum: int = 0, maximum: int | None = None, worker_group: str =
               r.DEFAULT_GROUP, target_duration: float = 5.0, wait_count: int = 3,

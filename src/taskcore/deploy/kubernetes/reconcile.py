@@ -11,7 +11,8 @@ The rules:
 - The scheduler is a one-replica Deployment behind a Service, both made when
   missing; Kubernetes itself recreates a dead scheduler pod.
 - Workers are pods per group. Fewer live pods than `replicas`: make more.
-  More: the surplus goes cheapest first: pods that never got running or that
+  More: the surplus goes cheapest first (pods annotated taskcore.dev/retire, the
+  ones a user named in `scale_down`, before any other): pods that never got running or that
   the scheduler does not know are deleted at once (they hold nothing); the
   others are *retired* (the scheduler moves their data away, then the pod is
   deleted), idle before busy, least data first. Pods of a group no longer in
@@ -215,7 +216,10 @@ def _surplus(group: str, live: list, excess: int, known: dict | None) -> list:
             return (1, 0, 0, name)      # scheduler unreachable: no data to judge by
         return (1, int(info.get("processing", 0)), int(info.get("nbytes", 0)), name)
 
-    chosen = sorted(live, key=cost)[:excess]
+    def order(p):   # pods a user picked (scale_down) first, then the cheapest
+        return (r.ANNOTATION_RETIRE not in (_meta(p, "annotations") or {}), cost(p))
+
+    chosen = sorted(live, key=order)[:excess]
     out, retire = [], []
     for p in chosen:
         if cost(p)[0] == 0:

@@ -64,6 +64,7 @@ LABEL_CONTROLLER = f"{GROUP}/controller"   # "embedded" on resources a client re
 LABEL_MANAGED = "app.kubernetes.io/managed-by"
 MANAGED_BY = "taskcore"
 ANNOTATION_TEMPLATE_HASH = f"{GROUP}/template-hash"
+ANNOTATION_RETIRE = f"{GROUP}/retire"     # on a worker pod: go first at the next scale-down
 
 __all__ = ["make_cluster_spec", "make_worker_spec", "crd_manifest", "scheduler_deployment",
            "scheduler_service", "worker_pod", "validate_cluster"]
