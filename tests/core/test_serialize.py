@@ -534,6 +534,30 @@ def test_objects_from_main_go_by_value():
     assert func(*args) == 25
 
 
+def test_functions_of_modules_registered_by_value_go_by_value_inside_containers(tmp_path):
+    # A client.run payload is a tuple (func, args, kwargs): plain pickle would store the
+    # function by reference to a module the peer cannot import.
+    import cloudpickle
+
+    (tmp_path / "helper_mod_by_value.py").write_text("def triple(x):\n    return 3 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import helper_mod_by_value
+        cloudpickle.register_pickle_by_value(helper_mod_by_value)
+        try:
+            payload = S.serialize_obj((helper_mod_by_value.triple, (2,), {}))
+        finally:
+            cloudpickle.unregister_pickle_by_value(helper_mod_by_value)
+        plain = S.serialize_obj((helper_mod_by_value.triple, (2,), {}))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("helper_mod_by_value", None)
+    func, args, _ = payload.deserialize()            # the module is gone: by value only
+    assert func(*args) == 6
+    with pytest.raises(ModuleNotFoundError):
+        plain.deserialize()                          # not registered: by reference, as before
+
+
 # -------------------------------------------------------------- exceptions
 
 exception_types = st.sampled_from([ValueError, KeyError, RuntimeError, ZeroDivisionError, CustomError])

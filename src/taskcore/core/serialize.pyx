@@ -332,6 +332,19 @@ cdef inline bint _wants_cloudpickle(object obj):
 cdef object _registered = None
 
 
+cdef bint _mentions_by_value(bytes data):
+    # A container (a `client.run` payload's tuple, say) holding a function of a module
+    # registered with register_pickle_by_value gets it pickled by reference: the
+    # module's name in the stream gives it away. Nothing to scan unless one is registered.
+    _by_value(None)                      # loads the registry on first use
+    if not _registered:
+        return False
+    for m in _registered:
+        if (<str>m).encode() in data:
+            return True
+    return False
+
+
 cdef bint _by_value(object modname):
     # Modules registered with cloudpickle.register_pickle_by_value (test
     # modules, notebooks' helper files) cannot be imported by the peer, so
@@ -802,9 +815,11 @@ cdef class _Encoder:
             # pickles them by value. Drop buffers of the failed attempt.
             del self.frames[mark:]
             return self.cloudpickle(obj, mark)
-        if taskcore_mentions_main(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)):
-            # Something refers to __main__ by name, which on the peer is a
-            # different script; cloudpickle sends such objects by value.
+        if taskcore_mentions_main(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) or \
+                _mentions_by_value(data):
+            # Something refers to __main__ (on the peer a different script) or to a
+            # module registered to travel by value, by name; cloudpickle sends such
+            # objects by value.
             del self.frames[mark:]
             return self.cloudpickle(obj, mark)
         return data

@@ -401,3 +401,49 @@ def test_asynchronous_cluster(kube):
                 assert any(k.startswith("as-default-") for k in logs)
     asyncio.run(main())
     assert_all_gone(kube, "as")
+
+
+def _edit_resource(kube, name, edit):
+    """What `kubectl edit tcc NAME` does: read, change, PUT with the resourceVersion."""
+    import asyncio
+
+    from kubernetes_asyncio import client, config
+
+    async def go():
+        cfg = client.Configuration()
+        await config.load_kube_config(config_file=str(kube.kubeconfig), client_configuration=cfg)
+        async with client.ApiClient(cfg) as api:
+            co = client.CustomObjectsApi(api)
+            obj = await co.get_namespaced_custom_object(r.GROUP, r.VERSION, "default", r.PLURAL,
+                                                        name)
+            edit(obj)
+            await co.replace_namespaced_custom_object(r.GROUP, r.VERSION, "default", r.PLURAL,
+                                                      name, obj)
+    asyncio.run(go())
+
+
+def read_env(name):
+    return os.environ.get(name)
+
+
+def test_a_changed_worker_spec_rolls_the_workers(kube):
+    with KubeCluster(name="roll", n_workers=2, controller="embedded", nthreads=1,
+                     startup_timeout=120) as cluster:
+        with Client(cluster) as client:
+            client.wait_for_workers(2, timeout=60)
+            held = client.map(inc, range(20), key=[f"h{i}" for i in range(20)])
+            client.gather(held)
+            before = set(worker_pods(kube, "roll"))
+
+            def add_env(obj):
+                c = obj["spec"]["workerGroups"][0]["spec"]["containers"][0]
+                c.setdefault("env", []).append({"name": "ROLLED", "value": "yes"})
+            _edit_resource(kube, "roll", add_env)
+            wait_until(lambda: len(worker_pods(kube, "roll")) == 2 and
+                       not set(worker_pods(kube, "roll", running=False)) & before, 120,
+                       "every worker replaced")
+            client.wait_for_workers(2, timeout=60)
+            wait_until(lambda: len(scheduler_workers(client)) == 2, 60, "two workers")
+            assert set(client.run(read_env, "ROLLED").values()) == {"yes"}
+            assert client.gather(held) == list(range(1, 21))     # retired, not lost
+    assert_all_gone(kube, "roll")

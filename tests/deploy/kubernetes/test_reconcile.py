@@ -22,13 +22,23 @@ def service(ip="10.0.0.7"):
     return svc
 
 
+def dep():
+    return r.scheduler_deployment(cluster())
+
+
+TEMPLATE = r.template_hash(r.make_worker_spec()["spec"])   # of every group made here
+
+
 def pod(name, group="default", phase="Running", ready=True, component="worker", **extra):
     p = {"metadata": {"name": name, "labels": r.cluster_labels("c1", component,
                                                                  group if component == "worker"
-                                                                 else None)},
+                                                                 else None),
+                      "annotations": {r.ANNOTATION_TEMPLATE_HASH: TEMPLATE}},
          "status": {"phase": phase, "conditions": [
              {"type": "Ready", "status": "True" if ready else "False"}]}}
-    p["metadata"].update(extra.pop("metadata", {}))
+    meta = extra.pop("metadata", {})
+    p["metadata"]["annotations"].update(meta.pop("annotations", {}))
+    p["metadata"].update(meta)
     p["status"].update(extra)
     return p
 
@@ -49,7 +59,7 @@ def test_a_new_cluster_gets_its_scheduler_first():
 
 
 def test_workers_are_made_with_the_service_address():
-    actions = plan(Observed(cluster(n=3), deployment={}, service=service()))
+    actions = plan(Observed(cluster(n=3), deployment=dep(), service=service()))
     pods = [a.manifest for a in kinds(actions, Create)]
     assert len(pods) == 3 and {p["kind"] for p in pods} == {"Pod"}
     env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
@@ -58,7 +68,7 @@ def test_workers_are_made_with_the_service_address():
 
 
 def test_status_reports_running_and_is_not_rewritten_when_unchanged():
-    obs = Observed(cluster(n=1), deployment={}, service=service(),
+    obs = Observed(cluster(n=1), deployment=dep(), service=service(),
                    pods=[pod("s", component="scheduler"), pod("w1")], controller="me")
     (st,) = kinds(plan(obs), SetStatus)
     assert st.status["phase"] == "Running"
@@ -73,7 +83,7 @@ def test_surplus_goes_cheapest_first_and_data_holders_are_retired():
             pod("idle-small"), pod("unknown")]
     known = {"busy": {"processing": 3, "nbytes": 0}, "idle-big": {"processing": 0, "nbytes": 900},
              "idle-small": {"processing": 0, "nbytes": 10}}
-    base = dict(deployment={}, service=service(), scheduler_workers=known)
+    base = dict(deployment=dep(), service=service(), scheduler_workers=known)
     actions = plan(Observed(cluster(n=4), pods=pods, **base))
     assert [a.name for a in kinds(actions, Delete)] == ["pending"]
     actions = plan(Observed(cluster(n=1), pods=pods, **base))
@@ -81,7 +91,7 @@ def test_surplus_goes_cheapest_first_and_data_holders_are_retired():
     (ret,) = kinds(actions, Retire)
     assert ret.pods == ("idle-small", "idle-big")      # busy stays: only 4 go
     # Scheduler unreachable: running pods are retired (not deleted), nothing judged "empty".
-    actions = plan(Observed(cluster(n=3), pods=pods[1:], deployment={}, service=service()))
+    actions = plan(Observed(cluster(n=3), pods=pods[1:], deployment=dep(), service=service()))
     assert not kinds(actions, Delete)
     assert len(kinds(actions, Retire)[0].pods) == 1
 
@@ -89,7 +99,7 @@ def test_surplus_goes_cheapest_first_and_data_holders_are_retired():
 def test_ended_pods_are_deleted_and_replaced():
     crashed = pod("w1", phase="Failed", ready=False, reason="Evicted", message="low memory")
     done = pod("w2", phase="Succeeded", ready=False)
-    actions = plan(Observed(cluster(n=2), pods=[crashed, done], deployment={},
+    actions = plan(Observed(cluster(n=2), pods=[crashed, done], deployment=dep(),
                             service=service()))
     deleted = {a.name: a.reason for a in kinds(actions, Delete)}
     assert set(deleted) == {"w1", "w2"}
@@ -99,7 +109,7 @@ def test_ended_pods_are_deleted_and_replaced():
 
 def test_retiring_and_terminating_pods_are_neither_counted_nor_replaced_twice():
     leaving = pod("w1", metadata={"deletionTimestamp": "2026-01-01T00:00:00Z"})
-    obs = Observed(cluster(n=1), pods=[leaving, pod("w2"), pod("w3")], deployment={},
+    obs = Observed(cluster(n=1), pods=[leaving, pod("w2"), pod("w3")], deployment=dep(),
                    service=service(), retiring=frozenset({"w3"}))
     actions = plan(obs)
     assert not kinds(actions, Create) and not kinds(actions, Retire)
@@ -110,7 +120,7 @@ def test_groups_are_planned_independently_and_removed_groups_retire():
     g = [r.make_worker_spec(name="a", n_workers=1), r.make_worker_spec(name="b", n_workers=2)]
     pods = [pod("a1", "a"), pod("b1", "b"), pod("b2", "b"), pod("b3", "b"), pod("old1", "old")]
     known = {p["metadata"]["name"]: {"processing": 0, "nbytes": 0} for p in pods}
-    actions = plan(Observed(cluster(groups=g), pods=pods, deployment={}, service=service(),
+    actions = plan(Observed(cluster(groups=g), pods=pods, deployment=dep(), service=service(),
                             scheduler_workers=known))
     retired = {a.group: a.pods for a in kinds(actions, Retire)}
     assert set(retired) == {"b", "old"}
@@ -121,9 +131,9 @@ def test_groups_are_planned_independently_and_removed_groups_retire():
 def test_idle_timeout_deletes_the_cluster():
     c = cluster()
     c["spec"]["idleTimeout"] = 30.0
-    assert not kinds(plan(Observed(c, deployment={}, service=service(), idle_for=10)),
+    assert not kinds(plan(Observed(c, deployment=dep(), service=service(), idle_for=10)),
                      DeleteCluster)
-    (d,) = plan(Observed(c, deployment={}, service=service(), idle_for=31))
+    (d,) = plan(Observed(c, deployment=dep(), service=service(), idle_for=31))
     assert isinstance(d, DeleteCluster) and "idle" in d.reason
 
 
@@ -156,7 +166,7 @@ def test_pod_problems():
         "name": "worker", "state": {"waiting": {"reason": "ContainerCreating"}}}])
     assert pod_problem(waiting) is None
     # The status message carries problems for `kubectl get` and the client.
-    actions = plan(Observed(cluster(n=1), deployment={}, service=service(), pods=[crash]))
+    actions = plan(Observed(cluster(n=1), deployment=dep(), service=service(), pods=[crash]))
     assert "CrashLoopBackOff" in kinds(actions, SetStatus)[0].status["message"]
 
 
@@ -194,7 +204,34 @@ def test_pods_named_in_scale_down_go_first_and_are_still_retired():
     pods = [pod("idle"), picked]
     known = {"idle": {"processing": 0, "nbytes": 0}, "busy-picked": {"processing": 5,
                                                                      "nbytes": 10**6}}
-    actions = plan(Observed(cluster(n=1), pods=pods, deployment={}, service=service(),
+    actions = plan(Observed(cluster(n=1), pods=pods, deployment=dep(), service=service(),
                             scheduler_workers=known))
     assert not kinds(actions, Delete)
     assert [a.pods for a in kinds(actions, Retire)] == [("busy-picked",)]
+
+
+def test_a_changed_pod_spec_rolls_one_pod_at_a_time():
+    c = cluster(n=2)
+    c["spec"]["workerGroups"][0]["spec"]["containers"][0]["env"] = [{"name": "X", "value": "2"}]
+    old = [pod("w1"), pod("w2")]
+    known = {"w1": {"processing": 0, "nbytes": 0}, "w2": {"processing": 0, "nbytes": 5}}
+    base = dict(deployment=dep(), service=service(), scheduler_workers=known)
+    (new,) = kinds(plan(Observed(c, pods=old, **base)), Create)     # one new pod first
+    h = new.manifest["metadata"]["annotations"][r.ANNOTATION_TEMPLATE_HASH]
+    assert h != TEMPLATE
+    assert not kinds(plan(Observed(c, pods=old + [pod("w3", ready=False)], **base)), Create)
+    fresh = pod("w3", metadata={"annotations": {r.ANNOTATION_TEMPLATE_HASH: h}})
+    known["w3"] = {"processing": 0, "nbytes": 0}
+    actions = plan(Observed(c, pods=old + [fresh], **base))
+    assert [a.pods for a in kinds(actions, Retire)] == [("w1",)]     # an old one goes
+    # Not while the roll's new pod is still starting.
+    assert not kinds(plan(Observed(c, pods=old[1:] + [fresh, pod("w4", ready=False, metadata={
+        "annotations": {r.ANNOTATION_TEMPLATE_HASH: h}})], **base)), Create)
+
+
+def test_a_changed_scheduler_spec_replaces_its_deployment():
+    c = cluster()
+    c["spec"]["scheduler"]["spec"]["containers"][0]["args"].append("--idle-timeout=1h")
+    (d,) = kinds(plan(Observed(c, deployment=dep(), service=service())), Delete)
+    assert d.kind == "Deployment" and "spec changed" in d.reason
+    assert not kinds(plan(Observed(cluster(), deployment=dep(), service=service())), Delete)

@@ -19,6 +19,9 @@ The rules:
   the spec are surplus too.
 - A pod that ended (Succeeded: retired or exited; Failed: crashed past its
   restart policy, evicted) is deleted and so replaced by the count rule.
+- A changed pod spec rolls: a group whose pods all run and are ready gets one pod of
+  the new spec, and the surplus rule then retires a pod of the old one, until none is
+  left; a changed scheduler spec replaces the scheduler's Deployment.
 - A group's adaptive bounds make the controller set its `replicas`; no rule
   here looks at another group's pods when deciding for one group.
 """
@@ -159,6 +162,11 @@ def plan(obs: Observed) -> list:
         actions.append(Create("Service", r.scheduler_service(cluster)))
     if obs.deployment is None:
         actions.append(Create("Deployment", r.scheduler_deployment(cluster)))
+    elif _template(obs.deployment) != _template(r.scheduler_deployment(cluster)):
+        # A new scheduler spec: the Deployment goes (its pod with it) and is made again at
+        # the next pass. A new scheduler starts empty either way, as with Recreate.
+        actions.append(Delete("Deployment", _meta(obs.deployment, "name"),
+                              "the scheduler's spec changed"))
     idle_timeout = float(spec.get("idleTimeout") or 0)
     if idle_timeout and obs.idle_for > idle_timeout:
         return [DeleteCluster(f"idle for {obs.idle_for:.0f} s (idleTimeout {idle_timeout:g} s)")]
@@ -185,11 +193,17 @@ def plan(obs: Observed) -> list:
                 continue
             live.append(p)
         want = int(group.get("replicas", 0)) if group is not None else 0
+        current = r.template_hash(group["spec"]) if group is not None else None
+        outdated = {_meta(p, "name") for p in live if _template(p) != current}
         if len(live) < want and address is not None:
             actions += [Create("Pod", r.worker_pod(cluster, group, address))
                         for _ in range(want - len(live))]
         elif len(live) > want:
-            actions += _surplus(gname, live, len(live) - want, obs.scheduler_workers)
+            actions += _surplus(gname, live, len(live) - want, obs.scheduler_workers, outdated)
+        elif outdated and address is not None and all(_ready(p) for p in live):
+            # The group's pod spec changed: roll one pod at a time, a new one first (the
+            # group is then one over, and the surplus rule retires an old one).
+            actions.append(Create("Pod", r.worker_pod(cluster, group, address)))
         if group is not None:
             group_status[gname] = {"replicas": want, "pods": len(live),
                                    "ready": sum(1 for p in live if _ready(p))}
@@ -205,7 +219,12 @@ def plan(obs: Observed) -> list:
     return actions + _status_if_changed(cluster, status)
 
 
-def _surplus(group: str, live: list, excess: int, known: dict | None) -> list:
+def _template(obj) -> str | None:
+    return (_meta(obj, "annotations") or {}).get(r.ANNOTATION_TEMPLATE_HASH)
+
+
+def _surplus(group: str, live: list, excess: int, known: dict | None,
+             outdated: set = frozenset()) -> list:
     """Which `excess` pods go, and how: delete the ones holding nothing, retire the rest."""
     def cost(p):
         name = _meta(p, "name")
@@ -216,8 +235,9 @@ def _surplus(group: str, live: list, excess: int, known: dict | None) -> list:
             return (1, 0, 0, name)      # scheduler unreachable: no data to judge by
         return (1, int(info.get("processing", 0)), int(info.get("nbytes", 0)), name)
 
-    def order(p):   # pods a user picked (scale_down) first, then the cheapest
-        return (r.ANNOTATION_RETIRE not in (_meta(p, "annotations") or {}), cost(p))
+    def order(p):   # pods a user picked (scale_down) first, then old templates, then cheapest
+        return (r.ANNOTATION_RETIRE not in (_meta(p, "annotations") or {}),
+                _meta(p, "name") not in outdated, cost(p))
 
     chosen = sorted(live, key=order)[:excess]
     out, retire = [], []
