@@ -145,17 +145,60 @@ def test_idle_timeout_deletes_an_unused_cluster(kube):
         cluster.close()                               # the resource is gone already: no error
 
 
-def _start_operator(kube, tmp_path):
-    log = open(tmp_path / "operator.log", "w")
+def _start_operator(kube, tmp_path, tag="operator", *extra):
+    log = open(tmp_path / f"{tag}.log", "w")
     env = dict(os.environ, KUBECONFIG=str(kube.kubeconfig))
     proc = subprocess.Popen([sys.executable, "-m", "taskcore.cli.kubernetes", "--namespace",
-                             "default", "--resync", "1s", "--install-crd"],
+                             "default", "--resync", "1s", "--install-crd", *extra],
                             stdout=subprocess.PIPE, stderr=log, env=env, text=True)
     line = proc.stdout.readline()
-    assert line, (tmp_path / "operator.log").read_text()
+    assert line, (tmp_path / f"{tag}.log").read_text()
     ready = json.loads(line)
     assert ready["role"] == "kube-operator"
+    proc.identity = ready["identity"]
     return proc
+
+
+def resource_status(kube, name):
+    for obj in kube.objects(r.KIND, "default"):
+        if obj["metadata"]["name"] == name:
+            return obj.get("status") or {}
+    return {}
+
+
+def test_operator_replicas_elect_one_leader_and_a_standby_takes_over(kube, tmp_path):
+    fast = ["--lease-duration", "4s", "--renew-deadline", "3s", "--retry-period", "1s"]
+    ops = [_start_operator(kube, tmp_path, "a", *fast), _start_operator(kube, tmp_path, "b",
+                                                                        *fast)]
+    try:
+        _create_resource(kube, r.make_cluster_spec("ha", n_workers=1, nthreads=1))
+        wait_until(lambda: len(worker_pods(kube, "ha")) == 1, 90, "the cluster's worker")
+        leader = wait_until(lambda: resource_status(kube, "ha").get("controller"), 30,
+                            "a controller to claim it")
+        (first,) = [p for p in ops if p.identity == leader]
+        (standby,) = [p for p in ops if p is not first]
+        time.sleep(2)
+        assert len(worker_pods(kube, "ha", running=False)) == 1     # one reconciler only
+        assert resource_status(kube, "ha")["controller"] == first.identity
+        first.kill()                                  # dies without handing the lease back
+        first.wait()
+        victim = worker_pods(kube, "ha")[0]
+        kube.evict("default", victim)
+        wait_until(lambda: resource_status(kube, "ha").get("controller") == standby.identity,
+                   60, "the standby to take over")
+        wait_until(lambda: len(worker_pods(kube, "ha")) == 1 and
+                   victim not in worker_pods(kube, "ha", running=False), 60,
+                   "the standby to replace the evicted worker")
+        cluster = KubeCluster.from_name("ha", startup_timeout=60)
+        with Client(cluster) as client:
+            assert client.submit(inc, 1).result(timeout=60) == 2
+        cluster.shutdown()
+        assert_all_gone(kube, "ha")
+    finally:
+        for p in ops:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                assert p.wait(30) == 0
 
 
 def _create_resource(kube, body):
@@ -447,3 +490,20 @@ def test_a_changed_worker_spec_rolls_the_workers(kube):
             assert set(client.run(read_env, "ROLLED").values()) == {"yes"}
             assert client.gather(held) == list(range(1, 21))     # retired, not lost
     assert_all_gone(kube, "roll")
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--lease-duration", "2s", "--renew-deadline", "3s"], 2, ["--lease-duration"]),
+    (["--resync", "often"], 2, ["duration"]),
+    (["--kubeconfig", "/no/such/kubeconfig"], 1, ["no Kubernetes configuration",
+                                                  "/no/such/kubeconfig"]),
+])
+def test_operator_bad_options_and_no_configuration(args, code, words, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    out = subprocess.run([sys.executable, "-m", "taskcore.cli.kubernetes", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == code, out
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("core-kube-operator: error:")
+    assert all(w in line for w in words), line
+    assert out.stdout == ""

@@ -85,6 +85,11 @@ async def connect_api(kubeconfig: str | None = None, context: str | None = None)
     else:
         # Read $KUBECONFIG now: kubernetes_asyncio reads it once, when first imported.
         kubeconfig = kubeconfig or os.environ.get("KUBECONFIG") or None
+        paths = [os.path.expanduser(p) for p in
+                 (kubeconfig or "~/.kube/config").split(os.pathsep) if p]
+        if not any(os.path.exists(p) for p in paths):
+            raise RuntimeError(f"no Kubernetes configuration: not in a pod, and no kubeconfig "
+                               f"file at {os.pathsep.join(paths)}")
         try:
             await k8s.config.load_kube_config(config_file=kubeconfig, context=context,
                                               client_configuration=cfg)
