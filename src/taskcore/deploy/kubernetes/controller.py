@@ -103,10 +103,6 @@ class Controller:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def run(self):
-        await self.start()
-        await self._stopped.wait()
-
     def _spawn(self, coro):
         t = asyncio.ensure_future(coro)
         self._tasks.add(t)
