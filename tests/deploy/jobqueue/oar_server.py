@@ -60,6 +60,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from taskcore.deploy.launcher import is_alive
+
 from .batch_server import BatchServer
 
 USER = "tcoar"
@@ -126,21 +128,6 @@ def _port_open(port, host="127.0.0.1"):
         return s.connect_ex((host, port)) == 0
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child is not alive.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _cmdline(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -179,7 +166,7 @@ class _Daemon:
     def running(self):
         if self.proc is not None:
             return self.proc.poll() is None
-        return self.pid is not None and _alive(self.pid)
+        return self.pid is not None and is_alive(self.pid)
 
     def leftover(self):
         """The pid of this daemon left by an earlier session (pid file, process alive and
@@ -188,7 +175,7 @@ class _Daemon:
             pid = int(self.pidfile.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        if _alive(pid) and self.marker in _cmdline(pid):
+        if is_alive(pid) and self.marker in _cmdline(pid):
             return pid
         self.pidfile.unlink(missing_ok=True)
         return None

@@ -169,6 +169,32 @@ class KubeAPI:
         return await self._call(self.custom.replace_namespaced_custom_object,
                                 r.GROUP, r.VERSION, ns, r.PLURAL, body["metadata"]["name"], body)
 
+    async def update_cluster(self, ns: str, name: str, edit, current: dict | None = None,
+                             attempts: int = 10) -> dict | None:
+        """Read the resource (or start from `current`), `edit(obj)` it in place and PUT it
+        with the resourceVersion it was read at; on 409 Conflict read and edit again. An
+        `edit` returning False leaves the resource as it is. Returns the resource now, or
+        None if it does not exist."""
+        for _ in range(attempts):
+            if current is not None:
+                obj, current = current, None
+            else:
+                try:
+                    obj = await self.get_cluster(ns, name)
+                except ApiError as e:
+                    if e.status == 404:
+                        return None
+                    raise
+            if edit(obj) is False:
+                return obj
+            try:
+                return await self.replace_cluster(ns, obj)
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+        raise ApiError(409, "Conflict", f"{ns}/{name} kept changing under us "
+                                        f"({attempts} attempts)")
+
     async def replace_cluster_status(self, ns: str, body: dict) -> dict:
         return await self._call(self.custom.replace_namespaced_custom_object_status,
                                 r.GROUP, r.VERSION, ns, r.PLURAL, body["metadata"]["name"], body)

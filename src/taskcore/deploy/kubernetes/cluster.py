@@ -197,20 +197,16 @@ class KubeCluster(Cluster):
         await self._label_embedded()
 
     async def _label_embedded(self):
-        for _ in range(10):
-            res = await self._get_resource()
-            owner = (res.get("status") or {}).get("controller") or ""
-            if owner.startswith("operator/"):
-                self._resource = res
-                return          # an operator claimed it after all
+        def label(res):
+            if ((res.get("status") or {}).get("controller") or "").startswith("operator/"):
+                return False          # an operator claimed it after all
             res["metadata"].setdefault("labels", {})[r.LABEL_CONTROLLER] = "embedded"
-            try:
-                self._resource = await self._api.replace_cluster(self.namespace, res)
-                break
-            except ApiError as e:
-                if e.status != 409:
-                    raise
-        await self._embed()
+
+        self._resource = await self._api.update_cluster(self.namespace, self.name, label)
+        if self._resource is None:
+            raise KubeClusterError(f"{r.KIND} {self.name} was deleted while starting")
+        if (self._resource["metadata"].get("labels") or {}).get(r.LABEL_CONTROLLER) == "embedded":
+            await self._embed()
 
     async def _embed(self):
         self._log(logging.INFO, "%s: no operator; reconciling in this process", self.name)
@@ -399,17 +395,14 @@ class KubeCluster(Cluster):
                          if any(g["name"] == name for g in groups) else _missing(name))
 
     async def _edit_groups(self, edit):
-        for _ in range(10):
-            res = await self._get_resource()
+        def change(res):
             res["spec"]["workerGroups"] = edit(res["spec"].get("workerGroups") or [])
             r.validate_cluster(res)
-            try:
-                self._resource = await self._api.replace_cluster(self.namespace, res)
-                return
-            except ApiError as e:
-                if e.status != 409:
-                    raise
-        raise KubeClusterError(f"{self.name}: could not update the worker groups (conflicts)")
+
+        res = await self._api.update_cluster(self.namespace, self.name, change)
+        if res is None:
+            raise KubeClusterError(f"{r.KIND} {self.name} no longer exists")
+        self._resource = res
 
     # -- introspection ----------------------------------------------------------------------------
     def _count_workers(self) -> int:
@@ -477,14 +470,16 @@ class KubeCluster(Cluster):
         """Leave the cluster running. Without an operator it is no longer reconciled until a
         client reconnects (`from_name`); dropping our label lets an operator take it over."""
         await self._stop_local()
-        res = await self._get_resource()
-        labels = (res or {}).get("metadata", {}).get("labels") or {}
-        if res is not None and labels.pop(r.LABEL_CONTROLLER, None):
-            try:
-                await self._api.replace_cluster(self.namespace, res)
-            except ApiError as e:
-                self._log(logging.WARNING, "%s: could not hand over to an operator: %s",
-                          self.name, e)
+
+        def unlabel(res):
+            if (res["metadata"].get("labels") or {}).pop(r.LABEL_CONTROLLER, None) is None:
+                return False
+
+        try:
+            await self._api.update_cluster(self.namespace, self.name, unlabel)
+        except ApiError as e:
+            self._log(logging.WARNING, "%s: could not hand over to an operator: %s",
+                      self.name, e)
 
     async def _stop_local(self):
         if self._controller is not None:

@@ -365,14 +365,11 @@ class Controller:
 
 
 async def set_replicas(api: KubeAPI, ns: str, name: str, changes: dict, keep_adapt: bool,
-                       current: dict | None = None, adapt: dict | None = None,
-                       attempts: int = 10) -> dict:
+                       current: dict | None = None, adapt: dict | None = None) -> dict:
     """Set `replicas` of worker groups ({group: n}) with a resourceVersion-checked PUT,
     rereading on conflict. A manual scale (`keep_adapt=False`) also ends the group's
     adaptive mode; `adapt={group: bounds}` sets bounds instead."""
-    for _ in range(attempts):
-        cluster = current if current is not None else await api.get_cluster(ns, name)
-        current = None
+    def edit(cluster):
         groups = cluster["spec"].get("workerGroups") or []
         names = {g["name"] for g in groups}
         unknown = (set(changes) | set(adapt or {})) - names
@@ -389,9 +386,8 @@ async def set_replicas(api: KubeAPI, ns: str, name: str, changes: dict, keep_ada
                     g.pop("adapt", None)
                 else:
                     g["adapt"] = adapt[g["name"]]
-        try:
-            return await api.replace_cluster(ns, cluster)
-        except ApiError as e:
-            if e.status != 409:
-                raise
-    raise RuntimeError(f"could not update {ns}/{name}: it kept changing under us")
+
+    out = await api.update_cluster(ns, name, edit, current=current)
+    if out is None:
+        raise ApiError(404, "NotFound", f"{r.KIND} {ns}/{name} does not exist")
+    return out
