@@ -103,6 +103,8 @@ cdef class PrefixState:
     cdef readonly str name
     cdef readonly double duration_average   # < 0 while unknown
     cdef readonly Py_ssize_t n_durations
+    cdef Py_ssize_t counts[8]               # live tasks of this prefix per state
+    cdef readonly int64_t n_done            # ever finished computing (processing -> memory)
 
     cdef void add_duration(self, double duration) noexcept
 
@@ -532,6 +534,17 @@ cdef class SchedulerState:
     cdef vector[Py_ssize_t] _log_worker
     cdef Py_ssize_t _log_pos
     cdef Py_ssize_t _log_len
+    cdef readonly int64_t n_transitions
+
+    # task stream: the last task_stream_length computed tasks (ring buffer, see
+    # _stream_record); read by task_stream() for the dashboard and get_task_stream
+    cdef readonly Py_ssize_t task_stream_length
+    cdef list _stream_keys
+    cdef list _stream_workers                 # addresses (str)
+    cdef vector[double] _stream_stop          # wall clock when the result was reported
+    cdef vector[double] _stream_duration      # as the worker measured it
+    cdef vector[char] _stream_erred
+    cdef readonly int64_t task_stream_total   # tasks ever recorded
 
     # the one way in: handle_stimulus(*stimuli) calls this for each stimulus,
     # and compiled callers (core/scheduler_dispatch.pyx) call it directly
@@ -549,6 +562,8 @@ cdef class SchedulerState:
     cdef int _fill_slots(self) except -1
 
     # handlers
+    cdef void _stream_record(self, TaskState ts, WorkerState ws, double duration,
+                             bint erred) noexcept
     cdef int _task_finished(self, WorkerState ws, TaskState ts, int64_t nbytes,
                             object typename, double duration, object data) except -1
     cdef int _finished(self, TaskFinished ev) except -1

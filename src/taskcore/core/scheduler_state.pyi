@@ -33,6 +33,11 @@ class PrefixState:
     name: str
     duration_average: float      # < 0 while unknown
     n_durations: int
+    n_done: int                  # ever finished computing
+    def task_stream(self, since: int = 0, limit: int = 1000
+                    ) -> tuple[int, list[tuple[Key, str, float, float, str]]]: ...
+    def prefix_counts(self) -> dict[str, dict[str, int]]: ...
+    def state_counts(self) -> dict[str, int]: ...   # live tasks per state, plus "done"
 
 class ClientState:
     client_id: str
@@ -347,6 +352,9 @@ class SchedulerState:
     work_stealing: bool
     steal_ratio: float
     transition_log_length: int
+    task_stream_length: int
+    task_stream_total: int       # tasks ever recorded in the task stream
+    n_transitions: int           # transitions ever made
     tasks: dict[Key, TaskState]
     workers: dict[str, WorkerState]
     clients: dict[str, ClientState]
@@ -362,6 +370,7 @@ class SchedulerState:
         steal_ratio: float = 1.0,
         transition_log_length: int = 100_000,
         tiny_task_backlog: float = 0.002,
+        task_stream_length: int = 100_000,
     ) -> None: ...
     def handle_stimulus(self, *stimuli: Stimulus) -> list[Instruction]: ...
     def handle(self, ev: Stimulus) -> list[Instruction]: ...
