@@ -107,9 +107,10 @@ def main():
     try:
         procs.append(subprocess.Popen(
             vg + [f"--callgrind-out-file={out}/scheduler.%p", sys.executable, "-m",
-                  "taskcore.cli.scheduler", "--port", "0", "--scheduler-file", sfile],
+                  "taskcore.cli.scheduler", "--port", "0", "--scheduler-file", sfile,
+                  "--no-dashboard"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not os.path.exists(sfile):
             if time.monotonic() > deadline:
                 sys.exit("the scheduler did not start under valgrind")

@@ -19,6 +19,10 @@ PKGS="$PKGS gridengine-master gridengine-exec gridengine-client"
 # job-queue tests run OAR 2.5.9 on one node with its PostgreSQL database
 # (tests/deploy/jobqueue/oar_server.py).
 PKGS="$PKGS oar-server oar-server-pgsql oar-node oar-user oar-user-pgsql postgresql-15"
+# chromium, fonts-dejavu-core: the dashboard's browser tests (playwright drives this binary,
+# nothing is downloaded; the fonts give its screenshots text); nginx: the reverse-proxy
+# tests (each runs its own instance by PID).
+PKGS="$PKGS chromium fonts-dejavu-core nginx"
 # python3: OAR refuses root's jobs, so its tests' jobs run as a plain user, who cannot
 # enter /root where a pyenv interpreter (and so this venv's python) may live.
 PKGS="$PKGS python3"

@@ -48,6 +48,9 @@ def run_cli(args, timeout=30):
     (SCHED + ["--scheduler-options", '{"bogus": 1}'], ["unknown options", "bogus"]),
     (SCHED + ["--allowed-failures", "few"], ["--allowed-failures", "invalid int"]),
     (SCHED + ["--protocol", "carrier-pigeon"], ["invalid choice"]),
+    (SCHED + ["--dashboard-address", "host:http"], ["--dashboard-address", "[HOST]:PORT"]),
+    (SCHED + ["--dashboard-address", ":70000"], ["--dashboard-address"]),
+    (SCHED + ["--dashboard-prefix", "/a?b"], ["--dashboard-prefix", "plain path"]),
     (SCHED + ["--tls-ca-file", "/no/such/ca.pem", "--tls-cert", "/x", "--tls-key", "/y"],
      ["does not exist"]),
 ])
@@ -110,6 +113,13 @@ def test_scheduler_defaults():
     assert a.scheduler_file is None and a.idle_timeout is None
     assert a.allowed_failures is None            # the Scheduler's default (2)
     assert cli_scheduler.parse_args(["--allowed-failures", "0"]).allowed_failures == 0
+    # The dashboard: :8787 on the scheduler's host unless told otherwise.
+    assert a.dashboard == "127.0.0.1:8787" and a.dashboard_prefix == ""
+    assert cli_scheduler.parse_args(["--host", "0.0.0.0"]).dashboard == "0.0.0.0:8787"
+    assert cli_scheduler.parse_args(["--dashboard-address", "9000"]).dashboard == \
+        "127.0.0.1:9000"
+    assert cli_scheduler.parse_args(["--dashboard-address", "[::1]:0"]).dashboard == "[::1]:0"
+    assert cli_scheduler.parse_args(["--no-dashboard"]).dashboard is None
 
 
 def test_wait_for_scheduler_file(tmp_path):
@@ -201,7 +211,9 @@ def test_scheduler_exits_0_on_signals(sig, tmp_path):
     sched = Proc(SCHED + ["--port", "0", "--scheduler-file", str(sfile)])
     try:
         msg = sched.ready()
-        assert set(msg) == {"event", "role", "address", "pid"}
+        assert set(msg) == {"event", "role", "address", "pid", "dashboard_host",
+                            "dashboard_port", "dashboard_prefix"}
+        assert msg["dashboard_port"] > 0 and msg["dashboard_prefix"] == ""
         assert json.loads(sfile.read_text())["address"] == msg["address"]
         assert sched.stop(sig) == 0
         assert not sfile.exists()

@@ -38,6 +38,8 @@ from taskcore.core.scheduler_state import (AddWorker, BalanceTick, Cancel, Clien
                                            TaskRetried, UpdateData, WorkersRetiring)
 from taskcore.core.serialize import Serialized, serialize_obj
 from taskcore.errors import CommClosedError
+from taskcore.logs import LogBuffer
+from taskcore.scheduler_diagnostics import SchedulerDiagnostics
 from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
 from taskcore.transports import listen
 from taskcore.transports.addressing import parse_address, unparse_host_port
@@ -45,7 +47,7 @@ from taskcore.transports.addressing import parse_address, unparse_host_port
 logger = logging.getLogger("taskcore.scheduler")
 
 
-class Scheduler(SchedulerDispatch, ServerLifecycle):
+class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
     """`Scheduler(host, port, protocol, security, idle_timeout, scheduler_file, ...)`.
 
     `await Scheduler(...).start()`, then `address`; `await close()`; `await finished()`.
@@ -57,7 +59,9 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
                  idle_timeout=None, scheduler_file=None, listen_addresses=None,
                  worker_ttl=60.0, heartbeat_interval=0.5, balance_interval=0.1,
                  allowed_failures=2, validate=False, worker_saturation=1.1, token=None,
-                 inline_result_bytes=16_384, name=None, tiny_task_backlog=0.002, **kwargs):
+                 inline_result_bytes=16_384, name=None, tiny_task_backlog=0.002,
+                 dashboard_address=None, dashboard_prefix="", task_stream_length=100_000,
+                 **kwargs):
         if kwargs:
             raise TypeError(f"Scheduler got unknown options: {sorted(kwargs)}")
         if listen_addresses is None:
@@ -79,7 +83,14 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
         self.id = f"Scheduler-{uuid.uuid4()}"
         self.state = SchedulerState(validate=validate, allowed_failures=allowed_failures,
                                     worker_saturation=worker_saturation,
-                                    tiny_task_backlog=tiny_task_backlog)
+                                    tiny_task_backlog=tiny_task_backlog,
+                                    task_stream_length=task_stream_length)
+        # The HTTP dashboard (taskcore/dashboard/): off unless an address is given; the
+        # CLI and LocalCluster default to ":8787".
+        self.dashboard_address = dashboard_address
+        self.dashboard_prefix = dashboard_prefix or ""
+        self.dashboard = None
+        self.log_buffer = LogBuffer()
         self.listeners = []
         self.workers = {}             # address -> Peer
         self.clients = {}             # client id -> Peer
@@ -109,10 +120,16 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
         self._closed = loop.create_future()
         self._worker_event = asyncio.Event()
         tune_gc()
+        self.log_buffer.attach()
         opts = {"security": self.security} if self.security is not None else {}
         for addr in self.listen_addresses:
             lst = await listen(addr, self._handle_comm, role="scheduler", token=self.token, **opts)
             self.listeners.append(lst)
+        if self.dashboard_address is not None:
+            from taskcore.dashboard.server import DashboardServer
+
+            self.dashboard = DashboardServer(self, self.dashboard_address, self.dashboard_prefix)
+            await self.dashboard.start()
         self.status = "running"
         self._spawn(self._periodic())
         if self.scheduler_file:
@@ -136,6 +153,8 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
         await asyncio.sleep(0.05)  # let the close messages flush
         for lst in self.listeners:
             await lst.stop()
+        if self.dashboard is not None:
+            await self.dashboard.close()
         for peer in [*self.clients.values(), *self.workers.values(), *self.nannies.values()]:
             peer.comm.abort()
         for t in list(self._tasks):
@@ -145,6 +164,7 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
                 os.remove(self.scheduler_file)
             except OSError:
                 pass
+        self.log_buffer.detach()
         self.status = "closed"
         if not self._closed.done():
             self._closed.set_result(None)
@@ -277,11 +297,13 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
         self._handle(stimulus)
         self._worker_event.set()
         logger.info("registered worker %s (%s threads)", addr, msg.get("nthreads"))
+        self._diag_worker_added(peer)
         try:
             await comm.lost
         finally:
             if self.status == "running":
                 self._remove_worker(addr, safe=peer.closing, reason="connection closed")
+            self._diag_worker_removed(addr)
 
     async def _serve_nanny(self, comm, msg):
         worker = msg.get("worker")
@@ -329,6 +351,8 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
             elif op == "who-has":
                 self.send(peer, {"op": "who-has-reply", "reqid": msg.get("reqid"),
                                   "who_has": self.state.who_has(msg["keys"])})
+            elif op.startswith("diag-"):
+                self._diag_worker_message(peer, msg)        # scheduler_diagnostics.py
             else:
                 logger.warning("unknown op %r from worker %s", op, peer.id)
         except Exception:
@@ -365,7 +389,10 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
         peer.replies[reqid] = fut
         msg["reqid"] = reqid
         peer.comm.send(msg)
-        return await asyncio.wait_for(fut, timeout)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            peer.replies.pop(reqid, None)       # a timed-out request leaves nothing behind
 
     # -- client messages -------------------------------------------------------------------------------
     def handle_client_message(self, peer, msg):
@@ -412,8 +439,12 @@ class Scheduler(SchedulerDispatch, ServerLifecycle):
 
     # -- rpc methods (client-facing) -----------------------------------------------------------------
     def _info(self):
+        d = self.dashboard
         return {"id": self.id, "address": self.address, "type": "Scheduler",
-                "started": self.start_time, "workers": self.state.worker_info()}
+                "started": self.start_time, "workers": self.state.worker_info(),
+                "dashboard_host": d.host if d is not None else None,
+                "dashboard_port": d.port if d is not None else None,
+                "dashboard_prefix": d.prefix if d is not None else None}
 
     def rpc_scheduler_info(self, peer):
         return self._info()

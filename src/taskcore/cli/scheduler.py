@@ -1,7 +1,10 @@
 """`core-scheduler`: run a scheduler until SIGTERM/SIGINT (or its idle timeout).
 
 Prints one JSON line on stdout when it listens:
-    {"event": "ready", "role": "scheduler", "address": "tcp://...", "pid": ...}
+    {"event": "ready", "role": "scheduler", "address": "tcp://...", "pid": ...,
+     "dashboard_host": ..., "dashboard_port": ..., "dashboard_prefix": ...}
+The dashboard listens on --dashboard-address (default :8787, on the scheduler's --host;
+another free port when that one is taken) unless --no-dashboard.
 With `--scheduler-file PATH` the same address is also written (atomically) to
 PATH as `{"address": ...}`, and the file is removed again on a clean exit so
 that late workers do not connect to a dead address.
@@ -22,6 +25,7 @@ from taskcore.cli.common import (add_logging_options, add_tls_options, announce,
 logger = logging.getLogger("taskcore.cli.scheduler")
 PROG = "core-scheduler"
 DEFAULT_PORT = 8786
+DEFAULT_DASHBOARD = ":8787"
 
 
 def build_parser() -> Parser:
@@ -34,6 +38,13 @@ def build_parser() -> Parser:
                    help=f"port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
     p.add_argument("--protocol", default=None, choices=["tcp", "tls"],
                    help="transport (default tcp, or tls when TLS files are given)")
+    p.add_argument("--dashboard-address", default=DEFAULT_DASHBOARD, metavar="[HOST]:PORT",
+                   help="where the HTTP dashboard and /metrics listen (default :8787 on "
+                        "--host; another free port if that one is taken)")
+    p.add_argument("--no-dashboard", action="store_true", help="serve no dashboard")
+    p.add_argument("--dashboard-prefix", default="", metavar="PATH",
+                   help="serve the dashboard under this path, like /proxy/scheduler, for a "
+                        "reverse proxy that forwards that path unchanged")
     p.add_argument("--scheduler-file", default=None, metavar="PATH",
                    help="write {\"address\": ...} JSON here once listening")
     p.add_argument("--idle-timeout", type=duration_type, default=None, metavar="DURATION",
@@ -67,6 +78,11 @@ def parse_args(argv=None):
             parser.error(str(e))
     if args.host is None:
         args.host = "127.0.0.1"
+    args.dashboard = None
+    if not args.no_dashboard:
+        args.dashboard = dashboard_address(parser, args.dashboard_address, args.host)
+    if args.dashboard_prefix and any(c in args.dashboard_prefix for c in "?#% \t\n"):
+        parser.error(f"--dashboard-prefix must be a plain path, got {args.dashboard_prefix!r}")
     args.extra = {}
     if args.scheduler_options:
         try:
@@ -78,6 +94,19 @@ def parse_args(argv=None):
     return args
 
 
+def dashboard_address(parser, value: str, default_host: str) -> str:
+    """"host:port" from "[HOST]:PORT" or "PORT"; an empty host means the scheduler's."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "", value
+    try:
+        port_type(port)
+    except (argparse.ArgumentTypeError, ValueError):
+        parser.error(f"--dashboard-address must be [HOST]:PORT, got {value!r}")
+    host = host.strip("[]") or default_host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 async def run(args) -> int:
     from taskcore.scheduler import Scheduler
     from taskcore.utils import write_json_atomic
@@ -85,7 +114,9 @@ async def run(args) -> int:
     loop = asyncio.get_running_loop()
     stop = shutdown_event("shutting down")
     kwargs = dict(host=args.host, port=args.port, protocol=args.protocol,
-                  idle_timeout=args.idle_timeout)
+                  idle_timeout=args.idle_timeout,
+                  dashboard_address=getattr(args, "dashboard", None),
+                  dashboard_prefix=getattr(args, "dashboard_prefix", ""))
     if args.security is not None:
         kwargs["security"] = args.security
     if args.allowed_failures is not None:
@@ -114,7 +145,11 @@ async def run(args) -> int:
         if args.scheduler_file:
             write_json_atomic(args.scheduler_file, {"address": scheduler.address,
                                                     "pid": os.getpid()})
-        announce("scheduler", scheduler.address)
+        d = scheduler.dashboard
+        announce("scheduler", scheduler.address,
+                 dashboard_host=d.host if d is not None else None,
+                 dashboard_port=d.port if d is not None else None,
+                 dashboard_prefix=d.prefix if d is not None else None)
         logger.info("scheduler listening at %s", scheduler.address)
         finished = asyncio.ensure_future(scheduler.finished())
         await asyncio.wait({finished, stopper}, return_when=asyncio.FIRST_COMPLETED)
