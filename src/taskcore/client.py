@@ -22,7 +22,12 @@ Messages (client -> scheduler)
 Messages (scheduler -> client)
     keys-in-memory [op, keys, data] (positional; docs/contracts.md),
     task-erred {key, exception, traceback},
-    key-cancelled {keys}, key-lost {keys}, reply {reqid, result | error}
+    key-cancelled {keys}, key-lost {keys}, reply {reqid, result | error},
+    forwarded-logs {worker, records} (forward_logging.py)
+
+Diagnostics (docs/diagnostics.md): get_task_stream, profile, get_versions,
+get_worker_logs, get_scheduler_logs, forward_logging; rpcs answered by the
+scheduler's SchedulerDiagnostics (scheduler_diagnostics.py).
 """
 from __future__ import annotations
 
@@ -137,6 +142,7 @@ class Client:
         self._reconnecting = None     # the task reconnecting after a lost scheduler
         self._worker_locks: dict = {}
         self.scheduler_info_cache = {}
+        self._forwarding: dict = {}       # logger name -> level, asked by forward_logging
         self._previous_dask_scheduler = None
         self._dask_scheduler = None       # what _install_dask_scheduler put into dask.config
         self._runner = None
@@ -301,6 +307,10 @@ class Client:
             self.status = "running"
             logger.info("reconnected to %s", self.address)
             self._hot.flush_outbox()               # submitted while disconnected
+            for name, level in self._forwarding.items():   # a new scheduler knows none
+                self.comm.send({"op": "rpc", "reqid": next(self._reqids),
+                                "method": "forward_logging",
+                                "args": {"logger_name": name, "level": level}})
 
     def sync(self, fn, *args, timeout=None, **kwargs):
         """Run coroutine function `fn` on the client's loop; return an awaitable if asynchronous."""
@@ -354,6 +364,13 @@ class Client:
         self._worker_comms.clear()
         if self.comm is not None and not self.comm.closed:
             try:
+                if self._forwarding:
+                    # Workers stop forwarding now rather than at their next batch (when
+                    # the scheduler finds this client gone); the reply is not awaited.
+                    self._forwarding.clear()
+                    self.comm.send({"op": "rpc", "reqid": next(self._reqids),
+                                    "method": "unforward_logging",
+                                    "args": {"everything": True}})
                 self.comm.send({"op": "close-client"})
                 await asyncio.wait_for(self.comm.close(), 5)
             except Exception:
@@ -389,8 +406,31 @@ class Client:
         return f"<Client: {self.address!r} status={self.status}>"
 
     def _repr_html_(self):
-        return (f"<div><b>taskcore Client</b> {self.id}<br>scheduler: {self.address}<br>"
-                f"status: {self.status}</div>")
+        import html
+
+        link = self.dashboard_link
+        dash = (f'<br>dashboard: <a href="{html.escape(link)}" target="_blank">'
+                f'{html.escape(link)}</a>' if link else "")
+        return (f"<div><b>taskcore Client</b> {html.escape(self.id)}<br>scheduler: "
+                f"{html.escape(str(self.address))}<br>status: {self.status}{dash}</div>")
+
+    @property
+    def dashboard_link(self):
+        """The dashboard's status page as this process reaches it, or None when the
+        scheduler serves none. A client made from a cluster asks the cluster, which knows
+        the tunnel or port-forward in between; otherwise the link is made from what the
+        scheduler reported at registration, with the host this client connected to
+        (the template: `taskcore/dashboard/link.py`, `TASKCORE_DASHBOARD_LINK`)."""
+        if self.cluster is not None:
+            return self.cluster.dashboard_link
+        from taskcore.dashboard.link import link_from_info
+        from taskcore.transports.addressing import get_address_host, parse_address
+
+        info = getattr(self, "scheduler_info_cache", None) or {}
+        reach = None
+        if self.address and parse_address(self.address)[0] != "inproc":
+            reach = get_address_host(self.address)
+        return link_from_info(info, reach_host=reach)
 
     # -- sending from any thread -----------------------------------------------------
     def _send_threadsafe(self, msg):
@@ -446,6 +486,10 @@ class Client:
                     fut.set_result(msg.get("result"))
         elif op == "scheduler-closing":
             logger.info("scheduler %s is closing", self.address)
+        elif op == "forwarded-logs":
+            from taskcore.forward_logging import reemit
+
+            reemit(msg.get("worker"), msg.get("records") or [])
         else:
             logger.warning("client received unknown message op %r", op)
 
@@ -858,6 +902,119 @@ class Client:
             pass
         if self.asynchronous:
             await self._close()
+
+    # -- diagnostics (docs/diagnostics.md) -----------------------------------------------
+    def get_task_stream(self, start=None, stop=None, count=None, plot=False,
+                        filename="task-stream.html", bokeh_resources=None):
+        """Recorded tasks as dask's dicts: key, worker, status, startstops, prefix.
+
+        `start`/`stop`: wall-clock times, or durations ago like "60s"; `count`: how
+        many (the latest, or from `start`). `plot=True` returns (data, Figure) (an
+        inline SVG); `plot="save"` also writes it to `filename`. For the tasks of one
+        block, use the `taskcore.get_task_stream()` context manager."""
+        return self.sync(self._get_task_stream, start, stop, count, plot, filename)
+
+    async def _get_task_stream(self, start=None, stop=None, count=None, plot=False,
+                               filename="task-stream.html"):
+        from taskcore.task_stream import plot_result, rows_to_dicts
+
+        reply = await self._rpc("task_stream", start=start, stop=stop, count=count)
+        return plot_result(rows_to_dicts(reply["rows"]), plot, filename)
+
+    def profile(self, key=None, start=None, stop=None, workers=None, merge_workers=True,
+                plot=False, filename=None, server=False, scheduler=False):
+        """The workers' sampled call tree (dask's dict shape) for [start, stop].
+
+        `key`: only tasks of this key prefix ("inc", or a key); `server=True`: the
+        workers' event-loop threads (where tiny tasks run inline) instead of their
+        task threads; `merge_workers=False`: {worker: tree}. `plot=True` returns
+        (tree, Figure) (a flame graph as inline SVG); `filename` also writes it."""
+        if scheduler:
+            raise NotImplementedError("profiling the scheduler is not supported: its "
+                                      "event loop is not sampled (profile its process with "
+                                      "py-spy or `run_on_scheduler(cProfile...)`)")
+        return self.sync(self._profile, key, start, stop, workers, merge_workers, plot,
+                         filename, server)
+
+    async def _profile(self, key=None, start=None, stop=None, workers=None,
+                       merge_workers=True, plot=False, filename=None, server=False):
+        from taskcore import profile
+
+        if isinstance(workers, str):
+            workers = [workers]
+        rows = await self._rpc("profile", key=key, start=start, stop=stop,
+                               workers=list(workers) if workers is not None else None,
+                               merge_workers=bool(merge_workers), server=bool(server))
+        if merge_workers:
+            state = profile.unflatten(rows)
+        else:
+            state = {w: profile.unflatten(r) for w, r in rows.items()}
+        if filename:
+            plot = True
+        if not plot:
+            return state
+        from taskcore.plots import Figure, flame_graph_svg
+
+        tree = state if merge_workers else profile.merge(*state.values())
+        fig = Figure(flame_graph_svg(tree, profile.DEFAULT_INTERVAL), "taskcore profile")
+        if filename:
+            fig.save(filename)
+        return state, fig
+
+    def get_versions(self, check=False, packages=None):
+        """{"scheduler", "workers": {address: ...}, "client"}, each {"host", "packages"}.
+
+        `check=True` raises ValueError, with a table, when taskcore, python, cloudpickle,
+        msgpack or one of `packages` differ between the client, the scheduler and any
+        worker."""
+        return self.sync(self._get_versions, check, packages)
+
+    async def _get_versions(self, check=False, packages=None):
+        from taskcore import versions
+
+        packages = versions._package_list(packages)
+        client = versions.get_versions(packages)
+        remote = await self._rpc("versions", packages=packages)
+        result = {"scheduler": remote["scheduler"], "workers": remote["workers"],
+                  "client": client}
+        if check:
+            rows = versions.mismatches(client, remote["scheduler"], remote["workers"],
+                                       packages)
+            if rows:
+                raise ValueError(versions.error_message(rows))
+        return result
+
+    def get_worker_logs(self, n=None, workers=None, nanny=False):
+        """{worker address: [(level, message), ...]}, newest last (the last `n`)."""
+        if isinstance(workers, str):
+            workers = [workers]
+        return self.sync(self._rpc, "worker_logs", n=n,
+                         workers=list(workers) if workers is not None else None,
+                         nanny=bool(nanny))
+
+    def get_scheduler_logs(self, n=None):
+        """[(level, message), ...] of the scheduler, newest last (the last `n`)."""
+        return self.sync(self._rpc, "scheduler_logs", n=n)
+
+    def forward_logging(self, logger_name=None, level=logging.NOTSET):
+        """Re-emit here the log records that task code emits on any worker (now or later)
+        for logger `logger_name` (None: the root, so all) at `level` or above: each is
+        handled by this process's logger of the same name, with `record.worker` set.
+        Records arrive in batches (every 0.1 s). Stops with `unforward_logging` or
+        when this client closes."""
+        from taskcore.forward_logging import logger_key, parse_level
+
+        name, level = logger_key(logger_name), parse_level(level)
+        self._forwarding[name] = level
+        return self.sync(self._rpc, "forward_logging", logger_name=name, level=level)
+
+    def unforward_logging(self, logger_name=None):
+        """Stop forwarding `logger_name` (None: the root)."""
+        from taskcore.forward_logging import logger_key
+
+        name = logger_key(logger_name)
+        self._forwarding.pop(name, None)
+        return self.sync(self._rpc, "unforward_logging", logger_name=name)
 
     # -- dask integration (the dask scheduler protocol) -------------------------------
     def get(self, dsk, keys, **kwargs):

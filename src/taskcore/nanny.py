@@ -434,6 +434,15 @@ class Nanny(ClusterMember):
                 comm.send(self.identity())
             except Exception:
                 pass
+        elif op == "get-logs":           # client.get_worker_logs(nanny=True), via the scheduler
+            n = msg.get("n")
+            lines = list(self.logs)
+            if isinstance(n, int) and n >= 0:
+                lines = lines[len(lines) - n:] if n else []
+            try:
+                comm.send({"op": "reply", "reqid": msg.get("reqid"), "result": lines})
+            except Exception:
+                pass
         else:
             logger.debug("nanny %s: ignoring message %r", self.address, op)
 

@@ -12,14 +12,19 @@ the I/O and the data:
 * outgoing `GatherDep` transfers, one coroutine per batch, pooled comms.
 
 Scheduler -> worker: compute-tasks (core/messages.pyx), free-keys, steal-request, acquire-replicas,
-    remove-replicas, update-data (scatter), scatter-ids, run, close
+    remove-replicas, update-data (scatter), scatter-ids, run, close, and the diagnostics'
+    diag-profile, diag-versions, diag-logs (answered with a reply), diag-forward-logging
 Worker -> scheduler: register-worker, tasks-finished (core/messages.pyx), task-erred, add-keys,
     release-worker-data, missing-data, steal-response, heartbeat, who-has,
-    reply, closing, retire
+    reply, closing, retire, diag-forward-logs (forward_logging.py)
 Peer -> worker: get-data {keys} -> {status: "OK", data: {key: Serialized}} or {status: "busy"}
 
 Small results ride along inside `tasks-finished` (up to `inline_result_bytes`),
 so the scheduler can hand them to the client without another round trip.
+
+Diagnostics (docs/diagnostics.md): a sampling profiler thread (profile.py), the last
+log records (logs.py), `/metrics` for Prometheus on `dashboard_address`
+(worker_metrics.py) and forwarding of the tasks' log records (forward_logging.py).
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
 from taskcore.transports import connect, listen
 from taskcore.transports.addressing import get_address_host, parse_address, unparse_host_port
 from taskcore.utils import parse_bytes
+from taskcore.worker_metrics import WorkerCounters
 
 logger = logging.getLogger("taskcore.worker")
 
@@ -73,7 +79,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
                  nanny_address=None, heartbeat_interval=0.5, listen_address=None, token=None,
                  inline_result_bytes=16_384, validate=False, scheduler_file=None,
                  connection_timeout=10, max_outgoing_transfers=16, inline_threshold=200e-6,
-                 inline_budget=0.005, **kwargs):
+                 inline_budget=0.005, dashboard_address=":0", profile_interval=None,
+                 **kwargs):
         if scheduler_address is None and scheduler_file is None:
             raise ValueError("Worker needs a scheduler address or scheduler_file=")
         if scheduler_address is None:
@@ -129,6 +136,23 @@ class Worker(WorkerDispatch, ServerLifecycle):
         self._reqids = itertools.count(1)
         self._sched_replies: dict = {}
         self.loop = None
+        # Diagnostics. `dashboard_address` None (or False) serves no /metrics;
+        # `profile_interval` None takes profile.DEFAULT_INTERVAL, 0 runs no sampler.
+        if dashboard_address is False:
+            dashboard_address = None
+        if dashboard_address is not None:
+            from taskcore.worker_metrics import parse_dashboard_address
+
+            parse_dashboard_address(dashboard_address, "127.0.0.1")  # bad input fails here
+        self.dashboard_address = dashboard_address
+        if profile_interval is not None and float(profile_interval) < 0:
+            raise ValueError(f"profile_interval must be >= 0 seconds, got {profile_interval}")
+        self.profile_interval = profile_interval
+        self.counters = WorkerCounters()
+        self.log_buffer = None
+        self.metrics_server = None
+        self.profiler = None
+        self.log_forwarder = None
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -150,10 +174,12 @@ class Worker(WorkerDispatch, ServerLifecycle):
                                      name=f"taskcore-worker-{os.getpid()}")
         self._new_state()
         try:
+            self._start_diagnostics()
             await self._register()
         except BaseException:
             await self.listener.stop()
             self.executor.shutdown()
+            await self._stop_diagnostics()
             raise
         self.status = "running"
         self._spawn(self._heartbeat_loop())
@@ -179,6 +205,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
             "nthreads": self.nthreads, "memory_limit": self.memory_limit,
             "resources": self.resources, "pid": os.getpid(), "host": socket.gethostname(),
             "nanny": self.nanny_address, "local_directory": self.local_directory,
+            "dashboard_address": self.dashboard_link,
         })
         reply = await asyncio.wait_for(comm.read(), self.connection_timeout)
         if reply.get("op") != "registered":
@@ -195,6 +222,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
         logger.warning("lost the scheduler at %s; reconnecting (death timeout %s s)",
                        self.scheduler_address, self.death_timeout)
         self.status = "reconnecting"
+        self._configure_log_forwarding({})     # the next scheduler says what it wants
         loop = asyncio.get_running_loop()
         deadline = None if self.death_timeout is None else loop.time() + float(self.death_timeout)
         while self.status == "reconnecting":
@@ -234,6 +262,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
             c.abort()
         if self.executor is not None:
             self.executor.shutdown()
+        await self._stop_diagnostics()
         if self._client is not None:
             # get_client()'s Client is synchronous: its connections live on the shared
             # loop thread, so close it through its own API from a helper thread. (Its
@@ -269,17 +298,28 @@ class Worker(WorkerDispatch, ServerLifecycle):
     async def _heartbeat_loop(self):
         import psutil
 
+        from taskcore.worker_metrics import heartbeat_metrics
+
         proc = psutil.Process()
+        proc.cpu_percent()              # the first call only starts the measurement
+        counters = self.counters
+        clock = self.loop.time
         paused = False
         while self.status in ("running", "reconnecting"):
+            asked = clock()
             await asyncio.sleep(self.heartbeat_interval)
+            # How late the timer fired: the time callbacks held the loop past it.
+            counters.event_loop_delay = max(0.0, clock() - asked - self.heartbeat_interval)
             if self.status != "running":
                 continue
             rss = proc.memory_info().rss
+            counters.rss = rss
+            counters.cpu = proc.cpu_percent()
             metrics = {"rss": rss, "memory": self.state.memory_bytes,
                        "executing": self.state.executing_count,
                        "ready": self.state.ready_count, "in_memory": len(self.data),
                        "time": time.time()}
+            metrics.update(heartbeat_metrics(self))
             try:
                 self.scheduler_comm.send({"op": "heartbeat", "metrics": metrics})
             except CommClosedError:
@@ -351,6 +391,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
                     fut.set_result(msg["who_has"])
             elif op == "close":
                 self._spawn(self.close(reason=msg.get("reason", "scheduler asked"), report=False))
+            elif op.startswith("diag-"):
+                self._diag_message(msg)
             else:
                 logger.warning("unknown op %r from the scheduler", op)
         except Exception:
@@ -397,10 +439,15 @@ class Worker(WorkerDispatch, ServerLifecycle):
         got = {}
         errors = reply.get("errors") or {}
         by_key = dict(zip(keys, ids))
+        counters = self.counters
+        counters.incoming_count += 1
         try:
             for k, v in reply.get("data", {}).items():
                 if isinstance(v, Serialized):
+                    counters.incoming_bytes += v.nbytes
                     v = v.deserialize()
+                else:
+                    counters.incoming_bytes += sizeof(v)
                 self.data[k] = v
                 got[by_key[k]] = sizeof(v)
         except Exception as e:
@@ -434,16 +481,20 @@ class Worker(WorkerDispatch, ServerLifecycle):
 
     async def _handle_peer(self, comm):
         """Serve get-data (peers and clients) on an incoming connection."""
-        while True:
-            try:
-                msg = await comm.read()
-            except CommClosedError:
-                return
-            op = msg.get("op") if isinstance(msg, dict) else None
-            if op == "get-data":
-                await self._serve_get_data(comm, msg)
-            else:
-                await comm.write({"status": "error", "message": f"unknown op {op!r}"})
+        self.counters.incoming_comms += 1
+        try:
+            while True:
+                try:
+                    msg = await comm.read()
+                except CommClosedError:
+                    return
+                op = msg.get("op") if isinstance(msg, dict) else None
+                if op == "get-data":
+                    await self._serve_get_data(comm, msg)
+                else:
+                    await comm.write({"status": "error", "message": f"unknown op {op!r}"})
+        finally:
+            self.counters.incoming_comms -= 1
 
     async def _serve_get_data(self, comm, msg):
         if self._outgoing >= self.max_outgoing_transfers and msg.get("who") != "client":
@@ -453,18 +504,22 @@ class Worker(WorkerDispatch, ServerLifecycle):
         try:
             data = {}
             errors = {}
+            nbytes = 0
             for k in msg.get("keys", ()):
                 if k not in self.data:
                     continue
                 try:
-                    data[k] = serialize_obj(self.data[k])
+                    s = data[k] = serialize_obj(self.data[k])
+                    nbytes += s.nbytes
                 except Exception as e:
                     errors[k] = unserializable(k, self.data[k], e)
             await comm.write({"status": "OK", "data": data, "errors": errors})
+            self.counters.outgoing_count += 1
+            self.counters.outgoing_bytes += nbytes
         finally:
             self._outgoing -= 1
 
-    # -- scatter, run ------------------------------------------------------------------------------
+    # -- scatter, run ----------------------------------------------------------------------------
     def _update_data(self, msg):
         nbytes = {}
         try:
@@ -494,6 +549,115 @@ class Worker(WorkerDispatch, ServerLifecycle):
         reply.update(op="reply", reqid=msg["reqid"])
         self._send_scheduler(reply)
 
+    # -- diagnostics (docs/diagnostics.md) -------------------------------------------------------
+    @property
+    def dashboard_link(self):
+        """The URL serving this worker's /metrics, or None."""
+        srv = self.metrics_server
+        if srv is None or self.listener is None:
+            return None
+        wildcard = srv.host in ("0.0.0.0", "::", "")
+        return srv.url(get_address_host(self.address) if wildcard else srv.host)
+
+    def _listen_host(self):
+        scheme, loc = parse_address(self.listen_address)
+        if scheme == "inproc" or not loc:
+            return "127.0.0.1"
+        host = loc.rsplit(":", 1)[0] if not loc.startswith("[") else loc[1:loc.index("]")]
+        return host or "0.0.0.0"
+
+    def _start_diagnostics(self):
+        from taskcore.logs import LogBuffer
+        from taskcore.profile import Sampler
+
+        self.log_buffer = LogBuffer().attach()
+        if self.dashboard_address is not None:
+            from taskcore.worker_metrics import MetricsServer, parse_dashboard_address
+
+            host, port = parse_dashboard_address(self.dashboard_address, self._listen_host())
+            self.metrics_server = MetricsServer(self, host, port)
+        if self.profile_interval is None or float(self.profile_interval) > 0:
+            self.profiler = Sampler(self, self.profile_interval).start()
+            # From a loop callback (not this coroutine): the frame below it is the one
+            # running the loop, where loop-thread stacks start.
+            self.loop.call_soon(self.profiler.mark_loop)
+
+    async def _stop_diagnostics(self):
+        if self.profiler is not None:
+            self.profiler.stop()
+        if self.log_forwarder is not None:
+            self.log_forwarder.detach()
+        if self.log_buffer is not None:
+            self.log_buffer.detach()
+        srv, self.metrics_server = self.metrics_server, None
+        if srv is not None:
+            # Joins the HTTP thread: not on the loop, which a scrape may be waiting on.
+            await self.loop.run_in_executor(None, srv.stop)
+
+    def _diag_message(self, msg):
+        """A diagnostics request from the scheduler (scheduler_diagnostics.py)."""
+        op = msg["op"]
+        if op == "diag-profile":
+            self._spawn(self._diag_profile(msg))
+        elif op == "diag-versions":
+            from taskcore.versions import get_versions
+
+            self._diag_reply(msg, lambda: get_versions(msg.get("packages")))
+        elif op == "diag-logs":
+            self._diag_reply(msg, lambda: [(r[1], r[3]) for r in
+                                           self.log_buffer.recent(msg.get("n"))])
+        elif op == "diag-forward-logging":
+            self._configure_log_forwarding(msg.get("loggers") or {})
+        else:
+            logger.warning("unknown diagnostics op %r from the scheduler", op)
+
+    def _diag_reply(self, msg, compute):
+        try:
+            reply = {"op": "reply", "reqid": msg["reqid"], "result": compute()}
+        except Exception as e:
+            reply = _diag_error(msg, e)
+        self._send_scheduler(reply)
+
+    async def _diag_profile(self, msg):
+        from taskcore.profile import flatten
+
+        prof = self.profiler
+        try:
+            if prof is None:
+                raise RuntimeError(f"worker {self.address} runs no profiler "
+                                   f"(profile_interval=0)")
+            # Merging an hour of cycles takes a while: off the event loop.
+            tree = await self.loop.run_in_executor(
+                None, lambda: prof.collect(msg.get("start"), msg.get("stop"), msg.get("key"),
+                                           bool(msg.get("server"))))
+            reply = {"op": "reply", "reqid": msg["reqid"], "result": flatten(tree)}
+        except Exception as e:
+            reply = _diag_error(msg, e)
+        self._send_scheduler(reply)
+
+    def _configure_log_forwarding(self, loggers):
+        from taskcore.forward_logging import LogForwarder
+
+        if self.log_forwarder is None:
+            if not loggers:
+                return
+            self.log_forwarder = LogForwarder(self)
+            self._spawn(self._forward_logs_loop(self.log_forwarder))
+        self.log_forwarder.configure(loggers)
+        if not loggers:
+            self.log_forwarder = None      # its loop sends what is left and ends
+
+    async def _forward_logs_loop(self, forwarder):
+        from taskcore.forward_logging import FLUSH_INTERVAL
+
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            records = forwarder.take()
+            if records:
+                self._send_scheduler({"op": "diag-forward-logs", "records": records})
+            if forwarder is not self.log_forwarder or self.status in ("closing", "closed"):
+                return
+
     # -- tasks calling back into the cluster -----------------------------------------------------
     def _get_client(self):
         if self._client is None or self._client.status != "running":
@@ -502,6 +666,13 @@ class Worker(WorkerDispatch, ServerLifecycle):
             self._client = Client(self.scheduler_address, security=self.security,
                                   set_as_default=False, timeout=self.connection_timeout)
         return self._client
+
+
+def _diag_error(msg, exc):
+    """A failed diagnostics request's reply: the scheduler relays the text (it does not
+    unpickle what workers send)."""
+    return {"op": "reply", "reqid": msg["reqid"], "error": serialize_obj(exc),
+            "error_text": f"{type(exc).__name__}: {exc}"}
 
 
 def _interface_ip(interface):

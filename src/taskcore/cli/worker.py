@@ -68,6 +68,11 @@ def build_parser() -> Parser:
     p.add_argument("--host", default=None, help="address the worker listens on")
     p.add_argument("--interface", default=None,
                    help="network interface name (like eth0) whose IP to listen on")
+    p.add_argument("--dashboard-address", default=":0", metavar="[HOST]:PORT",
+                   help="where each worker serves /metrics for Prometheus (default ':0', any "
+                        "free port on the worker's host)")
+    p.add_argument("--dashboard", dest="dashboard", action=argparse.BooleanOptionalAction,
+                   default=True, help="serve /metrics (--no-dashboard: do not)")
     # Set by a nanny for its child; not for people.
     p.add_argument("--nanny-address", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-options", default=None, help=argparse.SUPPRESS)
@@ -114,6 +119,18 @@ def parse_args(argv=None):
     args.extra = extra
     if args.nanny and args.nanny_address:
         parser.error("--nanny-address is only for --no-nanny workers")
+    if not args.dashboard:
+        args.dashboard_address = None
+    else:
+        from taskcore.worker_metrics import parse_dashboard_address
+
+        try:
+            _, port = parse_dashboard_address(args.dashboard_address, "")
+        except ValueError as e:
+            parser.error(str(e))
+        if port and args.nworkers > 1:
+            parser.error(f"--dashboard-address with a fixed port ({port}) cannot serve "
+                         f"{args.nworkers} workers; use port 0 (any free port)")
     return args
 
 
@@ -141,6 +158,7 @@ def _make_servers(args, address):
                     lifetime_stagger=args.lifetime_stagger, host=args.host,
                     security=args.security)
     common.update({k: v for k, v in optional.items() if v is not None})
+    common.setdefault("dashboard_address", args.dashboard_address)
     servers = []
     for name in _names(args):
         if args.nanny:

@@ -1,0 +1,277 @@
+"""A worker's numbers: the heartbeat's metrics and its Prometheus `/metrics` endpoint.
+
+`WorkerCounters` holds the cumulative transfer counters that the worker bumps where it
+fetches from and serves to peers (plain integer additions, on the event loop).
+
+`MetricsServer` serves `/metrics` with prometheus_client's own HTTP server in a daemon
+thread, one `CollectorRegistry` per worker (several workers in one process each have
+their own numbers). The socket is bound on the worker's start path, so the URL can go
+into the registration message at once; prometheus_client (~0.1 s to import) is
+imported in the thread. A scrape reads the worker's numbers on its event loop
+(`call_soon_threadsafe`, waiting at most `SCRAPE_TIMEOUT`), never touching the state
+machine from the HTTP thread; if the loop does not answer in time, the last numbers
+read are served again.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import socket
+import threading
+
+logger = logging.getLogger("taskcore.worker")
+
+SCRAPE_TIMEOUT = 2.0
+
+
+class WorkerCounters:
+    __slots__ = ("incoming_bytes", "outgoing_bytes", "incoming_count", "outgoing_count",
+                 "incoming_comms", "event_loop_delay", "cpu", "rss", "spilled_bytes")
+
+    def __init__(self):
+        self.incoming_bytes = 0
+        self.outgoing_bytes = 0
+        self.incoming_count = 0
+        self.outgoing_count = 0
+        self.incoming_comms = 0
+        self.event_loop_delay = 0.0
+        self.cpu = 0.0
+        self.rss = 0
+        self.spilled_bytes = 0      # no spilling to disk yet
+
+
+def open_comms(worker) -> int:
+    """Open peer connections: pooled outgoing ones plus those peers opened to us."""
+    out = sum(1 for c in worker._peer_comms.values() if not c.closed)
+    return out + worker.counters.incoming_comms
+
+
+def heartbeat_metrics(worker) -> dict:
+    """The diagnostic part of a heartbeat (on the event loop)."""
+    c = worker.counters
+    return {"cpu": c.cpu, "event_loop_delay": c.event_loop_delay,
+            "transfer_incoming_bytes": c.incoming_bytes,
+            "transfer_outgoing_bytes": c.outgoing_bytes,
+            "transfer_incoming_count": c.incoming_count,
+            "transfer_outgoing_count": c.outgoing_count,
+            "spilled_bytes": c.spilled_bytes, "comms": open_comms(worker)}
+
+
+def snapshot(worker) -> dict:
+    """Everything `/metrics` shows (on the event loop)."""
+    state = worker.state
+    c = worker.counters
+    return {"tasks": dict(state.task_counts) if state is not None else {},
+            "executing": state.executing_count if state is not None else 0,
+            "memory": state.memory_bytes if state is not None else 0,
+            "spilled": c.spilled_bytes, "incoming_bytes": c.incoming_bytes,
+            "outgoing_bytes": c.outgoing_bytes, "incoming_count": c.incoming_count,
+            "outgoing_count": c.outgoing_count, "event_loop_delay": c.event_loop_delay,
+            "comms": open_comms(worker), "rss": c.rss, "cpu": c.cpu}
+
+
+def parse_dashboard_address(value, default_host):
+    """(host, port) from ":0", ":8787", "127.0.0.1:9000", "[::1]:0", 8787 or "8787"."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid dashboard_address {value!r}")
+    if isinstance(value, int):
+        host, port = "", value
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.startswith("http://"):
+            text = text[len("http://"):]
+        if text.isdigit():
+            host, port = "", int(text)
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not port_text.isdigit():
+                raise ValueError(f"invalid dashboard_address {value!r}: expected ':PORT' or "
+                                 f"'HOST:PORT', like ':0' or '127.0.0.1:8787'")
+            port = int(port_text)
+            host = host.strip("[]")
+    else:
+        raise ValueError(f"invalid dashboard_address {value!r}: expected ':PORT' or 'HOST:PORT'")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"invalid dashboard_address {value!r}: port out of range")
+    return host or default_host, port
+
+
+class MetricsServer:
+    """`/metrics` of one worker (see the module doc)."""
+
+    def __init__(self, worker, host, port):
+        self.worker = worker
+        self.loop = worker.loop
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(64)
+        except OSError as e:
+            sock.close()
+            raise OSError(f"cannot serve worker metrics on {host}:{port}: {e}") from e
+        self.sock = sock
+        self.host = host
+        self.port = sock.getsockname()[1]
+        self.httpd = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._serving = False
+        self._last = None
+        self._thread = threading.Thread(target=self._serve, name="taskcore-worker-metrics",
+                                        daemon=True)
+        self._thread.start()
+
+    def url(self, contact_host):
+        h = contact_host if self.host in ("0.0.0.0", "::", "") else self.host
+        if ":" in h:
+            h = f"[{h}]"
+        return f"http://{h}:{self.port}"
+
+    # -- the HTTP thread -------------------------------------------------------------------
+    def _serve(self):
+        try:
+            from prometheus_client import CollectorRegistry, make_wsgi_app
+            from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Collector(self))
+
+            class Server(ThreadingWSGIServer):
+                address_family = self.sock.family
+
+            # prometheus_client's server, on the socket bound at start: its own
+            # constructor would bind a new one.
+            httpd = Server(self.sock.getsockname()[:2], _SilentHandler,
+                           bind_and_activate=False)
+            httpd.socket.close()
+            httpd.socket = self.sock
+            httpd.server_address = self.sock.getsockname()[:2]
+            httpd.server_name = self.host
+            httpd.server_port = self.port
+            httpd.setup_environ()
+            httpd.set_app(make_wsgi_app(registry))
+            self.httpd = httpd
+        except Exception as e:
+            logger.error("worker metrics server could not start: %r", e)
+            self.sock.close()
+            return
+        with self._lock:
+            # stop() may have come during the import: then it does not wait for
+            # serve_forever (which would never run), and this thread closes up.
+            if self._closed:
+                httpd.server_close()
+                return
+            self._serving = True
+        try:
+            httpd.serve_forever(poll_interval=0.1)
+        finally:
+            httpd.server_close()
+
+    def read(self) -> dict | None:
+        """The worker's numbers, read on its event loop (from the HTTP thread)."""
+        fut = concurrent.futures.Future()
+
+        def run():
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(snapshot(self.worker))
+                except BaseException as e:  # noqa: B902 - handed to the waiting thread
+                    fut.set_exception(e)
+
+        try:
+            self.loop.call_soon_threadsafe(run)
+            self._last = fut.result(SCRAPE_TIMEOUT)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            fut.cancel()               # loop busy or closed: serve the last numbers
+        return self._last
+
+    # -- stopping ------------------------------------------------------------------------------
+    def stop(self, timeout=5.0):
+        """Stop serving and free the port (blocking: call it off the event loop)."""
+        with self._lock:
+            self._closed = True
+            serving = self._serving
+        if serving:
+            self.httpd.shutdown()          # returns once serve_forever has
+        self._thread.join(timeout)
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _rss(fallback):
+    """The process's resident memory now (psutil is thread-safe)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except Exception:
+        return fallback
+
+
+def _task_states():
+    """The worker's task states (read when first scraped: this module is imported by
+    core-worker's option checking, which must not load the compiled core)."""
+    global _TASK_STATES
+    if _TASK_STATES is None:
+        from taskcore.core.worker_state import STATES
+
+        _TASK_STATES = tuple(st for st in STATES if st != "forgotten")
+    return _TASK_STATES
+
+
+_TASK_STATES = None
+
+
+class _Collector:
+    def __init__(self, server):
+        self.server = server
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self.server.read()
+        if s is None:
+            return
+        tasks = GaugeMetricFamily("taskcore_worker_tasks", "Tasks on this worker by state",
+                                  labels=["state"])
+        # Every state, zeros included: a series that vanished when its count hit zero
+        # would break rate() and alerts on it.
+        states = _task_states()
+        for state in states:
+            tasks.add_metric([state], s["tasks"].get(state, 0))
+        for state, n in sorted(s["tasks"].items()):
+            if state not in states:
+                tasks.add_metric([state], n)
+        yield tasks
+        yield GaugeMetricFamily("taskcore_worker_executing", "Tasks executing now",
+                                value=s["executing"])
+        yield GaugeMetricFamily("taskcore_worker_memory_bytes",
+                                "Bytes of results held (as measured by sizeof)",
+                                value=s["memory"])
+        yield GaugeMetricFamily("taskcore_worker_spilled_bytes", "Bytes spilled to disk",
+                                value=s["spilled"])
+        yield CounterMetricFamily("taskcore_worker_transfer_incoming_bytes",
+                                  "Bytes fetched from other workers",
+                                  value=s["incoming_bytes"])
+        yield CounterMetricFamily("taskcore_worker_transfer_outgoing_bytes",
+                                  "Bytes served to other workers and clients",
+                                  value=s["outgoing_bytes"])
+        yield CounterMetricFamily("taskcore_worker_transfer_incoming_count",
+                                  "Fetches from other workers", value=s["incoming_count"])
+        yield CounterMetricFamily("taskcore_worker_transfer_outgoing_count",
+                                  "Data requests served", value=s["outgoing_count"])
+        yield GaugeMetricFamily("taskcore_worker_event_loop_delay_seconds",
+                                "How late the event loop's last heartbeat timer fired",
+                                value=s["event_loop_delay"])
+        yield GaugeMetricFamily("taskcore_worker_comms", "Open connections to peers",
+                                value=s["comms"])
+        yield GaugeMetricFamily("taskcore_worker_rss_bytes", "Resident memory of the process",
+                                value=_rss(s["rss"]))
+        yield GaugeMetricFamily("taskcore_worker_cpu_percent",
+                                "CPU use of the process since the last heartbeat",
+                                value=s["cpu"])
+
