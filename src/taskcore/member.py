@@ -24,7 +24,12 @@ process and cannot outlive it):
 - ``worker_names``: the names its workers register under at the scheduler
   (several for a handle that runs several workers: a multi-process job).
 - ``worker_address``: where its worker listens (a nanny listens elsewhere).
-- ``dashboard_address``: a scheduler's dashboard, when it serves one.
+- ``dashboard_info``: a scheduler's dashboard as the scheduler reported it
+  (``{"dashboard_host", "dashboard_port", "dashboard_prefix"}``, the keys of its
+  ready line and of its ``scheduler_info``; port 0/None: it serves none), or None
+  when the handle was not told (the cluster then asks the scheduler once).
+  (An in-process Scheduler is its own handle: its ``dashboard_address`` is the
+  address it was asked to listen on, so the contract does not use that name.)
 - ``async fetch_logs(n)``: its recent log lines, or None when it has none of
   its own (an in-process server logs to the cluster's buffer).
 - ``record()``: a JSON description that lets another process adopt it (the
@@ -39,9 +44,19 @@ A handle class is adopted from a record by the spec's own class, called with
 """
 from __future__ import annotations
 
-__all__ = ["ClusterMember", "check_member", "REQUIRED"]
+__all__ = ["ClusterMember", "check_member", "REQUIRED", "DASHBOARD_KEYS", "dashboard_fields"]
 
 REQUIRED = ("start", "close", "finished")
+# What a scheduler reports about its dashboard (ready line, scheduler_info, scheduler file).
+DASHBOARD_KEYS = ("dashboard_host", "dashboard_port", "dashboard_prefix")
+
+
+def dashboard_fields(report) -> dict | None:
+    """The dashboard keys of a scheduler's report, or None when it says nothing about a
+    dashboard (a report from a scheduler older than the dashboard, or not a dict)."""
+    if not isinstance(report, dict) or "dashboard_port" not in report:
+        return None
+    return {k: report.get(k) for k in DASHBOARD_KEYS}
 
 
 class ClusterMember:
@@ -60,7 +75,7 @@ class ClusterMember:
         return self.address
 
     @property
-    def dashboard_address(self) -> str | None:
+    def dashboard_info(self) -> dict | None:
         return None
 
     async def fetch_logs(self, n: int = 1000) -> list | None:

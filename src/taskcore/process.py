@@ -43,7 +43,7 @@ import sys
 import time
 import weakref
 
-from taskcore.member import ClusterMember
+from taskcore.member import ClusterMember, dashboard_fields
 
 __all__ = ["Status", "ProcessInterface", "ProcessStartError", "ProcessGone", "Subprocess",
            "read_lines", "worker_cli_args", "scheduler_cli_args", "security_cli_args"]
@@ -114,7 +114,15 @@ class ProcessInterface(ClusterMember):
         await self.close()
 
     @property
+    def dashboard_info(self) -> dict | None:
+        return dashboard_fields(self.info)
+
+    @property
     def dashboard_address(self) -> str | None:
+        d = self.dashboard_info
+        if d is not None:
+            port = d.get("dashboard_port")
+            return f"{d.get('dashboard_host') or ''}:{port}" if port else None
         info = self.info or {}
         return info.get("dashboard_address") or info.get("dashboard")
 
@@ -528,13 +536,29 @@ def _json_options(role, options):
     return [f"--{role}-options", blob]
 
 
+_DEFAULT = object()  # an option not given: the program's own default applies
+
+
 def scheduler_cli_args(*, host=None, port=0, protocol=None, security=None, idle_timeout=None,
                        scheduler_file=None, log_level=None, python=None,
+                       dashboard_address=_DEFAULT, dashboard_prefix=None,
                        **scheduler_options) -> list[str]:
-    """The argv that runs `core-scheduler`; other options travel as JSON (`--scheduler-options`)."""
+    """The argv that runs `core-scheduler`; other options travel as JSON (`--scheduler-options`).
+
+    `dashboard_address`: "[HOST]:PORT" (an empty host is the scheduler's), None for no
+    dashboard, or not given for core-scheduler's default (:8787)."""
     args = [python or sys.executable, "-m", "taskcore.cli.scheduler", "--port", str(int(port))]
     if host is not None:
         args += ["--host", host]
+    if dashboard_address is None:
+        args.append("--no-dashboard")
+    elif dashboard_address is not _DEFAULT:
+        if isinstance(dashboard_address, bool) or not isinstance(dashboard_address, (str, int)):
+            raise TypeError(f"dashboard_address must be a string like ':8787' or None, got "
+                            f"{dashboard_address!r}")
+        args += ["--dashboard-address", str(dashboard_address)]
+    if dashboard_prefix:
+        args += ["--dashboard-prefix", str(dashboard_prefix)]
     if protocol is not None:
         args += ["--protocol", protocol]
     if idle_timeout is not None:

@@ -9,7 +9,14 @@ A cluster object owns an event loop on which its scheduler/worker handles live.
 Subclasses must implement `_start`, `_close`, `_scale`, `_scale_down` and
 `_from_registry` (abstract here; SpecCluster implements them for every
 backend), and may override `_count_workers`, `_gather_logs`, `_detach`,
-`_release` and `_registry_entry`.
+`_release`, `_registry_entry` and the dashboard's route (below).
+
+The dashboard: `dashboard_link` is made here, once, by `link_from_info`
+(taskcore/dashboard/link.py) from what the scheduler reported about its
+dashboard (`_learn_dashboard`, at start: the scheduler handle's
+`dashboard_info`, else one `scheduler_info` RPC). A backend only says how
+this process reaches it: `_open_dashboard_route` (a tunnel, a port-forward),
+`_dashboard_route` (the host and port to link to) and `_close_dashboard_route`.
 
 Talking to the scheduler: the scheduler may live on the cluster's loop (an
 in-process `Scheduler`), in a subprocess, in a batch job, or on another
@@ -114,6 +121,7 @@ class Cluster(abc.ABC):
         self.security = getattr(self, "security", None)
         self._registered = False
         self._created = getattr(self, "_created", None) or time.time()  # kept on reconnect
+        self._dashboard: dict | None = None  # the scheduler's dashboard_host/_port/_prefix
 
     # -- loop plumbing ------------------------------------------------------------------------
     @property
@@ -210,6 +218,11 @@ class Cluster(abc.ABC):
                 self._log(logging.INFO, "%s: detached; reconnect with %s.from_name(%r)",
                           self.name, type(self).__name__, self.name)
         finally:
+            try:
+                await self._close_dashboard_route()
+            except Exception as e:
+                self._log(logging.WARNING, "%s: closing the way to the dashboard: %r",
+                          self.name, e)
             await self._release()
             logging.getLogger("taskcore").removeHandler(self._log_handler)
             self.status = Status.closed
@@ -383,13 +396,56 @@ class Cluster(abc.ABC):
             raise value
         return value
 
+    # -- the dashboard ------------------------------------------------------------------------
     @property
     def dashboard_link(self) -> str | None:
-        """The dashboard's URL, or None while the scheduler serves no dashboard."""
-        addr = self.scheduler.dashboard_address if self.scheduler is not None else None
-        if not addr:
+        """The dashboard's URL as this process reaches it (through a tunnel or port-forward
+        where the backend needs one), or None when the scheduler serves no dashboard.
+        `$TASKCORE_DASHBOARD_LINK` shapes it (taskcore.dashboard.link)."""
+        info = self._dashboard
+        if not info or not info.get("dashboard_port"):
             return None
-        return addr if "://" in str(addr) else f"http://{addr}/status"
+        from taskcore.dashboard.link import link_from_info
+
+        info, reach_host = self._dashboard_route(info)
+        return link_from_info(info, reach_host)
+
+    def _dashboard_route(self, info: dict) -> tuple[dict, str | None]:
+        """How this process reaches the dashboard `info` describes: `(info, reach_host)` for
+        `link_from_info`. Directly by default, at the host we reach the scheduler at (it
+        replaces a wildcard or loopback bind address). A backend that tunnels returns the
+        tunnel's local end instead (SSHCluster, KubeCluster)."""
+        return info, _address_host(self.scheduler_address)
+
+    async def _learn_dashboard(self):
+        """Keep what the scheduler reports about its dashboard (`_dashboard`): from its
+        handle when the handle was told (a ready line), else by asking it once. A scheduler
+        that cannot say leaves the link None, never a guess."""
+        info = getattr(self.scheduler, "dashboard_info", None)
+        if info is None and self.scheduler_address:
+            from taskcore.member import dashboard_fields
+
+            try:
+                info = dashboard_fields(await self._scheduler_rpc("scheduler_info", timeout=10))
+            except Exception as e:
+                self._log(logging.WARNING, "%s: cannot ask the scheduler about its dashboard: "
+                          "%r", self.name, e)
+        self._dashboard = info
+        if not info or not info.get("dashboard_port"):
+            return
+        try:
+            await self._open_dashboard_route(info)
+        except Exception as e:
+            # The dashboard is for people: a tunnel that cannot open must not fail the cluster.
+            self._log(logging.WARNING, "%s: cannot open the way to the dashboard: %r",
+                      self.name, e)
+        self._log(logging.INFO, "%s: dashboard at %s", self.name, self._safe_dashboard_link())
+
+    async def _open_dashboard_route(self, info: dict):
+        """Prepare what `_dashboard_route` needs (a tunnel, a port-forward); nothing here."""
+
+    async def _close_dashboard_route(self):
+        """Close what `_open_dashboard_route` opened; runs when the handle is let go."""
 
     # -- registry and reconnecting --------------------------------------------------------------
     def _registry_entry(self) -> dict | None:
@@ -516,7 +572,19 @@ class Cluster(abc.ABC):
         if s.get("memory"):
             parts.append(f"memory={format_bytes(s['memory'])}")
         parts += [f"{k}={v}" for k, v in self._extra_summary()]
+        link = self._safe_dashboard_link()
+        if link:
+            parts.append(f"dashboard={link}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _safe_dashboard_link(self) -> str | None:
+        """The link for a repr: a bad $TASKCORE_DASHBOARD_LINK must not break printing."""
+        try:
+            return self.dashboard_link
+        except (KeyError, ValueError, IndexError) as e:
+            from taskcore.dashboard.link import ENV_TEMPLATE
+
+            return f"(bad ${ENV_TEMPLATE}: {e})"
 
     def _extra_summary(self) -> list:
         """Backend-specific (key, value) pairs for the repr and _repr_html_ (job counts...)."""
@@ -531,12 +599,57 @@ class Cluster(abc.ABC):
         if s.get("memory"):
             rows.append(("Memory", format_bytes(s["memory"])))
         rows += [(k.replace("_", " ").capitalize(), v) for k, v in self._extra_summary()]
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th>"
-                       f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-                       for k, v in rows)
+        cells = [(html.escape(str(k)), html.escape(str(v))) for k, v in rows]
+        link = self._safe_dashboard_link()
+        if link:
+            cells.insert(2, ("Dashboard", _html_link(link)))
+        body = "".join(f"<tr><th style='text-align:left'>{k}</th>"
+                       f"<td style='text-align:left'>{v}</td></tr>" for k, v in cells)
         return (f"<div><h3 style='margin-bottom:0'>{html.escape(type(self).__name__)}</h3>"
                 f"<table>{body}</table></div>")
 
+
+def _html_link(url: str) -> str:
+    """An <a> to `url`, or the text alone when it is not an http(s) URL (a template may
+    make anything: never put a javascript: URL in a notebook's href)."""
+    text = html.escape(url)
+    if not url.lower().startswith(("http://", "https://", "/")):
+        return text
+    return f"<a href='{html.escape(url, quote=True)}' target='_blank'>{text}</a>"
+
+
+def _address_host(address: str | None) -> str | None:
+    """The host of a scheduler address ("tcp://10.0.0.1:8786" -> "10.0.0.1"); None for an
+    in-process (inproc://) or unknown address."""
+    if not address or address.startswith("inproc://"):
+        return None
+    from taskcore.transports.addressing import get_address_host
+
+    try:
+        return get_address_host(address) or None
+    except ValueError:
+        return None
+
+
+def _direct_endpoint(info: dict, reach_host: str | None) -> tuple[str, int]:
+    """(host, port) the dashboard link points at when nothing tunnels: link_from_info's own
+    rule for a wildcard or loopback bind address, read back from the link it makes."""
+    from urllib.parse import urlsplit
+
+    from taskcore.dashboard.link import link_from_info
+
+    url = urlsplit(link_from_info(info, reach_host, template="{scheme}://{host}:{port}/"))
+    return url.hostname, url.port
+
+
+async def tcp_answers(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to (host, port) opens from here within `timeout` seconds."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 async def scheduler_rpc(address: str, method: str, args: dict | None = None, security=None,

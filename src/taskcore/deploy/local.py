@@ -22,7 +22,7 @@ import math
 from taskcore.deploy.spec import SpecCluster
 from taskcore.utils import cpu_count, parse_memory_limit
 
-__all__ = ["LocalCluster", "default_sizes"]
+__all__ = ["LocalCluster", "default_sizes", "dashboard_on_host"]
 
 
 def default_sizes(n_workers=None, threads_per_worker=None, processes=True, cores=None):
@@ -49,12 +49,29 @@ def default_sizes(n_workers=None, threads_per_worker=None, processes=True, cores
     return n_workers, threads_per_worker
 
 
+def dashboard_on_host(address, host: str):
+    """A dashboard address with its host filled in: ":8787" (or 8787) listens on `host`, the
+    scheduler's interface, as core-scheduler's --dashboard-address does; None stays None (no
+    dashboard). A bad address is an error here, before anything starts."""
+    if address is None:
+        return None
+    from taskcore.dashboard.binding import parse_address
+
+    bind_host, port = parse_address(address)
+    if bind_host or not host:
+        return address if isinstance(address, str) else f":{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class LocalCluster(SpecCluster):
     """A local cluster; see the module docstring.
 
     Extra keyword arguments go to every worker (Worker, Nanny or core-worker).
     `scheduler_kwargs` go to the Scheduler. `shutdown_on_close=False` detaches the
     cluster's processes from this one (see the module doc and `from_name`).
+    The scheduler serves its dashboard on `dashboard_address` (":8787": port 8787 on
+    `host`, another free port when that one is taken; None: no dashboard), under
+    `dashboard_prefix`; `dashboard_link` says where.
     """
 
     backend = "local"
@@ -66,7 +83,8 @@ class LocalCluster(SpecCluster):
                  worker_class: str | type = "nanny", scheduler_kwargs: dict | None = None,
                  env: dict | None = None, log_level: str = "warning",
                  shutdown_on_close: bool = True, worker_groups: dict | None = None,
-                 scheduler_process: bool | None = None, **worker_kwargs):
+                 scheduler_process: bool | None = None, dashboard_address: str | None = ":8787",
+                 dashboard_prefix: str = "", **worker_kwargs):
         if protocol is None:
             protocol = "tcp" if processes else "inproc"
             if security is not None and getattr(security, "enabled", False) and processes:
@@ -101,6 +119,9 @@ class LocalCluster(SpecCluster):
             sched_opts.setdefault("port", scheduler_port)
         if security is not None:
             sched_opts.setdefault("security", security)
+        sched_opts.setdefault("dashboard_address", dashboard_on_host(dashboard_address, host))
+        if dashboard_prefix:
+            sched_opts.setdefault("dashboard_prefix", dashboard_prefix)
         scheduler = {"cls": Scheduler, "options": sched_opts}
         if scheduler_process is None:
             scheduler_process = processes

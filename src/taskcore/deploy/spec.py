@@ -168,6 +168,7 @@ class SpecCluster(Cluster):
                 pass
             raise
         self._log(logging.INFO, "%s: scheduler at %s", self.name, self.scheduler.address)
+        await self._learn_dashboard()
         await self._correct_state(raise_errors=True)
         self._save_registry()  # also with no workers (then reconciling changed nothing)
 

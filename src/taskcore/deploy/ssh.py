@@ -23,6 +23,11 @@ already started is killed by PID):
 - remote Python missing: exit status 127 before the launcher ran;
 - taskcore missing remotely: the server's own ImportError, recognised.
 
+The dashboard: the client reaches the scheduler at its host's address (no
+tunnel), so `dashboard_link` points there too, unless that address does not
+answer for the dashboard; then the link is the local end of an SSH local port
+forward (`dashboard_tunnel`, see SSHCluster).
+
 Closing kills by PID through a separate exec channel (`launcher kill`:
 SIGTERM, grace, SIGKILL of the whole tree), so it works even when the SSH
 server ignores channel signals. Attached processes also die on their own if
@@ -38,6 +43,7 @@ import json
 import logging
 import shlex
 
+from taskcore.deploy.cluster import _address_host, _direct_endpoint, tcp_answers
 from taskcore.deploy.launched import LaunchedScheduler, LaunchedWorker, ProcessStartError, Target
 from taskcore.deploy.spec import SpecCluster
 
@@ -387,6 +393,14 @@ class SSHCluster(SpecCluster):
     every remote process. Further keyword arguments go to SpecCluster
     (close_timeout, retire_timeout, ...). `scale(n)` places new workers on the
     worker hosts with the fewest workers.
+
+    The scheduler serves its dashboard as `core-scheduler` does (port 8787 on its
+    host; `scheduler_options={"dashboard_address": None}` for none, or
+    `{"dashboard_address": "127.0.0.1:8787", "dashboard_prefix": "/tc"}`...).
+    `dashboard_link` reaches it from here: directly at the scheduler host's address,
+    or through an SSH tunnel (a local port on 127.0.0.1, open while this handle is)
+    when `dashboard_tunnel=True`, or with the default None when the direct address
+    does not answer (a firewall, a dashboard bound to the host's loopback).
     """
 
     backend = "ssh"
@@ -397,8 +411,13 @@ class SSHCluster(SpecCluster):
                  asynchronous: bool = False, shutdown_on_close: bool = True,
                  connect_timeout: float = 15, startup_timeout: float = 60,
                  close_grace: float = 5, forward_logs: bool = False,
-                 log_level: str = "warning", **kwargs):
+                 log_level: str = "warning", dashboard_tunnel: bool | None = None, **kwargs):
         _asyncssh()
+        if dashboard_tunnel not in (None, True, False):
+            raise TypeError(f"dashboard_tunnel must be None (auto), True or False, got "
+                            f"{dashboard_tunnel!r}")
+        self.dashboard_tunnel = dashboard_tunnel
+        self._tunnel = None
         if isinstance(hosts, str) or not hosts:
             raise ValueError("SSHCluster needs a list of hosts: the scheduler's first, then the "
                              "workers'")
@@ -497,6 +516,37 @@ class SSHCluster(SpecCluster):
                 counts[id(t)] += 1
         return min(self._worker_targets, key=lambda t: counts[id(t)])
 
+    # -- the dashboard ------------------------------------------------------------------------
+    async def _open_dashboard_route(self, info):
+        """Tunnel the dashboard over the scheduler host's SSH connection when it must be:
+        always with dashboard_tunnel=True; with None (auto) when its address does not
+        answer from here (a firewall, or a dashboard bound to the host's loopback)."""
+        if self.dashboard_tunnel is False:
+            return
+        host, port = _direct_endpoint(info, _address_host(self.scheduler_address))
+        if self.dashboard_tunnel is None and await tcp_answers(host, port):
+            return
+        bound = info.get("dashboard_host") or ""
+        # On the scheduler's host: its own bind address, or its loopback for a wildcard.
+        dest = "::1" if bound == "::" else "127.0.0.1" if bound in ("", "0.0.0.0") else bound
+        conn = await self.scheduler.target.connection()
+        self._tunnel = await conn.forward_local_port("127.0.0.1", 0, dest, int(port))
+        self._log(logging.INFO, "%s: tunnelling the dashboard from 127.0.0.1:%d to %s:%d on "
+                  "%s", self.name, self._tunnel.get_port(), dest, port,
+                  self.scheduler.target.label)
+
+    def _dashboard_route(self, info):
+        if self._tunnel is None:
+            return super()._dashboard_route(info)
+        return {**info, "dashboard_host": "127.0.0.1",
+                "dashboard_port": self._tunnel.get_port()}, "127.0.0.1"
+
+    async def _close_dashboard_route(self):
+        tunnel, self._tunnel = self._tunnel, None
+        if tunnel is not None:
+            tunnel.close()
+            await tunnel.wait_closed()
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def _release(self):
         await super()._release()
@@ -512,7 +562,8 @@ class SSHCluster(SpecCluster):
                 "worker_options": self.worker_options, "worker_class": self.worker_class,
                 "scheduler_options": self.scheduler_options, "remote_env": self.remote_env,
                 "connect_timeout": self.connect_timeout, "startup_timeout": self.startup_timeout,
-                "close_grace": self.close_grace, "log_level": self.log_level}
+                "close_grace": self.close_grace, "log_level": self.log_level,
+                "dashboard_tunnel": self.dashboard_tunnel}
 
     def _restore(self, config, connect_options=None, forward_logs=False, **kwargs):
         """`connect_options` (a dict, or a list per host) replaces the recorded ones, for
@@ -529,6 +580,8 @@ class SSHCluster(SpecCluster):
         self.close_grace = cfg.get("close_grace", 5)
         self.forward_logs = forward_logs
         self.log_level = cfg.get("log_level", "warning")
+        self.dashboard_tunnel = cfg.get("dashboard_tunnel")
+        self._tunnel = None
         self._detached_processes = True
         self._pool = SSHConnections()
         overrides = {}

@@ -53,7 +53,7 @@ def scheduler_script(system):
     job = JobScript(system, cores=1, memory="2GiB", job_name="taskcore-scheduler",
                     queue="long", walltime="02:00:00", walltime_margin=None, python="/py")
     return job.scheduler_script("/shared/tc.scheduler.json",
-                                {"idle_timeout": 600, "dashboard_address": ":8787"})
+                                {"idle_timeout": 600, "name": "tc-sched"})
 
 
 # Every common option; each system adds its own skip list, extra directives and options.
@@ -77,7 +77,7 @@ WORKER_MIN = ("exec /usr/bin/python3 -m taskcore.cli.worker tcp://10.1.2.3:8786 
               "--nthreads 2 --memory-limit 4294967296 --name w0 --log-level info")
 SCHEDULER = ("exec /py -m taskcore.cli.scheduler --port 0 --host 0.0.0.0 --idle-timeout 600 "
              "--scheduler-file /shared/tc.scheduler.json --log-level info "
-             "--scheduler-options '{\"dashboard_address\": \":8787\"}'")
+             "--scheduler-options '{\"name\": \"tc-sched\"}'")
 
 
 def test_common_options_are_job_options():
@@ -530,7 +530,7 @@ getenv = True
 executable = /bin/sh
 arguments = "-c 'exec /py -m taskcore.cli.scheduler --port 0 --host 0.0.0.0 \
 --idle-timeout 600 --scheduler-file /shared/tc.scheduler.json --log-level info \
---scheduler-options ''{""dashboard_address"": "":8787""}'''"
+--scheduler-options ''{""name"": ""tc-sched""}'''"
 queue
 """
 
@@ -697,12 +697,12 @@ def test_htcondor_arguments_run_the_intended_words(shell, argv_printer, tmp_path
 @pytest.mark.parametrize("shell", SHELLS)
 def test_htcondor_scheduler_arguments_run_in_a_shell(shell, argv_printer, tmp_path):
     job = JobScript(HTCondor(), cores=1, memory="1GiB", python=argv_printer)
-    text = job.scheduler_script("/shared/s.json", {"dashboard_address": ":8787"})
+    text = job.scheduler_script("/shared/s.json", {"name": "tc-sched"})
     argv = job_argv(text)
     out = run_shell(shell, argv[1], tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-2:] == ["<--scheduler-options>",
-                                            '<{"dashboard_address": ":8787"}>']
+                                            '<{"name": "tc-sched"}>']
 
 
 @pytest.mark.parametrize("shell", SHELLS)

@@ -334,7 +334,7 @@ SCHEDULER_JOB = dict(cores=1, memory="2GiB", job_name="taskcore-scheduler", queu
 def test_scheduler_script():
     job = JobScript(SLURM(), interface="ib0", **SCHEDULER_JOB)
     text = job.scheduler_script("/shared/tc.scheduler.json",
-                                {"idle_timeout": 600, "dashboard_address": ":8787"})
+                                {"idle_timeout": 600, "name": "tc-sched"})
     assert text == """\
 #!/usr/bin/env bash
 
@@ -347,7 +347,7 @@ def test_scheduler_script():
 
 exec /py -m taskcore.cli.scheduler --port 0 --idle-timeout 600 \
 --scheduler-file /shared/tc.scheduler.json --log-level info \
---scheduler-options '{"dashboard_address": ":8787"}' --interface ib0
+--scheduler-options '{"name": "tc-sched"}' --interface ib0
 """
 
 

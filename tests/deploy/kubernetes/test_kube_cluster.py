@@ -20,6 +20,8 @@ from taskcore.deploy.kubernetes import KubeCluster, KubeClusterError, make_worke
 from taskcore.deploy.kubernetes import resources as r
 from taskcore.testing import wait_until
 
+from ..test_dashboard_links import assert_serves
+
 pytestmark = pytest.mark.timeout(240)
 
 # The pods cannot import this test module: ship its functions by value.
@@ -78,6 +80,9 @@ def test_embedded_cluster_computes_scales_and_leaves_nothing(kube):
     with KubeCluster(name="emb", n_workers=2, controller="embedded", nthreads=1,
                      startup_timeout=120) as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.3.")    # the Service's IP
+        host = cluster.scheduler_address.split("://")[1].rsplit(":", 1)[0]
+        assert cluster.dashboard_link == f"http://{host}:8787/status"   # its dashboard port
+        assert_serves(cluster.dashboard_link)
         with Client(cluster) as client:
             client.wait_for_workers(2, timeout=60)
             assert scheduler_workers(client) == set(worker_pods(kube, "emb"))
@@ -107,6 +112,11 @@ def test_port_forward_when_the_service_is_not_reachable(kube):
     with KubeCluster(name="pf", n_workers=1, controller="embedded", nthreads=1,
                      port_forward_cluster_ip=True, startup_timeout=120) as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        # The dashboard through a port-forward of its own.
+        link = cluster.dashboard_link
+        assert link.startswith("http://127.0.0.1:") and link.endswith("/status")
+        assert link.split(":")[2] != cluster.scheduler_address.split(":")[2]
+        assert_serves(link)
         with Client(cluster) as client:
             client.wait_for_workers(1, timeout=60)
             assert client.submit(inc, 1).result(timeout=30) == 2
@@ -121,13 +131,44 @@ def test_nodeport_and_load_balancer_services(kube, service_type):
     with KubeCluster(name=name, n_workers=1, controller="embedded", nthreads=1,
                      scheduler_service_type=service_type, startup_timeout=120) as cluster:
         host, port = cluster.scheduler_address.split("://")[1].rsplit(":", 1)
+        link = cluster.dashboard_link
+        dhost, dport = link.split("://")[1].split("/")[0].rsplit(":", 1)
         if service_type == "NodePort":
             assert host == "127.0.0.1" and 30000 <= int(port) <= 32767
+            assert dhost == host and 30000 <= int(dport) <= 32767 and dport != port
         else:
             assert host.startswith("127.4.") and port == "8786"   # the balancer's ingress
+            assert dhost == host and dport == "8787"
+        assert_serves(link)
         with Client(cluster) as client:
             assert client.submit(inc, 1).result(timeout=60) == 2
     assert_all_gone(kube, name)
+
+
+def test_dashboard_without_a_service_port_or_without_a_dashboard(kube):
+    """A custom spec whose Service has no dashboard port: a port-forward to the pod reaches
+    it. A scheduler run with --no-dashboard: no link."""
+    spec = r.make_cluster_spec("nodash", n_workers=0, scheduler_service_type="NodePort")
+    spec["spec"]["scheduler"]["service"]["ports"] = [
+        p for p in spec["spec"]["scheduler"]["service"]["ports"] if p["name"] != "dashboard"]
+    with KubeCluster(custom_cluster_spec=spec, controller="embedded",
+                     startup_timeout=120) as cluster:
+        assert cluster.dashboard_link.startswith("http://127.0.0.1:")
+        assert cluster._dashboard_forward is not None
+        assert_serves(cluster.dashboard_link)
+        assert "dashboardAddress" in cluster.refresh()["status"]
+        assert cluster.refresh()["status"]["dashboardAddress"] is None
+    spec = r.make_cluster_spec("off", n_workers=0)
+    args = spec["spec"]["scheduler"]["spec"]["containers"][0]["args"]
+    args[args.index("--dashboard-address"):args.index("--dashboard-address") + 2] = [
+        "--no-dashboard"]
+    with KubeCluster(custom_cluster_spec=spec, controller="embedded",
+                     startup_timeout=120) as cluster:
+        assert cluster.dashboard_link is None
+        assert "Dashboard" not in cluster._repr_html_()
+        assert cluster.refresh()["status"]["dashboardAddress"].endswith(":8787")
+    assert_all_gone(kube, "nodash")
+    assert_all_gone(kube, "off")
 
 
 def test_idle_timeout_deletes_an_unused_cluster(kube):
@@ -139,10 +180,64 @@ def test_idle_timeout_deletes_an_unused_cluster(kube):
             time.sleep(4)
             assert f"{r.KIND}/idle" in cluster_objects(kube, "idle")
         t0 = time.monotonic()
-        assert_all_gone(kube, "idle", timeout=60)
+        try:
+            assert_all_gone(kube, "idle", timeout=60)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{idle_diagnostics(cluster, 'idle')}") from None
         assert time.monotonic() - t0 > 1.0
     finally:
         cluster.close()                               # the resource is gone already: no error
+
+
+@pytest.mark.parametrize("port_forward", [None, True], ids=["kube-proxy", "port-forward"])
+def test_a_client_that_resets_its_connection_leaves_the_cluster_idle(kube, port_forward):
+    """A client gone with a reset (it closed with unread data, or aborted) must be gone for
+    the scheduler too, through kube-proxy and through a port-forward alike; else the
+    cluster never counts as idle."""
+    import socket
+    import struct
+
+    cluster = KubeCluster(name="rst", n_workers=0, controller="embedded", idle_timeout=2,
+                          port_forward_cluster_ip=port_forward, startup_timeout=120)
+    try:
+        assert cluster.scheduler_address.startswith(
+            "tcp://127.0.0.1:" if port_forward else "tcp://127.3.")
+        client = Client(cluster)
+        wait_until(lambda: (cluster._controller.last_view("default", "rst") or {}).get(
+            "view", {}) and cluster._controller.last_view("default", "rst")["view"]["clients"],
+            30, "the controller to see the client")
+        sock = client.comm.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()                                # SO_LINGER 0: close() sends a reset
+        try:
+            assert_all_gone(kube, "rst", timeout=60)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{idle_diagnostics(cluster, 'rst')}") from None
+    finally:
+        cluster.close()
+
+
+def idle_diagnostics(cluster, name) -> str:
+    """What explains a cluster that was not deleted for idleness: the embedded controller's
+    last view of the scheduler (busy? clients? idle for how long? or why it got none), the
+    resource's status and the scheduler pod's log."""
+    out = []
+    controller = cluster._controller
+    view = controller.last_view("default", name) if controller is not None else None
+    if view is not None:
+        view = dict(view, age=f"{time.time() - view['at']:.1f} s ago")
+    out.append(f"controller's last view: {view}")
+    try:
+        out.append(f"status: {cluster.refresh().get('status')}")
+        logs = cluster.get_logs(cluster=True, scheduler=True, workers=False)
+    except Exception as e:
+        out.append(f"(cannot read the resource or the logs: {e!r})")
+        logs = {}
+    for source, lines in logs.items():
+        if isinstance(lines, str):
+            lines = lines.splitlines()
+        out.append(f"--- {source} (last 40 lines):\n" + "\n".join(lines[-40:]))
+    return "\n".join(out)
 
 
 def _start_operator(kube, tmp_path, tag="operator", *extra):

@@ -58,6 +58,29 @@ def test_example_cluster_fits_the_crd_and_its_pods_are_valid():
     _validate_children(dict(example, metadata=dict(example["metadata"], uid="u1")))
 
 
+def test_example_cluster_is_what_its_comment_says_it_was_made_with():
+    (example,) = docs("example-cluster.yaml")
+    made = r.make_cluster_spec("example", n_workers=2, resources={"cpu": "1", "memory": "2Gi"},
+                               nthreads=1)
+    made["metadata"]["namespace"] = "default"
+    assert example == made, "deploy/kubernetes/example-cluster.yaml is stale: regenerate it"
+
+
+def test_the_scheduler_exposes_its_dashboard():
+    cluster = r.make_cluster_spec("c1")
+    cluster["metadata"].update(namespace="ns", uid="u1")
+    (container,) = r.scheduler_deployment(cluster)["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--dashboard-address") + 1] == f":{r.DASHBOARD_PORT}"
+    assert {"name": "dashboard", "containerPort": 8787, "protocol": "TCP"} in container["ports"]
+    ports = {p["name"]: p for p in r.scheduler_service(cluster)["spec"]["ports"]}
+    assert ports["dashboard"]["port"] == 8787 and ports["dashboard"]["targetPort"] == "dashboard"
+    # A custom spec's Service without ports gets both.
+    del cluster["spec"]["scheduler"]["service"]["ports"]
+    assert {p["name"] for p in r.scheduler_service(cluster)["spec"]["ports"]} == {
+        "tcp-comm", "dashboard"}
+
+
 def _validate_children(cluster):
     validate(r.scheduler_deployment(cluster))
     svc = r.scheduler_service(cluster)

@@ -2,7 +2,8 @@
 alone: no API server, no processes."""
 from taskcore.deploy.kubernetes import resources as r
 from taskcore.deploy.kubernetes.reconcile import (AdaptiveCounter, Create, Delete, DeleteCluster,
-                                                  Observed, Retire, SetStatus, plan, pod_problem,
+                                                  Observed, Retire, SetStatus,
+                                                  dashboard_address_of, plan, pod_problem,
                                                   split_target)
 
 
@@ -73,6 +74,7 @@ def test_status_reports_running_and_is_not_rewritten_when_unchanged():
     (st,) = kinds(plan(obs), SetStatus)
     assert st.status["phase"] == "Running"
     assert st.status["schedulerAddress"] == "tcp://10.0.0.7:8786"
+    assert st.status["dashboardAddress"] == "10.0.0.7:8787"
     assert st.status["groups"] == {"default": {"replicas": 1, "pods": 1, "ready": 1}}
     obs.cluster["status"] = st.status
     assert plan(obs) == []
@@ -235,3 +237,12 @@ def test_a_changed_scheduler_spec_replaces_its_deployment():
     (d,) = kinds(plan(Observed(c, deployment=dep(), service=service())), Delete)
     assert d.kind == "Deployment" and "spec changed" in d.reason
     assert not kinds(plan(Observed(cluster(), deployment=dep(), service=service())), Delete)
+
+
+def test_dashboard_address_is_the_services_dashboard_port():
+    assert dashboard_address_of(service()) == "10.0.0.7:8787"
+    svc = service()
+    svc["spec"]["ports"] = [p for p in svc["spec"]["ports"] if p["name"] != "dashboard"]
+    assert dashboard_address_of(svc) is None                 # a custom spec without one
+    assert dashboard_address_of(service(ip="None")) is None  # headless
+    assert dashboard_address_of(service(ip="fd00::7")) == "[fd00::7]:8787"

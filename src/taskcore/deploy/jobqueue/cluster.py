@@ -24,6 +24,10 @@ What a job queue adds:
   a batch job, the cluster can be detached (`shutdown_on_close=False`) and
   found again with `from_name` from any machine that shares the registry
   and reaches the scheduler.
+- **The dashboard**: the scheduler serves it on port 8787 of its host (another
+  free port when that one is taken; `scheduler_options={"dashboard_address":
+  None}` for none), and `dashboard_link` points at the host workers reach the
+  scheduler at: this machine's address, or the scheduler job's node.
 - **Worker groups** (`worker_groups={"bigmem": {"queue": "bigmem", ...}}`):
   each group is its own job template (any job option overridden), scaled
   and adapted on its own.
@@ -45,6 +49,7 @@ import time
 from taskcore.deploy.jobqueue.config import load_section
 from taskcore.deploy.jobqueue.job import JOB_OPTIONS, Job, JobScript, SchedulerJob
 from taskcore.deploy.jobqueue.system import BatchCommandError, JobState
+from taskcore.deploy.local import dashboard_on_host
 from taskcore.deploy.spec import SpecCluster
 from taskcore.utils import get_ip_interface, parse_bytes
 
@@ -62,6 +67,7 @@ DEFAULTS = {"processes": 1, "job_name": "taskcore-worker", "shebang": "#!/usr/bi
             "walltime_margin": "auto", "lifetime_stagger": "auto", "poll_interval": 2.0,
             "scheduler": "local", "scheduler_timeout": 300}
 _CHECK_ADDRESS = "tcp://127.0.0.1:1"  # stands in for the scheduler while checking scripts
+DEFAULT_DASHBOARD = ":8787"           # core-scheduler's default, for the in-process scheduler too
 
 
 class JobQueueCluster(SpecCluster):
@@ -202,6 +208,10 @@ class JobQueueCluster(SpecCluster):
             if host is None:
                 host = get_ip_interface(interface) if interface else "0.0.0.0"
             sched_opts.setdefault("port", 0)
+            # Where core-scheduler would serve it (the scheduler-in-a-job mode): 8787 on the
+            # scheduler's host, so the link's host is the one workers reach the scheduler at.
+            sched_opts["dashboard_address"] = dashboard_on_host(
+                sched_opts.get("dashboard_address", DEFAULT_DASHBOARD), host)
             if self.security is not None:
                 sched_opts.setdefault("security", self.security)
             return {"cls": Scheduler, "options": dict(sched_opts, host=host)}

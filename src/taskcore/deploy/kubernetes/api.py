@@ -383,12 +383,16 @@ class PortForward:
         seen_port = set()
 
         async def upstream():
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    await ws.close()
-                    return
-                await ws.send_bytes(b"\x00" + data)
+            # However the local side ends (EOF, or a reset: a client that closes with unread
+            # data, or aborts), the WebSocket closes, and with it the pod's side: otherwise
+            # the scheduler would keep a client that is gone (and never count as idle).
+            try:
+                while data := await reader.read(65536):
+                    await ws.send_bytes(b"\x00" + data)
+            except Exception as e:
+                logger.debug("port-forward to %s:%d: the local side ended: %r",
+                             self.namespace, self.port, e)
+            await ws.close()
 
         up = asyncio.ensure_future(upstream())
         try:
@@ -412,3 +416,4 @@ class PortForward:
                     break
         finally:
             up.cancel()
+            await asyncio.gather(up, return_exceptions=True)

@@ -22,7 +22,9 @@ Reaching the scheduler: in a pod, through the Service's cluster IP. Outside,
 per `scheduler_service_type`: a NodePort on the node's address, a
 LoadBalancer's ingress, or for ClusterIP a port-forward through the API server
 when the cluster IP does not answer (`port_forward_cluster_ip=None`), always
-(True) or never (False).
+(True) or never (False). The dashboard (port 8787 of the scheduler pod, the
+Service's port named "dashboard") is reached the same way, with a port-forward
+of its own where the scheduler's comm has one: `dashboard_link` is that.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import copy
 import logging
 import time
 
-from taskcore.deploy.cluster import Cluster
+from taskcore.deploy.cluster import Cluster, tcp_answers
 from taskcore.deploy.kubernetes import resources as r
 from taskcore.deploy.kubernetes.api import ApiError, PortForward, connect_api, in_cluster
 from taskcore.deploy.kubernetes.controller import Controller, set_replicas
@@ -118,6 +120,8 @@ class KubeCluster(Cluster):
         self._api = None
         self._controller: Controller | None = None
         self._forward: PortForward | None = None
+        self._dashboard_forward: PortForward | None = None
+        self._dashboard_endpoint: tuple | None = None   # (host, port) of the dashboard from here
         self._address: str | None = None
         self._created_here = False
         self._resource: dict | None = None
@@ -154,6 +158,7 @@ class KubeCluster(Cluster):
         await self._wait_for_scheduler()
         self._address = await self._client_address()
         self._log(logging.INFO, "%s: scheduler at %s", self.name, self._address)
+        await self._learn_dashboard()
 
     async def _get_resource(self) -> dict | None:
         try:
@@ -264,7 +269,8 @@ class KubeCluster(Cluster):
             return await self._load_balancer_address(port)
         if self.port_forward_cluster_ip is False:
             return inner
-        if self.port_forward_cluster_ip is None and await _reachable(inner):
+        if self.port_forward_cluster_ip is None and await tcp_answers(
+                *inner.split("://", 1)[1].rsplit(":", 1)):
             return inner
         self._forward = PortForward(self._api, self.namespace, self._scheduler_pod,
                                     r.SCHEDULER_PORT)
@@ -272,6 +278,56 @@ class KubeCluster(Cluster):
         self._log(logging.INFO, "%s: port-forwarding %s to the scheduler pod", self.name,
                   address)
         return address
+
+    # -- where the dashboard is, seen from here -------------------------------------------------
+    async def _open_dashboard_route(self, info):
+        """Reach the dashboard the way the scheduler is reached: the Service's "dashboard"
+        port (its cluster IP in a pod, its node port, its load balancer), else a second
+        port-forward to the scheduler pod (when the comm goes through one, the cluster IP
+        does not answer, or the Service has no dashboard port: a custom spec)."""
+        svc = await self._api.get_service(self.namespace, r.scheduler_name(self.name))
+        spec = svc.get("spec") or {}
+        port = next((p for p in spec.get("ports") or [] if p.get("name") == "dashboard"), None)
+        ip = spec.get("clusterIP")
+        if port is not None:
+            kind = spec.get("type", "ClusterIP")
+            if in_cluster() and ip and ip != "None":
+                self._dashboard_endpoint = (ip, port["port"])
+                return
+            if kind == "NodePort":
+                self._dashboard_endpoint = (await self._node_address(), port["nodePort"])
+                return
+            if kind == "LoadBalancer":
+                host = (await self._load_balancer_address(port)).split("://", 1)[1]
+                self._dashboard_endpoint = (host.rsplit(":", 1)[0].strip("[]"), port["port"])
+                return
+            if ip and ip != "None" and self._forward is None and (
+                    self.port_forward_cluster_ip is False
+                    or (self.port_forward_cluster_ip is None
+                        and await tcp_answers(ip, port["port"]))):
+                self._dashboard_endpoint = (ip, port["port"])
+                return
+        if in_cluster() or self.port_forward_cluster_ip is False:
+            return          # the pod's own address, as the scheduler reported it
+        self._dashboard_forward = PortForward(self._api, self.namespace, self._scheduler_pod,
+                                              int(info["dashboard_port"]))
+        address = await self._dashboard_forward.start()
+        host, local = address.split("://", 1)[1].rsplit(":", 1)
+        self._dashboard_endpoint = (host, int(local))
+        self._log(logging.INFO, "%s: port-forwarding %s to the scheduler pod's dashboard",
+                  self.name, address)
+
+    def _dashboard_route(self, info):
+        if self._dashboard_endpoint is None:
+            return info, info.get("dashboard_host")
+        host, port = self._dashboard_endpoint
+        return {**info, "dashboard_host": host, "dashboard_port": port}, host
+
+    async def _close_dashboard_route(self):
+        self._dashboard_endpoint = None
+        forward, self._dashboard_forward = self._dashboard_forward, None
+        if forward is not None:
+            await forward.close()
 
     async def _address_from_here(self, cluster) -> str | None:
         if self._address is not None:
@@ -517,14 +573,3 @@ def _exists(name):
 
 def _missing(name):
     raise ValueError(f"no worker group {name!r}")
-
-
-async def _reachable(address: str, timeout: float = 1.0) -> bool:
-    host, port = address.split("://", 1)[1].rsplit(":", 1)
-    try:
-        _, w = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    w.close()
-    return True
-

@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 
 from taskcore.deploy.cluster import scheduler_rpc
 from taskcore.deploy.kubernetes import resources as r
@@ -45,8 +46,19 @@ logger = logging.getLogger("taskcore.deploy.kubernetes")
 __all__ = ["Controller", "scheduler_view"]
 
 
+# In the scheduler's process: when each scheduler was last seen busy by scheduler_view.
+_busy_seen: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def scheduler_view(scheduler, target_duration: float = 5.0) -> dict:
-    """Runs inside the scheduler: its workers by name, whether it is busy, the adaptive target."""
+    """Runs inside the scheduler: its workers by name, whether it is busy, how long it has
+    been idle, the adaptive target.
+
+    The idle time is measured here, on the scheduler's clock, from the later of its last
+    client arriving or leaving (`_last_activity`) and the last view that found it busy. So a
+    view the controller could not get (an RPC lost under load, a controller restarted, an
+    operator that took over) does not restart the count, and a client that came and went
+    between two views still counts."""
     state = scheduler.state
     workers = {}
     for address, info in state.worker_info().items():
@@ -54,7 +66,12 @@ def scheduler_view(scheduler, target_duration: float = 5.0) -> dict:
                                           "processing": int(info.get("processing") or 0),
                                           "nbytes": int(info.get("nbytes") or 0)}
     busy = bool(scheduler.clients) or any(state.processing().values())
-    return {"workers": workers, "busy": busy,
+    now = time.monotonic()
+    if busy:
+        _busy_seen[scheduler] = now
+    since = max(_busy_seen.get(scheduler, 0.0), float(getattr(scheduler, "_last_activity", 0.0)))
+    return {"workers": workers, "busy": busy, "idle_for": 0.0 if busy else now - since,
+            "clients": len(scheduler.clients),
             "target": int(state.adaptive_target(float(target_duration)))}
 
 
@@ -81,7 +98,8 @@ class Controller:
         self._dirty: dict = {}        # (ns, name) -> asyncio.Event
         self._workers: dict = {}      # (ns, name) -> task
         self._retiring: dict = {}     # (ns, name) -> set of pod names
-        self._idle_since: dict = {}
+        self._idle_since: dict = {}   # (ns, name) -> first idle view (older schedulers only)
+        self._last_view: dict = {}    # (ns, name) -> the last scheduler view, for diagnostics
         self._counters: dict = {}     # (ns, name, group) -> AdaptiveCounter
         self._last_adapt: dict = {}
         self._next_tick: dict = {}    # (ns, name) -> seconds until its adaptive groups tick
@@ -195,6 +213,7 @@ class Controller:
             task.cancel()
         self._retiring.pop(key, None)
         self._idle_since.pop(key, None)
+        self._last_view.pop(key, None)
         for k in [k for k in self._counters if k[:2] == key]:
             del self._counters[k]
 
@@ -243,13 +262,9 @@ class Controller:
         if not self._mine(cluster):
             return True
         deployment, service, pods = await self.api.children(ns, name)
-        view = await self._scheduler_view(cluster, service)
         key = (ns, name)
-        if view is not None and not view["busy"]:
-            idle_for = time.monotonic() - self._idle_since.setdefault(key, time.monotonic())
-        else:
-            self._idle_since.pop(key, None)
-            idle_for = 0.0
+        view = await self._scheduler_view(cluster, service, key)
+        idle_for = self._idle_for(key, view)
         if view is not None:
             cluster = await self._adapt(ns, cluster, view)
         obs = Observed(cluster=cluster, deployment=deployment, service=service, pods=pods,
@@ -262,13 +277,42 @@ class Controller:
                 return True
         return False
 
+    def _idle_for(self, key, view) -> float:
+        """Seconds the scheduler has been idle: its own count (scheduler_view). Unknown (no
+        view) counts as 0 for this pass, without restarting anything. A scheduler that does
+        not count (an older taskcore in the scheduler's image) is timed here, between views
+        that find it idle."""
+        if view is None:
+            return 0.0
+        if view.get("idle_for") is not None:
+            return float(view["idle_for"])
+        if view["busy"]:
+            self._idle_since.pop(key, None)
+            return 0.0
+        return time.monotonic() - self._idle_since.setdefault(key, time.monotonic())
+
+    def last_view(self, ns: str, name: str) -> dict | None:
+        """The last scheduler view of a cluster (`at`: time.time(), and `view` or `error`):
+        what the controller knew, for diagnostics."""
+        return self._last_view.get((ns, name))
+
     async def _address(self, cluster, service) -> str | None:
         """The scheduler's address as seen from this process."""
         if self.address_for is not None:
             return await self.address_for(cluster)
         return scheduler_address_of(service)
 
-    async def _scheduler_view(self, cluster, service) -> dict | None:
+    async def _scheduler_view(self, cluster, service, key) -> dict | None:
+        view = error = None
+        try:
+            view = await self._ask_scheduler(cluster, service)
+        except Exception as e:
+            error = repr(e)
+            logger.debug("scheduler of %s not reachable: %r", cluster["metadata"]["name"], e)
+        self._last_view[key] = {"at": time.time(), "view": view, "error": error}
+        return view
+
+    async def _ask_scheduler(self, cluster, service) -> dict | None:
         address = await self._address(cluster, service)
         if address is None or (cluster.get("status") or {}).get("phase") != "Running":
             return None
@@ -276,17 +320,15 @@ class Controller:
 
         durations = [float(g["adapt"].get("targetDuration", 5)) for g in
                      cluster["spec"].get("workerGroups") or [] if g.get("adapt")]
-        try:
-            status, value = await scheduler_rpc(
-                address, "run_on_scheduler",
-                {"func": serialize_obj((scheduler_view, (), {"target_duration": min(
-                    durations, default=5.0)}))}, timeout=5)
-        except Exception as e:
-            logger.debug("scheduler of %s not reachable: %r", cluster["metadata"]["name"], e)
-            return None
+        status, value = await scheduler_rpc(
+            address, "run_on_scheduler",
+            {"func": serialize_obj((scheduler_view, (), {"target_duration": min(
+                durations, default=5.0)}))}, timeout=5)
         if isinstance(value, Serialized):
             value = value.deserialize()
-        return value if status == "ok" else None
+        if status != "ok":
+            raise RuntimeError(f"scheduler_view failed on the scheduler: {value!r}")
+        return value
 
     async def _adapt(self, ns, cluster, view) -> dict:
         groups = cluster["spec"].get("workerGroups") or []

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from taskcore.deploy.kubernetes import resources as r
 
 __all__ = ["Observed", "Create", "Delete", "Retire", "SetStatus", "DeleteCluster", "plan",
-           "pod_problem", "split_target", "AdaptiveCounter", "scheduler_address_of"]
+           "pod_problem", "split_target", "AdaptiveCounter", "scheduler_address_of",
+           "dashboard_address_of"]
 
 # Container waiting reasons that will not fix themselves.
 BAD_WAITING = {"CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
@@ -133,6 +134,18 @@ def _last_termination(status, cs=None) -> str:
     return ""
 
 
+def dashboard_address_of(service: dict | None) -> str | None:
+    """<cluster IP>:<port> of the Service's "dashboard" port (inside the cluster), or None
+    when it has none (a custom spec) or no cluster IP yet."""
+    spec = (service or {}).get("spec") or {}
+    ip = spec.get("clusterIP")
+    port = next((p["port"] for p in spec.get("ports") or [] if p.get("name") == "dashboard"),
+                None)
+    if not ip or ip == "None" or port is None:
+        return None
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def scheduler_address_of(service: dict | None) -> str | None:
     """tcp://<cluster IP>:<port> of the scheduler's Service, once it has a cluster IP."""
     if not service:
@@ -213,7 +226,8 @@ def plan(obs: Observed) -> list:
     ready = any(_ready(p) for p in sched_pods)
     problems = [m for m in (pod_problem(p) for p in obs.pods) if m]
     status = {"phase": "Running" if ready else "Pending", "controller": obs.controller,
-              "schedulerAddress": address, "groups": group_status,
+              "schedulerAddress": address, "dashboardAddress": dashboard_address_of(obs.service),
+              "groups": group_status,
               "observedGeneration": _meta(cluster, "generation"),
               "message": "; ".join(problems[:3]) if problems else ""}
     return actions + _status_if_changed(cluster, status)

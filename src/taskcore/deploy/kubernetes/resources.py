@@ -21,6 +21,7 @@ A TaskcoreCluster (group taskcore.dev, version v1):
     status:                         # written by the controller only
       phase: Pending | Running | Failed
       controller, schedulerAddress, observedGeneration, message,
+      dashboardAddress,             # host:port of the Service's "dashboard" port, if any
       groups: {name: {replicas, pods, ready}}
 
 Children, all labelled `taskcore.dev/cluster=<name>` and owned (ownerReferences)
@@ -53,6 +54,7 @@ SINGULAR = "taskcorecluster"
 SHORT_NAMES = ["tcc"]
 
 SCHEDULER_PORT = 8786
+DASHBOARD_PORT = 8787
 DEFAULT_IMAGE = "ghcr.io/taskcore/taskcore:latest"
 DEFAULT_GROUP = "default"
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
@@ -134,9 +136,13 @@ def make_cluster_spec(name: str, image: str = DEFAULT_IMAGE, n_workers: int = 3,
                          f"got {scheduler_service_type!r}")
     container = {
         "name": "scheduler", "image": image, "command": _as_command(scheduler_command),
-        "args": ["--host", "$(POD_IP)", "--port", str(SCHEDULER_PORT)],
+        # The dashboard listens on the pod's IP too (":PORT" is on --host), where the
+        # Service's "dashboard" port and a port-forward reach it.
+        "args": ["--host", "$(POD_IP)", "--port", str(SCHEDULER_PORT),
+                 "--dashboard-address", f":{DASHBOARD_PORT}"],
         "env": _env_list(env),
-        "ports": [{"name": "tcp-comm", "containerPort": SCHEDULER_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "tcp-comm", "containerPort": SCHEDULER_PORT, "protocol": "TCP"},
+                  {"name": "dashboard", "containerPort": DASHBOARD_PORT, "protocol": "TCP"}],
         # Ready once it accepts connections: only then does the Service send workers to it.
         "readinessProbe": {"tcpSocket": {"port": "tcp-comm"}, "periodSeconds": 2,
                            "initialDelaySeconds": 0},
@@ -151,15 +157,21 @@ def make_cluster_spec(name: str, image: str = DEFAULT_IMAGE, n_workers: int = 3,
             "idleTimeout": float(idle_timeout or 0),
             "scheduler": {
                 "spec": {"containers": [container], "terminationGracePeriodSeconds": 10},
-                "service": {"type": scheduler_service_type,
-                            "ports": [{"name": "tcp-comm", "port": SCHEDULER_PORT,
-                                       "targetPort": "tcp-comm", "protocol": "TCP"}]},
+                "service": {"type": scheduler_service_type, "ports": _service_ports()},
             },
             "workerGroups": [make_worker_spec(image=image, n_workers=n_workers,
                                               resources=resources, env=env,
                                               worker_command=worker_command, nthreads=nthreads)],
         },
     }
+
+
+def _service_ports() -> list:
+    """The scheduler Service's ports: its comm and its dashboard, by the container's names."""
+    return [{"name": "tcp-comm", "port": SCHEDULER_PORT, "targetPort": "tcp-comm",
+             "protocol": "TCP"},
+            {"name": "dashboard", "port": DASHBOARD_PORT, "targetPort": "dashboard",
+             "protocol": "TCP"}]
 
 
 _SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
@@ -270,8 +282,7 @@ def scheduler_service(cluster: dict) -> dict:
     name = cluster["metadata"]["name"]
     spec = copy.deepcopy(cluster["spec"]["scheduler"].get("service") or {})
     spec.setdefault("type", "ClusterIP")
-    spec.setdefault("ports", [{"name": "tcp-comm", "port": SCHEDULER_PORT,
-                               "targetPort": "tcp-comm", "protocol": "TCP"}])
+    spec.setdefault("ports", _service_ports())
     spec["selector"] = cluster_labels(name, "scheduler")
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": {"name": scheduler_name(name), "labels": cluster_labels(name, "scheduler"),
@@ -336,6 +347,8 @@ def crd_manifest() -> dict:
     printer = [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
         {"name": "Scheduler", "type": "string", "jsonPath": ".status.schedulerAddress"},
+        {"name": "Dashboard", "type": "string", "jsonPath": ".status.dashboardAddress",
+         "priority": 1},
         {"name": "Controller", "type": "string", "jsonPath": ".status.controller"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

@@ -873,7 +873,10 @@ class KubeProxy(Controller):
                 if dst.can_write_eof():
                     dst.write_eof()
             except (ConnectionError, OSError):
-                pass
+                # A reset on one side resets the other, as through a real kube-proxy (NAT
+                # passes the RST on): the peer must not keep a connection that is gone.
+                writer.transport.abort()
+                up_writer.transport.abort()
 
         try:
             await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

@@ -753,7 +753,12 @@ class PodRunner:
             if "tcpSocket" in probe:
                 p = probe["tcpSocket"]
                 host, port = p.get("host") or self.pod_ip, self._port(c, p["port"])
-                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns the result
+                # when the connection opens just as the prober is cancelled, losing the
+                # cancellation; the prober then probed on forever and its container's end
+                # (and the pod's deletion) waited on it.
+                async with asyncio.timeout(timeout):
+                    _, writer = await asyncio.open_connection(host, port)
                 writer.close()
                 return True
             import aiohttp   # only pods with HTTP probes need it
