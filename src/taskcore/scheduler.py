@@ -303,7 +303,6 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
         finally:
             if self.status == "running":
                 self._remove_worker(addr, safe=peer.closing, reason="connection closed")
-            self._diag_worker_removed(addr)
 
     async def _serve_nanny(self, comm, msg):
         worker = msg.get("worker")

@@ -4,7 +4,6 @@
 methods answer clients like the Scheduler's own, and the Scheduler calls its hooks:
 
     _diag_worker_added(peer)          after a worker registered
-    _diag_worker_removed(address)     after a worker left
     _diag_worker_message(peer, msg)   a worker's message whose op starts with "diag-"
 
 Everything here runs on the scheduler's event loop and only on request, except the
@@ -33,10 +32,6 @@ class SchedulerDiagnostics:
         loggers = self._diag_log_subscriptions().union()
         if loggers:
             self.send(peer, {"op": "diag-forward-logging", "loggers": loggers})
-
-    def _diag_worker_removed(self, address):
-        # Nothing is kept per worker: pending requests fail with the worker's removal.
-        pass
 
     def _diag_worker_message(self, peer, msg):
         op = msg.get("op")
