@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import cloudpickle
@@ -44,7 +45,15 @@ async def _page(base: str):
     import aiohttp
 
     loop = asyncio.get_running_loop()
-    stdin_closed = loop.run_in_executor(None, sys.stdin.read)
+    stdin_closed = loop.create_future()
+
+    def wait_for_stdin():
+        sys.stdin.read()
+        loop.call_soon_threadsafe(stdin_closed.set_result, None)
+
+    # A daemon thread: an executor's thread would keep a failed page process alive until
+    # its stdin closes, and the benchmark would wait for a "ready" that never comes.
+    threading.Thread(target=wait_for_stdin, daemon=True).start()
     updates = 0
 
     async def load(http):
@@ -76,11 +85,13 @@ async def _page(base: str):
 class OpenPage:
     def __init__(self, base: str):
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), base],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         if line != "ready":
             self.proc.kill()
-            raise RuntimeError(f"the page client did not start (it said {line!r})")
+            raise RuntimeError(f"the page client did not start (it said {line!r}):\n"
+                               f"{self.proc.communicate()[1][-2000:]}")
 
     def close(self) -> int:
         """Stop; the number of live updates the page received."""
