@@ -101,6 +101,34 @@ class _ClientDispatch(ClientHotPath):
         self.client._handle_other(msg)
 
 
+
+_SKIPPED = object()
+
+
+def _rebuild(x, table):
+    """`x` with each Future replaced by its value in `table` (futures missing from it, the
+    skipped ones, are left out). A module-level function, not a closure: a nested function
+    that calls itself is a reference cycle, and it kept the gathered futures (and their
+    data on the workers) alive until Python's cycle collector ran."""
+    t = type(x)
+    if t is Future:
+        return table.get(x.key, _SKIPPED)
+    if t in (list, tuple):
+        out = [y for y in [_rebuild(v, table) for v in x] if y is not _SKIPPED]
+        return out if t is list else tuple(out)
+    if t is dict:
+        out = {}
+        for k, v in x.items():
+            v = _rebuild(v, table)
+            if v is not _SKIPPED:
+                out[k] = v
+        return out
+    if t in (set, frozenset):
+        return t([y for y in [_rebuild(v, table) for v in x] if y is not _SKIPPED])
+    if hasattr(x, "__iter__") and not isinstance(x, (str, bytes)) and isinstance(x, Iterator):
+        return [_rebuild(v, table) for v in x]
+    return x
+
 class Client:
     """Connect to a taskcore scheduler and run work on its cluster.
 
@@ -634,29 +662,12 @@ class Client:
         fs = list(dict.fromkeys(_futures_in(obj)))
         values = await self._gather(fs, errors)
         table = {f.key: v for f, v in zip(fs, values)}
-        skipped = object()
-
-        def rebuild(x):
-            t = type(x)
-            if t is Future:
-                return table.get(x.key, skipped)
-            if t in (list, tuple):
-                out = [y for y in (rebuild(v) for v in x) if y is not skipped]
-                return out if t is list else tuple(out)
-            if t is dict:
-                return {k: v for k, v in ((k, rebuild(v)) for k, v in x.items()) if v is not skipped}
-            if t in (set, frozenset):
-                return t(y for y in (rebuild(v) for v in x) if y is not skipped)
-            if hasattr(x, "__iter__") and not isinstance(x, (str, bytes)) and isinstance(x, Iterator):
-                return [rebuild(v) for v in x]
-            return x
-
         if isinstance(obj, Future):
-            v = table.get(obj.key, skipped)
-            if v is skipped:
+            v = table.get(obj.key, _SKIPPED)
+            if v is _SKIPPED:
                 raise KeyError(obj.key)
             return v
-        return rebuild(obj)
+        return _rebuild(obj, table)
 
     async def _gather(self, futures, errors="raise"):
         """Values for a flat list of futures (skipped ones are left out when errors='skip')."""

@@ -338,6 +338,31 @@ def test_reference_counting_forgets_released_keys():
     client_test(t)
 
 
+def test_gathered_futures_are_released_without_the_cycle_collector():
+    """Fault 3 of issue 16: gather() of a nested structure kept its futures alive in a
+    reference cycle (a self-referencing closure), so their data stayed on the workers until
+    Python's cycle collector ran."""
+    async def t(c, s, ws):
+        fs = c.map(inc, range(6))
+        nested = {"a": fs[:3], "b": (fs[3], [fs[4], {"c": fs[5]}])}
+        flat = await c.gather(fs)
+        deep = await c.gather(nested)
+        assert flat == [1, 2, 3, 4, 5, 6] and deep["b"][1][1]["c"] == 6
+        keys = [f.key for f in fs]
+        gc.disable()
+        try:
+            del fs, nested, flat, deep
+            for _ in range(200):
+                await asyncio.sleep(0.02)
+                if not any(k in s.state.tasks for k in keys):
+                    break
+            assert not any(k in s.state.tasks for k in keys), "gather kept futures alive"
+        finally:
+            gc.enable()
+
+    client_test(t)
+
+
 def test_two_clients_share_a_key():
     async def main():
         async with cluster() as (s, ws):
