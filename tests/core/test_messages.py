@@ -201,6 +201,28 @@ def test_update_graph_one_task_with_options():
     assert ev.workers is None and ev.allow_other_workers is False and ev.retries == 0
 
 
+@pytest.mark.parametrize("rec, words", [
+    (["k", "f", 5, None], "dependencies of k must be a list"),
+    (["k", "f", ["a", {"x": 1}], None], "dependency key"),
+    ([["a", "list"], "f", [], None], "task key"),
+    ([("t", ["nested list"]), "f", [], None], "task key"),
+    (["k", "f", [], {"workers": 7}], "workers of k"),
+    (["k", "f", [], {"resources": {"GPU": "one"}}], "resources of k"),
+    (["k", "f", [], {"retries": -1}], "retries of k"),
+    (["k", "f", [], {"retries": True}], "retries of k"),
+    (["k", "f", [], {"annotations": [1]}], "annotations of k"),
+    (["k", "f", [], {"priority": "high"}], "priority of k"),
+])
+def test_update_graph_rejects_malformed_records_before_the_state_machine(rec, words):
+    for msg in (update_graph([rec], ["k"]), update_graph([["ok", "f", [], None], rec],
+                                                         ["ok", "k"])):
+        with pytest.raises(ValueError, match=words):
+            decode_update_graph("c1", msg, "ug")
+    with pytest.raises(ValueError, match="wanted key"):
+        decode_update_graph("c1", update_graph([["ok", "f", [], None]] * 2, ["ok", ["x"]]),
+                            "ug")
+
+
 def test_decoded_update_graph_drives_a_real_state_machine():
     s = new_state(("w1", 2, {"GPU": 1}), ("w2", 2))
     recs = [["a", "fa", [], None],

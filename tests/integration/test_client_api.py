@@ -363,6 +363,28 @@ def test_gathered_futures_are_released_without_the_cycle_collector():
     client_test(t)
 
 
+def test_a_malformed_update_graph_registers_nothing():
+    """Fault 4 of issue 16: a record the state machine rejected half way left its key
+    registered for good, and a later, valid submit of that key from another client failed
+    with a TypeError."""
+    async def main():
+        async with cluster() as (s, ws):
+            async with Client(s.address, asynchronous=True) as bad, \
+                    Client(s.address, asynchronous=True) as good:
+                for msg in (["update-graph", [["victim-1", None, 5, None]], ["victim-1"], 0],
+                            ["update-graph", ["victim-1", None, [{"no": "key"}], None],
+                             "victim-1", 0],
+                            ["update-graph", ["victim-1", None, [], {"retries": "many"}],
+                             "victim-1", 0]):
+                    bad.comm.send(msg)
+                await asyncio.sleep(0.2)
+                assert "victim-1" not in s.state.tasks
+                assert await good.submit(inc, 1, key="victim-1") == 2
+                assert s.status == "running"
+
+    run(main(), timeout=60)
+
+
 def test_two_clients_share_a_key():
     async def main():
         async with cluster() as (s, ws):

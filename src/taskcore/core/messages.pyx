@@ -173,9 +173,21 @@ cpdef UpdateGraph decode_update_graph(str client, list msg, str stimulus_id):
         wanted = msg[2]
     if type(msg[3]) is not int:
         raise ValueError(f"update-graph: the priority must be an int, not {msg[3]!r}")
+    # Every field is checked here, before the state machine sees any of it: a record it
+    # would reject half way would leave the keys before it registered.
+    for key in wanted:
+        _check_key(key, "wanted key", 0)
     for rec in records:
         if type(rec) is not list or len(<list>rec) != 4:
             raise ValueError(f"update-graph: malformed task record {str(rec)[:100]}")
+        _check_key((<list>rec)[0], "task key", 0)
+        deps = (<list>rec)[2]
+        if deps is not None:
+            if type(deps) is not list and type(deps) is not tuple:
+                raise ValueError(f"update-graph: the dependencies of {str(rec[0])[:100]} "
+                                 f"must be a list of keys, not {str(deps)[:100]}")
+            for dk in deps:
+                _check_key(dk, "dependency key", 0)
         if (<list>rec)[3] is not None:
             options = True
     ev = UpdateGraph.__new__(UpdateGraph)
@@ -193,6 +205,45 @@ cpdef UpdateGraph decode_update_graph(str client, list msg, str stimulus_id):
     return ev
 
 
+cdef int _check_key(object key, str what, int depth) except -1:
+    """A key is a str, bytes, int or float, or a tuple of keys (dask's chunk keys)."""
+    cdef type t = type(key)
+    if t is str or t is bytes or t is int or t is float:
+        return 0
+    if t is tuple and depth < 16:
+        for k in <tuple>key:
+            _check_key(k, what, depth + 1)
+        return 0
+    raise ValueError(f"update-graph: {what} {str(key)[:100]} is not a key (a str, bytes, int "
+                     "or float, or a tuple of those)")
+
+
+cdef int _check_options(object key, dict opts) except -1:
+    """The per-task options' types, as the state machine will use them."""
+    w = opts.get("workers")
+    if w is not None and type(w) is not str and not (
+            type(w) in (list, tuple, set) and all(type(x) is str for x in w)):
+        raise ValueError(f"update-graph: workers of {str(key)[:100]} must be a worker "
+                         f"address or name, or a list of them, not {str(w)[:100]}")
+    r = opts.get("resources")
+    if r is not None and not (type(r) is dict and all(
+            type(k) is str and type(v) in (int, float) for k, v in (<dict>r).items())):
+        raise ValueError(f"update-graph: resources of {str(key)[:100]} must map names to "
+                         f"numbers, not {str(r)[:100]}")
+    n = opts.get("retries")
+    if n is not None and (type(n) is not int or n < 0):
+        raise ValueError(f"update-graph: retries of {str(key)[:100]} must be an int >= 0, "
+                         f"not {n!r}")
+    a = opts.get("annotations")
+    if a is not None and type(a) is not dict:
+        raise ValueError(f"update-graph: annotations of {str(key)[:100]} must be a map")
+    p = opts.get("priority")
+    if p is not None and type(p) is not int and type(p) is not tuple:
+        raise ValueError(f"update-graph: the priority of {str(key)[:100]} must be an int or "
+                         f"a tuple, not {str(p)[:100]}")
+    return 0
+
+
 cdef int _with_options(UpdateGraph ev, list records) except -1:
     cdef list tasks = []
     cdef dict workers = {}, resources = {}, retries = {}, annotations = {}
@@ -202,6 +253,7 @@ cdef int _with_options(UpdateGraph ev, list records) except -1:
         if opts:
             if type(opts) is not dict:
                 raise ValueError(f"update-graph: options of {key!r} must be a map")
+            _check_options(key, <dict>opts)
             if "priority" in opts:
                 tasks.append((key, spec, deps, opts["priority"]))
             else:
