@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from string import Template
 
 from aiohttp import web
 
@@ -26,6 +27,15 @@ from taskcore.dashboard.worker_proxy import WorkerMetricsError, WorkerMetricsFet
 logger = logging.getLogger("taskcore.dashboard")
 
 STATIC = Path(__file__).resolve().parent / "static"
+TITLES = {"status": "Status", "workers": "Workers", "graph": "Graph", "logs": "Logs"}
+
+
+def page_html(name: str) -> str:
+    """A page as served: the shell every page shares (static/page.html: the head, its
+    assets and the navigation) around the page's own `static/<name>.body.html`."""
+    shell = Template((STATIC / "page.html").read_text())
+    return shell.substitute(title=TITLES[name], page=name,
+                            body=(STATIC / f"{name}.body.html").read_text())
 NO_CACHE = {"Cache-Control": "no-cache"}
 
 
@@ -84,10 +94,10 @@ class Handlers:
 
     # -- pages -----------------------------------------------------------------------------
     def page(self, name):
-        path = STATIC / f"{name}.html"
+        text = page_html(name)
 
         async def handler(request):
-            return web.FileResponse(path, headers=NO_CACHE)
+            return web.Response(text=text, content_type="text/html", headers=NO_CACHE)
         return handler
 
     @staticmethod
