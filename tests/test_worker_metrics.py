@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -81,7 +82,7 @@ def test_metrics_endpoint_per_worker_counters_and_close_frees_the_port():
                 assert value(ma, "taskcore_worker_transfer_outgoing_count_total") >= 1
                 assert value(mb, "taskcore_worker_comms") >= 1
                 assert value(ma, "taskcore_worker_transfer_incoming_bytes_total") == 0
-            ports = [parse_dashboard_address(w.dashboard_link, "")[1] for w in ws]
+            ports = [urllib.parse.urlsplit(w.dashboard_link).port for w in ws]
         for port in ports:
             # closed: nothing listens there, and a new server can listen on it (with
             # SO_REUSEADDR as servers do: the scrapes' connections sit in TIME_WAIT)

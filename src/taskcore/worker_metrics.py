@@ -71,28 +71,14 @@ def snapshot(worker) -> dict:
 
 
 def parse_dashboard_address(value, default_host):
-    """(host, port) from ":0", ":8787", "127.0.0.1:9000", "[::1]:0", 8787 or "8787"."""
-    if isinstance(value, bool):
-        raise ValueError(f"invalid dashboard_address {value!r}")
-    if isinstance(value, int):
-        host, port = "", value
-    elif isinstance(value, str):
-        text = value.strip()
-        if text.startswith("http://"):
-            text = text[len("http://"):]
-        if text.isdigit():
-            host, port = "", int(text)
-        else:
-            host, sep, port_text = text.rpartition(":")
-            if not sep or not port_text.isdigit():
-                raise ValueError(f"invalid dashboard_address {value!r}: expected ':PORT' or "
-                                 f"'HOST:PORT', like ':0' or '127.0.0.1:8787'")
-            port = int(port_text)
-            host = host.strip("[]")
-    else:
-        raise ValueError(f"invalid dashboard_address {value!r}: expected ':PORT' or 'HOST:PORT'")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"invalid dashboard_address {value!r}: port out of range")
+    """(host, port) from ":0", ":8787", "127.0.0.1:9000", "[::1]:0", 8787 or "8787" (the
+    dashboard's own parser, dashboard/binding.py); an empty host is `default_host`."""
+    from taskcore.dashboard.binding import parse_address
+
+    try:
+        host, port = parse_address(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid dashboard_address {value!r}: {e}") from None
     return host or default_host, port
 
 

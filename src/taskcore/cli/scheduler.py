@@ -96,15 +96,12 @@ def parse_args(argv=None):
 
 def dashboard_address(parser, value: str, default_host: str) -> str:
     """"host:port" from "[HOST]:PORT" or "PORT"; an empty host means the scheduler's."""
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host, port = "", value
+    from taskcore.dashboard.binding import dashboard_on_host
+
     try:
-        port_type(port)
-    except (argparse.ArgumentTypeError, ValueError):
-        parser.error(f"--dashboard-address must be [HOST]:PORT, got {value!r}")
-    host = host.strip("[]") or default_host
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return dashboard_on_host(value, default_host)
+    except (TypeError, ValueError) as e:
+        parser.error(f"--dashboard-address must be [HOST]:PORT: {e}")
 
 
 async def run(args) -> int:

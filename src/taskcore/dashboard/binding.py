@@ -40,6 +40,18 @@ def parse_address(address) -> tuple[str, int]:
     return host.strip(), int(port)
 
 
+def dashboard_on_host(address, host: str):
+    """A dashboard address with its host filled in: ":8787" (or 8787) listens on `host`, the
+    scheduler's interface, as core-scheduler's --dashboard-address does; None stays None (no
+    dashboard). A bad address is an error here, before anything starts."""
+    if address is None:
+        return None
+    bind_host, port = parse_address(address)
+    if bind_host or not host:
+        return address if isinstance(address, str) else f":{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _bind(host: str, port: int) -> socket.socket:
     if host in ("", "*"):
         # All interfaces: both IPv4 and IPv6 where the kernel can, else IPv4 only.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+from taskcore.dashboard.binding import dashboard_on_host
 from taskcore.deploy.spec import SpecCluster
 from taskcore.utils import cpu_count, parse_memory_limit
 
@@ -47,20 +48,6 @@ def default_sizes(n_workers=None, threads_per_worker=None, processes=True, cores
     if threads_per_worker is None:
         return n_workers, max(1, cores // max(n_workers, 1))
     return n_workers, threads_per_worker
-
-
-def dashboard_on_host(address, host: str):
-    """A dashboard address with its host filled in: ":8787" (or 8787) listens on `host`, the
-    scheduler's interface, as core-scheduler's --dashboard-address does; None stays None (no
-    dashboard). A bad address is an error here, before anything starts."""
-    if address is None:
-        return None
-    from taskcore.dashboard.binding import parse_address
-
-    bind_host, port = parse_address(address)
-    if bind_host or not host:
-        return address if isinstance(address, str) else f":{port}"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class LocalCluster(SpecCluster):

@@ -49,7 +49,7 @@ import time
 from taskcore.deploy.jobqueue.config import load_section
 from taskcore.deploy.jobqueue.job import JOB_OPTIONS, Job, JobScript, SchedulerJob
 from taskcore.deploy.jobqueue.system import BatchCommandError, JobState
-from taskcore.deploy.local import dashboard_on_host
+from taskcore.dashboard.binding import dashboard_on_host
 from taskcore.deploy.spec import SpecCluster
 from taskcore.utils import get_ip_interface, parse_bytes
 
