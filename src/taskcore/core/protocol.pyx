@@ -60,6 +60,7 @@ cdef extern from "sys/socket.h":
 
 import collections
 import logging
+from copy import copy as _copy
 import os
 import socket
 import weakref
@@ -130,6 +131,17 @@ cdef class CallSink(MessageSink):
         if self._write_now is None:
             return False
         return bool(self._write_now(msg))
+
+
+cdef object _fresh(object exc):
+    """A copy of why a comm closed, to raise: raising the stored exception itself
+    would give it a traceback whose frames hold the comm (a reference cycle)."""
+    try:
+        new = _copy(exc)
+    except Exception:
+        return exc
+    new.__cause__ = exc.__cause__
+    return new
 
 
 cpdef MessageSink sink_of(object comm):
@@ -296,6 +308,9 @@ cdef class StreamProtocol:
             self.lost.set_result(None)
         if not self.connected.done():
             self.connected.set_exception(self.exc)
+        # Break the comm -> handler -> peer record -> comm cycle here, so a closed
+        # connection is freed by reference counting, not by the cycle collector.
+        self.on_message = None
         cb = self.on_close
         if cb is not None:
             self.on_close = None
@@ -384,7 +399,7 @@ cdef class StreamProtocol:
                             self.transport.resume_reading()
                 return msg
             if self.closed:
-                raise self.exc
+                raise _fresh(self.exc)
             if self.on_message is not None:
                 raise RuntimeError("read() is not available while a message handler is set")
             self.read_waiter = self.loop.create_future()
@@ -437,7 +452,7 @@ cdef class StreamProtocol:
         (A cpdef method would first look itself up on the instance, every call,
         since TCPComm is a Python subclass that might override it.)"""
         if self.closed:
-            raise self.exc if self.exc is not None else _CommClosedError("comm closed")
+            raise _fresh(self.exc) if self.exc is not None else _CommClosedError("comm closed")
         self.outbox.append(msg)
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -471,7 +486,7 @@ cdef class StreamProtocol:
                 self.drain_waiter = self.loop.create_future()
             await self.drain_waiter
         if self.closed and self.exc is not None and not isinstance(self.exc, _CommClosedError):
-            raise self.exc
+            raise _fresh(self.exc)
 
     def _flush_cb(self):
         if self.flush_scheduled:                    # not flushed early by flush()
@@ -663,6 +678,13 @@ cdef class StreamProtocol:
             self._wake_all()
         if self.transport is not None:
             self.transport.abort()
+
+    @property
+    def mid_message(self):
+        """True while a message is partly received and this side is reading: a
+        peer that stops here holds the connection's buffers (see transports/policy)."""
+        return (not self.closed and not self.reading_paused
+                and self.decoder.in_message)
 
     @property
     def is_closed(self):

@@ -18,6 +18,8 @@ cdef class FrameDecoder:
     cdef bytearray scratch
     cdef object scratch_view
     cdef Py_ssize_t start, end
+    cdef Py_ssize_t max_scratch        # the scratch starts small and grows to this
+    cdef Py_ssize_t offered            # size of the last scratch view handed out
     cdef Py_ssize_t direct_threshold   # frames at least this large are read in place
     cdef int state                     # DecoderState
     cdef Py_ssize_t nframes, frame_index
@@ -28,6 +30,7 @@ cdef class FrameDecoder:
     cdef object direct                 # bytearray, or RecvBuffer when large
     cdef object direct_view
     cdef Py_ssize_t direct_filled, direct_len
+    cdef Py_ssize_t direct_cap         # bytes of `direct` allocated so far (grows as data arrives)
 
     cpdef object get_buffer(self, Py_ssize_t sizehint=*)
     cpdef list buffer_updated(self, Py_ssize_t nbytes)

@@ -14,15 +14,21 @@ which returns the messages completed by those bytes.
 * Small data lands in one reusable scratch buffer, so a single read can carry
   many small messages and they are parsed without another syscall. Small
   frames are copied out of the scratch (cheap) because the scratch is reused.
-* A frame larger than `direct_threshold` gets its own bytearray, allocated
-  once at its final size; what is already buffered is copied in, and from
-  then on `get_buffer` hands out a view of that bytearray's unfilled tail, so
-  the kernel writes the payload straight into its final place: large frames
-  are never concatenated or copied again.
+* A frame larger than `direct_threshold` gets its own buffer, allocated at
+  its final size; what is already buffered is copied in, and from then on
+  `get_buffer` hands out a view of that buffer's unfilled tail, so the kernel
+  writes the payload straight into its final place: large frames are never
+  concatenated or copied again.
 * Every length is checked against `Limits` *before* anything is allocated, so
   a hostile length field can never trigger an unbounded allocation. A
   violation raises `ProtocolError` naming the fault; the caller closes that
   one connection.
+* Memory is committed as bytes arrive, not as they are declared. The scratch
+  starts at 16 kB and doubles (up to `scratch_size`) only when reads fill it,
+  so an idle connection costs 16 kB. A frame of `GROW_MIN` (64 MiB) or more
+  that no pooled buffer fits starts with a 64 MiB mapping that `mremap` doubles
+  as it fills (the kernel moves page tables, it copies nothing), so a peer
+  that declares 4 GiB and sends little holds little.
 """
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
@@ -35,6 +41,7 @@ from libc.string cimport memcpy, memmove
 from taskcore.errors import ProtocolError
 
 DEF_SCRATCH = 256 * 1024
+SCRATCH_START = 16 * 1024
 
 # Format constants exposed to Python (tests, docs).
 HEADER_PREFIX_SIZE = 8
@@ -96,11 +103,27 @@ cdef extern from "stdlib.h" nogil:
     int posix_memalign(void** memptr, size_t alignment, size_t size)
     void free(void* ptr)
 
+cdef extern from "sys/mman.h" nogil:
+    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
+    int munmap(void* addr, size_t length)
+    void* mremap(void* old_address, size_t old_size, size_t new_size, int flags)
+    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MREMAP_MAYMOVE
+    void* MAP_FAILED
+
 cdef Py_ssize_t POOL_MIN = 1 << 20          # smaller frames are plain bytearrays
 cdef Py_ssize_t POOL_GRAIN = 1 << 20        # capacities are rounded up to this
+cdef Py_ssize_t GROW_MIN = 64 << 20         # frames this large grow as they arrive
+cdef Py_ssize_t HUGE_AFTER = 2 << 20        # huge pages once this much of a frame arrived
 cdef Py_ssize_t _pool_limit = 0             # bytes kept when free (set below)
 cdef Py_ssize_t _pool_bytes = 0             # bytes now kept when free
-cdef list _pool = []                        # [(capacity, address)] of free blocks
+cdef list _pool = []                        # [(capacity, address, mapped)] of free blocks
+
+
+cdef void _release_block(char* p, Py_ssize_t cap, bint mapped) noexcept:
+    if mapped:
+        munmap(<void*>p, <size_t>cap)
+    else:
+        free(<void*>p)
 
 
 def set_recv_pool_limit(Py_ssize_t nbytes):
@@ -108,16 +131,22 @@ def set_recv_pool_limit(Py_ssize_t nbytes):
     global _pool_limit, _pool_bytes
     _pool_limit = nbytes
     while _pool_bytes > _pool_limit and _pool:
-        cap, addr = _pool.pop()
+        cap, addr, mapped = _pool.pop()
         _pool_bytes -= cap
-        free(<void*><size_t>addr)
+        _release_block(<char*><size_t>addr, cap, mapped)
 
 
 def recv_pool_stats():
     return {"limit": _pool_limit, "free_bytes": _pool_bytes, "free_blocks": len(_pool)}
 
 
-cdef char* _pool_take(Py_ssize_t n, Py_ssize_t* capacity) except NULL:
+cdef inline Py_ssize_t _round_grain(Py_ssize_t n) noexcept:
+    return ((n + POOL_GRAIN - 1) // POOL_GRAIN) * POOL_GRAIN
+
+
+cdef char* _pool_take(Py_ssize_t n, Py_ssize_t* capacity, bint* mapped) except NULL:
+    """A block for an n-byte frame: a pooled one that fits (already faulted in),
+    else fresh memory; for n >= GROW_MIN only GROW_MIN of it to begin with."""
     global _pool_bytes
     cdef Py_ssize_t i, cap
     cdef void* p = NULL
@@ -126,44 +155,85 @@ cdef char* _pool_take(Py_ssize_t n, Py_ssize_t* capacity) except NULL:
         if cap >= n and cap <= n + n // 4 + POOL_GRAIN:
             _pool_bytes -= cap
             capacity[0] = cap
-            return <char*><size_t>_pool.pop(i)[1]
-    cap = ((n + POOL_GRAIN - 1) // POOL_GRAIN) * POOL_GRAIN
+            entry = _pool.pop(i)
+            mapped[0] = entry[2]
+            return <char*><size_t>entry[1]
+    if n >= GROW_MIN:
+        p = mmap(NULL, <size_t>GROW_MIN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        if p == MAP_FAILED:
+            raise MemoryError(f"cannot map a receive buffer for a {n}-byte frame")
+        capacity[0] = GROW_MIN
+        mapped[0] = True
+        return <char*>p
+    cap = _round_grain(n)
     if posix_memalign(&p, 2 * 1024 * 1024, <size_t>cap) != 0 or p == NULL:
         raise MemoryError(f"cannot allocate a {n}-byte receive buffer")
-    _advise_huge(<char*>p, cap)
     capacity[0] = cap
+    mapped[0] = False
     return <char*>p
 
 
-cdef void _pool_give(char* p, Py_ssize_t cap) noexcept:
+cdef void _pool_give(char* p, Py_ssize_t cap, bint mapped) noexcept:
     global _pool_bytes
     if cap <= _pool_limit - _pool_bytes:
-        _pool.append((cap, <size_t>p))
+        _pool.append((cap, <size_t>p, mapped))
         _pool_bytes += cap
     else:
-        free(p)
+        _release_block(p, cap, mapped)
 
 
 @cython.final
 cdef class RecvBuffer:
-    """Writable memory for one large received frame; recycled when released."""
+    """Writable memory for one large received frame; recycled when released.
+
+    Its buffer exposes `min(length, capacity)` bytes: while a mapped block is
+    still growing, only what is allocated."""
     cdef char* data
     cdef Py_ssize_t length
     cdef Py_ssize_t capacity
     cdef Py_ssize_t exports
+    cdef bint mapped
+    cdef bint advised
 
     def __cinit__(self, Py_ssize_t length):
-        self.data = _pool_take(length, &self.capacity)
+        self.data = _pool_take(length, &self.capacity, &self.mapped)
         self.length = length
         self.exports = 0
 
     def __dealloc__(self):
         if self.data != NULL:
-            _pool_give(self.data, self.capacity)
+            _pool_give(self.data, self.capacity, self.mapped)
             self.data = NULL
 
+    cdef int reserve(self, Py_ssize_t want) except -1:
+        """Grow a mapped block to hold `want` bytes (at least doubling, at most
+        `length`). No view may be exported while the block moves."""
+        cdef Py_ssize_t cap
+        cdef void* p
+        if want <= self.capacity:
+            return 0
+        if not self.mapped or self.exports:
+            raise BufferError("cannot grow a receive buffer that is not mapped or is in use")
+        cap = min(max(self.capacity * 2, _round_grain(want)), _round_grain(self.length))
+        p = mremap(<void*>self.data, <size_t>self.capacity, <size_t>cap, MREMAP_MAYMOVE)
+        if p == MAP_FAILED:
+            raise MemoryError(f"cannot grow a receive buffer to {cap} bytes")
+        self.data = <char*>p
+        self.capacity = cap
+        if self.advised:
+            _advise_huge(self.data, cap)
+        return 0
+
+    cdef void advise(self) noexcept:
+        """Huge pages for this block, once the peer has sent HUGE_AFTER bytes of it:
+        before that, a peer that declares much and sends little would make each
+        touched page a 2 MB one."""
+        if not self.advised:
+            self.advised = True
+            _advise_huge(self.data, self.capacity)
+
     def __getbuffer__(self, Py_buffer* view, int flags):
-        PyBuffer_FillInfo(view, self, self.data, self.length, 0, flags)
+        PyBuffer_FillInfo(view, self, self.data, min(self.length, self.capacity), 0, flags)
         self.exports += 1
 
     def __releasebuffer__(self, Py_buffer* view):
@@ -240,10 +310,12 @@ cdef class FrameDecoder:
         self.next_limits = next_limits
         if scratch_size < 64:
             raise ValueError("scratch_size too small")
-        self.scratch = bytearray(scratch_size)
+        self.max_scratch = scratch_size
+        self.scratch = bytearray(min(scratch_size, SCRATCH_START))
         self.scratch_view = memoryview(self.scratch)
         self.start = 0
         self.end = 0
+        self.offered = 0
         self.direct_threshold = min(direct_threshold, scratch_size // 2)
         self.state = ST_PREFIX
         self.nframes = 0
@@ -255,23 +327,37 @@ cdef class FrameDecoder:
         self.direct_view = None
         self.direct_filled = 0
         self.direct_len = 0
+        self.direct_cap = 0
 
     # -- buffer protocol for asyncio.BufferedProtocol -------------------------------
 
     cpdef object get_buffer(self, Py_ssize_t sizehint=-1):
         """A writable view the next read should fill."""
+        cdef Py_ssize_t cap
         if self.state == ST_DIRECT:
+            if self.direct_filled == self.direct_cap:
+                # A growing frame filled what it has: map more (see RecvBuffer).
+                self.direct_view.release()
+                (<RecvBuffer>self.direct).reserve(self.direct_filled + 1)
+                self.direct_view = memoryview(self.direct)
+                self.direct_cap = len(self.direct_view)
             return self.direct_view[self.direct_filled:]
         if self.state == ST_BROKEN:
             raise ProtocolError("decoder is broken after an earlier protocol error")
-        cdef Py_ssize_t cap = len(self.scratch)
+        cap = len(self.scratch)
+        if self.offered == -1:
+            # The last read filled all it was offered: more is coming than fits.
+            self._compact()
+            self._grow(min(cap * 2, self.max_scratch))
+            cap = len(self.scratch)
         if self.end == cap:
             # Scratch is full of an incomplete item: move it to the front.
             self._compact()
             if self.end == cap:
-                # Only a header table can be this large (frames go direct);
-                # it was already validated against max_frames, so growing is bounded.
+                # A header table or a frame under direct_threshold, each already
+                # validated against the limits, so growing is bounded.
                 self._grow(cap * 2)
+        self.offered = len(self.scratch) - self.end
         return self.scratch_view[self.end:]
 
     cpdef list buffer_updated(self, Py_ssize_t nbytes):
@@ -283,6 +369,8 @@ cdef class FrameDecoder:
         cdef list out = []
         if self.state == ST_DIRECT:
             self.direct_filled += nbytes
+            if self.direct_filled >= HUGE_AFTER and type(self.direct) is RecvBuffer:
+                (<RecvBuffer>self.direct).advise()
             if self.direct_filled < self.direct_len:
                 return out
             self.frames.append(self.direct)
@@ -290,9 +378,12 @@ cdef class FrameDecoder:
             self.direct_view = None
             self.direct_filled = 0
             self.direct_len = 0
+            self.direct_cap = 0
             self.frame_index += 1
             self.state = ST_FRAMES
         else:
+            if nbytes == self.offered and len(self.scratch) < self.max_scratch:
+                self.offered = -1           # grow at the next get_buffer
             self.end += nbytes
         self._parse(out)
         return out
@@ -308,9 +399,19 @@ cdef class FrameDecoder:
             buf = self.get_buffer(-1)
             k = min(len(buf), n - pos)
             buf[:k] = mv[pos:pos + k]
+            buf = None          # as a transport does: the view is let go before the next
             pos += k
             out.extend(self.buffer_updated(k))
         return out
+
+    @property
+    def in_message(self):
+        """True while a message is partly received (a stalled peer holds it so)."""
+        return self.state != ST_PREFIX or self.end > self.start
+
+    @property
+    def scratch_size(self):
+        return len(self.scratch)
 
     @property
     def buffered(self):
@@ -331,10 +432,16 @@ cdef class FrameDecoder:
         self.end = n
 
     cdef int _grow(self, Py_ssize_t new_size) except -1:
-        # Release the old memoryview before resizing the bytearray.
-        self.scratch_view.release()
-        self.scratch.extend(bytes(new_size - len(self.scratch)))
-        self.scratch_view = memoryview(self.scratch)
+        # A new bytearray rather than a resize: a view handed out earlier may
+        # still be alive (its owner's business), and a resize would refuse.
+        cdef bytearray bigger = PyByteArray_FromStringAndSize(NULL, new_size)
+        cdef Py_ssize_t n = self.end - self.start
+        if n:
+            memcpy(<char*>bigger, <char*>self.scratch + self.start, n)
+        self.scratch = bigger
+        self.scratch_view = memoryview(bigger)
+        self.start = 0
+        self.end = n
         return 0
 
     cdef int _fail(self, str why) except -1:
@@ -358,7 +465,8 @@ cdef class FrameDecoder:
                 if n64 == 0:
                     self._fail("message header declares 0 frames")
                 if n64 > <uint64_t>lim.max_frames:
-                    self._fail(f"message header declares {n64} frames, above the limit of "
+                    self._fail(_foreign_protocol(base + self.start) or
+                               f"message header declares {n64} frames, above the limit of "
                                f"{lim.max_frames} (max_frames)")
                 self.nframes = <Py_ssize_t>n64
                 self.state = ST_TABLE
@@ -423,6 +531,7 @@ cdef class FrameDecoder:
                     else:
                         self.direct = PyByteArray_FromStringAndSize(NULL, L)
                     self.direct_view = memoryview(self.direct)
+                    self.direct_cap = len(self.direct_view)
                     if avail:
                         self.direct_view[:avail] = self.scratch_view[self.start:self.start + avail]
                     self.direct_filled = avail
@@ -441,6 +550,19 @@ cdef class FrameDecoder:
             self.start = 0
             self.end = 0
         return 0
+
+
+cdef str _foreign_protocol(const char* p):
+    """Name what the peer speaks when its first bytes are not our framing (only
+    looked at once a header was refused): a TLS handshake or an HTTP request."""
+    cdef const uint8_t* b = <const uint8_t*>p
+    if b[0] == 0x16 and b[1] == 0x03:
+        return ("the peer began a TLS handshake, but this side speaks plain tcp:// "
+                "(use tls:// with a Security on both sides, or tcp:// on both)")
+    if p[:4] in (b"GET ", b"POST", b"HEAD", b"PUT ") or p[:8] == b"OPTIONS ":
+        return ("the peer sent an HTTP request to a taskcore comm port (the dashboard "
+                "has its own port)")
+    return None
 
 
 def _default_pool_limit():

@@ -31,7 +31,9 @@ import time
 
 from taskcore.core.wire import Limits
 from taskcore.errors import CommClosedError, HandshakeError, ProtocolError
+from taskcore.security import resolve_token
 from taskcore.transports.addressing import get_address_host, is_local_host, parse_address
+from taskcore.transports.policy import ConnectionPolicy, RefusalLog
 from taskcore.transports.registry import get_backend
 
 logger = logging.getLogger("taskcore.transports")
@@ -112,7 +114,8 @@ def _check_peer(msg, expected_token, check_token):
                 f"this side speaks {PROTOCOL_VERSION}")
     if check_token and expected_token is not None:
         token = msg.get("token")
-        if not isinstance(token, str) or not hmac.compare_digest(token, expected_token):
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(),
+                                                                 expected_token.encode()):
             return "authentication failed: bad or missing token"
     return None
 
@@ -129,14 +132,42 @@ def _negotiate(comm, ours, theirs):
     comm.compression = bool("lz4" in offer and not same_host)
 
 
+async def _read_within(comm, timeout):
+    """The next message, or TimeoutError with the comm aborted after `timeout`.
+
+    A timer rather than `asyncio.wait_for`: wait_for's inner task keeps the
+    exception, whose traceback holds the comm, in a reference cycle."""
+    expired = False
+
+    def expire():
+        nonlocal expired
+        expired = True
+        comm.abort()
+
+    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    try:
+        return await comm.read()
+    except CommClosedError:
+        if expired:
+            raise asyncio.TimeoutError(f"no message within {timeout:g} s") from None
+        raise
+    finally:
+        timer.cancel()
+
+
 async def client_handshake(comm, role, token=None, compression=True, timeout=10):
     ours = _local_handshake(role, token, compression)
     try:
         await comm.write(ours)
-        theirs = await asyncio.wait_for(comm.read(), timeout)
+        theirs = await _read_within(comm, timeout)
     except (CommClosedError, ProtocolError, asyncio.TimeoutError) as e:
         comm.abort()
-        raise HandshakeError(f"handshake with {comm.peer_address} failed: {e}") from e
+        hint = ""
+        if isinstance(e, CommClosedError) and str(comm.peer_address).startswith("tcp://"):
+            hint = (" (the server closed the connection before answering: if it listens "
+                    "on tls://, connect with tls:// and a Security; else it may be "
+                    "refusing connections, see its log)")
+        raise HandshakeError(f"handshake with {comm.peer_address} failed: {e}{hint}") from None
     if isinstance(theirs, dict) and theirs.get("op") == "handshake-refused":
         comm.abort()
         raise HandshakeError(f"connection refused by {comm.peer_address}: {theirs.get('reason')}")
@@ -148,17 +179,24 @@ async def client_handshake(comm, role, token=None, compression=True, timeout=10)
     return theirs
 
 
-async def server_handshake(comm, role, token=None, compression=True, timeout=10):
-    """Returns the peer's handshake, or None after refusing (the comm is then closed)."""
+async def server_handshake(comm, role, token=None, compression=True, timeout=10, refusals=None):
+    """Returns the peer's handshake, or None after refusing (the comm is then closed).
+
+    `refusals` logs the refusals (a listener's own `RefusalLog`)."""
+    refusals = refusals or RefusalLog(logger, "refused handshakes")
     try:
-        theirs = await asyncio.wait_for(comm.read(), timeout)
-    except (CommClosedError, ProtocolError, asyncio.TimeoutError) as e:
-        logger.info("handshake from %s failed: %s", comm.peer_address, e or type(e).__name__)
+        theirs = await _read_within(comm, timeout)
+    except asyncio.TimeoutError:
+        refusals(comm.peer_address, f"no handshake within {timeout:g} s (handshake_timeout)")
+        comm.abort()
+        return None
+    except (CommClosedError, ProtocolError) as e:
+        refusals(comm.peer_address, f"handshake failed: {e or type(e).__name__}")
         comm.abort()
         return None
     reason = _check_peer(theirs, token, True)
     if reason:
-        logger.warning("refusing connection from %s: %s", comm.peer_address, reason)
+        refusals(comm.peer_address, reason)
         try:
             await comm.write({"op": "handshake-refused", "reason": reason})
             await comm.close()
@@ -176,6 +214,7 @@ async def connect(address, timeout=10.0, *, role="client", token=None, compressi
     """Connect to `address`, retrying with jittered backoff until `timeout`, then handshake."""
     scheme, loc = parse_address(address)
     backend = get_backend(scheme)
+    token = resolve_token(token, options.get("security"))
     deadline = time.monotonic() + timeout
     delay = 0.005
     attempt = 0
@@ -188,6 +227,8 @@ async def connect(address, timeout=10.0, *, role="client", token=None, compressi
                                 **options),
                 max(remaining, 0.001))
             break
+        except HandshakeError:
+            raise                           # refused, not unreachable: retrying cannot help
         except (OSError, asyncio.TimeoutError) as e:
             last = e
             remaining = deadline - time.monotonic()
@@ -205,15 +246,25 @@ async def connect(address, timeout=10.0, *, role="client", token=None, compressi
 
 
 async def listen(address, handler, *, role="server", token=None, compression=True,
-                 limits=None, handshake=True, handshake_timeout=10, **options):
-    """Start a listener on `address`; `await handler(comm)` runs per accepted connection."""
+                 limits=None, handshake=True, handshake_timeout=None, policy=None, **options):
+    """Start a listener on `address`; `await handler(comm)` runs per accepted connection.
+
+    `policy` (a `ConnectionPolicy`, default from the environment) bounds what
+    peers may do; `handshake_timeout` and `limits` override its parts."""
     scheme, loc = parse_address(address)
     backend = get_backend(scheme)
+    policy = policy or ConnectionPolicy.from_env()
+    token = resolve_token(token, options.get("security"))
+    if handshake_timeout is None:
+        handshake_timeout = policy.handshake_timeout
+    limits = limits or policy.limits()
+
+    refusals = RefusalLog(logger, "refused handshakes")
 
     async def on_comm(comm):
         if handshake:
             peer = await server_handshake(comm, role, token=token, compression=compression,
-                                          timeout=handshake_timeout)
+                                          timeout=handshake_timeout, refusals=refusals)
             if peer is None:
                 return
         try:
@@ -225,5 +276,5 @@ async def listen(address, handler, *, role="server", token=None, compression=Tru
             comm.abort()
 
     listener = await backend.listen(
-        loc, on_comm, limits=limits or DEFAULT_LIMITS, handshake=handshake, **options)
+        loc, on_comm, limits=limits, handshake=handshake, policy=policy, **options)
     return listener

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import itertools
 import os
 import socket
@@ -76,7 +77,7 @@ class InprocComm:
             if self.inbox:
                 return self.inbox.popleft()
             if self.closed:
-                raise self.exc
+                raise copy.copy(self.exc)  # the stored one stays free of tracebacks (cycles)
             self.read_waiter = self.loop.create_future()
             await self.read_waiter
 
@@ -89,7 +90,7 @@ class InprocComm:
     # -- sending ------------------------------------------------------------------
     def send(self, msg):
         if self.closed:
-            raise self.exc
+            raise copy.copy(self.exc)
         self.outbox.append(msg)
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -121,6 +122,7 @@ class InprocComm:
         self.closed = True
         if self.exc is None:
             self.exc = exc
+        self.on_message = None  # the handler usually holds this comm: no cycle left behind
         self._wake()
         if not self.lost.done():
             self.lost.set_result(None)
