@@ -93,6 +93,12 @@ class _DaskImportHook:
         return spec
 
 
+# dask.distributed Client options that have no effect here: accepted, so that code
+# written for dask runs unchanged. Any other unknown option is an error.
+_DASK_ONLY_OPTIONS = frozenset({"heartbeat_interval", "serializers", "deserializers",
+                                "extensions"})
+
+
 class _ClientDispatch(ClientHotPath):
     """The compiled client path with its hook: every message from the scheduler
     but keys-in-memory goes to the Client."""
@@ -138,15 +144,20 @@ class Client:
 
     def __init__(self, address=None, loop=None, timeout=10, set_as_default=True,
                  scheduler_file=None, security=None, asynchronous=False, name=None,
-                 direct_to_workers=None, connection_limit=512, **kwargs):
+                 direct_to_workers=None, connection_limit=512, token=None, **kwargs):
         # The compiled half (core/client_dispatch.pyx): reference counts, future
         # states, the outbox and the lock live there; the attributes below alias them.
         self._uid = uuid.uuid4().hex[:12]
         self._hot = _ClientDispatch(self, asynchronous, self.RELEASE_DELAY)
+        self._runner = None
+        unknown = sorted(set(kwargs) - _DASK_ONLY_OPTIONS)
+        if unknown:
+            raise TypeError(f"Client got unknown options: {unknown}")
         self._hot.future_type = Future
         self.asynchronous = asynchronous
         self.timeout = timeout
         self.security = security
+        self.token = token            # else the Security's, else TASKCORE_TOKEN (security.py)
         self.name = name
         self.id = f"{name or 'Client'}-{uuid.uuid4()}"
         self.cluster = None
@@ -227,7 +238,8 @@ class Client:
     async def _connect(self):
         """Connect and register (at start, and again after a lost scheduler)."""
         opts = {"security": self.security} if self.security is not None else {}
-        comm = await connect(self.address, timeout=self.timeout, role="client", **opts)
+        comm = await connect(self.address, timeout=self.timeout, role="client", token=self.token,
+                             **opts)
         try:
             comm.send({"op": "register-client", "client": self.id})
             reply = await asyncio.wait_for(comm.read(), self.timeout)
@@ -736,7 +748,8 @@ class Client:
         comm = self._worker_comms.get(address)
         if comm is None or comm.closed:
             opts = {"security": self.security} if self.security is not None else {}
-            comm = await connect(address, timeout=self.timeout, role="client", **opts)
+            comm = await connect(address, timeout=self.timeout, role="client", token=self.token,
+                                 **opts)
             self._worker_comms[address] = comm
         return comm
 

@@ -1,10 +1,19 @@
-"""TLS credentials for tls:// comms.
+"""Credentials: TLS files for tls:// comms, and a shared token for any comm.
 
 `Security` holds a CA certificate plus this party's certificate and key (PEM
 files). Mutual authentication is always required on tls://: each side
 verifies that the other's certificate was signed by the CA. Hostnames are not
 checked, because workers come and go on addresses nobody knows in advance; the
 CA is the trust anchor.
+
+It may also hold a shared `token` (alone, or with the files): every connection
+then presents it in its handshake, and a listener with a token refuses peers
+without it (compared in constant time, transports/base.py). A token travels in
+the clear on tcp://; only tls:// keeps it secret on the network. Without one
+given here or to the server, `TASKCORE_TOKEN` in the environment is used.
+Child processes (workers under a nanny, a LocalCluster's processes) receive
+it through their environment (`token_env`), never on a command line, which
+other users of the machine could read.
 
 `Security.temporary()` makes a throwaway self-signed CA and a certificate
 signed by it (with the `cryptography` package), for tests and single-machine
@@ -18,19 +27,46 @@ import ssl
 import tempfile
 
 
+TOKEN_ENV = "TASKCORE_TOKEN"
+
+
+def resolve_token(token=None, security=None):
+    """The token a connection uses: given, else the Security's, else the environment's."""
+    if token is None and security is not None:
+        token = getattr(security, "token", None)
+    if token is None:
+        token = os.environ.get(TOKEN_ENV) or None
+    if token is not None and (not isinstance(token, str) or not token):
+        raise TypeError(f"a token must be a non-empty string, got {type(token).__name__}")
+    return token
+
+
+def token_env(env=None, security=None, token=None):
+    """`env` plus TASKCORE_TOKEN for a child process, when a token is known here."""
+    token = resolve_token(token, security)
+    if token is None:
+        return env
+    return {**(env or {}), TOKEN_ENV: token}
+
+
 class Security:
-    def __init__(self, ca_file=None, cert_file=None, key_file=None, require_encryption=False):
+    def __init__(self, ca_file=None, cert_file=None, key_file=None, require_encryption=False,
+                 token=None):
         self.ca_file = ca_file
         self.cert_file = cert_file
         self.key_file = key_file
         self.require_encryption = require_encryption
+        if token is not None and (not isinstance(token, str) or not token):
+            raise TypeError(f"Security(token=) must be a non-empty string, got {token!r:.40}")
+        self.token = token
         for label, path in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
             if path is not None and not os.path.exists(path):
                 raise FileNotFoundError(f"Security {label} does not exist: {path}")
 
     def __repr__(self):
         return (f"Security(ca_file={self.ca_file!r}, cert_file={self.cert_file!r}, "
-                f"key_file={self.key_file!r}, require_encryption={self.require_encryption})")
+                f"key_file={self.key_file!r}, require_encryption={self.require_encryption}"
+                f"{', token=<hidden>' if self.token else ''})")
 
     @property
     def enabled(self):

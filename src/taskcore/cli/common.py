@@ -159,6 +159,14 @@ def add_tls_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca-file", metavar="PATH", help="CA certificate (PEM) that signed peers")
     g.add_argument("--tls-cert", metavar="PATH", help="this process's certificate (PEM)")
     g.add_argument("--tls-key", metavar="PATH", help="this process's private key (PEM)")
+    a = parser.add_argument_group(
+        "Authentication (a shared token; TASKCORE_TOKEN in the environment is used "
+        "when neither option is given)")
+    a.add_argument("--token-file", metavar="PATH",
+                   help="file holding the shared token (its first line)")
+    a.add_argument("--token", metavar="TOKEN",
+                   help="the shared token itself (visible to other users in `ps`: prefer "
+                        "--token-file or TASKCORE_TOKEN)")
 
 
 def add_logging_options(parser: argparse.ArgumentParser, default: str = "info") -> None:
@@ -166,11 +174,34 @@ def add_logging_options(parser: argparse.ArgumentParser, default: str = "info") 
                         help=f"stderr log level: {', '.join(LOG_LEVELS)} (default {default})")
 
 
+def _token_from_args(parser, args):
+    token, path = getattr(args, "token", None), getattr(args, "token_file", None)
+    if token is not None and path is not None:
+        parser.error("give --token or --token-file, not both")
+    if path is not None:
+        try:
+            with open(path) as f:
+                token = f.readline().strip()
+        except OSError as e:
+            parser.error(f"--token-file: {e}")
+        if not token:
+            parser.error(f"--token-file {path} is empty")
+    if token is not None and not token:
+        parser.error("--token is empty")
+    return token
+
+
 def security_from_args(parser, args):
-    """A `Security` from the TLS options, None without them; a partial set is an error."""
+    """A `Security` from the TLS and token options, None without any; a partial TLS
+    set is an error."""
+    token = _token_from_args(parser, args)
     given = {k: getattr(args, k) for k in ("tls_ca_file", "tls_cert", "tls_key")}
     if not any(given.values()):
-        return None
+        if token is None:
+            return None
+        from taskcore.security import Security
+
+        return Security(token=token)
     missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if not v]
     if missing:
         parser.error(f"TLS needs --tls-ca-file, --tls-cert and --tls-key; missing {', '.join(missing)}")
@@ -178,17 +209,18 @@ def security_from_args(parser, args):
 
     try:
         return Security(ca_file=given["tls_ca_file"], cert_file=given["tls_cert"],
-                        key_file=given["tls_key"], require_encryption=True)
+                        key_file=given["tls_key"], require_encryption=True, token=token)
     except (OSError, ValueError) as e:
         parser.error(str(e))
 
 
 def resolve_protocol(parser, protocol, security):
     """`--protocol` wins; otherwise tls when TLS credentials are given, else tcp."""
+    tls = security is not None and security.enabled
     if protocol is None:
-        return "tls" if security is not None else "tcp"
+        return "tls" if tls else "tcp"
     protocol = protocol.lower().rstrip(":/")
-    if protocol == "tls" and security is None:
+    if protocol == "tls" and not tls:
         parser.error("--protocol tls needs --tls-ca-file, --tls-cert and --tls-key")
     return protocol
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from taskcore.process import (MAX_LINE, ProcessStartError, Subprocess, read_lines,
                               scheduler_cli_args, security_cli_args, worker_cli_args)
+from taskcore.security import token_env
 
 __all__ = ["ProcessStartError", "Subprocess", "WorkerProcess", "SchedulerProcess",
            "read_lines", "worker_cli_args", "scheduler_cli_args", "security_cli_args",
@@ -23,6 +24,7 @@ class WorkerProcess(Subprocess):
                  forward_stderr=False, log_capacity=1000, log_level="warning", **worker_options):
         args = worker_cli_args(scheduler, nanny=False, name=name, log_level=log_level,
                                **worker_options)
+        env = token_env(env, worker_options.get("security"))
         super().__init__(args, env=env, name=name, role="worker", scheduler=scheduler,
                          startup_timeout=startup_timeout, close_grace=close_grace,
                          forward_stderr=forward_stderr, log_capacity=log_capacity)
@@ -35,6 +37,7 @@ class SchedulerProcess(Subprocess):
     def __init__(self, name="Scheduler", *, env=None, startup_timeout=60, close_grace=5,
                  forward_stderr=False, log_capacity=1000, log_level="warning", **options):
         args = scheduler_cli_args(log_level=log_level, **options)
+        env = token_env(env, options.get("security"))
         super().__init__(args, env=env, name=name, role="scheduler",
                          startup_timeout=startup_timeout, close_grace=close_grace,
                          forward_stderr=forward_stderr, log_capacity=log_capacity)
