@@ -26,6 +26,16 @@ from taskcore.utils import cpu_count, parse_memory_limit
 __all__ = ["LocalCluster", "default_sizes", "dashboard_on_host"]
 
 
+def _check_sizes(n_workers, threads_per_worker):
+    """A clear error for impossible sizes, before anything starts."""
+    for name, value, least in (("n_workers", n_workers, 0),
+                               ("threads_per_worker", threads_per_worker, 1)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"LocalCluster({name}={value!r}): expected an integer >= {least}")
+
+
 def default_sizes(n_workers=None, threads_per_worker=None, processes=True, cores=None):
     """(n_workers, threads_per_worker) so that their product is about the CPU count.
 
@@ -72,6 +82,7 @@ class LocalCluster(SpecCluster):
                  shutdown_on_close: bool = True, worker_groups: dict | None = None,
                  scheduler_process: bool | None = None, dashboard_address: str | None = ":8787",
                  dashboard_prefix: str = "", **worker_kwargs):
+        _check_sizes(n_workers, threads_per_worker)
         if protocol is None:
             protocol = "tcp" if processes else "inproc"
             if security is not None and getattr(security, "enabled", False) and processes:
