@@ -39,7 +39,7 @@ def test_three_hosts_survive_a_cut_link_and_killed_processes(netns_hosts, ssh_cl
                          worker_options={"nthreads": 1, "death_timeout": 60},
                          scheduler_options={"worker_ttl": 2.0}, **ssh_cluster_kwargs)
     try:
-        assert cluster.scheduler_address.startswith(f"tcp://{h1.address}:")
+        assert cluster.scheduler_address.startswith(f"tls://{h1.address}:")  # TLS by default
         client = Client(cluster, timeout=20)
         client.wait_for_workers(3, timeout=30)
         hostnames = client.run(socket.gethostname)

@@ -3,14 +3,23 @@
 The processes are started over SSH, so they are children of *our* sshd: after
 `close()` no descendant of it may remain. That is the "nothing left behind"
 check, independent of what the cluster believes.
+
+Security rides on the clusters these tests start anyway (each start costs
+seconds): the first runs with the default (temporary TLS credentials shipped to
+the host), the scale test with a Security holding a token, the many-processes
+test with security=False (plain tcp, one warning). tests/deploy/test_ssh_tls.py
+has the checks that need no cluster.
 """
 import asyncio
+import logging
 import os
+import stat
+import subprocess
 import time
 
 import pytest
 
-from taskcore import Client
+from taskcore import Client, Security
 from taskcore.deploy.launcher import descendants, is_alive
 from taskcore.deploy.process import ProcessStartError
 from taskcore.testing import import_required, run
@@ -33,14 +42,32 @@ def python_descendants(sshd):
     return out
 
 
+def cmdline(pid) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace")
+
+
 def test_localhost_cluster_computes_and_leaves_nothing(sshd, ssh_cluster_kwargs, wait_until):
+    """The default: TLS with temporary credentials, shipped to the host (0600, in a 0700
+    directory) before anything starts there, and removed with the cluster."""
     t0 = time.monotonic()
     with SSHCluster(["127.0.0.1", "127.0.0.1", "127.0.0.1"],
                     connect_options=sshd.connect_options(),
                     worker_options={"nthreads": 1, "memory_limit": "500MB"},
                     **ssh_cluster_kwargs) as cluster:
         started = time.monotonic() - t0
-        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        assert cluster.security.enabled and cluster.security.token is None
+        local_dir = os.path.dirname(cluster.security.key_file)
+        # The remote copies (this host is the remote one, as the same user).
+        remote_dir = os.path.expanduser(cluster._targets[0].credentials_dir)
+        assert remote_dir.startswith(os.path.expanduser("~/.cache/taskcore/tls/"))
+        assert stat.S_IMODE(os.stat(remote_dir).st_mode) == 0o700
+        assert sorted(os.listdir(remote_dir)) == ["ca.pem", "cert.pem", "key.pem"]
+        for f in os.listdir(remote_dir):
+            assert stat.S_IMODE(os.stat(os.path.join(remote_dir, f)).st_mode) == 0o600
+        # The remote processes read the copies, not our local files.
+        assert f"--tls-key {remote_dir}/key.pem" in cmdline(cluster.scheduler.pid)
         assert len(cluster.workers) == 2
         pids = [p for h in [cluster.scheduler, *cluster.workers.values()] for p, _ in h.pids]
         assert pids and all(p in descendants(sshd.pid) for p in pids)
@@ -48,6 +75,13 @@ def test_localhost_cluster_computes_and_leaves_nothing(sshd, ssh_cluster_kwargs,
             client.wait_for_workers(2, timeout=20)
             assert client.submit(lambda x: x + 1, 41).result(timeout=20) == 42
             assert sum(client.gather(client.map(lambda x: x * x, range(20)))) == 2470
+            assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
+        # No credentials, plain tcp: refused at once, saying why.
+        plain = cluster.scheduler_address.replace("tls://", "tcp://")
+        with pytest.raises(Exception) as refused:
+            Client(plain, timeout=5, set_as_default=False)
+        text = f"{refused.value} {refused.value.__cause__}"
+        assert "this address speaks tls://" in text, text
         logs = cluster.get_logs()
         assert set(logs) >= {"Cluster", "Scheduler", "0", "1"}
         assert "SSHCluster" in repr(cluster) and "workers=2" in repr(cluster)
@@ -55,43 +89,71 @@ def test_localhost_cluster_computes_and_leaves_nothing(sshd, ssh_cluster_kwargs,
         assert cluster.name in html and cluster.scheduler_address in html
     assert cluster.status == "closed"
     assert not any(is_alive(p) for p in pids)
+    assert not os.path.exists(remote_dir) and not os.path.exists(local_dir)
     wait_until(lambda: not python_descendants(sshd), 10, message="no process under sshd")
     print(f"start {started:.2f} s")
 
 
-def test_scale_and_worker_groups_over_ssh(sshd, ssh_cluster_kwargs, wait_until):
+def test_scale_and_worker_groups_over_ssh(sshd, ssh_cluster_kwargs, wait_until, tmp_path):
+    """Also: a Security of our own with a token. The token reaches every remote process
+    (scheduler, nanny, the nanny's workers) through its environment, never a command line."""
+    token = "tok-" + os.urandom(12).hex()
+    files = Security.temporary(str(tmp_path))
+    security = Security(files.ca_file, files.cert_file, files.key_file,
+                        require_encryption=True, token=token)
+
     async def main():
         async with SSHCluster(["127.0.0.1", "127.0.0.1"], connect_options=sshd.connect_options(),
-                              worker_options={"nthreads": 1, "nworkers": 2},
+                              worker_options={"nthreads": 1, "nworkers": 2}, security=security,
                               asynchronous=True, **ssh_cluster_kwargs) as cluster:
-            # One process, two workers: counted as two, named 0-0 and 0-1.
+            assert cluster.security is security
+            assert cluster.scheduler_address.startswith("tls://")
+            # One process, two workers: counted as two, named 0-0 and 0-1. Registered with
+            # the token-checking scheduler: the workers had the token.
             assert len(cluster.workers) == 1
             assert await cluster.wait_for_workers(2, timeout=20) >= 2
+            args = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True,
+                                  check=True).stdout
+            assert "taskcore.cli.worker" in args and token not in args
+            remote_dir = os.path.expanduser(cluster._targets[0].credentials_dir)
+            assert sorted(os.listdir(remote_dir)) == ["ca.pem", "cert.pem", "key.pem", "token"]
+            with open(f"/proc/{cluster.scheduler.pid}/environ", "rb") as f:
+                assert f"TASKCORE_TOKEN={token}".encode() in f.read().split(b"\0")
             await cluster.scale(4)
             assert len(cluster.workers) == 2
             assert await cluster.wait_for_workers(4, timeout=20) >= 4
             await cluster.scale(2)
             assert len(cluster.workers) == 1
-    run(main(), timeout=90)
+            return remote_dir
+    remote_dir = run(main(), timeout=90)
+    assert not os.path.exists(remote_dir)
     wait_until(lambda: not python_descendants(sshd), 10, message="no process under sshd")
 
 
 def test_many_processes_on_one_host_use_several_connections(sshd, ssh_cluster_kwargs,
-                                                             monkeypatch, wait_until):
-    """Each attached process holds a channel; sshd allows only MaxSessions per connection."""
+                                                             monkeypatch, wait_until, caplog):
+    """Each attached process holds a channel; sshd allows only MaxSessions per connection.
+    Also: security=False is plain tcp://, with one warning."""
     from taskcore.deploy.ssh import SSHConnections
 
     monkeypatch.setattr(SSHConnections, "MAX_CHANNELS", 2)
+    monkeypatch.delenv("TASKCORE_TOKEN", raising=False)
 
     async def main():
         async with SSHCluster(["127.0.0.1"] * 4, connect_options=sshd.connect_options(),
                               worker_options={"nthreads": 1, "memory_limit": "300MB"},
-                              worker_class="taskcore.Worker", asynchronous=True,
+                              worker_class="taskcore.Worker", asynchronous=True, security=False,
                               **ssh_cluster_kwargs) as cluster:
+            assert cluster.scheduler_address.startswith("tcp://") and cluster.security is None
+            assert not cluster._targets[0]._wrote  # nothing shipped
             conns = [e for es in cluster._pool._conns.values() for e in es]
             assert len(conns) >= 2 and all(e.channels <= 2 for e in conns)
             assert await cluster.wait_for_workers(3, timeout=20) == 3
-    run(main(), timeout=90)
+    with caplog.at_level(logging.WARNING, logger="taskcore.deploy.ssh"):
+        run(main(), timeout=90)
+    warned = [r for r in caplog.records if "anyone who can reach the scheduler's port" in
+              r.getMessage()]
+    assert len(warned) == 1 and "security=False" in warned[0].getMessage()
     wait_until(lambda: not python_descendants(sshd), 10, message="no process under sshd")
 
 
@@ -191,7 +253,10 @@ def test_core_ssh_cli_runs_in_the_foreground_until_ctrl_c(sshd, ssh_cluster_kwar
         assert line, proc.stderr.read()
         ready = json.loads(line)
         assert ready["event"] == "ready" and ready["role"] == "cluster" and ready["workers"] == 2
-        with Client(ready["address"]) as client:
+        # TLS by default: the ready line names the credentials for clients on this machine.
+        assert ready["address"].startswith("tls://")
+        sec = Security(**ready["security"], require_encryption=True)
+        with Client(ready["address"], security=sec) as client:
             client.wait_for_workers(2, timeout=20)
             assert client.submit(lambda: 7 * 6).result(timeout=20) == 42
         assert python_descendants(sshd)
@@ -234,5 +299,8 @@ def test_failed_async_start_leaves_nothing(sshd, ssh_cluster_kwargs, wait_until)
             await cluster
         assert cluster.status == "failed"
         await cluster.close()
+        # The scheduler's host had its credentials removed; the worker host never ran one.
+        assert not os.path.exists(os.path.expanduser(cluster._targets[0].credentials_dir))
+        assert not any("could not remove" in ln for ln in cluster._logs)
     run(main(), timeout=60)
     wait_until(lambda: not python_descendants(sshd), 10, message="no process under sshd")

@@ -11,6 +11,13 @@ SIGTERM closes the cluster (every remote process is killed by PID) and exits 0.
 Exit status 1: the cluster could not start (the message names the host);
 2: bad options. With `--detach` the processes keep running after exit
 (`core-clusters` lists them; `SSHCluster.from_name(NAME)` reconnects).
+
+Security: TLS by default, with throwaway credentials made for this run (the
+ready line's "security" names their files, for clients on this machine;
+removed on exit), or the `--tls-*` files given; `--token-file` (or
+TASKCORE_TOKEN) adds a shared token. `--no-tls` runs plain tcp:// (a warning
+says that anyone who can reach the scheduler can run code, unless a token is
+set). `--detach` runs over tcp:// (detached clusters have no TLS yet).
 """
 from __future__ import annotations
 
@@ -18,10 +25,10 @@ import asyncio
 import logging
 import sys
 
-from taskcore.cli.common import (add_logging_options, announce, duration_type, memory_limit_type,
-                                 start_unless_stopped,
+from taskcore.cli.common import (add_logging_options, add_tls_options, announce, duration_type,
+                                 memory_limit_type, start_unless_stopped,
                                  Parser, port_type, positive_int, remove_shutdown_signals,
-                                 run_cli, shutdown_event)
+                                 run_cli, security_from_args, shutdown_event)
 
 logger = logging.getLogger("taskcore.cli.ssh")
 PROG = "core-ssh"
@@ -57,7 +64,12 @@ def build_parser() -> Parser:
                    help="give up on a host after this long (default 15s)")
     p.add_argument("--name", default=None, help="cluster name (for the registry)")
     p.add_argument("--detach", action="store_true",
-                   help="leave the cluster running when this command exits")
+                   help="leave the cluster running when this command exits (plain tcp://)")
+    p.add_argument("--no-tls", action="store_true",
+                   help="plain tcp:// instead of TLS with temporary credentials (the default); "
+                        "anyone who can reach the scheduler can then run code, unless a token "
+                        "is set")
+    add_tls_options(p)
     add_logging_options(p, default="warning")
     return p
 
@@ -72,6 +84,12 @@ def parse_args(argv=None):
             parser.error(f"--remote-env expects KEY=VALUE, got {item!r}")
         env[key] = value
     args.env = env
+    args.security = security_from_args(parser, args)
+    if args.security is not None and args.security.enabled and args.no_tls:
+        parser.error("give --no-tls or the --tls-* files, not both")
+    if args.security is not None and args.detach:
+        parser.error("--detach does not support --tls-*, --token or --token-file yet "
+                     "(a detached cluster runs over plain tcp://)")
     if args.name is not None:
         from taskcore.deploy import registry
 
@@ -99,7 +117,11 @@ def cluster_kwargs(args) -> dict:
     worker["memory_limit"] = None if limit in ("none", "0") else limit
     if args.death_timeout is not None:
         worker["death_timeout"] = args.death_timeout
+    security = args.security  # the --tls-* files and/or a token; None: temporary TLS
+    if security is None and args.no_tls:
+        security = False
     return dict(hosts=args.hosts, connect_options=connect, worker_options=worker,
+                security=security,
                 scheduler_options={"port": args.scheduler_port}, worker_class=args.worker_class,
                 remote_python=args.remote_python, remote_env=args.env, name=args.name,
                 shutdown_on_close=not args.detach, connect_timeout=args.connect_timeout,
@@ -127,8 +149,17 @@ async def run(args) -> int:
             msg = str(e) if isinstance(e, ProcessStartError) else repr(e)
             sys.stderr.write(f"{PROG}: error: could not start the cluster: {msg}\n")
             return 1
+        fields = {}
+        sec = cluster.security
+        if sec is not None and sec.enabled:
+            # Clients on this machine connect with these (Security(**ready["security"])).
+            fields["security"] = {"ca_file": sec.ca_file, "cert_file": sec.cert_file,
+                                  "key_file": sec.key_file}
         announce("cluster", cluster.scheduler_address, name=cluster.name,
-                 workers=cluster._count_workers())
+                 workers=cluster._count_workers(), **fields)
+        if fields:
+            sys.stderr.write(f"{PROG}: TLS credentials for clients: "
+                             f"{fields['security']}\n")
         sys.stderr.write(f"{PROG}: scheduler at {cluster.scheduler_address}, "
                          f"{cluster._count_workers()} workers; Ctrl-C to "
                          f"{'detach' if args.detach else 'stop'}\n")

@@ -20,6 +20,13 @@ starting one (`from_name`).
 
 Closing always kills by PID (TERM, then KILL of the whole process tree after a
 grace period) through the target, whatever the channel is doing.
+
+Credentials: a scheduler or worker given `security=` gets `--tls-*` options
+naming the files *as its target sees them* (`Target.credentials`: the same
+paths locally; an SSHTarget first copies the files to its host, once, and
+names the copies). A token in the Security reaches the process through its
+environment (TASKCORE_TOKEN), never its command line (an SSHTarget moves it
+into a private file on the host, read by the remote shell).
 """
 from __future__ import annotations
 
@@ -34,11 +41,12 @@ import sys
 
 from taskcore.process import (ProcessGone, ProcessInterface, ProcessStartError, Status,
                               _describe_exit, read_lines, scheduler_cli_args, worker_cli_args)
+from taskcore.security import TOKEN_ENV
 
 logger = logging.getLogger("taskcore.deploy")
 
 __all__ = ["Target", "LocalTarget", "LaunchedProcess", "LaunchedScheduler", "LaunchedWorker",
-           "ProcessGone"]
+           "ProcessGone", "TargetSecurity"]
 
 # ProcessGone (a recorded process to adopt is no longer running) is defined in taskcore.process,
 # next to ProcessStartError, so that deploy/spec.py can catch it without importing this module.
@@ -47,6 +55,27 @@ __all__ = ["Target", "LocalTarget", "LaunchedProcess", "LaunchedScheduler", "Lau
 # ---------------------------------------------------------------------------------------------
 # Targets
 # ---------------------------------------------------------------------------------------------
+
+class TargetSecurity:
+    """A Security's TLS files as another machine sees them: paths *there* (so not checked
+    here, unlike `Security`), with the same token. Only for building command lines
+    (`security_cli_args`); never used to open a connection from this process."""
+
+    def __init__(self, ca_file, cert_file, key_file, token=None, require_encryption=True):
+        self.ca_file = ca_file
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.token = token
+        self.require_encryption = require_encryption
+
+    @property
+    def enabled(self):
+        return bool(self.ca_file and self.cert_file and self.key_file)
+
+    def __repr__(self):
+        return (f"TargetSecurity(ca_file={self.ca_file!r}, cert_file={self.cert_file!r}, "
+                f"key_file={self.key_file!r}{', token=<hidden>' if self.token else ''})")
+
 
 class Target(abc.ABC):
     """Where launcher commands run. Subclasses: LocalTarget, ssh.SSHTarget."""
@@ -80,6 +109,15 @@ class Target(abc.ABC):
     async def listen_host(self) -> str | None:
         """An address of this target that the manager reaches it on (None: no opinion)."""
         return None
+
+    async def credentials(self, security):
+        """`security` as processes started here see it: the paths of its TLS files there.
+        This machine: unchanged. A remote target copies the files first (once) and
+        returns a `TargetSecurity` naming the copies."""
+        return security
+
+    async def remove_credentials(self) -> None:
+        """Remove what `credentials` (or a token) copied to the target (best effort)."""
 
     def record(self) -> dict:
         return {"kind": self.kind}
@@ -238,6 +276,19 @@ class LaunchedProcess(ProcessInterface, metaclass=abc.ABCMeta):
         """The server's argv: the scheduler's or the worker's program."""
 
     @property
+    def security(self):
+        """The Security the server is started with (None: plain, unless a token)."""
+        return None
+
+    def _child_env(self) -> dict | None:
+        """`env`, plus TASKCORE_TOKEN when the Security holds a token: a token travels in
+        the environment, never on the command line."""
+        token = getattr(self.security, "token", None)
+        if not token:
+            return self.env
+        return {**(self.env or {}), TOKEN_ENV: token}
+
+    @property
     def pids(self) -> list:
         """[(pid, start time), ...] of the supervising launcher and of the server."""
         la = self.launch or {}
@@ -277,7 +328,8 @@ class LaunchedProcess(ProcessInterface, metaclass=abc.ABCMeta):
         try:
             argv = await self._server_argv_async()
             args += ["--", *argv]
-            self._channel, out, err = await self.target.open_channel(args, env=self.env)
+            self._channel, out, err = await self.target.open_channel(args,
+                                                                     env=self._child_env())
         except BaseException:
             self.status = Status.failed
             self._finished.set()
@@ -521,6 +573,10 @@ class LaunchedScheduler(LaunchedProcess):
         if record is None:  # fail here, in the caller, on options that cannot travel
             scheduler_cli_args(host=host, python=python or self.target.python, **self.options)
 
+    @property
+    def security(self):
+        return self.options.get("security")
+
     async def _server_argv_async(self):
         host = self.host
         if host is None:
@@ -528,8 +584,11 @@ class LaunchedScheduler(LaunchedProcess):
             if self.listen_any and (host.startswith("127.") or host == "::1"):
                 # Reached over loopback, but workers on other machines must reach it too.
                 host = "0.0.0.0"
+        options = dict(self.options)
+        if options.get("security") is not None:
+            options["security"] = await self.target.credentials(options["security"])
         return scheduler_cli_args(host=host, python=self.python or self.target.python,
-                                  **self.options)
+                                  **options)
 
 
 class LaunchedWorker(LaunchedProcess):
@@ -554,12 +613,20 @@ class LaunchedWorker(LaunchedProcess):
         if record is None:
             self._server_argv()  # fail here on options that cannot reach a worker process
 
-    async def _server_argv_async(self):
-        return self._server_argv()
+    @property
+    def security(self):
+        return self.worker_options.get("security")
 
-    def _server_argv(self):
+    async def _server_argv_async(self):
+        security = self.security
+        if security is None:
+            return self._server_argv()
+        return self._server_argv(security=await self.target.credentials(security))
+
+    def _server_argv(self, **override):
+        options = {**self.worker_options, **override}
         return worker_cli_args(self.scheduler, nanny=self.nanny, name=self.name,
-                               python=self.python or self.target.python, **self.worker_options)
+                               python=self.python or self.target.python, **options)
 
     @property
     def worker_address(self):

@@ -28,6 +28,22 @@ tunnel), so `dashboard_link` points there too, unless that address does not
 answer for the dashboard; then the link is the local end of an SSH local port
 forward (`dashboard_tunnel`, see SSHCluster).
 
+Security: an attached cluster runs over tls:// by default, with throwaway
+credentials (`Security.temporary()`, made here; the cluster's `security`, so
+`Client(cluster)` uses them). Before anything starts on a host, its
+credential files go there over the cluster's own SSH connection (an exec
+channel running a stdlib script that reads them from stdin) into a
+per-cluster directory, `~/.cache/taskcore/tls/<cluster>/` (created under
+umask 077: the directory 0700, the files 0600, written atomically); the
+remote processes get `--tls-*` options naming those copies. A token
+(`Security(token=...)`, or TASKCORE_TOKEN here) goes into the same directory
+and reaches the remote processes through their environment: the remote shell
+reads the file (`TASKCORE_TOKEN="$(cat FILE)"`), so the token is never on a
+command line. Closing removes the directory on every host (best effort,
+logged). `security=False` runs plain tcp:// (with a warning unless a token
+is set); a detached cluster (`shutdown_on_close=False`) stays on tcp:// and
+refuses `security=`.
+
 Closing kills by PID through a separate exec channel (`launcher kill`:
 SIGTERM, grace, SIGKILL of the whole tree), so it works even when the SSH
 server ignores channel signals. Attached processes also die on their own if
@@ -38,14 +54,21 @@ with a capped log file under `~/.cache/taskcore/clusters/<name>/` on their host.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import logging
+import os
+import re
 import shlex
+import shutil
+import uuid
 
 from taskcore.deploy.cluster import _address_host, _direct_endpoint, tcp_answers
-from taskcore.deploy.launched import LaunchedScheduler, LaunchedWorker, ProcessStartError, Target
+from taskcore.deploy.launched import (LaunchedScheduler, LaunchedWorker, ProcessStartError, Target,
+                                      TargetSecurity)
 from taskcore.deploy.spec import SpecCluster
+from taskcore.security import TOKEN_ENV, Security, resolve_token
 
 logger = logging.getLogger("taskcore.deploy.ssh")
 
@@ -56,6 +79,59 @@ _LAUNCHER_SOURCE: str | None = None
 _SAFE_OPTIONS = {"port", "username", "client_keys", "known_hosts", "client_host_keys",
                  "config", "family", "local_addr", "agent_path", "x509_trusted_certs",
                  "keepalive_interval", "keepalive_count_max", "login_timeout"}
+
+
+CREDENTIALS_ROOT = "~/.cache/taskcore/tls"
+
+# Runs on the remote host as `PYTHON -c <this> write|remove DIR` (stdlib only, like the
+# launcher). `write` reads {"files": {name: text}} on stdin and answers one JSON line with
+# the absolute paths; nothing secret is ever on its command line.
+_CREDENTIALS_SCRIPT = r"""
+import json, os, shutil, stat, sys
+op, d = sys.argv[1], os.path.abspath(os.path.expanduser(sys.argv[2]))
+if op == "write":
+    os.umask(0o077)
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        sys.exit("refusing %s: not a directory of this user" % d)
+    os.chmod(d, 0o700)
+    out = {}
+    for name, text in json.load(sys.stdin)["files"].items():
+        if os.sep in name or name.startswith("."):
+            sys.exit("bad file name %r" % name)
+        path = os.path.join(d, name)
+        tmp = "%s.%d.tmp" % (path, os.getpid())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+        out[name] = path
+    print(json.dumps({"dir": d, "files": out}))
+elif op == "remove":
+    existed = os.path.lexists(d)
+    if os.path.islink(d):
+        os.unlink(d)
+    elif existed:
+        shutil.rmtree(d)
+    print(json.dumps({"dir": d, "removed": existed}))
+else:
+    sys.exit("unknown operation %r" % op)
+"""
+
+
+class _NoRemotePython(ProcessStartError):
+    """The remote Python does not exist (exit status 127): nothing ran there."""
+
+
+def _credentials_dir(cluster_name: str, unique: bool) -> str:
+    """`~/.cache/taskcore/tls/<name>`: the name made safe as one path component, plus a
+    random suffix unless the name is already unique (two clusters given the same name
+    must not share, or remove, each other's credentials)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(cluster_name)).lstrip(".") or "cluster"
+    if not unique:
+        safe = f"{safe[:100]}-{uuid.uuid4().hex[:8]}"
+    return f"{CREDENTIALS_ROOT}/{safe[:128]}"
 
 
 def _asyncssh():
@@ -238,13 +314,29 @@ class SSHTarget(Target):
 
     def __init__(self, host: str, connect_options: dict | None = None,
                  remote_python: str | None = None, env: dict | None = None,
-                 pool: SSHConnections | None = None, connect_timeout: float = 15):
+                 pool: SSHConnections | None = None, connect_timeout: float = 15,
+                 credentials_dir: str | None = None):
         self.host = host
         self.connect_options = dict(connect_options or {})
         self.python = remote_python or "python3"
-        self.env = dict(env or {})
+        self.env = self._check_env(dict(env or {}))
         self.pool = pool if pool is not None else SSHConnections()
         self.connect_timeout = connect_timeout
+        # Where `credentials()` copies TLS files and tokens to (removed by
+        # remove_credentials()); the cluster names it after itself.
+        self.credentials_dir = credentials_dir or _credentials_dir("target", unique=False)
+        self._shipped: dict = {}  # sha256 of a file's text -> its path on the host
+        self._ship_lock: asyncio.Lock | None = None
+        self._wrote = False  # a write was attempted: the directory may exist
+
+    @staticmethod
+    def _check_env(env: dict) -> dict:
+        if TOKEN_ENV in env:
+            raise ValueError(f"remote_env must not hold {TOKEN_ENV}: it would be on the remote "
+                             f"command line (and in the registry). Give Security(token=...) "
+                             f"(or set {TOKEN_ENV} here): it reaches remote processes through "
+                             f"a private file and their environment")
+        return env
 
     @property
     def label(self) -> str:
@@ -264,19 +356,39 @@ class SSHTarget(Target):
         return await self.pool.acquire(self.host, self.connect_options, self.connect_timeout,
                                        self.label)
 
-    def command(self, args, env=None) -> str:
+    def command(self, args, env=None, token_file: str | None = None) -> str:
+        """The remote shell command running the launcher with `args`. With `token_file`,
+        the shell reads TASKCORE_TOKEN from that file (never a command line) and refuses
+        to start without it; a token in `env` is refused here (see open_channel)."""
         words = []
         merged = {**self.env, **(env or {})}
+        if TOKEN_ENV in merged:
+            raise ValueError(f"{TOKEN_ENV} must not be put on a remote command line (open_channel "
+                             f"moves it into a private file)")
         if merged:
             words += ["env"] + [f"{k}={v}" for k, v in merged.items()]
         words += [self.python, "-c", _launcher_source(), *map(str, args)]
-        return "exec " + shlex.join(words)
+        command = "exec " + shlex.join(words)
+        if token_file is None:
+            return command
+        # Shell builtins only between reading the file and the exec: the token is in no
+        # process's argv. An unreadable or empty file stops here (never a server without it).
+        path = shlex.quote(token_file)
+        return (f'{TOKEN_ENV}="$(cat -- {path})" || exit 1; '
+                f'case "${TOKEN_ENV}" in "") echo "taskcore: the token file is empty" >&2; '
+                f'exit 1;; esac; export {TOKEN_ENV}; {command}')
 
     async def open_channel(self, args, env=None):
         asyncssh = _asyncssh()
+        env = dict(env or {})
+        token = env.pop(TOKEN_ENV, None)
+        token_file = None
+        if token:
+            token_file = (await self._ship({"token": token}))["token"]
+        command = self.command(args, env, token_file=token_file)
         conn, release = await self._acquire()
         try:
-            proc = await conn.create_process(self.command(args, env), encoding=None)
+            proc = await conn.create_process(command, encoding=None)
         except (asyncssh.Error, OSError) as e:
             release()
             raise ProcessStartError(f"{self.label}: cannot start a remote command: {e}") from e
@@ -301,6 +413,90 @@ class SSHTarget(Target):
                 return json.loads(line)
         raise RuntimeError(f"{self.label}: launcher {args[0]} gave no answer (exit status "
                            f"{result.exit_status}): {(result.stderr or '').strip()[:500]}")
+
+    # -- credentials ----------------------------------------------------------------------------
+    async def credentials(self, security):
+        """Copy the Security's TLS files here (once per content) into `credentials_dir`;
+        a TargetSecurity naming the copies. A Security without files is returned as is
+        (its token travels through open_channel)."""
+        if security is None or not getattr(security, "enabled", False):
+            return security
+        texts = {}
+        for name, path in (("ca.pem", security.ca_file), ("cert.pem", security.cert_file),
+                           ("key.pem", security.key_file)):
+            with open(path) as f:
+                texts[name] = f.read()
+        paths = await self._ship(texts)
+        return TargetSecurity(paths["ca.pem"], paths["cert.pem"], paths["key.pem"],
+                              token=getattr(security, "token", None),
+                              require_encryption=getattr(security, "require_encryption", True))
+
+    async def _ship(self, files: dict) -> dict:
+        """{name: text} -> {name: absolute path on the host}, writing only what is not there
+        yet. Different content under a name already used gets a name of its own (processes
+        started earlier, and their restarts, keep reading the first)."""
+        if self._ship_lock is None:
+            self._ship_lock = asyncio.Lock()
+        async with self._ship_lock:
+            out, todo = {}, {}
+            used = {p.rsplit("/", 1)[-1] for p in self._shipped.values()}
+            for name, text in files.items():
+                digest = hashlib.sha256(text.encode()).hexdigest()
+                if digest in self._shipped:
+                    out[name] = self._shipped[digest]
+                    continue
+                remote_name = name if name not in used else f"{digest[:12]}-{name}"
+                used.add(remote_name)
+                todo[remote_name] = (name, digest, text)
+            if todo:
+                wrote, self._wrote = self._wrote, True
+                try:
+                    got = await self._credentials_op(
+                        "write", {"files": {rn: t for rn, (_, _, t) in todo.items()}})
+                except _NoRemotePython:
+                    self._wrote = wrote  # nothing ran there: nothing to remove later
+                    raise
+                for remote_name, (name, digest, _) in todo.items():
+                    self._shipped[digest] = out[name] = got["files"][remote_name]
+            return out
+
+    async def remove_credentials(self):
+        """Remove `credentials_dir` from the host, if anything was written there."""
+        if not self._wrote:
+            return
+        await self._credentials_op("remove", None)
+        self._wrote = False
+        self._shipped.clear()
+
+    async def _credentials_op(self, op, payload):
+        words = []
+        if self.env:
+            words += ["env"] + [f"{k}={v}" for k, v in self.env.items()]
+        words += [self.python, "-c", _CREDENTIALS_SCRIPT, op, self.credentials_dir]
+        asyncssh = _asyncssh()
+        conn, release = await self._acquire()
+        try:
+            result = await asyncio.wait_for(
+                conn.run("exec " + shlex.join(words), check=False,
+                         input=None if payload is None else json.dumps(payload)),
+                self.connect_timeout + 30)
+        except asyncio.TimeoutError:
+            raise ProcessStartError(f"{self.label}: {op} {self.credentials_dir} (TLS "
+                                    f"credentials) timed out") from None
+        except (asyncssh.Error, OSError) as e:
+            raise ProcessStartError(f"{self.label}: cannot run a remote command: {e}") from e
+        finally:
+            release()
+        err = (result.stderr or "").strip()[-500:]
+        if result.exit_status == 127:
+            raise _NoRemotePython(f"{self.label}: remote Python {self.python!r} not found "
+                                  f"(exit status 127): {err[:300]}")
+        lines = [ln for ln in (result.stdout or "").splitlines() if ln.startswith("{")]
+        if result.exit_status != 0 or not lines:
+            what = "write the TLS credentials to" if op == "write" else "remove"
+            raise ProcessStartError(f"{self.label}: could not {what} {self.credentials_dir} "
+                                    f"(exit status {result.exit_status}): {err}")
+        return json.loads(lines[-1])
 
     async def kill(self, targets, grace=5.0, remove=()):
         args = ["kill", "--grace", str(grace)]
@@ -401,6 +597,15 @@ class SSHCluster(SpecCluster):
     or through an SSH tunnel (a local port on 127.0.0.1, open while this handle is)
     when `dashboard_tunnel=True`, or with the default None when the direct address
     does not answer (a firewall, a dashboard bound to the host's loopback).
+
+    `security`: None (the default) makes throwaway TLS credentials
+    (`Security.temporary()`) and runs everything over tls://; a `Security` is used as
+    given (tls:// with its files, else tcp:// with its token); False runs plain
+    tcp://. `cluster.security` is what clients here use (`Client(cluster)` takes it).
+    The files are copied to each host before anything starts there and removed when
+    the cluster closes; a token reaches remote processes only through their
+    environment (see the module doc). Detached clusters (`shutdown_on_close=False`)
+    run over tcp:// and refuse a `Security`.
     """
 
     backend = "ssh"
@@ -411,7 +616,8 @@ class SSHCluster(SpecCluster):
                  asynchronous: bool = False, shutdown_on_close: bool = True,
                  connect_timeout: float = 15, startup_timeout: float = 60,
                  close_grace: float = 5, forward_logs: bool = False,
-                 log_level: str = "warning", dashboard_tunnel: bool | None = None, **kwargs):
+                 log_level: str = "warning", dashboard_tunnel: bool | None = None,
+                 security=None, **kwargs):
         _asyncssh()
         if dashboard_tunnel not in (None, True, False):
             raise TypeError(f"dashboard_tunnel must be None (auto), True or False, got "
@@ -438,23 +644,95 @@ class SSHCluster(SpecCluster):
         self.forward_logs = forward_logs
         self.log_level = log_level
         self._detached_processes = not shutdown_on_close
+        SSHTarget._check_env(self.remote_env)
+        named = name is not None
         if not shutdown_on_close:
             from taskcore.deploy import registry
 
             if name is None:
-                import uuid
-
                 name = f"sshcluster-{uuid.uuid4().hex[:8]}"
             registry.check_name(name)
+        elif name is None:
+            name = f"sshcluster-{uuid.uuid4().hex[:8]}"  # known now: it names the credentials
+        self._own_credentials = None  # the local directory of credentials made here
+        self.security, self._token = self._resolve_security(security, not shutdown_on_close,
+                                                            name)
         self._pool = SSHConnections()
-        self._targets = self._make_targets(hosts, options, pythons)
+        self._targets = self._make_targets(hosts, options, pythons,
+                                           _credentials_dir(name, unique=not named))
         scheduler, workers, template = self._specs(name, not shutdown_on_close)
-        super().__init__(workers=workers, scheduler=scheduler, worker=template,
-                         asynchronous=asynchronous, name=name,
-                         shutdown_on_close=shutdown_on_close, **kwargs)
+        try:
+            super().__init__(workers=workers, scheduler=scheduler, worker=template,
+                             asynchronous=asynchronous, name=name,
+                             shutdown_on_close=shutdown_on_close, **kwargs)
+        except BaseException:
+            self._remove_local_credentials()  # a failed sync start closed everything else
+            raise
+
+    # -- security -------------------------------------------------------------------------------
+    def _resolve_security(self, security, detached, name):
+        """(the Security clients here use, the token remote processes get), and the warning
+        when the cluster is plain tcp:// without a token."""
+        if security is not None and security is not False and not isinstance(security,
+                                                                               Security):
+            raise TypeError(f"security must be None (temporary TLS credentials), a Security or "
+                            f"False (plain tcp), got {security!r}")
+        if detached:
+            if isinstance(security, Security):
+                raise ValueError("shutdown_on_close=False does not support TLS security yet "
+                                 "(give security=False, or keep the cluster attached)")
+            self._warn_plain(name, "a detached cluster runs over plain tcp://")
+            return None, None
+        if security is None:
+            # The CA's name adds " CA"; x509 limits a common name to 64 characters.
+            security = Security.temporary(common_name=f"taskcore {name}"[:60])
+            self._own_credentials = os.path.dirname(security.ca_file)
+        elif security is False:
+            security = None
+        token = resolve_token(None, security)  # the Security's, else TASKCORE_TOKEN here
+        if (security is None or not security.enabled) and token is None:
+            self._warn_plain(name, "security=False" if security is None else
+                             "a Security without TLS files")
+        return security, token
+
+    @staticmethod
+    def _warn_plain(name, why):
+        logger.warning("%s: %s: plain tcp:// without a token, so anyone who can reach the "
+                       "scheduler's port can run code on the workers (use TLS, the default "
+                       "for an attached SSHCluster, or Security(token=...))", name, why)
+
+    def _security_options(self) -> dict:
+        """Options for the scheduler's and every worker's spec: the Security (its files
+        reach each host before the process starts), and the token through the
+        environment (never a command line; SSHTarget.open_channel)."""
+        out = {}
+        if self.security is not None:
+            out["security"] = self.security
+        if self._token is not None:
+            out["env"] = {TOKEN_ENV: self._token}
+        return out
+
+    async def _remove_credentials(self):
+        """Remove the credential directory from every host it reached (best effort), then
+        the local one made here."""
+        targets = list({id(t): t for t in self._targets}.values())
+
+        async def one(t):
+            try:
+                await asyncio.wait_for(t.remove_credentials(), t.connect_timeout + 30)
+            except Exception as e:
+                self._log(logging.WARNING, "%s: could not remove the TLS credentials %s on "
+                          "%s: %s", self.name, t.credentials_dir, t.label, e)
+        await asyncio.gather(*(one(t) for t in targets))
+        self._remove_local_credentials()
+
+    def _remove_local_credentials(self):
+        path, self._own_credentials = getattr(self, "_own_credentials", None), None
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
 
     # -- building specs -------------------------------------------------------------------------
-    def _make_targets(self, hosts, options, pythons):
+    def _make_targets(self, hosts, options, pythons, credentials_dir=None):
         """One SSHTarget per distinct (host, options, python), all on this cluster's pool."""
         seen = {}
         out = []
@@ -462,7 +740,8 @@ class SSHCluster(SpecCluster):
             key = (h, json.dumps(o or {}, sort_keys=True, default=repr), p)
             if key not in seen:
                 seen[key] = SSHTarget(h, o, p, env=self.remote_env, pool=self._pool,
-                                      connect_timeout=self.connect_timeout)
+                                      connect_timeout=self.connect_timeout,
+                                      credentials_dir=credentials_dir)
             out.append(seen[key])
         return out
 
@@ -479,6 +758,8 @@ class SSHCluster(SpecCluster):
         spec_opts = dict(opts, target=target, nanny=self.nanny, detach=detached,
                          log_level=self.log_level, startup_timeout=self.startup_timeout,
                          close_grace=self.close_grace, forward_logs=self.forward_logs)
+        for k, v in self._security_options().items():
+            spec_opts.setdefault(k, v)
         if detached:
             spec_opts["log_dir"] = self._log_root(name)
         if nworkers > 1:
@@ -494,6 +775,10 @@ class SSHCluster(SpecCluster):
         sopts = dict(sched, target=self._targets[0], detach=detached, listen_any=listen_any,
                      log_level=self.log_level, startup_timeout=self.startup_timeout,
                      close_grace=self.close_grace, forward_logs=self.forward_logs)
+        for k, v in self._security_options().items():
+            sopts.setdefault(k, v)
+        if self.security is not None and self.security.enabled:
+            sopts.setdefault("protocol", "tls")
         if detached:
             sopts["log_file"] = f"{self._log_root(name)}/scheduler.log"
         scheduler = {"cls": LaunchedScheduler, "options": sopts}
@@ -548,6 +833,12 @@ class SSHCluster(SpecCluster):
             await tunnel.wait_closed()
 
     # -- lifecycle ------------------------------------------------------------------------------
+    async def _close(self):
+        try:
+            await super()._close()
+        finally:
+            await self._remove_credentials()  # every process is gone: nothing reads them now
+
     async def _release(self):
         await super()._release()
         await self._pool.close()
@@ -583,6 +874,7 @@ class SSHCluster(SpecCluster):
         self.dashboard_tunnel = cfg.get("dashboard_tunnel")
         self._tunnel = None
         self._detached_processes = True
+        self.security, self._token, self._own_credentials = None, None, None  # detached: tcp
         self._pool = SSHConnections()
         overrides = {}
         if connect_options is not None:
