@@ -19,6 +19,16 @@ starts with '-' goes after '=': `--job-directives-skip=--mem`.
 `core-jobqueue script SYSTEM ...` prints the worker job script those options
 make (the site config file applies, as for the cluster) and submits nothing.
 
+Security: TLS by default, with throwaway credentials made for this run (the
+ready line's "security" names their local files, for clients on this machine;
+the jobs read a private copy under --shared-directory; all removed on exit),
+or the `--tls-*` files given; `--token-file` (or TASKCORE_TOKEN) adds a shared
+token, which reaches the jobs through a private file, never a command line.
+`--no-tls` runs plain tcp:// (a warning says that anyone who can reach the
+scheduler can run code, unless a token is set). `--detach` runs over tcp://
+(detached clusters have no TLS yet). `script` shows the TLS form (placeholder
+paths) unless given `--no-tls`.
+
 Exit status 1: the cluster could not start (the batch system's message is
 shown); 2: bad options. Job options have dask-jobqueue's names and meanings
 (deploy/jobqueue/cluster.py); unset ones come from the site config file.
@@ -30,12 +40,13 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import sys
 
-from taskcore.cli.common import (add_logging_options, announce, bytes_type, count_type,
-                                 duration_type, start_unless_stopped,
+from taskcore.cli.common import (add_logging_options, add_tls_options, announce, bytes_type,
+                                 count_type, duration_type, start_unless_stopped,
                                  Parser, port_type, positive_int, remove_shutdown_signals,
-                                 resources_type, run_cli, shutdown_event)
+                                 resources_type, run_cli, security_from_args, shutdown_event)
 
 logger = logging.getLogger("taskcore.cli.jobqueue")
 PROG = "core-jobqueue"
@@ -53,6 +64,8 @@ SYSTEMS = {
     "flux": "taskcore.deploy.jobqueue.flux:FluxCluster",
 }
 SCRIPT_SCHEDULER = "tcp://SCHEDULER:8786"  # stands in for the address in `script` output
+SCRIPT_SCHEDULER_TLS = "tls://SCHEDULER:8786"
+SCRIPT_CLUSTER = "CLUSTER"  # stands in for the cluster's credentials directory's name
 
 
 class _Parser(Parser):
@@ -173,7 +186,11 @@ def add_cluster_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, help="cluster name (for the registry)")
     g.add_argument("--detach", action="store_true",
                    help="exit once the jobs are submitted and leave the cluster running "
-                        "(needs --scheduler-in-job)")
+                        "(needs --scheduler-in-job; plain tcp://)")
+    g.add_argument("--no-tls", action="store_true",
+                   help="plain tcp:// instead of TLS with temporary credentials (the default); "
+                        "anyone who can reach the scheduler can then run code, unless a token "
+                        "is set")
 
 
 def build_parser() -> Parser:
@@ -186,6 +203,7 @@ def build_parser() -> Parser:
                             description=f"Start a cluster of {system} jobs; Ctrl-C closes it.")
         add_job_options(sp)
         add_cluster_options(sp)
+        add_tls_options(sp)
         add_logging_options(sp, default="warning")
     script = sub.add_parser("script", help="print a worker job script; submits nothing",
                             description="Print the worker job script; submits nothing.")
@@ -194,10 +212,14 @@ def build_parser() -> Parser:
     for system in SYSTEMS:
         sp = systems.add_parser(system, help=f"a {system} job script")
         add_job_options(sp)
-        sp.add_argument("--scheduler-address", default=SCRIPT_SCHEDULER, metavar="ADDRESS",
-                        help=f"scheduler address to write in (default {SCRIPT_SCHEDULER})")
+        sp.add_argument("--scheduler-address", default=None, metavar="ADDRESS",
+                        help=f"scheduler address to write in (default {SCRIPT_SCHEDULER_TLS}, "
+                             f"with --no-tls {SCRIPT_SCHEDULER})")
         sp.add_argument("--worker-name", default="0", metavar="NAME",
                         help="worker name to write in (default 0, the first job's)")
+        sp.add_argument("--no-tls", action="store_true",
+                        help="the script of a plain tcp:// cluster (default: TLS, the "
+                             "credentials' paths shown with CLUSTER for the directory's name)")
         sp.set_defaults(log_level="warning")
     return p
 
@@ -210,6 +232,12 @@ def parse_args(argv=None):
         if args.detach and not args.scheduler_in_job:
             parser.error("--detach needs --scheduler-in-job: a scheduler in this process "
                          "cannot outlive it")
+        args.security = security_from_args(parser, args)
+        if args.security is not None and args.security.enabled and args.no_tls:
+            parser.error("give --no-tls or the --tls-* files, not both")
+        if args.security is not None and args.detach:
+            parser.error("--detach does not support --tls-*, --token or --token-file yet "
+                         "(a detached cluster runs over plain tcp://)")
         if args.name is not None:
             from taskcore.deploy import registry
 
@@ -217,12 +245,15 @@ def parse_args(argv=None):
                 registry.check_name(args.name)
             except ValueError as e:
                 parser.error(str(e))
+    elif args.scheduler_address is None:
+        args.scheduler_address = SCRIPT_SCHEDULER if args.no_tls else SCRIPT_SCHEDULER_TLS
     args.job = {opt: getattr(args, dest) for dest, opt in JOB_ARGS.items()
                 if getattr(args, dest) is not None}
     args.job.update(dict(args.system_option or []))
     # Every job option checked now, with the site config applied, before anything starts.
     try:
-        args.job_script = job_script(args.system, args.job)
+        args.job_script = job_script(args.system, args.job,
+                                     tls=args.command == "script" and not args.no_tls)
         # Rendered once too: some options fail only there (a header template's unknown
         # field, lsf_units, a line break HTCondor cannot write).
         args.job_script.worker_script(SCRIPT_SCHEDULER, "0")
@@ -231,13 +262,25 @@ def parse_args(argv=None):
     return args
 
 
-def job_script(system: str, job: dict):
-    """The JobScript these options make: defaults < site config file < `job`."""
+def job_script(system: str, job: dict, tls: bool = False):
+    """The JobScript these options make: defaults < site config file < `job`. `tls`: with
+    the credentials a default (TLS) cluster gives its jobs, their directory's name shown
+    as CLUSTER (a real cluster names it after itself, plus a random suffix)."""
     from taskcore.deploy.jobqueue.config import config_path
 
     cls = cluster_class(system)
     try:
-        return cls.job_script_template(**job)
+        security = None
+        if tls:
+            from taskcore.deploy.jobqueue.cluster import (CREDENTIAL_FILES, CREDENTIALS_SUBDIR,
+                                                          DEFAULT_SHARED_DIRECTORY)
+            from taskcore.deploy.jobqueue.job import JobCredentials
+
+            shared = cls.resolve_options({}, job).get("shared_directory")
+            d = os.path.join(os.path.abspath(os.path.expanduser(
+                shared or DEFAULT_SHARED_DIRECTORY)), CREDENTIALS_SUBDIR, SCRIPT_CLUSTER)
+            security = JobCredentials(*(os.path.join(d, f) for f in CREDENTIAL_FILES))
+        return cls.job_script_template(security=security, **job)
     except ValueError as e:
         if "cores= and memory=" not in str(e):
             raise
@@ -256,7 +299,10 @@ def cluster_kwargs(args) -> dict:
     kw = {k: v for k, v in kw.items() if v is not None}
     # Jobs, not workers: the constructor's n_workers counts workers (processes per job).
     kw["n_workers"] = args.jobs * args.job_script.processes
-    return dict(kw, shutdown_on_close=not args.detach, asynchronous=True)
+    security = args.security  # the --tls-* files and/or a token; None: temporary TLS
+    if security is None and args.no_tls:
+        security = False
+    return dict(kw, security=security, shutdown_on_close=not args.detach, asynchronous=True)
 
 
 async def run(args) -> int:
@@ -294,8 +340,16 @@ async def run(args) -> int:
                 sys.stderr.write(f"{PROG}: error: could not detach from {name}: {e!r}; "
                                  f"`core-clusters close {name}` stops what runs\n")
                 return 1
+        fields = {}
+        sec = None if args.detach else cluster.security
+        if sec is not None and sec.enabled:
+            # Clients on this machine connect with these (Security(**ready["security"])).
+            fields["security"] = {"ca_file": sec.ca_file, "cert_file": sec.cert_file,
+                                  "key_file": sec.key_file}
         announce("cluster", address, name=name, system=args.system, jobs=jobs,
-                 detached=args.detach)
+                 detached=args.detach, **fields)
+        if fields:
+            sys.stderr.write(f"{PROG}: TLS credentials for clients: {fields['security']}\n")
         if args.detach:
             sys.stderr.write(f"{PROG}: cluster {name} left running, scheduler at {address}; "
                              f"stop it with `core-clusters close {name}`\n")

@@ -74,12 +74,15 @@ def _oar_env(request):
     # own interpreter lives under /root, which the user cannot enter.
     path = ":".join([site.getsitepackages()[0], SRC_DIR])
     request.getfixturevalue("monkeypatch").chdir(home)
+    # The jobs' TLS credentials (the default) are written as that user, into a
+    # shared_directory it can write: its home, like the scheduler file.
     return BatchEnv("oar", OARCluster, jobs=lambda: [j for j, _ in oar.jobs()],
                     delete=lambda job_id: oar.run("oardel", job_id),
                     bad_message="The queue nosuch does not exist",
                     shared_directory=str(home),
                     kwargs=dict(command_prefix=["runuser", "-u", oar.user, "--"],
                                 python="/usr/bin/python3", log_directory=str(home),
+                                shared_directory=str(home),
                                 job_script_prologue=[f"export PYTHONPATH={path}"]))
 
 
@@ -145,6 +148,11 @@ def batch(request, tmp_path):
 def test_scale_compute_lose_a_job_and_close(batch):
     cls = batch.cluster_class
     with cls(cores=1, memory="1GiB", **batch.kwargs) as cluster, Client(cluster) as client:
+        # TLS with temporary credentials by default (test_tls_default.py): the jobs read
+        # a private copy, removed at close.
+        assert cluster.scheduler_address.startswith("tls://")
+        jobs_dir = cluster._credentials_dir
+        assert os.path.isdir(jobs_dir)
         cluster.scale(jobs=2)
         client.wait_for_workers(2, timeout=120)
         assert len(batch.jobs()) == 2
@@ -157,14 +165,17 @@ def test_scale_compute_lose_a_job_and_close(batch):
                    "the deleted job's replacement")
         client.wait_for_workers(2, timeout=120)
         assert client.submit(slowinc, 1).result() == 2
+        assert all(a.startswith("tls://") for a in client.scheduler_info()["workers"])
     wait_until(lambda: batch.jobs() == [], 30, "no job left after close")
+    assert not os.path.exists(jobs_dir)
 
 
 def test_scheduler_in_its_own_job(batch):
     cls = batch.cluster_class
-    with cls(cores=1, memory="1GiB", scheduler="job", shared_directory=batch.shared_directory,
-             **batch.kwargs) as cluster:
+    with cls(cores=1, memory="1GiB", scheduler="job",
+             **{"shared_directory": batch.shared_directory, **batch.kwargs}) as cluster:
         assert cluster.scheduler.job_id in batch.jobs()
+        assert cluster.scheduler_address.startswith("tls://")  # the scheduler's job: TLS too
         cluster.scale(jobs=1)
         with Client(cluster) as client:
             client.wait_for_workers(1, timeout=120)

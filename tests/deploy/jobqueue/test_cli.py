@@ -13,6 +13,8 @@ import pytest
 
 CLI = os.path.join(os.path.dirname(sys.executable), "core-jobqueue")
 CLUSTERS = os.path.join(os.path.dirname(sys.executable), "core-clusters")
+# Where `script` shows a default (TLS) cluster's jobs reading their credentials.
+TLS = os.path.expanduser("~/.cache/taskcore/jobqueue/tls/CLUSTER")
 
 
 @pytest.fixture
@@ -67,25 +69,33 @@ def test_script_prints_the_worker_job_script(env):
         "#SBATCH --gres=x",
         "",
         "module load python",
-        f"exec {sys.executable} -m taskcore.cli.worker tcp://SCHEDULER:8786 --nanny "
+        f"exec {sys.executable} -m taskcore.cli.worker tls://SCHEDULER:8786 --nanny "
         "--nthreads 2 --memory-limit 2147483648 --name 0 --death-timeout 60.0 "
-        "--lifetime 3420.0 --lifetime-stagger 45.0 --log-level info",
+        f"--lifetime 3420.0 --lifetime-stagger 45.0 --log-level info --tls-ca-file {TLS}/ca.pem "
+        f"--tls-cert {TLS}/cert.pem --tls-key {TLS}/key.pem",
     ]) + "\n"
+    # A plain tcp:// cluster's script.
+    out = cli("script", "slurm", "--cores", "1", "--memory", "1GiB", "--no-tls", env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == (
+        f"exec {sys.executable} -m taskcore.cli.worker tcp://SCHEDULER:8786 --nanny "
+        "--nthreads 1 --memory-limit 1073741824 --name 0 --log-level info")
 
 
 def test_script_processes_skips_logs_and_address(env, tmp_path):
     out = cli("script", "slurm", "--cores", "4", "--memory", "8GiB", "--processes", "2",
               "--job-directives-skip=--mem", "--job-directives-skip=-n 1",
               "--log-directory", str(tmp_path), "--no-nanny", "--worker-extra-arg=--resources",
-              "--worker-extra-arg", "GPU=1", "--scheduler-address", "tcp://10.0.0.5:8786",
+              "--worker-extra-arg", "GPU=1", "--scheduler-address", "tls://10.0.0.5:8786",
               env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[2:6] == ["#SBATCH -J taskcore-worker", "#SBATCH --cpus-per-task=4",
                           f"#SBATCH -o {tmp_path}/taskcore-worker-%j.out", ""]
     assert lines[-1].endswith(
-        "-m taskcore.cli.worker tcp://10.0.0.5:8786 --no-nanny --nthreads 2 --nworkers 2 "
-        "--memory-limit 4294967296 --name 0 --log-level info --resources GPU=1")
+        "-m taskcore.cli.worker tls://10.0.0.5:8786 --no-nanny --nthreads 2 --nworkers 2 "
+        f"--memory-limit 4294967296 --name 0 --log-level info --tls-ca-file {TLS}/ca.pem "
+        f"--tls-cert {TLS}/cert.pem --tls-key {TLS}/key.pem --resources GPU=1")
 
 
 def test_script_applies_the_site_config(env, tmp_path):
@@ -176,10 +186,12 @@ def test_slurm_cluster_ready_compute_and_ctrl_c_cancels_every_job(slurm_clean, e
              "detached": False}
         assert msg["pid"] == proc.p.pid and msg["name"]
         address = msg["address"]
+        assert address.startswith("tls://")  # temporary TLS credentials by default
+        local = os.path.dirname(msg["security"]["key_file"])
         assert len(slurm.jobs()) == 2
-        from taskcore import Client
+        from taskcore import Client, Security
 
-        with Client(address) as client:
+        with Client(address, security=Security(**msg["security"])) as client:
             client.wait_for_workers(2, timeout=60)
             assert sorted(w["name"] for w in client.scheduler_info()["workers"].values()) == \
                 ["0", "1"]
@@ -189,9 +201,11 @@ def test_slurm_cluster_ready_compute_and_ctrl_c_cancels_every_job(slurm_clean, e
         assert proc.p.wait(30) == 0
         err = proc.stderr()
         assert f"scheduler at {address}, 2 slurm job(s) requested; Ctrl-C to stop" in err, err
+        assert "TLS credentials for clients" in err, err
         assert "Traceback" not in err, err
         assert proc.p.stdout.read() == b""  # one line on stdout, nothing else
         assert slurm.jobs() == []  # closed means gone from the queue
+        assert not os.path.exists(local)  # the credentials went with the cluster
         _until(lambda: _server_processes(address) == [], 10, "the workers to exit")
     finally:
         proc.kill()

@@ -35,6 +35,24 @@ What a job queue adds:
   (and the scheduler's) is checked by the batch system without queueing
   (`sbatch --test-only`), so an unknown partition or account is an error
   carrying the batch system's own message, and nothing is left queued.
+- **TLS by default** (`security=None`): throwaway credentials
+  (`Security.temporary()`, made here in a private temporary directory; the
+  cluster's `security`, so `Client(cluster)` uses them), and the scheduler and
+  every job's workers speak tls://. The jobs read a copy from a directory of
+  the cluster's own under `shared_directory` (which the compute nodes see),
+  `<shared_directory>/tls/<cluster name>-<random>/`: made by the batch
+  commands' user (through `command_prefix`, if any) under umask 077, the
+  directory 0700 and each file 0600, the contents on stdin, never on a command
+  line. The job scripts name the files (`--tls-*`, `--token-file`), never
+  their contents, so no key or token is in a script, in the batch system's
+  spool or accounting, or in `ps`. Closing removes the directory once the
+  jobs are gone, and the local files. A token (`Security(token=...)`, else
+  TASKCORE_TOKEN here) goes into the same directory as the file `token`.
+  `security=Security(...)` is used as given (its TLS files by their paths,
+  which the nodes must see; its token through the private directory);
+  `security=False` is plain tcp:// (one warning unless a token is set). A
+  detached cluster (`shutdown_on_close=False`) runs over tcp:// (with the
+  warning) and refuses a Security.
 """
 from __future__ import annotations
 
@@ -43,14 +61,19 @@ import copy
 import logging
 import math
 import os
+import re
+import shutil
 import tempfile
 import time
+import uuid
 
 from taskcore.deploy.jobqueue.config import load_section
-from taskcore.deploy.jobqueue.job import JOB_OPTIONS, Job, JobScript, SchedulerJob
+from taskcore.deploy.jobqueue.job import (JOB_OPTIONS, Job, JobCredentials, JobScript,
+                                          SchedulerJob)
 from taskcore.deploy.jobqueue.system import BatchCommandError, JobState
 from taskcore.dashboard.binding import dashboard_on_host
 from taskcore.deploy.spec import SpecCluster
+from taskcore.security import Security, resolve_token
 from taskcore.utils import get_ip_interface, parse_bytes
 
 logger = logging.getLogger("taskcore.deploy.jobqueue")
@@ -68,6 +91,48 @@ DEFAULTS = {"processes": 1, "job_name": "taskcore-worker", "shebang": "#!/usr/bi
             "scheduler": "local", "scheduler_timeout": 300}
 _CHECK_ADDRESS = "tcp://127.0.0.1:1"  # stands in for the scheduler while checking scripts
 DEFAULT_DASHBOARD = ":8787"           # core-scheduler's default, for the in-process scheduler too
+DEFAULT_SHARED_DIRECTORY = os.path.join("~", ".cache", "taskcore", "jobqueue")
+CREDENTIALS_SUBDIR = "tls"            # <shared_directory>/tls/<cluster>-<random>/: the jobs' copy
+CREDENTIAL_FILES = ("ca.pem", "cert.pem", "key.pem")
+
+# The jobs' credentials directory, made and removed by the batch commands' user: run as
+# `[command_prefix] sh -c <this> sh OP DIR [NAME]`, a file's contents on stdin (never in
+# argv). `mkdir` makes DIR (0700, umask 077; it must not exist yet: a random name);
+# `write` refuses a DIR that is a link or not this user's, and writes NAME (0600; an
+# existing file is not overwritten: set -C); `remove` removes DIR (a link: only the link).
+_CREDENTIALS_SH = r"""
+op=$1 d=$2
+case $op in
+mkdir)
+    parent=${d%/*}
+    mkdir -p -- "${parent%/*}" || exit 1
+    umask 077
+    mkdir -p -- "$parent" && mkdir -m 700 -- "$d" ;;
+write)
+    umask 077
+    if [ -L "$d" ] || [ ! -d "$d" ] || [ ! -O "$d" ]; then
+        echo "taskcore: $d is not a directory of $(id -un)" >&2
+        exit 1
+    fi
+    set -C
+    cat > "$d/$3" && chmod 600 -- "$d/$3" ;;
+remove)
+    if [ -L "$d" ]; then rm -f -- "$d"; else rm -rf -- "$d"; fi ;;
+*)
+    echo "taskcore: unknown operation $op" >&2
+    exit 2 ;;
+esac
+"""
+
+
+def credentials_directory(shared_directory: str | None, cluster_name: str) -> str:
+    """Where a cluster's jobs find their credentials: `<shared>/tls/<name>-<random>`, the
+    name made safe as one path component (the suffix keeps two clusters of one name
+    apart, so neither reads or removes the other's)."""
+    shared = os.path.expanduser(shared_directory or DEFAULT_SHARED_DIRECTORY)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", str(cluster_name)).lstrip(".")[:100] or "cluster"
+    return os.path.join(os.path.abspath(shared), CREDENTIALS_SUBDIR,
+                        f"{safe}-{uuid.uuid4().hex[:8]}")
 
 
 class JobQueueCluster(SpecCluster):
@@ -110,28 +175,153 @@ class JobQueueCluster(SpecCluster):
         if not shutdown_on_close and mode != "job":
             raise ValueError("shutdown_on_close=False needs scheduler='job': a scheduler in "
                              "this process cannot outlive it")
-        if not shutdown_on_close and security is not None:
-            raise ValueError("shutdown_on_close=False does not support TLS security yet")
-        if name is None and not shutdown_on_close:
-            import uuid
-
+        _check_security(security)
+        if not shutdown_on_close and isinstance(security, Security):
+            raise ValueError("shutdown_on_close=False does not support TLS security yet (give "
+                             "security=False, or keep the cluster attached)")
+        if name is None:
+            # Known now: it names the credentials directory (and the registry entry).
             name = f"{self.config_name}cluster-{uuid.uuid4().hex[:8]}"
-        self.security = security
+        self._own_credentials = None      # the local directory of credentials made here
+        self._credentials_dir = None      # the jobs' copy (shared_directory), when needed
+        self._wrote_credentials = False   # the jobs' copy may exist: remove it at close
+        self._shared_directory = os.path.expanduser(opts.get("shared_directory")
+                                                    or DEFAULT_SHARED_DIRECTORY)
         self.system = self._make_system(opts)
         job = {k: v for k, v in opts.items() if k in self.option_names()}
         JobScript(self.system, **job)  # every job option checked here, in the caller
-        template = self._job_template(job)
-        groups = {g: self._job_template({**job, **self._group_options(g, o)}, g)
-                  for g, o in (opts.get("worker_groups") or {}).items()}
-        scheduler_spec = self._scheduler_spec(mode, job, opts, name)
-        per_job = template["options"]["job"].get("processes", 1)
-        workers = {i: copy.deepcopy(template) for i in range(math.ceil(n_workers / per_job))}
-        self._queue_waits: list = []
-        self._walltime_task: asyncio.Task | None = None
-        super().__init__(workers=workers, scheduler=scheduler_spec, worker=template,
-                         worker_groups=groups, asynchronous=asynchronous, name=name,
-                         shutdown_on_close=shutdown_on_close, close_timeout=close_timeout,
-                         retire_timeout=retire_timeout)
+        self.security, self._token = self._resolve_security(security, not shutdown_on_close,
+                                                            name)
+        try:
+            self._job_security = self._job_credentials(name)
+            template = self._job_template(job)
+            groups = {g: self._job_template({**job, **self._group_options(g, o)}, g)
+                      for g, o in (opts.get("worker_groups") or {}).items()}
+            scheduler_spec = self._scheduler_spec(mode, job, opts, name)
+            per_job = template["options"]["job"].get("processes", 1)
+            workers = {i: copy.deepcopy(template) for i in range(math.ceil(n_workers / per_job))}
+            self._queue_waits: list = []
+            self._walltime_task: asyncio.Task | None = None
+            super().__init__(workers=workers, scheduler=scheduler_spec, worker=template,
+                             worker_groups=groups, asynchronous=asynchronous, name=name,
+                             shutdown_on_close=shutdown_on_close, close_timeout=close_timeout,
+                             retire_timeout=retire_timeout)
+        except BaseException:
+            self._remove_local_credentials()  # a failed sync start closed everything else
+            raise
+
+    # -- security -------------------------------------------------------------------------------
+    def _resolve_security(self, security, detached, name):
+        """(the Security this process uses: Client(cluster), the in-process scheduler; the
+        token the jobs get), and the warning when the cluster is plain tcp:// without a
+        token. See the module doc."""
+        if detached:
+            self._warn_plain(name, "a detached cluster (shutdown_on_close=False) runs over "
+                                   "plain tcp://")
+            return None, None
+        if security is None:
+            # The CA's name adds " CA"; x509 limits a common name to 64 characters.
+            security = Security.temporary(common_name=f"taskcore {name}"[:60])
+            self._own_credentials = os.path.dirname(security.ca_file)
+        elif security is False:
+            security = None
+        token = resolve_token(None, security)  # the Security's, else TASKCORE_TOKEN here
+        if (security is None or not security.enabled) and token is None:
+            self._warn_plain(name, "security=False" if security is None else
+                             "a Security without TLS files")
+        return security, token
+
+    @staticmethod
+    def _warn_plain(name, why):
+        logger.warning("%s: %s: plain tcp:// without a token, so anyone who can reach the "
+                       "scheduler's port can run code on the workers (use TLS, the default "
+                       "for an attached job queue cluster, or Security(token=...))", name, why)
+
+    @property
+    def _tls(self) -> bool:
+        return self.security is not None and self.security.enabled
+
+    @property
+    def _check_address(self) -> str:
+        """Stands in for the scheduler's address in scripts written before it is known."""
+        return _CHECK_ADDRESS.replace("tcp://", "tls://") if self._tls else _CHECK_ADDRESS
+
+    def _job_credentials(self, name) -> JobCredentials | None:
+        """The credentials as the jobs see them: the copies in this cluster's directory
+        under shared_directory (temporary ones made here, a token), or a given Security's
+        TLS files by their own paths. None: the jobs get none."""
+        if not self._own_credentials and self._token is None and not self._tls:
+            return None
+        if self._own_credentials or self._token is not None:
+            self._credentials_dir = credentials_directory(self._shared_directory, name)
+        d = self._credentials_dir
+        if self._own_credentials:
+            ca, cert, key = (os.path.join(d, f) for f in CREDENTIAL_FILES)
+        elif self._tls:
+            ca, cert, key = self.security.ca_file, self.security.cert_file, \
+                self.security.key_file
+        else:
+            ca = cert = key = None
+        token_file = os.path.join(d, "token") if self._token is not None else None
+        return JobCredentials(ca, cert, key, token_file)
+
+    def _job_files(self) -> dict:
+        """{file name: contents} of the jobs' credentials directory."""
+        files = {}
+        if self._own_credentials:
+            for f in CREDENTIAL_FILES:
+                with open(os.path.join(self._own_credentials, f), "rb") as fh:
+                    files[f] = fh.read()
+        if self._token is not None:
+            files["token"] = self._token.encode() + b"\n"
+        return files
+
+    async def _credentials_op(self, op, *args, stdin=None):
+        return await self.system.run(["sh", "-c", _CREDENTIALS_SH, "sh", op, *args],
+                                     f"{op} {args[0]} (the jobs' credentials)", stdin=stdin)
+
+    async def _write_job_credentials(self):
+        """Write the jobs' copy of the credentials, as the batch commands' user."""
+        d = self._credentials_dir
+        if d is None or self._wrote_credentials:
+            return
+        files = self._job_files()
+        try:
+            await self._credentials_op("mkdir", d)
+            self._wrote_credentials = True
+            for f, data in files.items():
+                await self._credentials_op("write", d, f, stdin=data)
+        except BatchCommandError as e:
+            who = ""
+            if self.system.command_prefix:
+                try:
+                    who = f" as {self.system.user()} (command_prefix)"
+                except BatchCommandError:
+                    who = " as command_prefix's user"
+            raise BatchCommandError(
+                f"{self.name}: cannot write the jobs' TLS credentials into {d}{who}: {e}. "
+                f"shared_directory must be a directory that user can write and the compute "
+                f"nodes see (or give security=False for plain tcp://)") from None
+        self._log(logging.INFO, "%s: the jobs' credentials are in %s", self.name, d)
+
+    async def _remove_credentials(self):
+        """Remove the jobs' credentials directory (best effort, logged), then the local
+        temporary credentials."""
+        try:
+            if getattr(self, "_wrote_credentials", False):
+                try:
+                    await self._credentials_op("remove", self._credentials_dir)
+                    self._wrote_credentials = False
+                except Exception as e:
+                    self._log(logging.WARNING, "%s: could not remove the jobs' credentials %s: "
+                              "%s", self.name, self._credentials_dir, e)
+        finally:
+            self._remove_local_credentials()
+
+    def _remove_local_credentials(self):
+        path, self._own_credentials = getattr(self, "_own_credentials", None), None
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
 
     # -- options --------------------------------------------------------------------------------------
     @classmethod
@@ -159,11 +349,12 @@ class JobQueueCluster(SpecCluster):
         return opts
 
     @classmethod
-    def job_script_template(cls, **job_options) -> JobScript:
+    def job_script_template(cls, security=None, **job_options) -> JobScript:
         """The JobScript of the default worker template these options make, with the site
-        config applied, without a cluster (`core-jobqueue script`)."""
+        config applied, without a cluster (`core-jobqueue script`); `security`: the
+        job's credentials (a JobCredentials), if any."""
         opts = cls.resolve_options({}, job_options)
-        return JobScript(cls.system_class(),
+        return JobScript(cls.system_class(), security=security,
                          **{k: v for k, v in opts.items() if k in cls.option_names()})
 
     def _make_system(self, opts):
@@ -189,8 +380,8 @@ class JobQueueCluster(SpecCluster):
     # -- specs --------------------------------------------------------------------------------------
     def _job_template(self, job: dict, group=None) -> dict:
         spec = {"cls": Job, "options": {"system": self.system, "job": job}}
-        if self.security is not None:
-            spec["options"]["security"] = self.security
+        if self._job_security is not None:
+            spec["options"]["security"] = self._job_security
         processes = int(job.get("processes") or 1)
         if processes > 1:
             spec["group"] = [f"-{i}" for i in range(processes)]  # core-worker names NAME-i
@@ -198,7 +389,7 @@ class JobQueueCluster(SpecCluster):
 
     def _scheduler_spec(self, mode, job, opts, name):
         sched_opts = dict(opts.get("scheduler_options") or {})
-        if self.security is not None:
+        if self._tls:
             sched_opts.setdefault("protocol", "tls")
         if mode == "local":
             from taskcore.scheduler import Scheduler
@@ -222,8 +413,7 @@ class JobQueueCluster(SpecCluster):
         sjob.update(cores=1, job_name="taskcore-scheduler", walltime_margin=None)
         sjob.update(self._group_options("scheduler_job", opts.get("scheduler_job") or {}))
         JobScript(self.system, **sjob)
-        shared = os.path.expanduser(opts.get("shared_directory") or os.path.join(
-            "~", ".cache", "taskcore", "jobqueue"))
+        shared = self._shared_directory
         label = name or f"{self.config_name}-{os.getpid()}-{time.monotonic_ns()}"
         spec = {"cls": SchedulerJob,
                 "options": {"system": self.system, "job": sjob,
@@ -231,8 +421,8 @@ class JobQueueCluster(SpecCluster):
                             "scheduler_options": sched_opts,
                             # its queue wait included: a busy site may need hours
                             "startup_timeout": float(opts["scheduler_timeout"])}}
-        if self.security is not None:
-            spec["options"]["security"] = self.security
+        if self._job_security is not None:
+            spec["options"]["security"] = self._job_security
         return spec
 
     def _group_job(self, worker_group=None) -> dict:
@@ -244,6 +434,7 @@ class JobQueueCluster(SpecCluster):
     # -- lifecycle ------------------------------------------------------------------------------------
     async def _start(self):
         await self._check_scripts()
+        await self._write_job_credentials()  # before any job (the scheduler's too) is queued
         await super()._start()
         self._walltime_task = asyncio.ensure_future(self._walltime_loop())
 
@@ -256,14 +447,15 @@ class JobQueueCluster(SpecCluster):
         for label, spec in templates:
             if spec is None:
                 opts = self.scheduler_spec["options"]
-                text = JobScript(self.system, security=self.security,
+                text = JobScript(self.system, security=self._job_security,
                                  **opts["job"]).scheduler_script(
                     opts["scheduler_file"], opts["scheduler_options"])
             else:
-                job = JobScript(self.system, security=self.security, **spec["options"]["job"])
+                job = JobScript(self.system, security=self._job_security,
+                                **spec["options"]["job"])
                 if job.log_directory:  # some checks open the output files (condor_submit)
                     os.makedirs(job.log_directory, exist_ok=True)
-                text = job.worker_script(_CHECK_ADDRESS, "check")
+                text = job.worker_script(self._check_address, "check")
             fd, path = tempfile.mkstemp(prefix="taskcore-check-", suffix=".sh")
             try:
                 with os.fdopen(fd, "w") as f:
@@ -280,7 +472,10 @@ class JobQueueCluster(SpecCluster):
     async def _close(self):
         if self._walltime_task is not None:
             self._walltime_task.cancel()
-        await super()._close()
+        try:
+            await super()._close()
+        finally:
+            await self._remove_credentials()  # every job is gone: nothing reads them now
 
     async def _detach(self):
         if self._walltime_task is not None:
@@ -366,9 +561,10 @@ class JobQueueCluster(SpecCluster):
     # -- what users look at -----------------------------------------------------------------------
     def job_script(self, worker_group=None) -> str:
         """The exact script the next job of this group will be submitted with."""
-        job = JobScript(self.system, security=self.security, **self._group_job(worker_group))
+        job = JobScript(self.system, security=self._job_security,
+                        **self._group_job(worker_group))
         name = self._peek_name(worker_group)
-        return job.worker_script(self.scheduler_address or _CHECK_ADDRESS, name)
+        return job.worker_script(self.scheduler_address or self._check_address, name)
 
     def _peek_name(self, worker_group=None):
         if worker_group is not None:
@@ -427,10 +623,15 @@ class JobQueueCluster(SpecCluster):
 
     def _restore(self, config, **kwargs):
         context = super()._restore(config, **kwargs)
-        self.security = None
+        self.security, self._token, self._job_security = None, None, None  # detached: tcp://
+        self._own_credentials, self._credentials_dir, self._wrote_credentials = None, None, False
         self.system = self.system_class.from_record(config["system"], context)
         self._queue_waits = []
         self._walltime_task = None
         return context
 
 
+def _check_security(security):
+    if security is not None and security is not False and not isinstance(security, Security):
+        raise TypeError(f"security must be None (temporary TLS credentials), a Security or "
+                        f"False (plain tcp://), got {security!r}")

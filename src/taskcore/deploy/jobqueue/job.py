@@ -37,6 +37,16 @@ stays True until the job runs). Its state comes from the cluster's poller
 
 `SchedulerJob` runs `core-scheduler --scheduler-file <shared file>` as a
 job; `start()` returns once that file names the scheduler's address.
+
+Credentials
+-----------
+A script names credential *files*, never their contents: `--tls-ca-file`,
+`--tls-cert`, `--tls-key` and `--token-file` (`JobCredentials`: the paths as
+the jobs see them, in the cluster's private directory under its
+`shared_directory`; deploy/jobqueue/cluster.py writes and removes it). So no
+key or token is in a job script, in the batch system's copy of it, or on a
+process command line; core-worker and core-scheduler read the files at start
+(a nanny hands the token to its workers through their environment).
 """
 from __future__ import annotations
 
@@ -57,7 +67,8 @@ from taskcore.utils import parse_bytes, parse_timedelta, read_json_file
 
 logger = logging.getLogger("taskcore.deploy.jobqueue")
 
-__all__ = ["JobScript", "Job", "SchedulerJob", "parse_walltime", "JOB_OPTIONS"]
+__all__ = ["JobScript", "Job", "SchedulerJob", "JobCredentials", "parse_walltime",
+           "JOB_OPTIONS"]
 
 # Every option a job template accepts (dask-jobqueue's names, plus ours after the blank line).
 JOB_OPTIONS = frozenset({
@@ -69,6 +80,35 @@ JOB_OPTIONS = frozenset({
     "header_template", "walltime_margin", "lifetime_stagger", "nanny", "protocol",
     "resources",
 })
+
+
+class JobCredentials:
+    """Credentials as a job sees them: the paths of the TLS files and of a file holding
+    the shared token, where the compute nodes read them. Only paths: the secrets never
+    enter a script (see the module doc). A `Security` works in its place for its TLS
+    files (their paths as given); its token is ignored here (the cluster writes it to a
+    file and names that file in `token_file`)."""
+
+    def __init__(self, ca_file=None, cert_file=None, key_file=None, token_file=None):
+        self.ca_file = ca_file
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.token_file = token_file
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_file and self.cert_file and self.key_file)
+
+    def __repr__(self):
+        return (f"JobCredentials(ca_file={self.ca_file!r}, cert_file={self.cert_file!r}, "
+                f"key_file={self.key_file!r}, token_file={self.token_file!r})")
+
+
+def _credential_args(security) -> list:
+    """`--token-file PATH` when the job's credentials name a token file (the TLS options
+    come from security_cli_args)."""
+    path = getattr(security, "token_file", None)
+    return ["--token-file", path] if path else []
 
 
 class _Fields(string.Formatter):
@@ -131,8 +171,9 @@ class JobScript:
         self.nanny = nanny
         self.protocol = protocol
         self.resources = resources
-        # TLS: the certificate files' paths go into the script, so they must be readable
-        # where the job runs (a shared file system), as dask-jobqueue expects too.
+        # Credentials (JobCredentials, or a Security for its TLS files): their *paths* go
+        # into the script, so they must be readable where the job runs (a shared file
+        # system), as dask-jobqueue expects too. Never a key or a token itself.
         self.security = security
         self.lifetime, self.lifetime_stagger = self._lifetime(walltime_margin, lifetime_stagger)
 
@@ -202,7 +243,7 @@ class JobScript:
             lifetime=self.lifetime, lifetime_stagger=self.lifetime_stagger,
             protocol=self.protocol, interface=self.interface, python=self.python,
             security=self.security, log_level="info")
-        return args + self.worker_extra_args
+        return args + _credential_args(self.security) + self.worker_extra_args
 
     def render(self, command: list) -> str:
         return self.system.render(self, command)
@@ -228,7 +269,7 @@ class JobScript:
                                   security=self.security, log_level="info", **opts)
         if interface:
             args += ["--interface", interface]
-        return self.render(args)
+        return self.render(args + _credential_args(self.security))
 
 
 def _unlink(path):
