@@ -804,15 +804,16 @@ class Client:
             keys.append(k)
         if isinstance(workers, str):
             workers = [workers]
+        # Referenced before the request goes out: a release of the same key still
+        # waiting in the outbox (scattered, dropped, scattered again) is then held back
+        # rather than sent after the scheduler registered the new copy.
+        futures = [Future(k, self) for k in keys]
         await self._rpc("scatter", data=payload, client=self.id,
                                  workers=list(workers) if workers else None,
                                  broadcast=bool(broadcast))
-        futures = []
-        for k in keys:
-            f = Future(k, self)
+        for f in futures:
             if f._state.status == PENDING:
                 f._state.finish(None, False, None)
-            futures.append(f)
         if keyed:
             return dict(zip([k for k, _ in items], futures))
         if keyed is None:

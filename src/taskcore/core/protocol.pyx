@@ -362,7 +362,12 @@ cdef class StreamProtocol:
         return batch
 
     cdef void _protocol_error(self, exc):
-        logger.warning("closing connection from %s: %s", self.peer_address, exc)
+        if self.handshake_info is None:
+            # Before the handshake the listener's throttled refusal log says it; a
+            # warning per garbage connection here would flood the log.
+            logger.debug("closing connection from %s: %s", self.peer_address, exc)
+        else:
+            logger.warning("closing connection from %s: %s", self.peer_address, exc)
         self.exc = exc
         self.closed = True
         self._wake_all()

@@ -42,6 +42,7 @@ from taskcore.errors import ProtocolError
 
 DEF_SCRATCH = 256 * 1024
 SCRATCH_START = 16 * 1024
+MAX_FRAMES_CAP = 1 << 32
 
 # Format constants exposed to Python (tests, docs).
 HEADER_PREFIX_SIZE = 8
@@ -66,6 +67,9 @@ cdef class Limits:
                  Py_ssize_t max_message_size=8 * 1024 ** 3):
         if max_frames < 1 or max_frame_size < 0 or max_message_size < 0:
             raise ValueError("limits must be positive")
+        if max_frames > MAX_FRAMES_CAP:
+            # The header table (8 + 9 * max_frames bytes) must stay far from overflowing.
+            raise ValueError(f"max_frames is at most {MAX_FRAMES_CAP}, got {max_frames}")
         self.max_frames = max_frames
         self.max_frame_size = max_frame_size
         self.max_message_size = max_message_size

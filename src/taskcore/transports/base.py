@@ -110,8 +110,16 @@ def _check_peer(msg, expected_token, check_token):
     if not isinstance(msg, dict) or msg.get("op") != "handshake":
         return f"expected a handshake message, got {str(msg)[:80]!r}"
     if msg.get("protocol") != PROTOCOL_VERSION:
-        return (f"protocol version mismatch: peer speaks {msg.get('protocol')!r}, "
+        return (f"protocol version mismatch: peer speaks {str(msg.get('protocol'))[:40]!r}, "
                 f"this side speaks {PROTOCOL_VERSION}")
+    compression = msg.get("compression")
+    if compression is not None and not (isinstance(compression, list)
+                                        and all(isinstance(c, str) for c in compression)):
+        return "malformed handshake: 'compression' must be a list of names"
+    if not isinstance(msg.get("role", ""), str):
+        return "malformed handshake: 'role' must be a string"
+    if not isinstance(msg.get("token"), (str, type(None))):
+        return "malformed handshake: 'token' must be a string"
     if check_token and expected_token is not None:
         token = msg.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(token.encode(),
@@ -205,7 +213,12 @@ async def server_handshake(comm, role, token=None, compression=True, timeout=10,
         return None
     ours = _local_handshake(role, None, compression)
     _negotiate(comm, ours, theirs)
-    await comm.write(ours)
+    try:
+        await comm.write(ours)
+    except (CommClosedError, ProtocolError) as e:     # gone, or garbage right behind it
+        refusals(comm.peer_address, f"connection lost right after the handshake: {e}")
+        comm.abort()
+        return None
     return theirs
 
 
