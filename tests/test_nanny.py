@@ -228,6 +228,26 @@ def test_memory_limit_kills_and_restarts(fake_worker):
     run(main())
 
 
+def test_memory_watch_skips_a_worker_still_starting(fake_worker):
+    """While a restarted worker starts it has no pid yet; the memory watch must not
+    measure psutil.Process(None), which is the nanny's own (here: this big test
+    process), and must keep watching the new worker."""
+    async def main():
+        import psutil
+
+        limit = psutil.Process().memory_info().rss // 2        # the nanny is over it, a worker is not
+        s = await FakeScheduler().start()
+        async with Nanny(s.address, memory_limit=limit, memory_poll_interval=0.002,
+                         **fake_worker("crash_once")) as n:
+            await s.next("worker-died")
+            await wait_for(lambda: n.restarts == 1 and n.worker_pid is not None)
+            await asyncio.sleep(0.3)
+            assert n._kill_reason is None and len(n.deaths) == 1, n.deaths
+            assert n.worker_pid is not None
+            assert any(t.get_coro().__name__ == "_memory_monitor" for t in n._tasks)
+    run(main())
+
+
 def test_restart_request_from_the_scheduler(fake_worker):
     async def main():
         s = await FakeScheduler().start()

@@ -31,20 +31,26 @@ class AddressError(TaskcoreError, ValueError):
 
 
 class KilledWorker(TaskcoreError):
-    """A task was running on too many workers that died; it is not retried again."""
+    """A task was running on too many workers that died; it is not retried again.
 
-    def __init__(self, key, last_worker, allowed_failures):
+    `reason` says how the last of them died when its nanny said so (None otherwise):
+    "killed by its nanny: memory limit exceeded (rss ... > 95% of ...)" for a worker
+    killed at the memory limit."""
+
+    def __init__(self, key, last_worker, allowed_failures, reason=None):
         self.key = key
         self.last_worker = last_worker
         self.allowed_failures = allowed_failures
-        super().__init__(key, last_worker, allowed_failures)
+        self.reason = reason
+        super().__init__(key, last_worker, allowed_failures, reason)
 
     def __str__(self):
-        return (
+        text = (
             f"Attempted to run task {self.key!r} on {self.allowed_failures + 1} different "
             f"workers, but all those workers died while running it. The last worker was "
-            f"{self.last_worker}."
+            f"{self.last_worker}"
         )
+        return f"{text}: {self.reason}." if self.reason else f"{text}."
 
 
 class CancelledError(TaskcoreError):

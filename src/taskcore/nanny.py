@@ -6,9 +6,21 @@ responsive, so it can
 - restart the worker when it dies (with backoff, giving up after
   `max_rapid_failures` deaths in a row that each came soon after a start),
 - kill and restart it when its resident memory passes
-  `memory_terminate_fraction * memory_limit` (polled with psutil),
+  `memory_terminate_fraction * memory_limit` (polled with psutil; False or 0 turns
+  it off),
 - tell the scheduler about each death and carry out the scheduler's
-  "restart-worker" and "close" requests.
+  "restart-worker" and "close" requests,
+- restart a worker that retires because it stayed paused for memory too long
+  (worker_memory.py): the worker asks first (`restart-after-retire` on the nanny's
+  own address), then retires through the scheduler; the scheduler's "close" that
+  ends a retirement is then not for the nanny, and the worker's clean exit is
+  followed by a new worker instead of the nanny closing.
+
+Memory kills. A worker over the terminate threshold is stopped first (SIGSTOP: it
+cannot allocate more), the scheduler is told why (`worker-died` with the reason,
+written before the kill, so it arrives before the worker's connection drops), and
+only then killed (SIGKILL). The scheduler thus removes the worker with the memory
+reason, which a task's `KilledWorker` error carries to the client.
 
 The worker is `python -m taskcore.cli.worker --no-nanny ...`; the nanny
 learns its address from the JSON ready line on its stdout (see
@@ -37,7 +49,21 @@ import time
 from taskcore.errors import CommClosedError, HandshakeError, ProtocolError
 from taskcore.member import ClusterMember
 from taskcore.process import ProcessStartError, Status, Subprocess, worker_cli_args
+from taskcore.security import token_env
 from taskcore.utils import format_bytes, get_ip_interface, parse_memory_limit
+from taskcore.worker_memory import memory_options
+
+# The worker's memory options that a nanny checks before handing them on (worker_memory.py).
+_MEMORY_OPTIONS = ("memory_target_fraction", "memory_spill_fraction", "memory_pause_fraction",
+                   "memory_pause_timeout", "memory_monitor_interval", "memory_max_spill",
+                   "memory_spill_compression")
+# How long a `restart-after-retire` request holds: the retirement (up to 60 s at the
+# scheduler) and the worker's own fallback close (60 s more) fit in it.
+RESTART_AFTER_RETIRE_WINDOW = 180.0
+# After the scheduler was told about a memory kill: time for it to read that message
+# before the worker's connection drops (the worker is stopped meanwhile).
+MEMORY_KILL_REPORT_DELAY = 0.1
+MALLOC_TRIM_THRESHOLD = 65536
 
 logger = logging.getLogger("taskcore.nanny")
 
@@ -67,9 +93,19 @@ class Nanny(ClusterMember):
             raise ValueError("a Nanny runs its worker in another process; inproc:// cannot reach it")
         self.scheduler_address = scheduler_address
         self.env = dict(env or {})
+        if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+            # As dask's nanny does: a fixed trim threshold turns off glibc's sliding mmap
+            # threshold, so a large result freed (spilled, released) goes back to the
+            # system at once instead of staying in the heap as RSS that spilling cannot
+            # lower (measured: docs/design.md, Memory).
+            self.env.setdefault("MALLOC_TRIM_THRESHOLD_", str(MALLOC_TRIM_THRESHOLD))
         self.nthreads = nthreads
         self.memory_limit = parse_memory_limit(memory_limit, nthreads)
-        self.memory_terminate_fraction = memory_terminate_fraction
+        # Fails here, in the caller, on a bad fraction (not in the worker process).
+        checked = memory_options(memory_terminate_fraction=memory_terminate_fraction,
+                                 **{k: worker_kwargs[k] for k in _MEMORY_OPTIONS
+                                    if k in worker_kwargs})
+        self.memory_terminate_fraction = checked["terminate"]
         self.restart = restart
         self.name = name
         self.protocol = protocol.rstrip(":/")
@@ -104,6 +140,8 @@ class Nanny(ClusterMember):
         self.deaths: list = []  # (time, reason) of each unplanned worker exit
         self._rapid_failures = 0
         self._kill_reason: str | None = None
+        self._reported_death = None       # the process whose death was already reported
+        self._restart_after_retire = None  # (deadline, reason) while a worker retires to restart
         self._listener = None
         self._comm = None
         self._tasks: set = set()
@@ -236,7 +274,8 @@ class Nanny(ClusterMember):
 
     async def _spawn(self):
         """Start one worker process and wait for its ready line."""
-        proc = Subprocess(self._command(), env=self.env, name=self.name, role="worker",
+        proc = Subprocess(self._command(), env=token_env(self.env, self.security),
+                          name=self.name, role="worker",
                           scheduler=self.scheduler_address, startup_timeout=self.startup_timeout,
                           close_grace=self.close_grace, logs=self.logs,
                           forward_stderr=self.forward_logs)
@@ -258,7 +297,15 @@ class Nanny(ClusterMember):
         self.deaths.append((time.time(), reason))
         (logger.info if planned else logger.warning)(
             "nanny %s: worker %s (pid %s) exited: %s", self.address, proc.address, proc.pid, reason)
-        self._report({"op": "worker-died", "worker": proc.address, "reason": reason})
+        if self._reported_death is not proc:
+            self._report({"op": "worker-died", "worker": proc.address, "reason": reason})
+        if planned and self._restart_pending():
+            # It retired to be restarted (paused for memory too long): a fresh worker.
+            logger.warning("nanny %s: worker %s retired (%s); starting a new one", self.address,
+                           proc.address, self._restart_after_retire[1])
+            self._restart_after_retire = None
+            self._spawn_task(self._restart_after_death(proc))
+            return
         if planned:
             # The worker left on purpose (retired, lifetime, death_timeout): so do we.
             self._spawn_task(self.close(reason="worker exited cleanly"))
@@ -329,22 +376,53 @@ class Nanny(ClusterMember):
         import psutil
 
         threshold = self.memory_terminate_fraction * self.memory_limit
+        watched = None                  # (process, psutil handle) of the worker watched
         while True:
             await asyncio.sleep(self.memory_poll_interval)
             proc = self.process
-            if proc is None or proc.returncode is not None or self._kill_reason:
+            # Not yet started (no pid): psutil.Process(None) would be this nanny itself.
+            if (proc is None or proc.pid is None or proc.returncode is not None
+                    or self._kill_reason):
                 continue
             try:
-                rss = psutil.Process(proc.pid).memory_info().rss
+                if watched is None or watched[0] is not proc:
+                    watched = (proc, psutil.Process(proc.pid))
+                rss = watched[1].memory_info().rss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             if rss > threshold:
-                reason = (f"memory limit exceeded: worker rss {format_bytes(rss)} > "
-                          f"{self.memory_terminate_fraction:.0%} of {format_bytes(self.memory_limit)}")
-                logger.warning("nanny %s: %s; restarting it", self.address, reason)
-                # SIGKILL, not SIGTERM: a process that is busy allocating will not stop politely.
-                self._kill_reason = reason
-                proc.kill()
+                reason = (f"killed by its nanny: memory limit exceeded (rss {format_bytes(rss)} > "
+                          f"{self.memory_terminate_fraction:.0%} of "
+                          f"{format_bytes(self.memory_limit)})")
+                logger.warning("nanny %s: worker %s %s; restarting it", self.address,
+                               proc.address, reason)
+                try:
+                    await self._memory_kill(proc, reason, rss)
+                except Exception:       # the watch must go on, whatever happened here
+                    logger.exception("nanny %s: killing worker %s failed", self.address,
+                                     proc.address)
+
+    async def _memory_kill(self, proc, reason, rss):
+        """Stop the worker, tell the scheduler why, then kill it (see the module doc)."""
+        import signal
+
+        self._kill_reason = reason
+        comm = self._comm
+        if comm is not None and not comm.closed and proc.pid is not None:
+            try:
+                os.kill(proc.pid, signal.SIGSTOP)   # no more allocations meanwhile
+            except OSError:
+                pass
+            try:
+                await asyncio.wait_for(comm.write(
+                    {"op": "worker-died", "worker": proc.address, "reason": reason,
+                     "cause": "memory", "rss": rss, "memory_limit": self.memory_limit}), 1.0)
+                self._reported_death = proc
+                await asyncio.sleep(MEMORY_KILL_REPORT_DELAY)
+            except Exception as e:
+                logger.debug("nanny %s: could not report the memory kill: %r", self.address, e)
+        # SIGKILL, not SIGTERM: a process that is busy allocating will not stop politely.
+        proc.kill()
 
     # -- talking to the scheduler -------------------------------------------------------------
     async def _start_listener(self):
@@ -423,10 +501,34 @@ class Nanny(ClusterMember):
                 if isinstance(m, dict):
                     self._handle_op(m, comm)
 
+    def _restart_pending(self) -> bool:
+        r = self._restart_after_retire
+        if r is not None and time.monotonic() > r[0]:
+            self._restart_after_retire = r = None
+        return r is not None
+
     def _handle_op(self, msg, comm):
         op = msg.get("op")
         if op == "restart-worker":
             self._spawn_task(self._handle_restart(comm, msg))
+        elif op == "restart-after-retire":
+            # From our worker, paused for memory too long: it is about to retire.
+            reason = str(msg.get("reason") or "restart after retiring")
+            ok = self.status is Status.running and self.restart
+            if ok:
+                self._restart_after_retire = (time.monotonic() + RESTART_AFTER_RETIRE_WINDOW,
+                                              reason)
+                logger.warning("nanny %s: worker %s retires to be restarted: %s", self.address,
+                               self.worker_address, reason)
+            try:
+                comm.send({"op": "reply", "ok": ok})
+            except Exception:
+                pass
+        elif op == "close" and self._restart_pending():
+            # The scheduler ends the retirement of a worker that is to be restarted: it
+            # closes the worker, and we start a new one (_watch).
+            logger.info("nanny %s: %s closes the retiring worker; a new one follows",
+                        self.address, comm.peer_address)
         elif op in ("close", "terminate"):
             self._spawn_task(self.close(reason=f"{op} requested by {comm.peer_address}"))
         elif op == "identity":

@@ -318,7 +318,7 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
                 if not fut.done():
                     fut.set_exception(CommClosedError("nanny disconnected"))
 
-    def _remove_worker(self, addr, safe, reason):
+    def _remove_worker(self, addr, safe, reason, cause=None):
         peer = self.workers.pop(addr, None)
         if peer is None:
             return
@@ -328,7 +328,7 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
                 fut.set_exception(CommClosedError(f"worker {addr} left: {reason}"))
         peer.comm.abort()
         self._handle(RemoveWorker(addr, safe=safe, now=time.time(),
-                                  stimulus_id=f"remove-worker-{addr}-{reason}"))
+                                  stimulus_id=f"remove-worker-{addr}-{reason}", reason=cause))
 
     # -- worker messages ---------------------------------------------------------------------------
     def handle_worker_message(self, peer, msg):
@@ -363,7 +363,8 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
             addr = msg.get("worker")
             logger.warning("nanny reports worker %s died: %s", addr, msg.get("reason"))
             if addr in self.workers:
-                self._remove_worker(addr, safe=False, reason="worker died")
+                self._remove_worker(addr, safe=False, reason="worker died",
+                                    cause=msg.get("reason"))
         elif op in ("worker-restarted", "reply"):
             fut = peer.replies.pop(msg.get("reqid", "restart"), None)
             if fut is not None and not fut.done():
@@ -507,7 +508,12 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
         nbytes = {}
         for r in replies:
             nbytes.update(r.get("nbytes", {}))
-        self._handle(UpdateData(client or peer.id, placement, nbytes, stimulus_id="scatter"))
+        cid = client or peer.id
+        self._handle(UpdateData(cid, placement, nbytes, stimulus_id="scatter"))
+        if cid is not None and cid not in self.clients and self.status == "running":
+            # The client left while its data travelled (UpdateData made its record anew):
+            # what it scattered leaves with it, as at any disconnect.
+            self._handle(ClientRemoved(cid, stimulus_id=f"client-removed-{cid}"))
         # Second phase: the workers learn the task ids the state machine assigned.
         for w, d in per_worker.items():
             p = self.workers.get(w)

@@ -22,6 +22,13 @@ Peer -> worker: get-data {keys} -> {status: "OK", data: {key: Serialized}} or {s
 Small results ride along inside `tasks-finished` (up to `inline_result_bytes`),
 so the scheduler can hand them to the client without another round trip.
 
+Memory (worker_memory.py, spill.py): with a `memory_limit`, results are spilled to disk
+least recently used first past `memory_target_fraction` of it (managed bytes) and
+`memory_spill_fraction` (process memory), tasks stop starting past
+`memory_pause_fraction`, and a worker paused for `memory_pause_timeout` restarts
+gracefully through its nanny. `data` holds only the values in memory; get-data serves
+spilled ones from disk.
+
 Diagnostics (docs/diagnostics.md): a sampling profiler thread (profile.py), the last
 log records (logs.py), `/metrics` for Prometheus on `dashboard_address`
 (worker_metrics.py) and forwarding of the tasks' log records (forward_logging.py).
@@ -41,11 +48,11 @@ import uuid
 from taskcore.core.messages import decode_scheduler_message, encode_worker_instruction
 from taskcore.core.worker_state import (
     FindMissingResult, GatherDep, GatherDepBusy, GatherDepFailure, GatherDepNetworkFailure,
-    GatherDepSuccess, PauseEvent, RequestRefreshWhoHas, RetryBusyWorker, RetryBusyWorkerLater,
-    UnpauseEvent, UpdateData, WorkerState,
+    GatherDepSuccess, RequestRefreshWhoHas, RetryBusyWorker, RetryBusyWorkerLater, UpdateData,
+    WorkerState,
 )
 from taskcore.core.serialize import Serialized, nbytes as sizeof, serialize_obj
-from taskcore.core.worker_dispatch import WorkerDispatch, unserializable
+from taskcore.core.worker_dispatch import WithSpilled, WorkerDispatch, unserializable
 from taskcore.task_context import get_client, get_worker, rejoin, secede  # noqa: F401 (public)
 from taskcore.errors import CommClosedError, HandshakeError
 from taskcore.executor import TaskExecutor
@@ -53,6 +60,7 @@ from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
 from taskcore.transports import connect, listen
 from taskcore.transports.addressing import get_address_host, parse_address, unparse_host_port
 from taskcore.utils import parse_bytes
+from taskcore.worker_memory import WorkerMemoryManager, memory_options
 from taskcore.worker_metrics import WorkerCounters
 
 logger = logging.getLogger("taskcore.worker")
@@ -80,7 +88,13 @@ class Worker(WorkerDispatch, ServerLifecycle):
                  inline_result_bytes=16_384, validate=False, scheduler_file=None,
                  connection_timeout=10, max_outgoing_transfers=16, inline_threshold=200e-6,
                  inline_budget=0.005, dashboard_address=":0", profile_interval=None,
+                 memory_target_fraction=0.6, memory_spill_fraction=0.7,
+                 memory_pause_fraction=0.8, memory_terminate_fraction=0.95,
+                 memory_pause_timeout=60.0, memory_monitor_interval=0.1,
+                 memory_max_spill=False, memory_spill_compression=True,
                  **kwargs):
+        if kwargs:
+            raise TypeError(f"Worker got unknown options: {sorted(kwargs)}")
         if scheduler_address is None and scheduler_file is None:
             raise ValueError("Worker needs a scheduler address or scheduler_file=")
         if scheduler_address is None:
@@ -94,6 +108,11 @@ class Worker(WorkerDispatch, ServerLifecycle):
         if self.nthreads < 1:
             raise ValueError(f"nthreads must be >= 1, got {nthreads}")
         self.memory_limit = _memory_limit(memory_limit, self.nthreads)
+        # Checked here, so a bad option fails in the caller (worker_memory.py).
+        self._memory_opts = memory_options(
+            memory_target_fraction, memory_spill_fraction, memory_pause_fraction,
+            memory_terminate_fraction, memory_pause_timeout, memory_monitor_interval,
+            memory_max_spill, memory_spill_compression)
         self.resources = dict(resources or {})
         self.name = name
         self.local_directory = local_directory
@@ -153,6 +172,9 @@ class Worker(WorkerDispatch, ServerLifecycle):
         self.metrics_server = None
         self.profiler = None
         self.log_forwarder = None
+        self.memory_manager = WorkerMemoryManager(self, self.memory_limit, self._memory_opts,
+                                                  local_directory)
+        self.memory_manager.install()
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -175,13 +197,16 @@ class Worker(WorkerDispatch, ServerLifecycle):
         self._new_state()
         try:
             self._start_diagnostics()
-            await self._register()
+            # The first connection waits for the scheduler as long as death_timeout
+            # says (a worker started before its scheduler), not connection_timeout.
+            await self._register(first_timeout=self.death_timeout)
         except BaseException:
             await self.listener.stop()
             self.executor.shutdown()
             await self._stop_diagnostics()
             raise
         self.status = "running"
+        self.memory_manager.start()
         self._spawn(self._heartbeat_loop())
         if self.lifetime:
             delay = self.lifetime + random.uniform(-1, 1) * (self.lifetime_stagger or 0)
@@ -195,10 +220,12 @@ class Worker(WorkerDispatch, ServerLifecycle):
                                  validate=self.validate)
         self.data.clear()
         self.small.clear()
+        self.memory_manager.clear()
 
-    async def _register(self):
+    async def _register(self, first_timeout=None):
         opts = {"security": self.security} if self.security is not None else {}
-        comm = await connect(self.scheduler_address, timeout=self.connection_timeout,
+        timeout = self.connection_timeout if first_timeout is None else float(first_timeout)
+        comm = await connect(self.scheduler_address, timeout=timeout,
                              role="worker", token=self.token, **opts)
         await comm.write({
             "op": "register-worker", "address": self.address, "name": self.name,
@@ -276,6 +303,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
             self._client = None
         for t in list(self._tasks):
             t.cancel()
+        self.memory_manager.close()
         self.status = "closed"
         if not self._closed.done():
             self._closed.set_result(None)
@@ -304,7 +332,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
         proc.cpu_percent()              # the first call only starts the measurement
         counters = self.counters
         clock = self.loop.time
-        paused = False
+        memory = self.memory_manager
         while self.status in ("running", "reconnecting"):
             asked = clock()
             await asyncio.sleep(self.heartbeat_interval)
@@ -315,6 +343,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
             rss = proc.memory_info().rss
             counters.rss = rss
             counters.cpu = proc.cpu_percent()
+            if not memory.enabled:
+                memory.rss = rss
             metrics = {"rss": rss, "memory": self.state.memory_bytes,
                        "executing": self.state.executing_count,
                        "ready": self.state.ready_count, "in_memory": len(self.data),
@@ -324,15 +354,6 @@ class Worker(WorkerDispatch, ServerLifecycle):
                 self.scheduler_comm.send({"op": "heartbeat", "metrics": metrics})
             except CommClosedError:
                 continue
-            if self.memory_limit:
-                frac = rss / self.memory_limit
-                if frac > 0.8 and not paused:
-                    paused = True
-                    logger.warning("memory at %.0f%% of the limit: pausing", frac * 100)
-                    self._handle(PauseEvent("memory-pause"))
-                elif frac < 0.7 and paused:
-                    paused = False
-                    self._handle(UnpauseEvent("memory-unpause"))
 
     # -- the state machine ----------------------------------------------------------------
     def _handle(self, *events):
@@ -400,10 +421,31 @@ class Worker(WorkerDispatch, ServerLifecycle):
 
     # -- executing tasks --------------------------------------------------------------------
     def run_dask_task(self, node):
-        """Hook: run one task of a dask graph (a `["dask", node]` run spec)."""
+        """Hook: run one task of a dask graph (a `["dask", node]` run spec). While memory
+        is managed a dependency may be spilled at any moment (this runs on a task
+        thread): look them up through `WithSpilled`, which reads them back."""
         from taskcore.dask_integration import execute_dask_node
 
-        return execute_dask_node(node, self.data)
+        return execute_dask_node(node, WithSpilled(self) if self.memory_managed else self.data)
+
+    # -- memory (worker_memory.py) ---------------------------------------------------------------
+    def memory_over_target(self):
+        """Hook: managed memory passed the target; spill least recently used values."""
+        self.memory_manager.over_target()
+
+    def drop_spilled(self, key):
+        """Hook: a released key was on disk."""
+        self.memory_manager.drop(key)
+
+    def load_dependency(self, key):
+        """Hook: a task's dependency is not in `data`; read it back (KeyError if it is
+        not spilled either)."""
+        return self.memory_manager.load_dependency(key)
+
+    @property
+    def paused(self):
+        """True while memory pressure keeps this worker from starting tasks."""
+        return bool(self.state is not None and self.state.paused)
 
     # -- data transfer ------------------------------------------------------------------------
     async def _peer(self, address):
@@ -505,14 +547,28 @@ class Worker(WorkerDispatch, ServerLifecycle):
             data = {}
             errors = {}
             nbytes = 0
+            store = self.data
+            spilled = self.spilled
+            touch = self.memory_manager.store.touch if self.memory_managed else None
             for k in msg.get("keys", ()):
-                if k not in self.data:
+                if k not in store:
+                    if spilled and k in spilled:
+                        # On disk: its frames go out as they are (read off the loop).
+                        try:
+                            s = data[k] = await self.memory_manager.read_for_transfer(k)
+                            nbytes += s.nbytes
+                        except KeyError:
+                            pass                        # released meanwhile
+                        except Exception as e:
+                            errors[k] = f"could not read spilled {k!r}: {type(e).__name__}: {e}"
                     continue
+                if touch is not None:
+                    touch(k)
                 try:
-                    s = data[k] = serialize_obj(self.data[k])
+                    s = data[k] = serialize_obj(store[k])
                     nbytes += s.nbytes
                 except Exception as e:
-                    errors[k] = unserializable(k, self.data[k], e)
+                    errors[k] = unserializable(k, store[k], e)
             await comm.write({"status": "OK", "data": data, "errors": errors})
             self.counters.outgoing_count += 1
             self.counters.outgoing_bytes += nbytes
@@ -538,6 +594,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
         for k, tid in msg["ids"]:
             if k in self._pending_scatter:
                 v = self._pending_scatter.pop(k)
+                if k in self.spilled:
+                    self.memory_manager.drop(k)     # scattered again: the old copy goes
                 self.data[k] = v
                 items.append((tid, k, sizeof(v)))
         if items:

@@ -26,7 +26,7 @@ SCRAPE_TIMEOUT = 2.0
 
 class WorkerCounters:
     __slots__ = ("incoming_bytes", "outgoing_bytes", "incoming_count", "outgoing_count",
-                 "incoming_comms", "event_loop_delay", "cpu", "rss", "spilled_bytes")
+                 "incoming_comms", "event_loop_delay", "cpu", "rss")
 
     def __init__(self):
         self.incoming_bytes = 0
@@ -37,7 +37,6 @@ class WorkerCounters:
         self.event_loop_delay = 0.0
         self.cpu = 0.0
         self.rss = 0
-        self.spilled_bytes = 0      # no spilling to disk yet
 
 
 def open_comms(worker) -> int:
@@ -46,15 +45,26 @@ def open_comms(worker) -> int:
     return out + worker.counters.incoming_comms
 
 
+def memory_metrics(worker) -> dict:
+    """The memory manager's numbers (worker_memory.py): managed, unmanaged and spilled
+    bytes, spill counts, paused; zeros for a worker without one."""
+    mm = getattr(worker, "memory_manager", None)
+    if mm is None:
+        return {"spilled_bytes": 0, "spilled_count": 0, "paused": False}
+    return mm.metrics()
+
+
 def heartbeat_metrics(worker) -> dict:
     """The diagnostic part of a heartbeat (on the event loop)."""
     c = worker.counters
-    return {"cpu": c.cpu, "event_loop_delay": c.event_loop_delay,
-            "transfer_incoming_bytes": c.incoming_bytes,
-            "transfer_outgoing_bytes": c.outgoing_bytes,
-            "transfer_incoming_count": c.incoming_count,
-            "transfer_outgoing_count": c.outgoing_count,
-            "spilled_bytes": c.spilled_bytes, "comms": open_comms(worker)}
+    out = {"cpu": c.cpu, "event_loop_delay": c.event_loop_delay,
+           "transfer_incoming_bytes": c.incoming_bytes,
+           "transfer_outgoing_bytes": c.outgoing_bytes,
+           "transfer_incoming_count": c.incoming_count,
+           "transfer_outgoing_count": c.outgoing_count,
+           "comms": open_comms(worker)}
+    out.update(memory_metrics(worker))
+    return out
 
 
 def snapshot(worker) -> dict:
@@ -64,7 +74,7 @@ def snapshot(worker) -> dict:
     return {"tasks": dict(state.task_counts) if state is not None else {},
             "executing": state.executing_count if state is not None else 0,
             "memory": state.memory_bytes if state is not None else 0,
-            "spilled": c.spilled_bytes, "incoming_bytes": c.incoming_bytes,
+            "mem": memory_metrics(worker), "incoming_bytes": c.incoming_bytes,
             "outgoing_bytes": c.outgoing_bytes, "incoming_count": c.incoming_count,
             "outgoing_count": c.outgoing_count, "event_loop_delay": c.event_loop_delay,
             "comms": open_comms(worker), "rss": c.rss, "cpu": c.cpu}
@@ -238,8 +248,38 @@ class _Collector:
         yield GaugeMetricFamily("taskcore_worker_memory_bytes",
                                 "Bytes of results held (as measured by sizeof)",
                                 value=s["memory"])
-        yield GaugeMetricFamily("taskcore_worker_spilled_bytes", "Bytes spilled to disk",
-                                value=s["spilled"])
+        m = s["mem"]
+        yield GaugeMetricFamily("taskcore_worker_spilled_bytes",
+                                "Bytes of results spilled to disk (as measured by sizeof)",
+                                value=m.get("spilled_bytes", 0))
+        yield GaugeMetricFamily("taskcore_worker_spilled_keys", "Results spilled to disk",
+                                value=m.get("spilled_count", 0))
+        yield GaugeMetricFamily("taskcore_worker_spilled_disk_bytes",
+                                "Bytes the spilled results take on disk (after lz4)",
+                                value=m.get("spilled_disk_bytes", 0))
+        yield GaugeMetricFamily("taskcore_worker_managed_bytes",
+                                "Bytes of results held in memory (as measured by sizeof)",
+                                value=m.get("managed_bytes", s["memory"]))
+        yield GaugeMetricFamily("taskcore_worker_unmanaged_bytes",
+                                "Process memory not accounted for by results in memory",
+                                value=m.get("unmanaged_bytes", 0))
+        yield GaugeMetricFamily("taskcore_worker_memory_limit_bytes",
+                                "The worker's memory limit (0: none)",
+                                value=m.get("memory_limit", 0))
+        yield GaugeMetricFamily("taskcore_worker_paused",
+                                "1 while memory pressure keeps the worker from starting tasks",
+                                value=1 if m.get("paused") else 0)
+        for name, what in (("count", "Results written to / read from disk"),
+                           ("bytes_total", "Bytes (by sizeof) written to / read from disk"),
+                           ("seconds", "Seconds spent writing to / reading from disk")):
+            fam = CounterMetricFamily(f"taskcore_worker_spill_{name}".replace("_total", ""),
+                                      what, labels=["activity"])
+            fam.add_metric(["spill"], m.get(f"spill_{name}", 0))
+            fam.add_metric(["unspill"], m.get(f"unspill_{name}", 0))
+            yield fam
+        yield CounterMetricFamily("taskcore_worker_memory_pauses",
+                                  "Times the worker paused for memory",
+                                  value=m.get("pause_count", 0))
         yield CounterMetricFamily("taskcore_worker_transfer_incoming_bytes",
                                   "Bytes fetched from other workers",
                                   value=s["incoming_bytes"])

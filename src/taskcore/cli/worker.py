@@ -35,6 +35,22 @@ def _nworkers_type(text):
     return positive_int(text)
 
 
+def _fraction_type(text):
+    """A memory fraction of --memory-limit: a number in (0, 1], or false/0 for off."""
+    from taskcore.worker_memory import parse_fraction
+
+    try:
+        f = parse_fraction("the value", text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return False if f is None else f
+
+
+# --memory-*-fraction and --memory-pause-timeout: Worker/Nanny keywords (worker_memory.py).
+_MEMORY_FLAGS = ("memory_target_fraction", "memory_spill_fraction", "memory_pause_fraction",
+                 "memory_terminate_fraction", "memory_pause_timeout")
+
+
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Run taskcore worker(s) connected to a scheduler.")
     p.add_argument("address", nargs="?", type=address_type, default=None, metavar="ADDRESS",
@@ -49,6 +65,18 @@ def build_parser() -> Parser:
     p.add_argument("--memory-limit", type=memory_limit_type, default="auto",
                    help="per worker: 'auto' (its share of RAM), a size like 4GiB, a fraction "
                         "like 0.5, or 0 for no limit")
+    for what, default, help_ in (
+            ("target", 0.6, "spill results to disk, least recently used first, past this "
+                            "fraction of --memory-limit held as results"),
+            ("spill", 0.7, "spill while the process's memory is past this fraction"),
+            ("pause", 0.8, "start no new tasks while the process's memory is past this "
+                           "fraction"),
+            ("terminate", 0.95, "the nanny restarts the worker past this fraction")):
+        p.add_argument(f"--memory-{what}-fraction", type=_fraction_type, default=None,
+                       metavar="FRACTION", help=f"{help_} (default {default}; false: never)")
+    p.add_argument("--memory-pause-timeout", type=duration_type, default=None,
+                   metavar="DURATION", help="restart a worker paused this long, after moving "
+                                            "its data to other workers (default 60s)")
     p.add_argument("--name", default=None, help="worker name (suffixed -0, -1... with --nworkers)")
     p.add_argument("--resources", type=resources_type, default=None,
                    help='abstract resources, like "GPU=2,MEM=10e9"')
@@ -158,6 +186,7 @@ def _make_servers(args, address):
                     lifetime_stagger=args.lifetime_stagger, host=args.host,
                     security=args.security)
     common.update({k: v for k, v in optional.items() if v is not None})
+    common.update({k: getattr(args, k) for k in _MEMORY_FLAGS if getattr(args, k) is not None})
     common.setdefault("dashboard_address", args.dashboard_address)
     servers = []
     for name in _names(args):

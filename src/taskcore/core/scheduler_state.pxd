@@ -295,6 +295,7 @@ cdef class RemoveWorker(Stimulus):
     cdef readonly str address
     cdef readonly bint safe                 # expected exit: no suspicion counted
     cdef readonly double now
+    cdef readonly str reason                # why it died, if known (the nanny's words), or None
 
 @cython.final
 cdef class WorkerHeartbeat(Stimulus):

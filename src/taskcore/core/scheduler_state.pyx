@@ -573,12 +573,14 @@ cdef class AddWorker(Stimulus):
 
 @cython.final
 cdef class RemoveWorker(Stimulus):
-    def __init__(self, str address, bint safe=False, double now=0.0, str stimulus_id=""):
+    def __init__(self, str address, bint safe=False, double now=0.0, str stimulus_id="",
+                 reason=None):
         self.kind = EV_REMOVE_WORKER
         self.stimulus_id = stimulus_id
         self.address = address
         self.safe = safe
         self.now = now
+        self.reason = None if reason is None else str(reason)[:1000]   # a peer's words: bounded
 
 
 @cython.final
@@ -711,7 +713,7 @@ _STIMULUS_FIELDS = {
     TaskErred: ("worker", "task_id", "key", "exception", "traceback"),
     TaskLongRunning: ("worker", "task_id", "key"),
     AddWorker: ("address", "nthreads", "memory_limit", "resources", "name", "now"),
-    RemoveWorker: ("address", "safe", "now"),
+    RemoveWorker: ("address", "safe", "now", "reason"),
     WorkerHeartbeat: ("address", "metrics", "now"),
     ClientWantsKeys: ("client", "keys"),
     ClientReleasesKeys: ("client", "keys"),
@@ -2176,7 +2178,8 @@ cdef class SchedulerState:
             if not ev.safe:
                 ts.suspicious += 1
             if ts.suspicious > self.allowed_failures:
-                ts.exception = KilledWorker(ts.key, ws.address, self.allowed_failures)
+                ts.exception = KilledWorker(ts.key, ws.address, self.allowed_failures,
+                                            ev.reason)
                 ts.traceback = None
                 ts.exception_blame = ts
                 self._rec(ts, TS_ERRED)

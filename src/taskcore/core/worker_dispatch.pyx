@@ -33,13 +33,25 @@ itself. So a task whose key prefix runs in under `inline_threshold` seconds on a
 most `inline_budget` seconds per pass so I/O is never starved. The first task of
 every prefix runs on a thread, to be measured; a prefix whose task used
 get_client(), secede() or get_worker() goes back to threads for good.
+
+Memory (worker_memory.py, spill.py). `data` stays a plain dict of the values in
+memory; values spilled to disk live in the spill store, whose index is `spilled`.
+This loop pays for memory management only where it is on and only in three places:
+the end of `handle` compares managed bytes (`WorkerState.memory_bytes - spilled_bytes`)
+with `memory_target_bytes` and calls `memory_over_target()` when over; an `Execute`
+moves its dependencies to the back of `data` (`memory_managed`: the LRU order is the
+dict's insertion order); a `DropData` of a spilled key calls `drop_spilled`. A
+dependency missing from `data` when a task runs is caught as the KeyError it raises
+(`call_parts_slow`): no test on the normal path.
 """
 cimport cython
+from libc.stdint cimport int64_t
 from taskcore.core.messages cimport TasksFinishedWriter, decode_compute_tasks, result_payload
 from taskcore.core.protocol cimport MessageSink, sink_of
 from taskcore.core.serialize cimport Serialized
 from taskcore.core.worker_state cimport (DropData, Execute, ExecuteSuccess,
-                                         ReleaseWorkerDataMsg, TaskFinishedMsg, WorkerState)
+                                         ReleaseWorkerDataMsg, TaskFinishedMsg, TaskState,
+                                         WorkerState)
 
 import logging
 import pickle
@@ -65,6 +77,7 @@ cdef object _U64_END = 1 << 64
 cdef object _now = time.time
 cdef object _monotonic = time.monotonic
 cdef object _pickle_loads = pickle.loads
+cdef object _MISSING = object()
 _logger = logging.getLogger("taskcore.worker")
 
 
@@ -98,6 +111,7 @@ cdef class WorkerDispatch:
         self.inline_threshold = 200e-6
         self.inline_budget = 0.005
         self.inline_result_bytes = 16_384
+        self.spilled = {}
 
     # -- hooks (the server overrides these) ------------------------------------------
     cpdef handle_other_message(self, object msg):
@@ -108,6 +122,16 @@ cdef class WorkerDispatch:
 
     cpdef run_dask_task(self, object node):
         raise TypeError("this worker cannot run dask tasks")
+
+    cpdef memory_over_target(self):
+        """Managed memory is over `memory_target_bytes`: spill (worker_memory.py)."""
+
+    cpdef drop_spilled(self, object key):
+        """A spilled key was dropped (its task released): forget it on disk."""
+
+    cpdef object load_dependency(self, object key):
+        """A dependency not in `data`: read it back from disk, or raise KeyError."""
+        raise KeyError(key)
 
     # -- the scheduler comm ------------------------------------------------------------
     @property
@@ -157,6 +181,9 @@ cdef class WorkerDispatch:
         finally:
             if self.out.n or self.out_released is not None:
                 self.flush_out()
+            if (self.memory_target_bytes and self.state.memory_bytes - self.spilled_bytes
+                    > self.memory_target_bytes):
+                self.memory_over_target()
 
     cpdef list execute(self, list instructions):
         """Carry out instructions; return (Execute, key prefix) of those to run inline."""
@@ -168,6 +195,8 @@ cdef class WorkerDispatch:
             t = type(ins)
             if t is Execute:
                 ex = <Execute>ins
+                if self.memory_managed:
+                    self.touch_dependencies(ex.id)
                 p = self.inline_prefix(ex.key)
                 if p is not None:
                     inline.append((ex, p))
@@ -185,7 +214,10 @@ cdef class WorkerDispatch:
                     self.out_released = []
                 self.out_released.append((<ReleaseWorkerDataMsg>ins).key)
             elif t is DropData:
-                self.data.pop((<DropData>ins).key, None)
+                key = (<DropData>ins).key
+                self.data.pop(key, None)
+                if self.spilled and key in self.spilled:
+                    self.drop_spilled(key)
             else:
                 if self.out.n or self.out_released is not None:
                     self.flush_out()
@@ -333,6 +365,10 @@ cdef class WorkerDispatch:
                     for i in spec[4]:
                         largs[i] = data[largs[i]]
                     args = largs
+            except KeyError:
+                # A dependency is not in memory: spilled to disk (or lost). Off the hot
+                # path: the normal one pays nothing for this clause.
+                func, args, kwargs = self.call_parts_slow(key, spec)
             except Exception as e:
                 raise DeserializeError(
                     f"could not deserialize task {key!r} on worker {self.address}: "
@@ -341,6 +377,43 @@ cdef class WorkerDispatch:
         if kind == "dask":
             return self.run_dask_task(spec[1])
         raise ValueError(f"unknown run spec kind {kind!r} for task {key!r}")
+
+    cdef tuple call_parts_slow(self, object key, object spec):
+        """(func, args, kwargs) of a "call" spec, with dependencies that are not in
+        `data` read back from disk (`load_dependency`)."""
+        cdef list largs
+        view = WithSpilled(self)
+        try:
+            func = self.function(spec[1])
+            args, kwargs = spec[2], spec[3]
+            if isinstance(args, Serialized):
+                args, kwargs = args.deserialize()
+                args = substitute(args, view)
+                if kwargs:
+                    kwargs = substitute(kwargs, view)
+            elif len(spec) > 4:
+                largs = list(args)
+                for i in spec[4]:
+                    largs[i] = view[largs[i]]
+                args = largs
+        except Exception as e:
+            raise DeserializeError(
+                f"could not deserialize task {key!r} on worker {self.address}: "
+                f"{type(e).__name__}: {e}") from e
+        return func, args, kwargs
+
+    cdef int touch_dependencies(self, int64_t tid) except -1:
+        """A task starts: its dependencies become the most recently used values."""
+        cdef TaskState ts = self.state._get(tid)
+        cdef dict data = self.data
+        if ts is None or not ts.dependencies:
+            return 0
+        for d in ts.dependencies:
+            k = (<TaskState>d).key
+            v = data.pop(k, _MISSING)
+            if v is not _MISSING:
+                data[k] = v
+        return 0
 
     cpdef object result_event(self, object tid, object key, bint ok, object value,
                               double start, double stop, object prefix=None):
@@ -394,6 +467,32 @@ cdef object _failure(object tid, object exc, double start, double stop):
     except Exception:
         s = serialize_obj(RuntimeError(f"{type(exc).__name__}: {exc}"))
     return ExecuteFailure(tid, s, text, start, stop, "execute-failure")
+
+
+@cython.final
+cdef class WithSpilled:
+    """The worker's values as a mapping that reads spilled ones back from disk: what a
+    task's dependencies are looked up in when one is missing from `data` (and what dask
+    tasks look theirs up in while memory is managed)."""
+    cdef WorkerDispatch worker
+
+    def __init__(self, WorkerDispatch worker):
+        self.worker = worker
+
+    def __getitem__(self, key):
+        v = self.worker.data.get(key, _MISSING)
+        if v is _MISSING:
+            return self.worker.load_dependency(key)
+        return v
+
+    def __contains__(self, key):
+        return key in self.worker.data or key in self.worker.spilled
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 @cython.final

@@ -27,6 +27,7 @@ PENDING = ("released", "waiting", "queued", "no-worker")
 # Worker heartbeat metrics shown as numbers; every one is optional (older workers send
 # fewer). `comms` may be a count or a dict of counts.
 WORKER_METRICS = ("rss", "memory", "cpu", "executing", "ready", "in_memory", "spilled_bytes",
+                  "spilled_count", "managed_bytes", "unmanaged_bytes", "memory_limit", "paused",
                   "transfer_incoming_bytes", "transfer_outgoing_bytes",
                   "transfer_incoming_count", "transfer_outgoing_count", "event_loop_delay",
                   "comms", "time")
