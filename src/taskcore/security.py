@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import ssl
 import tempfile
+import weakref
 
 
 TOKEN_ENV = "TASKCORE_TOKEN"
@@ -95,6 +97,7 @@ class Security:
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 
+        made = directory is None
         directory = directory or tempfile.mkdtemp(prefix="taskcore-tls-")
         now = datetime.datetime.now(datetime.timezone.utc)
         valid = dict(not_valid_before=now - datetime.timedelta(minutes=5),
@@ -142,5 +145,10 @@ class Security:
                 f.write(data)
             os.chmod(path, 0o600)
             paths[name] = path
-        return cls(ca_file=paths["ca.pem"], cert_file=paths["cert.pem"],
-                   key_file=paths["key.pem"], require_encryption=True)
+        sec = cls(ca_file=paths["ca.pem"], cert_file=paths["cert.pem"],
+                  key_file=paths["key.pem"], require_encryption=True)
+        if made:
+            # The directory made here goes with the object (or at exit): throwaway
+            # credentials must not pile up in /tmp.
+            weakref.finalize(sec, shutil.rmtree, directory, ignore_errors=True)
+        return sec
