@@ -321,9 +321,11 @@ def test_pause_stops_new_tasks_keeps_serving_data_and_resumes():
                    message="the scheduler to see the worker paused")
         assert c.run(lambda dask_worker: dask_worker.paused)[addr]
         f = c.submit(total, kept, pure=False)
-        wait_until(lambda: c.run(executing_and_ready)[addr] == (0, 1),
-                   message="the task to wait, ready but not started")
-        assert not f.done()
+        # The scheduler sends a paused worker nothing new: the task waits there.
+        wait_until(lambda: c.scheduler_info()["workers"][addr]["status"] == "paused",
+                   message="the scheduler to mark the worker paused")
+        time.sleep(0.3)
+        assert not f.done() and c.run(executing_and_ready)[addr] == (0, 0)
         # a paused worker still serves its data
         np.testing.assert_array_equal(c.gather(kept), block(99, 1))
         c.run(unhog)

@@ -1491,3 +1491,47 @@ def test_long_running_task_is_not_stolen_and_worker_death_resets():
     out = s.handle_stimulus(RemoveWorker("w1"))
     assert {c.worker for c in computes(out)} == {"w2"}
     assert s.worker_info("w2")["long_running"] == 0
+
+
+# --------------------------------------------------------------------------
+# paused workers (over their memory pause threshold: worker_memory.py)
+# --------------------------------------------------------------------------
+
+def _pause(s, worker, paused, now=10.0):
+    return s.handle_stimulus(WorkerHeartbeat(worker, {"paused": paused}, now=now))
+
+
+def test_paused_worker_gets_no_new_tasks_and_resumes():
+    s = new_state()
+    add_workers(s, "w1", "w2")
+    _pause(s, "w1", True)
+    assert s.worker_info("w1")["status"] == "paused"
+    tasks = [(f"t{i}", "f", [], i) for i in range(4)]
+    out = submit(s, tasks, [t[0] for t in tasks])
+    assert {c.worker for c in computes(out)} == {"w2"}
+    # Unpaused: the queued root tasks flow to it again.
+    out = _pause(s, "w1", False, now=11.0)
+    assert s.worker_info("w1")["status"] == "running"
+    assert {c.worker for c in computes(out)} == {"w1"}
+
+
+def test_queued_tasks_are_stolen_from_a_paused_worker():
+    s = _saturated_pair()                  # w1 holds six tasks, w2 (2 threads) is idle
+    _pause(s, "w1", True)
+    reqs = of(s.handle_stimulus(BalanceTick(now=20.0)), StealRequest)
+    assert reqs and {r.worker for r in reqs} == {"w1"}
+
+
+def test_only_paused_worker_with_nothing_running_elsewhere_is_not_left_alone():
+    s = new_state()
+    add_workers(s, "w1", "w2")
+    _pause(s, "w1", True)
+    # A paused worker may retire while a running one stays to take its data...
+    out = s.handle_stimulus(RetireWorkers(["w1"], stimulus_id="retire-paused"))
+    assert of(out, WorkersRetiring)[0].workers == ["w1"]
+    # ...but the last running worker may not.
+    s2 = new_state()
+    add_workers(s2, "w1", "w2")
+    _pause(s2, "w1", True)
+    out = s2.handle_stimulus(RetireWorkers(["w1", "w2"], stimulus_id="retire-all"))
+    assert of(out, WorkersRetiring)[0].workers == ["w1"]

@@ -64,6 +64,8 @@ cdef enum:
     WS_RUNNING = 0      # receives new tasks
     WS_CLOSING = 1      # being retired: keeps its tasks, gets no new ones
     WS_CLOSED = 2       # removed; any record still pointing here is stale
+    WS_PAUSED = 3       # over its memory pause threshold: keeps its tasks and serves its
+                        # data, gets no new tasks; its queued ones may be stolen
 
 # StimulusKind
 cdef enum:
@@ -590,6 +592,7 @@ cdef class SchedulerState:
     cdef int _add_keys(self, AddKeys ev) except -1
     cdef int _update_data(self, UpdateData ev) except -1
     cdef int _release_worker_data(self, ReleaseWorkerData ev) except -1
+    cdef int _worker_paused(self, WorkerState ws, bint paused) except -1
     cdef int _retire_workers(self, RetireWorkers ev) except -1
 
     # helpers used by the transition functions

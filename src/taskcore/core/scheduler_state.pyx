@@ -374,7 +374,7 @@ cdef class WorkerState:
 
     @property
     def status_name(self):
-        return ("running", "closing", "closed")[self.status]
+        return ("running", "closing", "closed", "paused")[self.status]
 
 
 @cython.final
@@ -1538,6 +1538,8 @@ cdef class SchedulerState:
             if obj is not None:
                 (<WorkerState>obj).metrics = hb.metrics
                 (<WorkerState>obj).last_seen = hb.now
+                if type(hb.metrics) is dict:
+                    self._worker_paused(<WorkerState>obj, bool(hb.metrics.get("paused")))
             return 0
         elif kind == EV_CLIENT_WANTS:
             return self._client_wants((<ClientWantsKeys>ev).client, (<ClientWantsKeys>ev).keys)
@@ -2204,7 +2206,7 @@ cdef class SchedulerState:
         cdef int64_t moved
         cdef double transfer
         cdef StealRequest sr
-        if not self.work_stealing or len(self._running) < 2:
+        if not self.work_stealing or len(self._running) < 1:
             return 0
         for w in self._running:
             ws = <WorkerState>w
@@ -2213,6 +2215,13 @@ cdef class SchedulerState:
                 thieves.append(ws)
             elif busy - ws._outgoing > ws.nthreads:
                 victims.append(ws)
+        if len(self._running) < len(self.workers):
+            # Paused workers start nothing new: what waits on them may go elsewhere.
+            for w in self.workers.values():
+                ws = <WorkerState>w
+                if (ws.status == WS_PAUSED and ws.n_processing - ws.n_long_running
+                        - ws._outgoing > ws.nthreads):
+                    victims.append(ws)
         if not thieves or not victims:
             return 0
         victims.sort(key=_victim_order)
@@ -2397,6 +2406,23 @@ cdef class SchedulerState:
         self._generation += 1
         return 0
 
+    cdef int _worker_paused(self, WorkerState ws, bint paused) except -1:
+        """A heartbeat says whether the worker is paused (over its memory pause
+        threshold, worker_memory.py). A paused worker leaves the running set: no new
+        tasks, no root slots; stealing may take its queued tasks (see _balance)."""
+        if paused and ws.status == WS_RUNNING:
+            ws.status = WS_PAUSED
+        elif not paused and ws.status == WS_PAUSED:
+            ws.status = WS_RUNNING
+            for t in list(self._unrunnable):       # they may have a worker again
+                self._rec(<TaskState>t, TS_PROCESSING)
+            self._constrained_dirty = True
+        else:
+            return 0
+        self._rebuild_running()
+        self._update_idle(ws)
+        return 0
+
     cdef int _retire_workers(self, RetireWorkers ev) except -1:
         """Graceful retirement: the chosen workers get no new tasks and their
         unique data is copied to the remaining workers (AcquireReplicas).  The
@@ -2409,14 +2435,19 @@ cdef class SchedulerState:
         if ev.workers is not None:
             for a in ev.workers:
                 obj = self.workers.get(a)
-                if obj is not None and (<WorkerState>obj).status == WS_RUNNING:
+                if obj is not None and (<WorkerState>obj).status in (WS_RUNNING, WS_PAUSED):
                     chosen.append(obj)
         else:
             order = sorted(self._running, key=_retire_order)
             chosen = order[:max(0, ev.n)]
-        # Never retire the last running workers: the data needs a home.
-        if len(chosen) >= len(self._running):
-            chosen = chosen[:max(0, len(self._running) - 1)]
+        # Never retire the last running workers: the data needs a home. (Paused
+        # workers may go as long as a running one stays.)
+        running_chosen = [w for w in chosen if (<WorkerState>w).status == WS_RUNNING]
+        if len(running_chosen) >= len(self._running):
+            if self._running:
+                chosen.remove(running_chosen[len(running_chosen) - 1])  # no wraparound here
+            else:
+                chosen = []
         for w in chosen:
             ws = <WorkerState>w
             ws.status = WS_CLOSING
