@@ -13,6 +13,11 @@ SIGINT. Replicas elect a leader on a Lease (`--lease-name`, in the pod's
 namespace): only the leader reconciles, a standby takes over within the lease
 duration when the leader dies, at once when it stops cleanly (it hands the lease
 back). Exit status 1: no Kubernetes configuration, or the API refused us.
+
+A cluster whose spec.security names a Secret (KubeCluster's default: TLS with
+temporary credentials) is reached with the credentials read from that Secret
+(RBAC: `get` on secrets, as operator.yaml grants), written to a private
+temporary directory that is removed when the operator stops.
 """
 from __future__ import annotations
 

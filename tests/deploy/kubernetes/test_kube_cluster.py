@@ -3,10 +3,13 @@ the unmodified kubernetes_asyncio client, real scheduler and worker processes ru
 stand-in's kubelet, reached through its kube-proxy, a port-forward, or a NodePort.
 
 Each test gets a fresh stand-in (the `kube` fixture), which fails the test if any pod
-process survives it."""
+process survives it. Clusters run over tls:// with temporary credentials (the default)
+unless a test says otherwise; `assert_tls_cluster` checks how the credentials got there."""
+import base64
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -18,6 +21,7 @@ import pytest
 from taskcore import Client
 from taskcore.deploy.kubernetes import KubeCluster, KubeClusterError, make_worker_spec
 from taskcore.deploy.kubernetes import resources as r
+from taskcore.security import Security
 from taskcore.testing import wait_until
 
 from ..test_dashboard_links import assert_serves
@@ -68,6 +72,70 @@ def scheduler_workers(client):
     return {str(w["name"]) for w in client.scheduler_info()["workers"].values()}
 
 
+def cluster_pods(kube, name):
+    return [p for p in kube.pods("default")
+            if (p["metadata"].get("labels") or {}).get(r.LABEL_CLUSTER) == name
+            and not p["metadata"].get("deletionTimestamp")]
+
+
+def assert_tls_cluster(kube, cluster, token=None):
+    """The cluster runs over tls:// with the credentials of a Secret that its resource
+    owns, mounted read-only (0400, TLS files only) into every pod, whose --tls-* options
+    name the mount; a token only through secretKeyRef, in no command line (pod specs and
+    the processes' argv) but in the processes' environment. Returns the Secret."""
+    name = cluster.name
+    assert cluster.scheduler_address.startswith("tls://")
+    (res,) = [o for o in kube.objects(r.KIND, "default") if o["metadata"]["name"] == name]
+    sec = res["spec"]["security"]
+    assert sec == {"secretName": sec["secretName"], "tls": True, "token": token is not None}
+    assert res["status"]["schedulerAddress"].startswith("tls://")
+    (secret,) = [o for o in kube.objects("Secret", "default")
+                 if o["metadata"]["name"] == sec["secretName"]]
+    assert secret["metadata"]["labels"][r.LABEL_CLUSTER] == name
+    assert [(o["kind"], o["name"], o["uid"], o.get("controller")) for o in
+            secret["metadata"]["ownerReferences"]] == [(r.KIND, name, res["metadata"]["uid"],
+                                                        True)]
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"} | (
+        {"token"} if token else set())
+    # What clients here use is what the Secret holds.
+    with open(cluster.security.ca_file, "rb") as f:
+        assert base64.b64decode(secret["data"]["ca.crt"]) == f.read()
+    pods = cluster_pods(kube, name)
+    assert {p["metadata"]["labels"][r.LABEL_COMPONENT] for p in pods} == {"scheduler", "worker"}
+    for pod in pods:
+        spec = pod["spec"]
+        (volume,) = [v for v in spec["volumes"] if v.get("secret")]
+        assert volume["secret"]["secretName"] == sec["secretName"]
+        assert volume["secret"]["defaultMode"] == 0o400
+        (c,) = spec["containers"]
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] and mount["mountPath"] == r.CREDENTIALS_MOUNT
+        args = c["args"]
+        assert args[args.index("--tls-key") + 1] == f"{r.CREDENTIALS_MOUNT}/tls.key"
+        root = (kube.dir / "pods" / f"default_{pod['metadata']['name']}_{pod['metadata']['uid']}"
+                / "volumes" / "kubernetes.io~secret" / volume["name"])
+        assert stat.S_IMODE(os.stat(root / "tls.key").st_mode) == 0o400
+        assert not (root / "token").exists()
+        env = {e["name"]: e for e in c["env"]}
+        if token:
+            assert env["TASKCORE_TOKEN"]["valueFrom"] == {"secretKeyRef": {
+                "name": sec["secretName"], "key": "token"}}
+            assert token not in json.dumps(pod) and token not in json.dumps(res)
+        else:
+            assert "TASKCORE_TOKEN" not in env
+    if token:
+        procs = kube.leftover_processes()      # every live process of every pod
+        roles = set()
+        for p in procs:
+            assert token not in " ".join(p.cmdline()), p.cmdline()
+            if p.environ().get("TASKCORE_TOKEN") == token:
+                roles |= {w for w in ("core-scheduler", "core-worker")
+                          if any(w in a for a in p.cmdline())}
+        assert roles == {"core-scheduler", "core-worker"}, [p.cmdline() for p in procs]
+    return secret
+
+
 def assert_all_gone(kube, name, timeout=60):
     wait_until(lambda: not cluster_objects(kube, name), timeout,
                f"every object of {name} to be deleted (left: {cluster_objects(kube, name)})")
@@ -79,12 +147,19 @@ def assert_all_gone(kube, name, timeout=60):
 def test_embedded_cluster_computes_scales_and_leaves_nothing(kube):
     with KubeCluster(name="emb", n_workers=2, controller="embedded", nthreads=1,
                      startup_timeout=120) as cluster:
-        assert cluster.scheduler_address.startswith("tcp://127.3.")    # the Service's IP
+        assert cluster.scheduler_address.startswith("tls://127.3.")    # the Service's IP
         host = cluster.scheduler_address.split("://")[1].rsplit(":", 1)[0]
         assert cluster.dashboard_link == f"http://{host}:8787/status"   # its dashboard port
         assert_serves(cluster.dashboard_link)
+        local = os.path.dirname(cluster.security.ca_file)
         with Client(cluster) as client:
             client.wait_for_workers(2, timeout=60)
+            assert_tls_cluster(kube, cluster)
+            # Without credentials, a client is told plainly, at once.
+            t0 = time.monotonic()
+            with pytest.raises(Exception, match="this address speaks tls://"):
+                Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout=20)
+            assert time.monotonic() - t0 < 10
             assert scheduler_workers(client) == set(worker_pods(kube, "emb"))
             assert sum(client.gather(client.map(inc, range(100)))) == 5050
             cluster.scale(3)
@@ -105,13 +180,22 @@ def test_embedded_cluster_computes_scales_and_leaves_nothing(kube):
         assert "group default" in repr(cluster) and "<table>" in cluster._repr_html_()
         logs = cluster.get_logs()
         assert any(k.startswith("emb-scheduler") for k in logs)
-    assert_all_gone(kube, "emb")
+    assert_all_gone(kube, "emb")          # the Secret too: the garbage collector's work
+    assert not os.path.exists(local)      # the temporary credentials made here
 
 
-def test_port_forward_when_the_service_is_not_reachable(kube):
+def test_port_forward_when_the_service_is_not_reachable(kube, tmp_path):
+    """Through a port-forward, with TLS end to end and a token: the token reaches the pods
+    from the Secret, through their environment only."""
+    token = "pf-token-" + os.urandom(8).hex()
+    tmp = Security.temporary(directory=str(tmp_path))
+    security = Security(tmp.ca_file, tmp.cert_file, tmp.key_file, require_encryption=True,
+                        token=token)
     with KubeCluster(name="pf", n_workers=1, controller="embedded", nthreads=1,
-                     port_forward_cluster_ip=True, startup_timeout=120) as cluster:
-        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+                     port_forward_cluster_ip=True, startup_timeout=120,
+                     security=security) as cluster:
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        assert cluster.security is security
         # The dashboard through a port-forward of its own.
         link = cluster.dashboard_link
         assert link.startswith("http://127.0.0.1:") and link.endswith("/status")
@@ -122,14 +206,34 @@ def test_port_forward_when_the_service_is_not_reachable(kube):
             assert client.submit(inc, 1).result(timeout=30) == 2
             big = client.submit(lambda n: b"x" * n, 3_000_000).result(timeout=30)
             assert len(big) == 3_000_000
+            assert_tls_cluster(kube, cluster, token=token)
+            with pytest.raises(Exception, match="token"):        # the right files, no token
+                Client(cluster.scheduler_address, timeout=20,
+                       security=Security(tmp.ca_file, tmp.cert_file, tmp.key_file))
+    assert os.path.exists(tmp.ca_file)    # a Security given is the caller's: left alone
     assert_all_gone(kube, "pf")
 
 
 @pytest.mark.parametrize("service_type", ["NodePort", "LoadBalancer"])
 def test_nodeport_and_load_balancer_services(kube, service_type):
+    """NodePort with security=False (plain tcp://, one warning, no Secret); LoadBalancer
+    with the default TLS."""
     name = service_type.lower()
+    plain = service_type == "NodePort"
     with KubeCluster(name=name, n_workers=1, controller="embedded", nthreads=1,
-                     scheduler_service_type=service_type, startup_timeout=120) as cluster:
+                     scheduler_service_type=service_type, startup_timeout=120,
+                     security=False if plain else None) as cluster:
+        scheme = cluster.scheduler_address.split("://")[0]
+        warnings = [line for line in cluster.get_logs(scheduler=False, workers=False)["Cluster"]
+                    if "plain tcp:// without a token" in line]
+        if plain:
+            assert scheme == "tcp" and cluster.security is None and len(warnings) == 1
+            assert "security=False" in warnings[0]
+            assert "security" not in cluster.refresh()["spec"]
+            assert not [o for o in kube.objects("Secret", "default")
+                        if o["metadata"].get("labels", {}).get(r.LABEL_CLUSTER) == name]
+        else:
+            assert scheme == "tls" and not warnings
         host, port = cluster.scheduler_address.split("://")[1].rsplit(":", 1)
         link = cluster.dashboard_link
         dhost, dport = link.split("://")[1].split("/")[0].rsplit(":", 1)
@@ -147,7 +251,8 @@ def test_nodeport_and_load_balancer_services(kube, service_type):
 
 def test_dashboard_without_a_service_port_or_without_a_dashboard(kube):
     """A custom spec whose Service has no dashboard port: a port-forward to the pod reaches
-    it. A scheduler run with --no-dashboard: no link."""
+    it. A scheduler run with --no-dashboard: no link (and a token alone: tcp://, the token
+    from an Opaque Secret, enforced)."""
     spec = r.make_cluster_spec("nodash", n_workers=0, scheduler_service_type="NodePort")
     spec["spec"]["scheduler"]["service"]["ports"] = [
         p for p in spec["spec"]["scheduler"]["service"]["ports"] if p["name"] != "dashboard"]
@@ -162,11 +267,24 @@ def test_dashboard_without_a_service_port_or_without_a_dashboard(kube):
     args = spec["spec"]["scheduler"]["spec"]["containers"][0]["args"]
     args[args.index("--dashboard-address"):args.index("--dashboard-address") + 2] = [
         "--no-dashboard"]
-    with KubeCluster(custom_cluster_spec=spec, controller="embedded",
-                     startup_timeout=120) as cluster:
+    token = "off-token-" + os.urandom(8).hex()
+    with KubeCluster(custom_cluster_spec=spec, controller="embedded", startup_timeout=120,
+                     security=Security(token=token)) as cluster:
         assert cluster.dashboard_link is None
         assert "Dashboard" not in cluster._repr_html_()
-        assert cluster.refresh()["status"]["dashboardAddress"].endswith(":8787")
+        res = cluster.refresh()
+        assert res["status"]["dashboardAddress"].endswith(":8787")
+        assert cluster.scheduler_address.startswith("tcp://")
+        assert res["spec"]["security"]["tls"] is False and res["spec"]["security"]["token"]
+        (secret,) = [o for o in kube.objects("Secret", "default")
+                     if o["metadata"]["name"] == res["spec"]["security"]["secretName"]]
+        assert secret["type"] == "Opaque" and set(secret["data"]) == {"token"}
+        (pod,) = cluster_pods(kube, "off")
+        assert "volumes" not in pod["spec"] and token not in json.dumps(pod)
+        with Client(cluster) as client:                   # cluster.security: the token
+            assert client.scheduler_info()["workers"] == {}
+        with pytest.raises(Exception, match="token"):
+            Client(cluster.scheduler_address, timeout=20)
     assert_all_gone(kube, "nodash")
     assert_all_gone(kube, "off")
 
@@ -201,7 +319,7 @@ def test_a_client_that_resets_its_connection_leaves_the_cluster_idle(kube, port_
                           port_forward_cluster_ip=port_forward, startup_timeout=120)
     try:
         assert cluster.scheduler_address.startswith(
-            "tcp://127.0.0.1:" if port_forward else "tcp://127.3.")
+            "tls://127.0.0.1:" if port_forward else "tls://127.3.")
         client = Client(cluster)
         wait_until(lambda: (cluster._controller.last_view("default", "rst") or {}).get(
             "view", {}) and cluster._controller.last_view("default", "rst")["view"]["clients"],
@@ -310,10 +428,35 @@ def _create_resource(kube, body):
     asyncio.run(go())
 
 
+def _create_secret(kube, body):
+    """What `kubectl create secret` does: POST the Secret."""
+    import asyncio
+
+    from kubernetes_asyncio import client, config
+
+    async def go():
+        await config.load_kube_config(config_file=str(kube.kubeconfig))
+        async with client.ApiClient() as api:
+            await client.CoreV1Api(api).create_namespaced_secret("default", body)
+    asyncio.run(go())
+
+
 def test_operator_process_reconciles_a_resource_made_with_kubectl(kube, tmp_path):
-    op = _start_operator(kube, tmp_path)
+    """With TLS and a token from a Secret made by hand and named in spec.security: the
+    operator reads it to reach the scheduler (it retires a worker through it), and so
+    does a client connecting by name."""
+    op = _start_operator(kube, tmp_path, "operator", "--log-level", "info")
     try:
+        tmp = Security.temporary(directory=str(tmp_path))
+        files = {}
+        for key, path in (("ca.crt", tmp.ca_file), ("tls.crt", tmp.cert_file),
+                          ("tls.key", tmp.key_file)):
+            with open(path, "rb") as f:
+                files[key] = f.read()
+        _create_secret(kube, r.credentials_secret("opc", files, token="opc-token") | {
+            "metadata": {"name": "opc-by-hand"}})
         body = r.make_cluster_spec("opc", n_workers=2, nthreads=1)
+        body["spec"]["security"] = {"secretName": "opc-by-hand", "token": True}
         _create_resource(kube, body)
         wait_until(lambda: len(worker_pods(kube, "opc")) == 2, 90, "the operator's workers")
         # A client connects by name; the operator keeps reconciling (no embedded controller).
@@ -321,6 +464,8 @@ def test_operator_process_reconciles_a_resource_made_with_kubectl(kube, tmp_path
         try:
             assert cluster._controller is None
             assert cluster.refresh()["status"]["controller"].startswith("operator/")
+            assert cluster.scheduler_address.startswith("tls://")
+            assert cluster.security.token == "opc-token"
             with Client(cluster) as client:
                 client.wait_for_workers(2, timeout=60)
                 assert sum(client.gather(client.map(inc, range(20)))) == 210
@@ -330,6 +475,11 @@ def test_operator_process_reconciles_a_resource_made_with_kubectl(kube, tmp_path
                 wait_until(lambda: victim not in worker_pods(kube, "opc", running=False)
                            and len(worker_pods(kube, "opc")) == 2, 90, "a replacement pod")
                 client.wait_for_workers(2, timeout=60)
+                # Retired through the scheduler: the operator knew the workers (its view).
+                cluster.scale(1)
+                wait_until(lambda: len(scheduler_workers(client)) == 1, 60, "one worker left")
+                log = (tmp_path / "operator.log").read_text()
+                assert "opc: retiring [" in log and "deleting them anyway" not in log, log
         finally:
             cluster.shutdown()
         assert_all_gone(kube, "opc")
@@ -473,11 +623,15 @@ def test_pods_that_cannot_run_fail_fast_with_the_reason(kube, failure):
 
 
 def test_detach_and_from_name_in_a_new_process(kube):
+    """A detached TLS cluster: another process connects with the credentials it reads back
+    from the cluster's Secret (into a private temporary directory, removed at the end)."""
     code = textwrap.dedent("""
+        import os
         from taskcore.deploy.kubernetes import KubeCluster
         c = KubeCluster(name="det", n_workers=1, nthreads=1, controller="embedded",
                         shutdown_on_close=False, startup_timeout=120)
         print(c.scheduler_address)
+        print(os.path.dirname(c.security.ca_file))
         c.close()
     """)
     env = dict(os.environ, KUBECONFIG=str(kube.kubeconfig))
@@ -485,17 +639,28 @@ def test_detach_and_from_name_in_a_new_process(kube):
                          timeout=180)
     assert out.returncode == 0, out.stderr
     assert "KubeCluster" not in out.stdout
+    address, made_there = out.stdout.split()
+    assert address.startswith("tls://")
+    assert not os.path.exists(made_there)             # removed when that process exited
     # Still there, without its maker; no longer labelled embedded (an operator may take it).
     assert f"{r.KIND}/det" in cluster_objects(kube, "det")
     assert worker_pods(kube, "det", running=False)
+    with pytest.raises(KubeClusterError, match="security=False cannot connect"):
+        KubeCluster.from_name("det", security=False)
     cluster = KubeCluster.from_name("det", operator_timeout=0.5)
     assert cluster._controller is not None            # no operator: reconciled from here
+    assert cluster.scheduler_address == address
+    local = os.path.dirname(cluster.security.ca_file)
+    assert stat.S_IMODE(os.stat(local).st_mode) == 0o700
+    assert {stat.S_IMODE(os.stat(os.path.join(local, f)).st_mode)
+            for f in os.listdir(local)} == {0o600}
     with Client(cluster) as client:
         client.wait_for_workers(1, timeout=60)
         assert client.submit(inc, 1).result(timeout=30) == 2
         cluster.scale(2)
         client.wait_for_workers(2, timeout=60)
     cluster.shutdown()
+    assert not os.path.exists(local)
     assert_all_gone(kube, "det")
 
 
@@ -504,6 +669,8 @@ def test_bad_arguments_fail_before_anything_is_made(kube):
         KubeCluster(name="x1", scheduler_service_type="Magic")
     with pytest.raises(ValueError, match="controller"):
         KubeCluster(name="x1", controller="nobody")
+    with pytest.raises(TypeError, match="security must be None"):
+        KubeCluster(name="x1", security="tls")
     with pytest.raises(KubeClusterError, match="no TaskcoreCluster named 'nope'"):
         KubeCluster.from_name("nope")
     with pytest.raises(ValueError, match="must be a TaskcoreCluster"):

@@ -113,6 +113,62 @@ def test_made_objects_are_valid(service_type):
     assert names[-1] == "A"
 
 
+def test_credentials_secret_and_its_mounts_are_valid():
+    """spec.security: the Secret (kubernetes.io/tls, or Opaque for a token alone), its
+    read-only mount (0400, the TLS keys only) and the --tls-* arguments pointing at it in
+    the scheduler and the workers, the token from the Secret, never a plain value."""
+    files = {r.SECRET_CA: b"CA", r.SECRET_CERT: b"CERT", r.SECRET_KEY: b"KEY"}
+    secret = r.credentials_secret("c1", files, token="s3cret")
+    validate(dict(secret, metadata=dict(secret["metadata"], namespace="ns")))
+    assert secret["type"] == "kubernetes.io/tls"
+    assert secret["metadata"]["generateName"] == "c1-credentials-"
+    assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key", "token"}
+    token_only = r.credentials_secret("c1", token="s3cret")
+    validate(token_only)
+    assert token_only["type"] == "Opaque" and set(token_only["data"]) == {"token"}
+    with pytest.raises(ValueError, match="missing tls.key"):
+        r.credentials_secret("c1", {r.SECRET_CA: b"x", r.SECRET_CERT: b"y"})
+
+    spec = r.make_cluster_spec("c1", n_workers=1, env={"A": "1"})
+    spec["metadata"].update(namespace="ns", uid="u1")
+    spec["spec"]["security"] = r.security_spec("c1-credentials-abcde", tls=True, token=True)
+    jsonschema.validate(spec, _schema())
+    r.validate_cluster(spec)
+    _validate_children(spec)
+    pods = [r.scheduler_deployment(spec)["spec"]["template"]["spec"],
+            r.worker_pod(spec, spec["spec"]["workerGroups"][0], "tls://x:1")["spec"]]
+    for podspec in pods:
+        (volume,) = podspec["volumes"]
+        assert volume["secret"] == {"secretName": "c1-credentials-abcde", "defaultMode": 0o400,
+                                    "items": [{"key": k, "path": k} for k in r.TLS_KEYS]}
+        (c,) = podspec["containers"]
+        assert c["volumeMounts"] == [{"name": volume["name"], "readOnly": True,
+                                      "mountPath": "/etc/taskcore/credentials"}]
+        args = c["args"]
+        assert args[args.index("--tls-ca-file") + 1] == "/etc/taskcore/credentials/ca.crt"
+        assert args[args.index("--tls-cert") + 1] == "/etc/taskcore/credentials/tls.crt"
+        assert args[args.index("--tls-key") + 1] == "/etc/taskcore/credentials/tls.key"
+        env = {e["name"]: e for e in c["env"]}
+        assert env["TASKCORE_TOKEN"] == {"name": "TASKCORE_TOKEN", "valueFrom": {
+            "secretKeyRef": {"name": "c1-credentials-abcde", "key": "token"}}}
+        assert "s3cret" not in str(podspec)
+    assert r.comm_protocol(spec) == "tls"
+    # A custom command that names its own files keeps them; no spec.security: nothing added.
+    spec["spec"]["workerGroups"][0]["spec"]["containers"][0]["args"] += [
+        "--tls-ca-file=/mine/ca.pem"]
+    worker = r.worker_pod(spec, spec["spec"]["workerGroups"][0], "tls://x:1")
+    assert "--tls-cert" not in worker["spec"]["containers"][0]["args"]
+    del spec["spec"]["security"]
+    assert "volumes" not in r.scheduler_deployment(spec)["spec"]["template"]["spec"]
+    assert r.comm_protocol(spec) == "tcp"
+    for bad, match in (({"tls": True}, "secretName"),
+                       ({"secretName": "s", "tls": False, "token": False}, "neither"),
+                       ({"secretName": "s", "tls": "yes"}, "tls: must be")):
+        spec["spec"]["security"] = bad
+        with pytest.raises(r.ClusterSpecError, match=match):
+            r.validate_cluster(spec)
+
+
 def test_bad_specs_are_refused_with_the_path():
     spec = r.make_cluster_spec("c1")
     spec["spec"]["workerGroups"].append(copy.deepcopy(spec["spec"]["workerGroups"][0]))

@@ -68,6 +68,28 @@ def test_workers_are_made_with_the_service_address():
     assert pods[0]["metadata"]["labels"][r.LABEL_GROUP] == "default"
 
 
+def test_a_cluster_with_tls_credentials_is_addressed_over_tls():
+    c = cluster(n=1)
+    c["spec"]["security"] = r.security_spec("c1-credentials-x", tls=True, token=True)
+    obs = Observed(c, deployment=dep(), service=service(),
+                   pods=[pod("s", component="scheduler")])
+    actions = plan(obs)
+    (worker,) = [a.manifest for a in kinds(actions, Create)]
+    env = {e["name"]: e for e in worker["spec"]["containers"][0]["env"]}
+    assert env["TASKCORE_SCHEDULER_ADDRESS"]["value"] == "tls://10.0.0.7:8786"
+    assert env["TASKCORE_TOKEN"] == {"name": "TASKCORE_TOKEN", "valueFrom": {"secretKeyRef": {
+        "name": "c1-credentials-x", "key": "token"}}}
+    (st,) = kinds(actions, SetStatus)
+    assert st.status["schedulerAddress"] == "tls://10.0.0.7:8786"
+    # A token alone: tcp://, the token from the Secret, no files mounted.
+    c["spec"]["security"] = r.security_spec("c1-credentials-x", tls=False, token=True)
+    (worker,) = [a.manifest for a in kinds(plan(obs), Create)]
+    assert "volumes" not in worker["spec"]
+    env = {e["name"]: e for e in worker["spec"]["containers"][0]["env"]}
+    assert env["TASKCORE_SCHEDULER_ADDRESS"]["value"] == "tcp://10.0.0.7:8786"
+    assert "secretKeyRef" in env["TASKCORE_TOKEN"]["valueFrom"]
+
+
 def test_status_reports_running_and_is_not_rewritten_when_unchanged():
     obs = Observed(cluster(n=1), deployment=dep(), service=service(),
                    pods=[pod("s", component="scheduler"), pod("w1")], controller="me")

@@ -208,6 +208,13 @@ def test_unsupported_specs_are_refused(tmp_path):
         make([py("pass")], restartPolicy="Sometimes")
     with pytest.raises(ValueError, match="unique"):
         make([py("pass"), py("pass")])
+    with pytest.raises(NotImplementedError, match="volumes other than secret"):
+        make([py("pass")], volumes=[{"name": "v", "emptyDir": {}}])
+    with pytest.raises(ValueError, match="names volume 'nope'"):
+        make([py("pass", volumeMounts=[{"name": "nope", "mountPath": "/x"}])])
+    with pytest.raises(NotImplementedError, match="subPath"):
+        make([py("pass", volumeMounts=[{"name": "v", "mountPath": "/x", "subPath": "a"}])],
+             volumes=[{"name": "v", "secret": {"secretName": "s"}}])
     runner = make([py("pass")])            # fine, and reports nothing before start()
     assert runner.status["phase"] == "Pending" and not runner.finished
 
@@ -305,6 +312,79 @@ async def test_running_pod_env_logs_and_graceful_delete(tmp_path):
         assert pod.cond("PodReadyToStartContainers", st)["status"] == "False"
         await pod.runner.terminate()           # idempotent
         assert pod.status == st
+
+
+SECRET_DUMP = ("import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'env': "
+               "{k: v for k, v in os.environ.items() if k.startswith('S_')}, 'key': "
+               "open(sys.argv[1].split('=', 1)[1]).read()}), flush=True); "
+               "import time; time.sleep(600)")
+
+
+@async_test
+async def test_secret_volumes_and_secret_variables(tmp_path):
+    """A secret volume: the Secret's keys (items) as files in the kubelet's layout, with
+    their modes, at a directory that stands in for mountPath in the container's arguments
+    and variables; secretKeyRef variables. A missing Secret keeps the container in
+    ContainerCreating until it appears."""
+    import base64
+    import stat
+
+    def b64(text):
+        return base64.b64encode(text.encode()).decode()
+
+    secrets = {}
+    volumes = [{"name": "creds", "secret": {
+        "secretName": "creds", "defaultMode": 0o400,
+        "items": [{"key": "tls.key", "path": "tls.key"},
+                  {"key": "ca.crt", "path": "sub/ca.crt", "mode": 0o444}]}}]
+    env = [{"name": "S_TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+           {"name": "S_OPTIONAL", "valueFrom": {"secretKeyRef": {
+               "name": "other", "key": "x", "optional": True}}},
+           {"name": "S_DIR", "value": "/etc/creds"}]
+    container = py(SECRET_DUMP, env=env, args=["--key=/etc/creds/tls.key", "/etc/credsx/no",
+                                               "/etc/creds/sub/ca.crt"],
+                   volumeMounts=[{"name": "creds", "mountPath": "/etc/creds/", "readOnly": True}])
+    pod = Pod(tmp_path, "secretpod", [container], spec={"volumes": volumes},
+              secrets=lambda ns, name: secrets.get((ns, name)))
+    async with pod:
+        st = await pod.wait(lambda s: pod.cs(status=s)["state"].get("waiting", {}).get(
+            "message", "").startswith("MountVolume"), "a volume that cannot be set up")
+        assert pod.cs(status=st)["state"]["waiting"] == {
+            "reason": "ContainerCreating",
+            "message": 'MountVolume.SetUp failed for volume "creds" : secret "creds" not found'}
+        assert st["phase"] == "Pending" and pod.runner.pids() == []
+        secrets[("ns1", "creds")] = {"data": {"tls.key": b64("KEY"), "ca.crt": b64("CA"),
+                                              "token": b64("tok\n")}}
+        await pod.wait(lambda s: s["phase"] == "Running", "Running once the Secret exists")
+        line = await pod.wait_line("{")
+        dump = json.loads(line)
+        root = pod.runner.pod_dir / "volumes" / "kubernetes.io~secret" / "creds"
+        assert dump["argv"] == [f"--key={root}/tls.key", "/etc/credsx/no", f"{root}/sub/ca.crt"]
+        assert dump["key"] == "KEY"
+        assert dump["env"] == {"S_TOKEN": "tok\n", "S_DIR": str(root)}   # optional: unset
+        assert stat.S_IMODE(os.stat(root / "tls.key").st_mode) == 0o400
+        assert stat.S_IMODE(os.stat(root / "sub" / "ca.crt").st_mode) == 0o444
+        assert (root / "tls.key").is_symlink() and os.readlink(root / "tls.key") == \
+            "..data/tls.key"
+        assert os.readlink(root / "..data").startswith("..20")
+        assert sorted(os.listdir(root / "..data")) == ["sub", "tls.key"]     # no token file
+
+    # A missing key, and a variable from a Secret without that key.
+    secrets[("ns1", "creds")] = {"data": {"tls.key": b64("KEY")}}
+    nokey = Pod(tmp_path, "nokey", [dict(container, name="main")], spec={"volumes": volumes},
+                secrets=lambda ns, name: secrets.get((ns, name)))
+    novar = Pod(tmp_path, "novar", [py(SLEEP, env=env[:1])],
+                secrets=lambda ns, name: secrets.get((ns, name)))
+    async with nokey, novar:
+        st = await nokey.wait(lambda s: "message" in nokey.cs(status=s)["state"].get(
+            "waiting", {}), "a missing key")
+        assert nokey.cs(status=st)["state"]["waiting"]["message"] == (
+            'MountVolume.SetUp failed for volume "creds" : references non-existent secret key: '
+            'ca.crt')
+        st = await novar.wait(lambda s: novar.cs(status=s)["state"].get("waiting", {}).get(
+            "reason") == "CreateContainerConfigError", "CreateContainerConfigError")
+        assert novar.cs(status=st)["state"]["waiting"]["message"] == (
+            "couldn't find key token in Secret ns1/creds")
 
 
 @async_test
@@ -460,7 +540,7 @@ async def test_container_create_and_start_errors(tmp_path):
         assert "explicit command" in nocmd.cs(status=st)["state"]["waiting"]["message"]
         st = await secret.wait(lambda s: secret.cs(status=s)["state"]["waiting"]["reason"]
                                == "CreateContainerConfigError", "CreateContainerConfigError")
-        assert "secretKeyRef" in secret.cs(status=st)["state"]["waiting"]["message"]
+        assert secret.cs(status=st)["state"]["waiting"]["message"] == 'secret "s" not found'
         st = await nodir.wait(lambda s: nodir.cs(status=s)["state"]["waiting"]["reason"]
                               == "CreateContainerError", "CreateContainerError (workingDir)")
         assert "missing" in nodir.cs(status=st)["state"]["waiting"]["message"]

@@ -253,6 +253,32 @@ class KubeAPI:
                          {"metadata": {"annotations": annotations}},
                          _content_type="application/merge-patch+json")
 
+    # -- secrets (a cluster's credentials, credentials.py) --------------------------------------
+    async def create_secret(self, ns: str, body: dict) -> dict:
+        return await self._call(self.core.create_namespaced_secret, ns, body)
+
+    async def get_secret(self, ns: str, name: str) -> dict | None:
+        try:
+            return await self._call(self.core.read_namespaced_secret, name, ns)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def set_secret_owner(self, ns: str, name: str, owner_reference: dict) -> dict:
+        """Make `owner_reference` the Secret's only owner (a merge patch), so that the
+        garbage collector deletes the Secret with its owner."""
+        return await self._call(self.core.patch_namespaced_secret, name, ns,
+                                {"metadata": {"ownerReferences": [owner_reference]}},
+                                _content_type="application/merge-patch+json")
+
+    async def delete_secret(self, ns: str, name: str):
+        try:
+            await self._call(self.core.delete_namespaced_secret, name, ns)
+        except ApiError as e:
+            if e.status != 404:
+                raise
+
     async def get_service(self, ns: str, name: str) -> dict | None:
         try:
             return await self._call(self.core.read_namespaced_service, name, ns)

@@ -25,19 +25,40 @@ when the cluster IP does not answer (`port_forward_cluster_ip=None`), always
 (True) or never (False). The dashboard (port 8787 of the scheduler pod, the
 Service's port named "dashboard") is reached the same way, with a port-forward
 of its own where the scheduler's comm has one: `dashboard_link` is that.
+
+Security (`security=`), as for SSHCluster: None (the default) makes throwaway
+TLS credentials (`Security.temporary()`) and the cluster runs over tls://; a
+`Security` is used as given (tls:// with its files, tcp:// with only a token);
+False is plain tcp:// (with a warning, unless TASKCORE_TOKEN is set here). The
+credentials go into a Secret `<name>-credentials-<random>` (the CA, certificate
+and key under cert-manager's key names, and a token if there is one), made
+before the resource and then owned by it, so Kubernetes deletes it with the
+cluster. The resource names it in `spec.security`; resources.py mounts it
+read-only into every pod and points the `--tls-*` options at the mount, and a
+token reaches the containers as TASKCORE_TOKEN from the Secret, never in an
+argument. `cluster.security` is what clients here use (`Client(cluster)` takes
+it; through a port-forward too: TLS runs end to end). Connecting to an existing
+cluster (`from_name`) reads the credentials back from the Secret into a private
+temporary directory here, removed when this handle closes (at exit, when it
+detaches: clients of this process may still need them).
 """
 from __future__ import annotations
 
 import asyncio
+import atexit
 import copy
 import logging
+import os
+import shutil
 import time
 
 from taskcore.deploy.cluster import Cluster, tcp_answers
 from taskcore.deploy.kubernetes import resources as r
+from taskcore.deploy.kubernetes import credentials as creds
 from taskcore.deploy.kubernetes.api import ApiError, PortForward, connect_api, in_cluster
 from taskcore.deploy.kubernetes.controller import Controller, set_replicas
 from taskcore.deploy.kubernetes.reconcile import pod_problem, scheduler_address_of
+from taskcore.security import Security, resolve_token
 
 logger = logging.getLogger("taskcore.deploy.kubernetes")
 
@@ -68,7 +89,11 @@ class KubeCluster(Cluster):
     port_forward_cluster_ip=None, custom_cluster_spec=None, shutdown_on_close=True,
     idle_timeout=0, controller="auto", create_mode="create_or_connect",
     startup_timeout=300, operator_timeout=3, kubeconfig=None, context=None,
-    asynchronous=False)`.
+    nthreads=None, security=None, asynchronous=False)`.
+
+    `security`: None (the default) runs the cluster over tls:// with temporary
+    credentials, kept in a Secret the resource owns; a `Security` is used as given;
+    False is plain tcp://. See the module doc.
     """
 
     backend = "kubernetes"
@@ -82,7 +107,11 @@ class KubeCluster(Cluster):
                  controller: str = "auto", create_mode: str = "create_or_connect",
                  startup_timeout: float = 300, operator_timeout: float = 3.0,
                  kubeconfig: str | None = None, context: str | None = None,
-                 nthreads: int | None = None, asynchronous: bool = False):
+                 nthreads: int | None = None, security=None, asynchronous: bool = False):
+        if security is not None and security is not False and not isinstance(security,
+                                                                               Security):
+            raise TypeError(f"security must be None (temporary TLS credentials), a Security or "
+                            f"False (plain tcp), got {security!r}")
         if controller not in CONTROLLERS:
             raise ValueError(f"controller must be one of {CONTROLLERS}, got {controller!r}")
         if create_mode not in CREATE_MODES:
@@ -125,6 +154,11 @@ class KubeCluster(Cluster):
         self._address: str | None = None
         self._created_here = False
         self._resource: dict | None = None
+        self._security_arg = security
+        self.security = None            # what clients here use; set when started
+        self._own_credentials: str | None = None   # a local directory of credentials
+        self._unowned_secret: str | None = None    # a Secret made here, not yet owned
+        self._detached = False
         super().__init__(asynchronous=asynchronous, name=name,
                          shutdown_on_close=shutdown_on_close)
         if not asynchronous:
@@ -147,11 +181,15 @@ class KubeCluster(Cluster):
             body["metadata"]["namespace"] = self.namespace
             if self.controller_mode == "embedded":
                 body["metadata"].setdefault("labels", {})[r.LABEL_CONTROLLER] = "embedded"
+            await self._make_credentials(body)
             self._resource = await self._api.create_cluster(self.namespace, body)
             self._created_here = True
             self._log(logging.INFO, "%s: created %s %s/%s", self.name, r.KIND, self.namespace,
                       self.name)
+            await self._own_secret()
         else:
+            # Before adopting it: a failed start closes what it adopted (deletes it).
+            await self._read_credentials(existing)
             self._resource = existing
             self._log(logging.INFO, "%s: connecting to the existing %s", self.name, r.KIND)
         await self._choose_controller()
@@ -178,6 +216,106 @@ class KubeCluster(Cluster):
                 f"the {r.KIND} CustomResourceDefinition is not installed and we may not install "
                 f"it ({e}); a cluster admin installs it once with "
                 f"`kubectl apply -f deploy/kubernetes/crd.yaml`") from None
+
+    # -- credentials -------------------------------------------------------------------------------
+    async def _make_credentials(self, body):
+        """A new cluster's credentials: `self.security` for clients here, and a Secret named
+        in the resource's spec.security for its pods (none for plain tcp:// without a
+        token, which gets the one warning)."""
+        if r.cluster_security(body) is not None:
+            return await self._read_credentials(body)     # a custom spec naming its Secret
+        security = self._security_arg
+        if security is None:
+            # The CA's name adds " CA"; x509 limits a common name to 64 characters.
+            security = Security.temporary(common_name=f"taskcore {self.name}"[:60])
+            self._own_credentials = os.path.dirname(security.ca_file)
+        elif security is False:
+            security = None
+        self.security = security
+        token = resolve_token(None, security)   # the Security's, else TASKCORE_TOKEN here
+        tls = security is not None and security.enabled
+        if not tls and token is None:
+            self._log(logging.WARNING, "%s: %s: plain tcp:// without a token, so anyone who "
+                      "can reach the scheduler's port can run code on the workers (TLS is the "
+                      "default: leave security=None; or give Security(token=...))", self.name,
+                      "security=False" if security is None else "a Security without TLS files")
+            return
+        secret = r.credentials_secret(self.name, creds.tls_files(security) if tls else None,
+                                      token)
+        try:
+            made = await self._api.create_secret(self.namespace, secret)
+        except ApiError as e:
+            if e.status != 403:
+                raise
+            raise KubeClusterError(f"{self.name}: may not create the Secret that carries the "
+                                   f"cluster's credentials to its pods ({e}); the Role in "
+                                   f"deploy/kubernetes/user-role.yaml grants it (or give "
+                                   f"security=False for plain tcp://)") from None
+        self._unowned_secret = made["metadata"]["name"]
+        body["spec"]["security"] = r.security_spec(self._unowned_secret, tls=tls,
+                                                   token=token is not None)
+        self._log(logging.INFO, "%s: credentials (%s) in Secret %s/%s", self.name,
+                  " and ".join(w for w, on in (("TLS", tls), ("a token", token)) if on),
+                  self.namespace, self._unowned_secret)
+
+    async def _own_secret(self):
+        """The resource now exists: make it the Secret's owner (deleted with it)."""
+        name = self._unowned_secret
+        if name is None:
+            return
+        ref = dict(r.owner_reference(self._resource))
+        # Not blockOwnerDeletion: that needs the finalizers subresource of the resource
+        # where OwnerReferencesPermissionEnforcement is on; foreground deletion of the
+        # resource need not wait for its Secret.
+        ref.pop("blockOwnerDeletion", None)
+        await self._api.set_secret_owner(self.namespace, name, ref)
+        self._unowned_secret = None
+
+    async def _read_credentials(self, resource):
+        """An existing cluster: the credentials clients here use, read from the Secret its
+        spec.security names (a Security given is used as is)."""
+        sec = r.cluster_security(resource)
+        given = self._security_arg
+        if isinstance(given, Security) or sec is None:
+            self.security = given if isinstance(given, Security) else None
+            if sec is None:
+                self._log(logging.INFO, "%s: the cluster runs over plain tcp:// (its resource "
+                          "has no spec.security)", self.name)
+            return
+        where = f"{self.namespace}/{sec['secretName']}"
+        if given is False:
+            raise KubeClusterError(f"{self.name} runs with the credentials in Secret {where} "
+                                   f"(spec.security): security=False cannot connect to it "
+                                   f"(leave security=None to read them)")
+        try:
+            secret = await self._api.get_secret(self.namespace, sec["secretName"])
+        except ApiError as e:
+            if e.status == 403:
+                raise KubeClusterError(f"{self.name}: may not read Secret {where}, which holds "
+                                       f"the cluster's credentials ({e}); the Role in "
+                                       f"deploy/kubernetes/user-role.yaml grants it") from None
+            raise
+        if secret is None:
+            raise KubeClusterError(f"{self.name}: Secret {where}, named by the resource's "
+                                   f"spec.security, does not exist")
+        try:
+            self.security, self._own_credentials = creds.security_from_secret(secret, sec)
+        except creds.CredentialsError as e:
+            raise KubeClusterError(f"{self.name}: {e}") from None
+        self._log(logging.INFO, "%s: using the credentials in Secret %s", self.name, where)
+
+    async def _security_for(self, cluster):
+        return self.security
+
+    def _remove_local_credentials(self):
+        path, self._own_credentials = self._own_credentials, None
+        if not path:
+            return
+        if self._detached:
+            # The cluster lives on: a client of this process may reconnect with these.
+            atexit.register(shutil.rmtree, path, True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
     async def _choose_controller(self):
         labels = self._resource["metadata"].get("labels") or {}
@@ -216,7 +354,8 @@ class KubeCluster(Cluster):
     async def _embed(self):
         self._log(logging.INFO, "%s: no operator; reconciling in this process", self.name)
         self._controller = Controller(self._api, self.namespace, only=self.name,
-                                      address_for=self._address_from_here, resync=2.0)
+                                      address_for=self._address_from_here,
+                                      security_for=self._security_for, resync=2.0)
         await self._controller.start()
 
     async def _wait_for_scheduler(self):
@@ -258,15 +397,16 @@ class KubeCluster(Cluster):
     # -- where the scheduler is, seen from here --------------------------------------------------
     async def _client_address(self) -> str:
         svc = await self._api.get_service(self.namespace, r.scheduler_name(self.name))
-        inner = scheduler_address_of(svc)
+        protocol = r.comm_protocol(self._resource)
+        inner = scheduler_address_of(svc, protocol)
         if in_cluster():
             return inner
         kind = (svc.get("spec") or {}).get("type", "ClusterIP")
         port = next(p for p in svc["spec"]["ports"] if p.get("name") == "tcp-comm")
         if kind == "NodePort":
-            return f"tcp://{await self._node_address()}:{port['nodePort']}"
+            return f"{protocol}://{await self._node_address()}:{port['nodePort']}"
         if kind == "LoadBalancer":
-            return await self._load_balancer_address(port)
+            return protocol + "://" + (await self._load_balancer_address(port)).split("://")[1]
         if self.port_forward_cluster_ip is False:
             return inner
         if self.port_forward_cluster_ip is None and await tcp_answers(
@@ -274,7 +414,8 @@ class KubeCluster(Cluster):
             return inner
         self._forward = PortForward(self._api, self.namespace, self._scheduler_pod,
                                     r.SCHEDULER_PORT)
-        address = await self._forward.start()
+        # The forward carries bytes: TLS runs end to end, from here to the scheduler.
+        address = protocol + "://" + (await self._forward.start()).split("://", 1)[1]
         self._log(logging.INFO, "%s: port-forwarding %s to the scheduler pod", self.name,
                   address)
         return address
@@ -333,7 +474,7 @@ class KubeCluster(Cluster):
         if self._address is not None:
             return self._address
         svc = await self._api.get_service(self.namespace, r.scheduler_name(self.name))
-        return scheduler_address_of(svc)
+        return scheduler_address_of(svc, r.comm_protocol(cluster))
 
     async def _scheduler_pod(self) -> str | None:
         pods = await self._api.list_pods(
@@ -483,6 +624,13 @@ class KubeCluster(Cluster):
                 if adapt else "")))
         if self._controller is not None:
             out.append(("controller", "embedded"))
+        sec = r.cluster_security(res) if res else None
+        if sec is not None:
+            out.append(("security", f"{'tls://' if sec['tls'] else 'tcp://'}"
+                                    f"{', token' if sec['token'] else ''}, Secret "
+                                    f"{sec['secretName']}"))
+        elif res:
+            out.append(("security", "plain tcp://"))
         return out
 
     async def _gather_logs(self, cluster, scheduler, workers):
@@ -510,6 +658,13 @@ class KubeCluster(Cluster):
         if self._api is None:
             return
         await self._stop_local()
+        if self._unowned_secret is not None:       # a start that failed before owning it
+            try:
+                await self._api.delete_secret(self.namespace, self._unowned_secret)
+                self._unowned_secret = None
+            except ApiError as e:
+                self._log(logging.WARNING, "%s: could not delete Secret %s: %s", self.name,
+                          self._unowned_secret, e)
         if self._resource is not None or self._created_here:
             await self._api.delete_cluster(self.namespace, self.name)
             deadline = time.monotonic() + 60
@@ -521,10 +676,13 @@ class KubeCluster(Cluster):
                 await asyncio.sleep(0.25)
             else:
                 self._log(logging.WARNING, "%s: pods still terminating after 60 s", self.name)
+        self._remove_local_credentials()       # no process of the cluster is left
 
     async def _detach(self):
         """Leave the cluster running. Without an operator it is no longer reconciled until a
-        client reconnects (`from_name`); dropping our label lets an operator take it over."""
+        client reconnects (`from_name`); dropping our label lets an operator take it over.
+        Its Secret stays with it, for whoever connects next."""
+        self._detached = True
         await self._stop_local()
 
         def unlabel(res):
@@ -549,13 +707,15 @@ class KubeCluster(Cluster):
         if self._api is not None:
             await self._api.close()
             self._api = None
+        self._remove_local_credentials()
 
     # -- reconnecting ------------------------------------------------------------------------------
     @classmethod
     def from_name(cls, name: str, namespace: str | None = None, asynchronous: bool = False,
                   shutdown_on_close: bool = False, **kwargs):
         """Connect to the running TaskcoreCluster `name` (the API server is the registry).
-        `close()` then detaches again unless `shutdown_on_close=True`."""
+        `close()` then detaches again unless `shutdown_on_close=True`. Its credentials are
+        read from the Secret its spec.security names, unless `security=` gives them."""
         return cls(name=name, namespace=namespace, create_mode="connect_only",
                    shutdown_on_close=shutdown_on_close, asynchronous=asynchronous,
                    controller=kwargs.pop("controller", "auto"), **kwargs)

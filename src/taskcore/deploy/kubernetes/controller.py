@@ -24,6 +24,11 @@ Theory of operation:
 - Adaptive groups: every `interval` the scheduler's target is split among
   the groups (`split_target`) and each group's `AdaptiveCounter` decides its
   replicas, written to the spec like a manual scale.
+- Credentials: a cluster whose spec.security names a Secret runs over tls://
+  (and/or with a token); the controller talks to its scheduler with the
+  credentials read from that Secret (credentials.SecretCredentials: the
+  operator needs `get` on secrets), or with the Security `security_for` gives
+  (the embedded controller: the KubeCluster's own).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import weakref
 from taskcore.deploy.cluster import scheduler_rpc
 from taskcore.deploy.kubernetes import resources as r
 from taskcore.deploy.kubernetes.api import ApiError, KubeAPI
+from taskcore.deploy.kubernetes.credentials import SecretCredentials
 from taskcore.deploy.kubernetes.reconcile import (AdaptiveCounter, Create, Delete, DeleteCluster,
                                                   Observed, Retire, SetStatus, plan,
                                                   scheduler_address_of, split_target)
@@ -81,18 +87,22 @@ class Controller:
     `namespace=None` watches all namespaces. `only=<name>` reconciles one cluster
     (the embedded mode; the operator takes all that are not labelled embedded).
     `async address_for(cluster) -> str | None` overrides where the scheduler is reached
-    from here (a port-forward, for a client outside the cluster).
+    from here (a port-forward, for a client outside the cluster), and
+    `async security_for(cluster) -> Security | None` the credentials it is reached with
+    (default: read from the Secret that the resource's spec.security names).
     """
 
     def __init__(self, api: KubeAPI, namespace: str | None = None, only: str | None = None,
                  identity: str | None = None, address_for=None, resync: float = 5.0,
-                 retire_timeout: float = 60.0):
+                 retire_timeout: float = 60.0, security_for=None):
         self.api = api
         self.namespace = namespace
         self.only = only
         self.identity = identity or f"{'embedded' if only else 'operator'}/" \
                                     f"{socket.gethostname()}/{os.getpid()}"
         self.address_for = address_for
+        self.security_for = security_for
+        self._credentials = SecretCredentials(api)
         self.resync = resync
         self.retire_timeout = retire_timeout
         self._dirty: dict = {}        # (ns, name) -> asyncio.Event
@@ -120,6 +130,7 @@ class Controller:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._credentials.clear()
 
     def _spawn(self, coro):
         t = asyncio.ensure_future(coro)
@@ -214,6 +225,7 @@ class Controller:
         self._retiring.pop(key, None)
         self._idle_since.pop(key, None)
         self._last_view.pop(key, None)
+        self._credentials.drop(*key)
         for k in [k for k in self._counters if k[:2] == key]:
             del self._counters[k]
 
@@ -300,7 +312,13 @@ class Controller:
         """The scheduler's address as seen from this process."""
         if self.address_for is not None:
             return await self.address_for(cluster)
-        return scheduler_address_of(service)
+        return scheduler_address_of(service, r.comm_protocol(cluster))
+
+    async def _security(self, cluster):
+        """The credentials the scheduler is reached with from here (None: plain tcp://)."""
+        if self.security_for is not None:
+            return await self.security_for(cluster)
+        return await self._credentials.security_for(cluster)
 
     async def _scheduler_view(self, cluster, service, key) -> dict | None:
         view = error = None
@@ -309,6 +327,7 @@ class Controller:
         except Exception as e:
             error = repr(e)
             logger.debug("scheduler of %s not reachable: %r", cluster["metadata"]["name"], e)
+            self._credentials.drop(*key)      # read the Secret again next time
         self._last_view[key] = {"at": time.time(), "view": view, "error": error}
         return view
 
@@ -323,7 +342,7 @@ class Controller:
         status, value = await scheduler_rpc(
             address, "run_on_scheduler",
             {"func": serialize_obj((scheduler_view, (), {"target_duration": min(
-                durations, default=5.0)}))}, timeout=5)
+                durations, default=5.0)}))}, security=await self._security(cluster), timeout=5)
         if isinstance(value, Serialized):
             value = value.deserialize()
         if status != "ok":
@@ -391,6 +410,7 @@ class Controller:
             if address and addresses:
                 logger.info("%s/%s: retiring %s", ns, name, list(pods))
                 await scheduler_rpc(address, "retire_workers", {"workers": addresses},
+                                    security=await self._security(cluster),
                                     timeout=self.retire_timeout)
         except Exception as e:
             # Deleting anyway loses nothing for good: the scheduler recomputes what it lost.

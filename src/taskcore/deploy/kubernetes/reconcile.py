@@ -146,8 +146,9 @@ def dashboard_address_of(service: dict | None) -> str | None:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def scheduler_address_of(service: dict | None) -> str | None:
-    """tcp://<cluster IP>:<port> of the scheduler's Service, once it has a cluster IP."""
+def scheduler_address_of(service: dict | None, protocol: str = "tcp") -> str | None:
+    """<protocol>://<cluster IP>:<port> of the scheduler's Service, once it has a cluster IP
+    (`protocol`: "tls" for a cluster with TLS credentials, `resources.comm_protocol`)."""
     if not service:
         return None
     spec = service.get("spec") or {}
@@ -156,7 +157,7 @@ def scheduler_address_of(service: dict | None) -> str | None:
     if not ip or ip == "None" or not ports:
         return None
     port = next((p["port"] for p in ports if p.get("name") == "tcp-comm"), ports[0]["port"])
-    return f"tcp://{ip}:{port}"
+    return f"{protocol}://{ip}:{port}"
 
 
 def plan(obs: Observed) -> list:
@@ -184,7 +185,7 @@ def plan(obs: Observed) -> list:
     if idle_timeout and obs.idle_for > idle_timeout:
         return [DeleteCluster(f"idle for {obs.idle_for:.0f} s (idleTimeout {idle_timeout:g} s)")]
 
-    address = scheduler_address_of(obs.service)
+    address = scheduler_address_of(obs.service, r.comm_protocol(cluster))
     groups = {g["name"]: g for g in spec.get("workerGroups") or []}
     workers = [p for p in obs.pods if _labels(p).get(r.LABEL_COMPONENT) == "worker"]
     by_group: dict = {}

@@ -10,6 +10,10 @@ A TaskcoreCluster (group taskcore.dev, version v1):
     spec:
       idleTimeout: 0                # seconds without clients or work before the
                                     # cluster deletes itself; 0 = never
+      security:                     # optional: credentials from a Secret (see below)
+        secretName: <a Secret in the resource's namespace>
+        tls: true                   # it holds ca.crt, tls.crt, tls.key: tls://
+        token: false                # it holds `token`: TASKCORE_TOKEN in every container
       scheduler:
         spec: <PodSpec>             # one container, named "scheduler"
         service: <ServiceSpec>      # type ClusterIP | NodePort | LoadBalancer
@@ -37,9 +41,20 @@ The controller injects into the containers what only it knows: the pod's IP
 cluster IP, stable while the Service lives, so no cluster DNS is needed) and
 the worker's name (TASKCORE_WORKER_NAME = the pod name, so the scheduler's
 worker names are pod names).
+
+Credentials (`spec.security`): the Secret is mounted read-only (mode 0400, only
+its three TLS keys) at /etc/taskcore/credentials in the scheduler's and every
+worker's container, whose arguments get `--tls-ca-file/--tls-cert/--tls-key`
+naming the files there; the scheduler's address is then tls://. A token reaches
+the containers as TASKCORE_TOKEN through `valueFrom.secretKeyRef`: it is never
+in an argument, nor in the resource. Key names are cert-manager's (a
+Certificate's Secret can be named directly, if its certificate allows both
+server and client authentication). KubeCluster makes the Secret
+(`credentials_secret`), owned by the resource, so deleting one deletes the other.
 """
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import json
@@ -68,8 +83,17 @@ MANAGED_BY = "taskcore"
 ANNOTATION_TEMPLATE_HASH = f"{GROUP}/template-hash"
 ANNOTATION_RETIRE = f"{GROUP}/retire"     # on a worker pod: go first at the next scale-down
 
+# Credentials (spec.security): the Secret's keys, and where the TLS files are mounted.
+SECRET_CA, SECRET_CERT, SECRET_KEY, SECRET_TOKEN = "ca.crt", "tls.crt", "tls.key", "token"
+TLS_KEYS = (SECRET_CA, SECRET_CERT, SECRET_KEY)
+CREDENTIALS_VOLUME = "taskcore-credentials"
+CREDENTIALS_MOUNT = "/etc/taskcore/credentials"
+CREDENTIALS_MODE = 0o400        # read by the container's user only (see docs/deploying.md)
+TOKEN_ENV = "TASKCORE_TOKEN"    # = taskcore.security.TOKEN_ENV (no import: this module is pure)
+
 __all__ = ["make_cluster_spec", "make_worker_spec", "crd_manifest", "scheduler_deployment",
-           "scheduler_service", "worker_pod", "validate_cluster"]
+           "scheduler_service", "worker_pod", "validate_cluster", "security_spec",
+           "credentials_secret", "cluster_security", "comm_protocol"]
 
 
 def _as_command(command) -> list:
@@ -202,6 +226,7 @@ def validate_cluster(obj: dict) -> None:
     if svc_type not in SERVICE_TYPES:
         raise ClusterSpecError(f"spec.scheduler.service.type: {svc_type!r} is not one of "
                                f"{SERVICE_TYPES}")
+    _check_security(spec.get("security"))
     seen = set()
     for i, g in enumerate(spec.get("workerGroups") or []):
         where = f"spec.workerGroups[{i}]"
@@ -218,6 +243,22 @@ def validate_cluster(obj: dict) -> None:
             if lo < 0 or (hi is not None and int(hi) < lo):
                 raise ClusterSpecError(f"{where}.adapt: need 0 <= minimum <= maximum, got "
                                        f"{lo}..{hi}")
+
+
+def _check_security(sec):
+    if sec is None:
+        return
+    if not isinstance(sec, dict):
+        raise ClusterSpecError(f"spec.security: must be an object, got {sec!r}")
+    if not isinstance(sec.get("secretName"), str) or not sec["secretName"]:
+        raise ClusterSpecError(f"spec.security.secretName: the name of a Secret is needed, "
+                               f"got {sec.get('secretName')!r}")
+    for k in ("tls", "token"):
+        if not isinstance(sec.get(k, k == "tls"), bool):
+            raise ClusterSpecError(f"spec.security.{k}: must be true or false")
+    if not (sec.get("tls", True) or sec.get("token", False)):
+        raise ClusterSpecError("spec.security: neither tls nor token: the Secret would give "
+                               "nothing (drop spec.security for plain tcp://)")
 
 
 def _one_container(podspec, where, name):
@@ -255,6 +296,88 @@ def _inject_env(container: dict, env: list) -> None:
 _POD_IP = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 
 
+# -- credentials -----------------------------------------------------------------------------
+def security_spec(secret_name: str, tls: bool = True, token: bool = False) -> dict:
+    """`spec.security` of a TaskcoreCluster: which Secret, and what it holds."""
+    out = {"secretName": secret_name, "tls": bool(tls), "token": bool(token)}
+    _check_security(out)
+    return out
+
+
+def cluster_security(cluster: dict) -> dict | None:
+    """The resource's spec.security with its defaults filled in, or None."""
+    sec = (cluster.get("spec") or {}).get("security")
+    if not sec:
+        return None
+    return {"secretName": sec["secretName"], "tls": sec.get("tls", True),
+            "token": sec.get("token", False)}
+
+
+def comm_protocol(cluster: dict) -> str:
+    """"tls" when the cluster's pods get TLS credentials (spec.security.tls), else "tcp"."""
+    sec = cluster_security(cluster)
+    return "tls" if sec and sec["tls"] else "tcp"
+
+
+def credentials_secret(cluster_name: str, files: dict | None = None,
+                       token: str | None = None) -> dict:
+    """The Secret holding a cluster's credentials: `files` maps SECRET_CA, SECRET_CERT and
+    SECRET_KEY to their PEM bytes (type kubernetes.io/tls), `token` the shared token.
+    Labelled for the cluster and named `<cluster>-credentials-<random>` (generateName: a
+    Secret left by an earlier cluster of the same name never collides); KubeCluster adds
+    the owner reference once the resource exists."""
+    if not files and not token:
+        raise ValueError("a credentials Secret needs TLS files or a token")
+    data = {}
+    if files:
+        missing = [k for k in TLS_KEYS if not files.get(k)]
+        if missing:
+            raise ValueError(f"TLS credentials need {', '.join(TLS_KEYS)}; missing "
+                             f"{', '.join(missing)}")
+        for k in TLS_KEYS:
+            v = files[k]
+            data[k] = base64.b64encode(v if isinstance(v, bytes) else v.encode()).decode()
+    if token:
+        data[SECRET_TOKEN] = base64.b64encode(token.encode()).decode()
+    return {"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"generateName": f"{cluster_name}-credentials-",
+                         "labels": cluster_labels(cluster_name, "credentials")},
+            "type": "kubernetes.io/tls" if files else "Opaque",
+            "data": data}
+
+
+def _apply_security(cluster: dict, podspec: dict, container_name: str) -> None:
+    """The Secret of spec.security in one pod: volume, read-only mount and --tls-* arguments
+    for TLS, TASKCORE_TOKEN from the Secret for a token. Arguments already naming
+    --tls-ca-file (a custom command) are left alone."""
+    sec = cluster_security(cluster)
+    if sec is None:
+        return
+    for c in podspec.get("containers") or []:
+        if c.get("name") != container_name:
+            continue
+        if sec["tls"]:
+            volumes = podspec.setdefault("volumes", [])
+            if not any(v.get("name") == CREDENTIALS_VOLUME for v in volumes):
+                volumes.append({"name": CREDENTIALS_VOLUME, "secret": {
+                    "secretName": sec["secretName"], "defaultMode": CREDENTIALS_MODE,
+                    # the TLS files only: the token is not written into the pod
+                    "items": [{"key": k, "path": k} for k in TLS_KEYS]}})
+            mounts = c.setdefault("volumeMounts", [])
+            if not any(m.get("name") == CREDENTIALS_VOLUME for m in mounts):
+                mounts.append({"name": CREDENTIALS_VOLUME, "mountPath": CREDENTIALS_MOUNT,
+                               "readOnly": True})
+            words = [str(w) for w in (c.get("command") or []) + (c.get("args") or [])]
+            if not any(w.split("=", 1)[0] == "--tls-ca-file" for w in words):
+                c["args"] = list(c.get("args") or []) + [
+                    "--tls-ca-file", f"{CREDENTIALS_MOUNT}/{SECRET_CA}",
+                    "--tls-cert", f"{CREDENTIALS_MOUNT}/{SECRET_CERT}",
+                    "--tls-key", f"{CREDENTIALS_MOUNT}/{SECRET_KEY}"]
+        if sec["token"]:
+            _inject_env(c, [{"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {
+                "name": sec["secretName"], "key": SECRET_TOKEN}}}])
+
+
 def template_hash(podspec: dict) -> str:
     return hashlib.sha256(json.dumps(podspec, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -265,6 +388,7 @@ def scheduler_deployment(cluster: dict) -> dict:
     for c in podspec["containers"]:
         if c.get("name") == "scheduler":
             _inject_env(c, [_POD_IP, {"name": "TASKCORE_CLUSTER_NAME", "value": name}])
+    _apply_security(cluster, podspec, "scheduler")
     labels = cluster_labels(name, "scheduler")
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -304,6 +428,7 @@ def worker_pod(cluster: dict, group: dict, scheduler_address: str) -> dict:
                 {"name": "TASKCORE_WORKER_GROUP", "value": group["name"]},
                 {"name": "TASKCORE_CLUSTER_NAME", "value": name},
             ])
+    _apply_security(cluster, podspec, "worker")
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": {"generateName": f"{name}-{group['name']}-",
                          "labels": cluster_labels(name, "worker", group["name"]),
@@ -314,6 +439,10 @@ def worker_pod(cluster: dict, group: dict, scheduler_address: str) -> dict:
 
 # -- the CRD -----------------------------------------------------------------------------------
 _OPEN = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+_SECURITY = {"type": "object", "required": ["secretName"], "properties": {
+    "secretName": {"type": "string", "minLength": 1, "maxLength": 253},
+    "tls": {"type": "boolean"},
+    "token": {"type": "boolean"}}}
 _ADAPT = {"type": "object", "properties": {
     "minimum": {"type": "integer", "minimum": 0},
     "maximum": {"type": "integer", "minimum": 0},
@@ -331,6 +460,7 @@ def crd_manifest() -> dict:
                 "type": "object", "required": ["scheduler", "workerGroups"],
                 "properties": {
                     "idleTimeout": {"type": "number", "minimum": 0},
+                    "security": _SECURITY,
                     "scheduler": {"type": "object", "required": ["spec"], "properties": {
                         "spec": _OPEN, "service": _OPEN}},
                     "workerGroups": {"type": "array", "items": {

@@ -8,7 +8,8 @@ through the registry, on the stand-in's event loop:
   each a pod IP from 127.2.0.0/16 (Linux routes all of 127/8 to loopback, so a process
   binds it without setup), runs it with a `PodRunner` (kubelet.py) and writes the status
   it reports; a pod with a deletionTimestamp is terminated with its grace period and then
-  removed; a pod removed at once (grace 0) has its processes killed afterwards.
+  removed; a pod removed at once (grace 0) has its processes killed afterwards. Secret
+  volumes and secretKeyRef variables are read from the store (kubelet.py says how).
 - `DeploymentController`: keeps `spec.replicas` pods of the current template. There is
   no ReplicaSet object: pods are owned by the Deployment itself (ownerReference with
   controller: true), named `{deployment}-{template hash}-{5 random}` and labelled
@@ -56,6 +57,7 @@ NODE_NAME = "standin-node"
 POD_NET = ipaddress.ip_network("127.2.0.0/16")
 LB_NET = ipaddress.ip_network("127.4.0.0/16")
 ENDPOINTS = ("", "endpoints")
+SECRETS = ("", "secrets")
 
 
 def _random_ip(net, taken) -> str:
@@ -253,7 +255,7 @@ class Kubelet(Controller):
                 extra_env=self._pod_env(pod), log_dir=self.log_dir,
                 on_status=functools.partial(self._on_status, ns, name, uid),
                 image_pullable=self.image_pullable, backoff_base=self.backoff_base,
-                backoff_max=self.backoff_max)
+                backoff_max=self.backoff_max, secrets=self._secret)
         except Exception as e:
             # What the stand-in cannot run fails loudly rather than running differently.
             if not isinstance(e, (NotImplementedError, ValueError)):
@@ -266,6 +268,11 @@ class Kubelet(Controller):
         self.pod_ips[uid] = ip
         self.names[uid] = (ns, name)
         await runner.start()
+
+    def _secret(self, ns: str, name: str) -> dict | None:
+        """What the kubelet reads for secret volumes and secretKeyRef (as the API stores
+        it: `data` base64-encoded)."""
+        return self.store.get(SECRETS, ns, name)
 
     def _on_status(self, ns, name, uid, status: dict):
         self.registry.write_status(PODS, ns, name, status, uid)

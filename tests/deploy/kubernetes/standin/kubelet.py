@@ -11,10 +11,21 @@ and writes what `on_status` receives into the store.
 What is NOT like a real container:
 - There are no images: `image` is only reported, `image_pullable(image)` decides whether the
   "pull" succeeds, and an image's ENTRYPOINT is empty, so every container needs `command`.
-- No namespaces, cgroups or volumes: processes share this machine's filesystem, user and network
+- No namespaces or cgroups: processes share this machine's filesystem, user and network
   namespace. Each pod gets its own loopback IP (`pod_ip`, e.g. 127.0.1.7: all of 127.0.0.0/8
-  reaches lo on Linux), which its processes must bind to; taskcore's do, via POD_IP. Resources,
-  volumes and securityContext are ignored (qosClass is still computed from the resources).
+  reaches lo on Linux), which its processes must bind to; taskcore's do, via POD_IP. Resources
+  and securityContext are ignored (qosClass is still computed from the resources).
+- Volumes: only `secret` volumes (any other kind, subPath and mountPropagation are refused
+  with NotImplementedError). The Secret's keys are written as the real kubelet writes them
+  (`items` with their paths and modes, else every key; `defaultMode`, default 0644; the
+  AtomicWriter layout: a timestamped directory, `..data` linking to it, each entry linking
+  into `..data`) under `pod_dir/volumes/kubernetes.io~secret/<volume>/`, before the
+  container starts; a missing Secret or key keeps the container waiting in
+  ContainerCreating (retried with back-off), unless `optional`. With no mount namespace,
+  the files cannot appear at `mountPath`: instead, a path under a `mountPath` in the
+  container's command, args and env values (a whole word, or after `=`, `:` or `,`) is
+  rewritten to that directory; a program that builds such a path by itself will not find
+  it. Files keep their modes, but a write is not refused as on a read-only mount.
 - A container's processes are one process group, standing in for its PID namespace: when the
   main process exits, the rest of the group is SIGKILLed, as when a container's PID 1 exits.
   A process that leaves the group (setsid) escapes, which no real container allows.
@@ -26,6 +37,10 @@ What is NOT like a real container:
 - argv[0] is the command as found on the container's PATH (an absolute path), and only
   tcpSocket/httpGet readiness probes exist; init containers, envFrom, exec probes and
   liveness/startup probes are refused with NotImplementedError at construction.
+- `valueFrom`: fieldRef and secretKeyRef (the Secret read through `secrets(namespace,
+  name)`, given by the stand-in's kubelet loop: a missing Secret or key is
+  CreateContainerConfigError, with the kubelet's message, unless `optional`); no config
+  maps or resource fields.
 
 Kubernetes behaviour kept on purpose, though it surprises: a container that cannot be
 created (CreateContainerError, CreateContainerConfigError, ImagePullBackOff) is retried with
@@ -43,6 +58,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import copy
 import hashlib
@@ -127,6 +143,15 @@ def expand(text: str, mapping) -> str:
         i += 1
     out.append(text[checkpoint:])
     return "".join(out)
+
+
+def _remap(text: str, mounts: dict) -> str:
+    """`text` with each path under a mountPath (a whole word, or after `=`, `:` or `,`)
+    moved to the host directory standing in for the mount (longest mountPath first)."""
+    for mount in sorted(mounts, key=len, reverse=True):
+        text = re.sub(r"(^|[=:,\s])" + re.escape(mount) + r"(?=/|$|[:,\s])",
+                      lambda m, host=mounts[mount]: m.group(1) + host, text)
+    return text
 
 
 def _qos_class(containers: list) -> str:
@@ -275,7 +300,8 @@ class PodRunner:
                  on_status: Callable[[dict], None],
                  image_pullable: Callable[[str], bool] = lambda image: True,
                  backoff_base: float = 1.0, backoff_max: float = 30.0,
-                 pull_seconds: float = 0.0):
+                 pull_seconds: float = 0.0,
+                 secrets: Callable[[str, str], dict | None] | None = None):
         self.pod = copy.deepcopy(pod)
         meta, spec = self.pod.get("metadata") or {}, self.pod.get("spec") or {}
         self.name = meta["name"]
@@ -298,6 +324,10 @@ class PodRunner:
         self._image_pullable = image_pullable
         self._backoff_base, self._backoff_max = float(backoff_base), float(backoff_max)
         self._pull_seconds = float(pull_seconds)
+        # (namespace, name) -> the Secret as stored (data base64-encoded), or None
+        self._secrets = secrets or (lambda ns, name: None)
+        self._volumes = {v["name"]: v for v in spec.get("volumes") or []}
+        self._volume_dirs: dict[str, pathlib.Path] = {}   # volumes set up so far
         grace = spec.get("terminationGracePeriodSeconds")
         self._grace = 30.0 if grace is None else float(grace)
         self._qos = _qos_class(spec["containers"])
@@ -344,6 +374,18 @@ class PodRunner:
             if probe and not ("tcpSocket" in probe or "httpGet" in probe):
                 no(f"readinessProbe other than tcpSocket or httpGet ({where}: "
                    f"{sorted(probe)})")
+            volumes = {v.get("name") for v in spec.get("volumes") or []}
+            for m in c.get("volumeMounts") or []:
+                if m.get("name") not in volumes:   # the API server refuses such a pod
+                    raise ValueError(f"{where}: volumeMounts names volume {m.get('name')!r}, "
+                                     "which the pod does not have")
+                for field in ("subPath", "subPathExpr", "mountPropagation"):
+                    if m.get(field):
+                        no(f"volumeMounts[].{field} ({where})")
+        for v in spec.get("volumes") or []:
+            kinds = sorted(k for k in v if k != "name")
+            if kinds != ["secret"]:
+                no(f"volumes other than secret (volume {v.get('name')!r}: {kinds})")
 
     # -- public interface ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -571,6 +613,7 @@ class PodRunner:
                                f'container "{c.name}" needs an explicit command')
         # The kubelet's makeEnvironmentVariables: each `value` may refer to the service
         # variables (extra_env) and to the entries before it; valueFrom is not expanded.
+        mounts = self._mount_volumes(c)
         service_env = self._extra_env
         own: dict[str, str] = {}
         refs = collections.ChainMap(own, service_env)
@@ -580,8 +623,13 @@ class PodRunner:
                 value = expand(value, refs)
             elif e.get("valueFrom"):
                 value = self._value_from(c, e)
+                if value is None:        # an optional reference to what does not exist
+                    continue
             own[e["name"]] = value
         argv = [expand(a, refs) for a in command + [str(a) for a in spec.get("args") or []]]
+        if mounts:
+            argv = [_remap(a, mounts) for a in argv]
+            own.update({k: _remap(v, mounts) for k, v in own.items()})
         # The image's environment (here: the test process's), the kubelet's variables,
         # HOSTNAME (set by the runtime), then the container's own. Only the latter two can be
         # referred to with $(VAR), as in Kubernetes (the image's PATH cannot).
@@ -599,8 +647,74 @@ class PodRunner:
             os.makedirs(cwd, exist_ok=True)
         return argv, env, cwd
 
-    def _value_from(self, c: _Container, e: dict) -> str:
+    # -- volumes ------------------------------------------------------------------------------
+    def _mount_volumes(self, c: _Container) -> dict[str, str]:
+        """Set up (once per pod) the volumes the container mounts; {mountPath: host dir}."""
+        out = {}
+        for m in c.spec.get("volumeMounts") or []:
+            name = m["name"]
+            if name not in self._volume_dirs:
+                self._volume_dirs[name] = self._secret_volume(self._volumes[name])
+            out[m["mountPath"].rstrip("/") or "/"] = str(self._volume_dirs[name])
+        return out
+
+    def _secret_volume(self, volume: dict) -> pathlib.Path:
+        """The kubelet's secret volume plugin: the Secret's keys as files, in the AtomicWriter
+        layout, with their modes. Raises _ConfigError (ContainerCreating) like its
+        MountVolume.SetUp failures, which the kubelet retries."""
+        name, src = volume["name"], volume["secret"]
+        secret_name, optional = src.get("secretName"), bool(src.get("optional"))
+
+        def fail(why):
+            raise _ConfigError("ContainerCreating",
+                               f'MountVolume.SetUp failed for volume "{name}" : {why}')
+
+        secret = self._secrets(self.namespace, secret_name)
+        if secret is None and not optional:
+            fail(f'secret "{secret_name}" not found')
+        data = (secret or {}).get("data") or {}
+        default_mode = src.get("defaultMode", 0o644)
+        files = {}
+        items = src.get("items")
+        for item in items if items is not None else [{"key": k, "path": k} for k in data]:
+            key = item["key"]
+            if key not in data:
+                if optional:
+                    continue
+                fail(f"references non-existent secret key: {key}")
+            path = item.get("path") or key
+            if path.startswith("/") or ".." in path.split("/"):
+                fail(f"invalid path {path!r}")
+            files[path] = (base64.b64decode(data[key]), item.get("mode", default_mode))
+        root = self.pod_dir / "volumes" / "kubernetes.io~secret" / name
+        root.mkdir(parents=True, exist_ok=True)
+        stamp = "..%s.%09d" % (time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime()),
+                               time.time_ns() % 10**9)
+        (root / stamp).mkdir(mode=0o755)
+        for path, (content, mode) in files.items():
+            target = root / stamp / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            os.chmod(target, mode)
+        (root / "..data").symlink_to(stamp)
+        for top in sorted({p.split("/", 1)[0] for p in files}):
+            (root / top).symlink_to(f"..data/{top}")
+        return root
+
+    def _value_from(self, c: _Container, e: dict) -> str | None:
         value_from = e["valueFrom"]
+        secret_ref = value_from.get("secretKeyRef")
+        if secret_ref is not None:
+            name, key = secret_ref.get("name"), secret_ref.get("key")
+            secret = self._secrets(self.namespace, name)
+            data = (secret or {}).get("data") or {}
+            if secret is None or key not in data:
+                if secret_ref.get("optional"):
+                    return None
+                raise _ConfigError("CreateContainerConfigError",
+                                   f'secret "{name}" not found' if secret is None else
+                                   f"couldn't find key {key} in Secret {self.namespace}/{name}")
+            return base64.b64decode(data[key]).decode("utf-8", "replace")
         field_ref = value_from.get("fieldRef")
         if field_ref:
             path = field_ref.get("fieldPath", "")
@@ -623,8 +737,8 @@ class PodRunner:
         kind = next(iter(value_from), "?")
         raise _ConfigError("CreateContainerConfigError",
                            f'env "{e["name"]}" of container "{c.name}": the stand-in kubelet '
-                           f"cannot resolve valueFrom.{kind} (it has no secrets, config maps "
-                           "or resource fields)")
+                           f"cannot resolve valueFrom.{kind} (it has no config maps or "
+                           "resource fields)")
 
     async def _start_instance(self, c: _Container, argv: list, env: dict, cwd: str) -> _Instance:
         """Create and start one run of the container. A command that cannot be executed ends
