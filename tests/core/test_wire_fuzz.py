@@ -19,6 +19,7 @@ whatever the hypothesis profile, so CI time does not drift (~15 s for the file).
 - `loads`, and the whole receive path (decode, decompress, loads), given mutated valid
   frames, raise ProtocolError and nothing else, and never crash or hang.
 """
+import faulthandler
 import os
 import pickle
 import select
@@ -60,6 +61,7 @@ class _Sandbox:
         pid = os.fork()
         if pid == 0:                                        # the helper: never returns
             code = 0
+            faulthandler.disable()     # a crash here is a result, reported by the parent
             try:
                 os.close(to_child)
                 os.close(from_child)

@@ -155,7 +155,10 @@ class TCPListener(Listener):
                 loop.remove_reader(conn.fileno())
             first = conn.recv(1, socket.MSG_PEEK)
             if not first:
-                raise ConnectionResetError("closed before sending anything")
+                # A port probe (a readiness check, tcp_answers): nothing to report.
+                logger.debug("connection from %s closed before sending anything", peer)
+                conn.close()
+                return
             if first[0] != 0x16:                # not a TLS handshake record: say so, plainly
                 self.tls_refusals(peer, "the peer speaks plain tcp:// to a tls:// address")
                 conn.send(_plain_refusal("this address speaks tls://: connect with tls:// "
