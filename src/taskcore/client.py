@@ -749,7 +749,7 @@ class Client:
         if comm is None or comm.closed:
             opts = {"security": self.security} if self.security is not None else {}
             comm = await connect(address, timeout=self.timeout, role="client", token=self.token,
-                                 **opts)
+                                 retry_refused=False, **opts)
             self._worker_comms[address] = comm
         return comm
 

@@ -453,7 +453,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
         if comm is None or comm.closed:
             opts = {"security": self.security} if self.security is not None else {}
             comm = await connect(address, timeout=self.connection_timeout, role="worker",
-                                 token=self.token, **opts)
+                                 token=self.token, retry_refused=False, **opts)
             self._peer_comms[address] = comm
         return comm
 

@@ -223,8 +223,12 @@ async def server_handshake(comm, role, token=None, compression=True, timeout=10,
 
 
 async def connect(address, timeout=10.0, *, role="client", token=None, compression=True,
-                  limits=None, handshake=True, **options):
-    """Connect to `address`, retrying with jittered backoff until `timeout`, then handshake."""
+                  limits=None, handshake=True, retry_refused=True, **options):
+    """Connect to `address`, retrying with jittered backoff until `timeout`, then handshake.
+
+    `retry_refused=False`: a refused connection fails at once. For peers whose
+    address is known only because they already listen (a worker's): refused means
+    gone, and waiting out the timeout would stall whoever needs its data."""
     scheme, loc = parse_address(address)
     backend = get_backend(scheme)
     token = resolve_token(token, options.get("security"))
@@ -243,6 +247,8 @@ async def connect(address, timeout=10.0, *, role="client", token=None, compressi
         except HandshakeError:
             raise                           # refused, not unreachable: retrying cannot help
         except (OSError, asyncio.TimeoutError) as e:
+            if not retry_refused and isinstance(e, ConnectionRefusedError):
+                raise OSError(f"connection to {address} refused: the peer is gone") from e
             last = e
             remaining = deadline - time.monotonic()
             if remaining <= 0:
