@@ -61,7 +61,7 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
                  allowed_failures=2, validate=False, worker_saturation=1.1, token=None,
                  inline_result_bytes=16_384, name=None, tiny_task_backlog=0.002,
                  dashboard_address=None, dashboard_prefix="", task_stream_length=100_000,
-                 **kwargs):
+                 connection_policy=None, **kwargs):
         if kwargs:
             raise TypeError(f"Scheduler got unknown options: {sorted(kwargs)}")
         if listen_addresses is None:
@@ -79,6 +79,8 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
         self.heartbeat_interval = heartbeat_interval
         self.balance_interval = balance_interval
         self.token = token
+        # What peers may do (transports/policy.py); None: the defaults and TASKCORE_* env.
+        self.connection_policy = connection_policy
         self.name = name
         self.id = f"Scheduler-{uuid.uuid4()}"
         self.state = SchedulerState(validate=validate, allowed_failures=allowed_failures,
@@ -123,7 +125,8 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
         self.log_buffer.attach()
         opts = {"security": self.security} if self.security is not None else {}
         for addr in self.listen_addresses:
-            lst = await listen(addr, self._handle_comm, role="scheduler", token=self.token, **opts)
+            lst = await listen(addr, self._handle_comm, role="scheduler", token=self.token,
+                               policy=self.connection_policy, **opts)
             self.listeners.append(lst)
         if self.dashboard_address is not None:
             from taskcore.dashboard.server import DashboardServer

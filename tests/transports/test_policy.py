@@ -262,3 +262,13 @@ def _vm_size():
             if line.startswith("VmSize:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError("no VmSize")
+
+
+def test_scheduler_takes_a_connection_policy():
+    from taskcore.scheduler import Scheduler
+
+    async def main():
+        async with Scheduler(port=0, connection_policy=ConnectionPolicy(max_connections=2)) as s:
+            assert s.listeners[0].max_connections == 2
+
+    run(main())
