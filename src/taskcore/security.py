@@ -51,6 +51,37 @@ def token_env(env=None, security=None, token=None):
     return {**(env or {}), TOKEN_ENV: token}
 
 
+def cluster_credentials(security, name, warn):
+    """The security choice every remote cluster manager makes (SSH, job queues,
+    Kubernetes): None makes throwaway TLS credentials (`Security.temporary()`), a
+    `Security` is used as given, False means plain tcp://.
+
+    Returns (the Security or None, the token or None, the directory made here or
+    None), and calls `warn(text)` when the cluster would run plain tcp:// without a
+    token."""
+    made = None
+    if security is None:
+        # The CA's name adds " CA"; x509 limits a common name to 64 characters.
+        security = Security.temporary(common_name=f"taskcore {name}"[:60])
+        made = os.path.dirname(security.ca_file)
+    elif security is False:
+        security = None
+    elif not isinstance(security, Security):
+        raise TypeError(f"security must be None (temporary TLS credentials), a Security or "
+                        f"False (plain tcp), got {security!r}")
+    token = resolve_token(None, security)      # the Security's, else TASKCORE_TOKEN here
+    if (security is None or not security.enabled) and token is None:
+        warn(plain_tcp_warning(name, "security=False" if security is None
+                               else "a Security without TLS files"))
+    return security, token, made
+
+
+def plain_tcp_warning(name, why):
+    return (f"{name}: {why}: plain tcp:// without a token, so anyone who can reach the "
+            f"scheduler's port can run code on the workers (TLS is the default: leave "
+            f"security=None; or give Security(token=...))")
+
+
 class Security:
     def __init__(self, ca_file=None, cert_file=None, key_file=None, require_encryption=False,
                  token=None):

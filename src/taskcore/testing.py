@@ -21,6 +21,25 @@ def run(coro, timeout=60):
     return uvloop.run(guarded())
 
 
+async def echo(comm):
+    """A listener's handler that sends every message back until the peer leaves."""
+    from taskcore.errors import CommClosedError
+
+    while True:
+        try:
+            msg = await comm.read()
+        except CommClosedError:
+            return
+        await comm.write(msg)
+
+
+async def echo_listener(address="tcp://127.0.0.1:0", **options):
+    """`listen(address, echo, **options)`: a server for transport tests."""
+    from taskcore.transports import listen
+
+    return await listen(address, echo, **options)
+
+
 def wait_until(predicate, timeout=10.0, message="a condition", interval=0.05):
     """Poll `predicate()` (from a sync test) until it is truthy; return its value, or fail
     with an AssertionError naming `message` after `timeout` seconds."""

@@ -7,7 +7,7 @@ import pytest
 
 from taskcore.errors import CommClosedError, HandshakeError
 from taskcore.security import Security
-from taskcore.testing import run
+from taskcore.testing import echo_listener, run
 from taskcore.transports import connect, listen
 
 SCHEMES = ["tcp", "tls", "inproc"]
@@ -27,15 +27,7 @@ def _addr(scheme):
 
 
 async def echo_server(scheme, security, **kw):
-    async def handler(comm):
-        while True:
-            try:
-                msg = await comm.read()
-            except CommClosedError:
-                return
-            await comm.write(msg)
-
-    return await listen(_addr(scheme), handler, **_opts(scheme, security), **kw)
+    return await echo_listener(_addr(scheme), **_opts(scheme, security), **kw)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -33,9 +33,9 @@ from hypothesis import strategies as st
 
 from taskcore.core.serialize import dumps, loads
 from taskcore.core.wire import FrameDecoder, encode
-from taskcore.errors import CommClosedError, ProtocolError
-from taskcore.testing import wait_until
-from taskcore.transports import PROTOCOL_VERSION, connect, listen
+from taskcore.errors import ProtocolError
+from taskcore.testing import echo_listener, wait_until
+from taskcore.transports import PROTOCOL_VERSION, connect
 from taskcore.transports.policy import ConnectionPolicy
 
 EXAMPLES = int(os.environ.get("TASKCORE_HANDSHAKE_FUZZ_EXAMPLES", "400"))
@@ -73,17 +73,9 @@ class Server:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     async def _start(self):
-        async def echo(comm):
-            while True:
-                try:
-                    msg = await comm.read()
-                except CommClosedError:
-                    return
-                await comm.write(msg)
-
         policy = ConnectionPolicy(handshake_timeout=HANDSHAKE_TIMEOUT,
                                   stall_timeout=STALL_TIMEOUT)
-        return await listen("tcp://127.0.0.1:0", echo, token=TOKEN, policy=policy)
+        return await echo_listener(token=TOKEN, policy=policy)
 
     async def _good_client(self, payload):
         comm = await connect(self.address, timeout=5, token=TOKEN)

@@ -7,9 +7,8 @@ import time
 import pytest
 
 from taskcore.core.wire import encode
-from taskcore.errors import CommClosedError
-from taskcore.testing import IN_CI, run
-from taskcore.transports import connect, listen
+from taskcore.testing import IN_CI, echo_listener, run
+from taskcore.transports import connect
 
 import msgpack
 
@@ -39,15 +38,7 @@ CORPUS = {
 
 
 async def start_echo():
-    async def handler(comm):
-        while True:
-            try:
-                msg = await comm.read()
-            except CommClosedError:
-                return
-            await comm.write(msg)
-
-    return await listen("tcp://127.0.0.1:0", handler, handshake_timeout=2)
+    return await echo_listener(handshake_timeout=2)
 
 
 async def send_raw(address, blob, wait=0.2):

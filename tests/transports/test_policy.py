@@ -12,8 +12,8 @@ import weakref
 import pytest
 
 from taskcore.core.wire import FrameDecoder, Limits, encode
-from taskcore.errors import CommClosedError, HandshakeError
-from taskcore.testing import run
+from taskcore.errors import HandshakeError
+from taskcore.testing import echo_listener, run
 from taskcore.transports import connect, listen
 from taskcore.transports.policy import ConnectionPolicy
 from taskcore.transports.tcp import TCPComm
@@ -33,15 +33,7 @@ def _live_comms():
 
 
 async def _echo_listener(**kw):
-    async def handler(comm):
-        while True:
-            try:
-                msg = await comm.read()
-            except CommClosedError:
-                return
-            await comm.write(msg)
-
-    return await listen("tcp://127.0.0.1:0", handler, **kw)
+    return await echo_listener(**kw)
 
 
 def test_policy_from_env_and_overrides(monkeypatch):

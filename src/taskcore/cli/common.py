@@ -214,6 +214,19 @@ def security_from_args(parser, args):
         parser.error(str(e))
 
 
+def cluster_security_from_args(parser, args):
+    """`security_from_args` for the cluster CLIs (core-ssh, core-jobqueue): their TLS is
+    on by default (temporary credentials), `--no-tls` turns it off, and a detached
+    cluster takes no credentials yet."""
+    security = security_from_args(parser, args)
+    if security is not None and security.enabled and args.no_tls:
+        parser.error("give --no-tls or the --tls-* files, not both")
+    if security is not None and args.detach:
+        parser.error("--detach does not support --tls-*, --token or --token-file yet "
+                     "(a detached cluster runs over plain tcp://)")
+    return security
+
+
 def resolve_protocol(parser, protocol, security):
     """`--protocol` wins; otherwise tls when TLS credentials are given, else tcp."""
     tls = security is not None and security.enabled

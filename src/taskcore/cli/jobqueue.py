@@ -46,7 +46,8 @@ import sys
 from taskcore.cli.common import (add_logging_options, add_tls_options, announce, bytes_type,
                                  count_type, duration_type, start_unless_stopped,
                                  Parser, port_type, positive_int, remove_shutdown_signals,
-                                 resources_type, run_cli, security_from_args, shutdown_event)
+                                 resources_type, run_cli, cluster_security_from_args,
+                                 shutdown_event)
 
 logger = logging.getLogger("taskcore.cli.jobqueue")
 PROG = "core-jobqueue"
@@ -232,12 +233,7 @@ def parse_args(argv=None):
         if args.detach and not args.scheduler_in_job:
             parser.error("--detach needs --scheduler-in-job: a scheduler in this process "
                          "cannot outlive it")
-        args.security = security_from_args(parser, args)
-        if args.security is not None and args.security.enabled and args.no_tls:
-            parser.error("give --no-tls or the --tls-* files, not both")
-        if args.security is not None and args.detach:
-            parser.error("--detach does not support --tls-*, --token or --token-file yet "
-                         "(a detached cluster runs over plain tcp://)")
+        args.security = cluster_security_from_args(parser, args)
         if args.name is not None:
             from taskcore.deploy import registry
 

@@ -28,7 +28,7 @@ import sys
 from taskcore.cli.common import (add_logging_options, add_tls_options, announce, duration_type,
                                  memory_limit_type, start_unless_stopped,
                                  Parser, port_type, positive_int, remove_shutdown_signals,
-                                 run_cli, security_from_args, shutdown_event)
+                                 run_cli, cluster_security_from_args, shutdown_event)
 
 logger = logging.getLogger("taskcore.cli.ssh")
 PROG = "core-ssh"
@@ -84,12 +84,7 @@ def parse_args(argv=None):
             parser.error(f"--remote-env expects KEY=VALUE, got {item!r}")
         env[key] = value
     args.env = env
-    args.security = security_from_args(parser, args)
-    if args.security is not None and args.security.enabled and args.no_tls:
-        parser.error("give --no-tls or the --tls-* files, not both")
-    if args.security is not None and args.detach:
-        parser.error("--detach does not support --tls-*, --token or --token-file yet "
-                     "(a detached cluster runs over plain tcp://)")
+    args.security = cluster_security_from_args(parser, args)
     if args.name is not None:
         from taskcore.deploy import registry
 

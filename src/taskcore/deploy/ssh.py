@@ -58,7 +58,6 @@ import hashlib
 import ipaddress
 import json
 import logging
-import os
 import re
 import shlex
 import shutil
@@ -68,7 +67,7 @@ from taskcore.deploy.cluster import _address_host, _direct_endpoint, tcp_answers
 from taskcore.deploy.launched import (LaunchedScheduler, LaunchedWorker, ProcessStartError, Target,
                                       TargetSecurity)
 from taskcore.deploy.spec import SpecCluster
-from taskcore.security import TOKEN_ENV, Security, resolve_token
+from taskcore.security import TOKEN_ENV, Security, cluster_credentials, plain_tcp_warning
 
 logger = logging.getLogger("taskcore.deploy.ssh")
 
@@ -671,35 +670,19 @@ class SSHCluster(SpecCluster):
 
     # -- security -------------------------------------------------------------------------------
     def _resolve_security(self, security, detached, name):
-        """(the Security clients here use, the token remote processes get), and the warning
-        when the cluster is plain tcp:// without a token."""
-        if security is not None and security is not False and not isinstance(security,
-                                                                               Security):
-            raise TypeError(f"security must be None (temporary TLS credentials), a Security or "
-                            f"False (plain tcp), got {security!r}")
+        """(the Security clients here use, the token remote processes get); see
+        `cluster_credentials`. A detached cluster stays on plain tcp://."""
         if detached:
             if isinstance(security, Security):
                 raise ValueError("shutdown_on_close=False does not support TLS security yet "
                                  "(give security=False, or keep the cluster attached)")
-            self._warn_plain(name, "a detached cluster runs over plain tcp://")
+            if security not in (None, False):
+                raise TypeError(f"security must be None, a Security or False, got {security!r}")
+            logger.warning(plain_tcp_warning(name, "a detached cluster runs over plain tcp://"))
             return None, None
-        if security is None:
-            # The CA's name adds " CA"; x509 limits a common name to 64 characters.
-            security = Security.temporary(common_name=f"taskcore {name}"[:60])
-            self._own_credentials = os.path.dirname(security.ca_file)
-        elif security is False:
-            security = None
-        token = resolve_token(None, security)  # the Security's, else TASKCORE_TOKEN here
-        if (security is None or not security.enabled) and token is None:
-            self._warn_plain(name, "security=False" if security is None else
-                             "a Security without TLS files")
+        security, token, self._own_credentials = cluster_credentials(security, name,
+                                                                     logger.warning)
         return security, token
-
-    @staticmethod
-    def _warn_plain(name, why):
-        logger.warning("%s: %s: plain tcp:// without a token, so anyone who can reach the "
-                       "scheduler's port can run code on the workers (use TLS, the default "
-                       "for an attached SSHCluster, or Security(token=...))", name, why)
 
     def _security_options(self) -> dict:
         """Options for the scheduler's and every worker's spec: the Security (its files

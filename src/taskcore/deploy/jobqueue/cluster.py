@@ -73,7 +73,7 @@ from taskcore.deploy.jobqueue.job import (JOB_OPTIONS, Job, JobCredentials, JobS
 from taskcore.deploy.jobqueue.system import BatchCommandError, JobState
 from taskcore.dashboard.binding import dashboard_on_host
 from taskcore.deploy.spec import SpecCluster
-from taskcore.security import Security, resolve_token
+from taskcore.security import Security, cluster_credentials, plain_tcp_warning
 from taskcore.utils import get_ip_interface, parse_bytes
 
 logger = logging.getLogger("taskcore.deploy.jobqueue")
@@ -213,29 +213,16 @@ class JobQueueCluster(SpecCluster):
     # -- security -------------------------------------------------------------------------------
     def _resolve_security(self, security, detached, name):
         """(the Security this process uses: Client(cluster), the in-process scheduler; the
-        token the jobs get), and the warning when the cluster is plain tcp:// without a
-        token. See the module doc."""
+        token the jobs get); see `cluster_credentials`. A detached cluster stays on plain
+        tcp:// (an explicit Security was refused before this)."""
         if detached:
-            self._warn_plain(name, "a detached cluster (shutdown_on_close=False) runs over "
-                                   "plain tcp://")
+            logger.warning(plain_tcp_warning(name, "a detached cluster "
+                                                   "(shutdown_on_close=False) runs over plain "
+                                                   "tcp://"))
             return None, None
-        if security is None:
-            # The CA's name adds " CA"; x509 limits a common name to 64 characters.
-            security = Security.temporary(common_name=f"taskcore {name}"[:60])
-            self._own_credentials = os.path.dirname(security.ca_file)
-        elif security is False:
-            security = None
-        token = resolve_token(None, security)  # the Security's, else TASKCORE_TOKEN here
-        if (security is None or not security.enabled) and token is None:
-            self._warn_plain(name, "security=False" if security is None else
-                             "a Security without TLS files")
+        security, token, self._own_credentials = cluster_credentials(security, name,
+                                                                     logger.warning)
         return security, token
-
-    @staticmethod
-    def _warn_plain(name, why):
-        logger.warning("%s: %s: plain tcp:// without a token, so anyone who can reach the "
-                       "scheduler's port can run code on the workers (use TLS, the default "
-                       "for an attached job queue cluster, or Security(token=...))", name, why)
 
     @property
     def _tls(self) -> bool:

@@ -48,7 +48,6 @@ import asyncio
 import atexit
 import copy
 import logging
-import os
 import shutil
 import time
 
@@ -58,7 +57,7 @@ from taskcore.deploy.kubernetes import credentials as creds
 from taskcore.deploy.kubernetes.api import ApiError, PortForward, connect_api, in_cluster
 from taskcore.deploy.kubernetes.controller import Controller, set_replicas
 from taskcore.deploy.kubernetes.reconcile import pod_problem, scheduler_address_of
-from taskcore.security import Security, resolve_token
+from taskcore.security import Security, cluster_credentials
 
 logger = logging.getLogger("taskcore.deploy.kubernetes")
 
@@ -224,21 +223,11 @@ class KubeCluster(Cluster):
         token, which gets the one warning)."""
         if r.cluster_security(body) is not None:
             return await self._read_credentials(body)     # a custom spec naming its Secret
-        security = self._security_arg
-        if security is None:
-            # The CA's name adds " CA"; x509 limits a common name to 64 characters.
-            security = Security.temporary(common_name=f"taskcore {self.name}"[:60])
-            self._own_credentials = os.path.dirname(security.ca_file)
-        elif security is False:
-            security = None
+        security, token, self._own_credentials = cluster_credentials(
+            self._security_arg, self.name, lambda text: self._log(logging.WARNING, "%s", text))
         self.security = security
-        token = resolve_token(None, security)   # the Security's, else TASKCORE_TOKEN here
         tls = security is not None and security.enabled
         if not tls and token is None:
-            self._log(logging.WARNING, "%s: %s: plain tcp:// without a token, so anyone who "
-                      "can reach the scheduler's port can run code on the workers (TLS is the "
-                      "default: leave security=None; or give Security(token=...))", self.name,
-                      "security=False" if security is None else "a Security without TLS files")
             return
         secret = r.credentials_secret(self.name, creds.tls_files(security) if tls else None,
                                       token)
