@@ -351,3 +351,23 @@ def test_unreachable_scheduler_fails_the_worker():
                   timeout=60)
     assert out.returncode != 0
     assert "could not start worker" in out.stderr
+
+
+def test_death_timeout_bounds_the_first_connection():
+    """A worker whose scheduler never answers gives up after --death-timeout, not the
+    10 s connection timeout (issue 16, fault 9)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:                  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "taskcore.cli.worker", f"tcp://127.0.0.1:{port}",
+                          "--no-nanny", "--death-timeout", "1.5", "--no-dashboard"],
+                         capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - t
+    assert out.returncode != 0
+    assert took < 8, f"the worker tried for {took:.1f} s"

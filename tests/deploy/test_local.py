@@ -248,3 +248,19 @@ def test_forgotten_cluster_is_closed_at_exit(tmp_path):
     time.sleep(0.2)
     for pid in pids:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+# Loose inputs are errors before anything starts (issue 16, fault 9).
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_workers": -1}, "n_workers=-1"),
+    ({"n_workers": 1.5}, "n_workers=1.5"),
+    ({"threads_per_worker": 0}, "threads_per_worker=0"),
+])
+def test_impossible_sizes_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LocalCluster(dashboard_address=None, **kwargs)
+
+
+def test_unknown_worker_option_is_refused():
+    with pytest.raises(TypeError, match="unknown options: \\['nthread'\\]"):
+        LocalCluster(n_workers=1, processes=False, nthread=2, dashboard_address=None)
