@@ -5,6 +5,7 @@ import sys
 import psutil
 import pytest
 
+from taskcore import Client
 from taskcore.deploy.local import LocalCluster, default_sizes
 from taskcore.testing import run
 
@@ -264,3 +265,20 @@ def test_impossible_sizes_are_refused(kwargs, match):
 def test_unknown_worker_option_is_refused():
     with pytest.raises(TypeError, match="unknown options: \\['nthread'\\]"):
         LocalCluster(n_workers=1, processes=False, nthread=2, dashboard_address=None)
+
+
+def test_in_process_workers_are_not_paused_by_the_callers_memory():
+    """The caller's process already holds more than these workers' limits: RSS-based
+    pausing would stop them for memory none of them holds."""
+    import numpy as np
+
+    ballast = np.ones(96 * 2**20 // 8)          # resident in this (the workers') process
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      memory_limit="64MiB", dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            import time
+
+            time.sleep(1.5)                      # several rounds of the memory monitor
+            assert client.gather(client.map(lambda x: x + 1, range(20))) == list(range(1, 21))
+            assert not any(client.run(lambda dask_worker: dask_worker.paused).values())
+    del ballast

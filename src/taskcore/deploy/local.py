@@ -132,6 +132,13 @@ class LocalCluster(SpecCluster):
                          "options": dict(sched_opts, log_level=log_level)}
 
         opts = dict(nthreads=threads, memory_limit=self.memory_limit, **worker_kwargs)
+        if not processes:
+            # In-process workers share this process's memory with the caller and with
+            # each other: thresholds on the process's RSS would pause them all for
+            # memory none of them holds. Spilling past the target (their own results)
+            # still applies; ask for the RSS thresholds explicitly to have them.
+            opts.setdefault("memory_spill_fraction", False)
+            opts.setdefault("memory_pause_fraction", False)
         if security is not None:
             opts["security"] = security
         if processes:
