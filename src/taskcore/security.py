@@ -21,11 +21,8 @@ clusters.
 """
 from __future__ import annotations
 
-import datetime
 import os
-import shutil
 import ssl
-import tempfile
 import weakref
 
 
@@ -123,6 +120,10 @@ class Security:
     @classmethod
     def temporary(cls, directory=None, common_name="taskcore"):
         """A fresh CA and one certificate it signed, written as PEM files in a temp dir."""
+        import datetime      # here, not at import: transports import this module
+        import shutil
+        import tempfile
+
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
