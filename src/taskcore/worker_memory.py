@@ -92,6 +92,19 @@ def parse_fraction(name, value):
     return f
 
 
+_OFF = (None, False, 0, "0", "false", "none")
+
+
+def _parse_or_off(name, value, parse):
+    """None for an "off" value, else `parse(value)`; a bad value names the option."""
+    if value in _OFF:
+        return None
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 def memory_options(memory_target_fraction=DEFAULT_FRACTIONS["target"],
                    memory_spill_fraction=DEFAULT_FRACTIONS["spill"],
                    memory_pause_fraction=DEFAULT_FRACTIONS["pause"],
@@ -108,27 +121,14 @@ def memory_options(memory_target_fraction=DEFAULT_FRACTIONS["target"],
         "pause": parse_fraction("memory_pause_fraction", memory_pause_fraction),
         "terminate": parse_fraction("memory_terminate_fraction", memory_terminate_fraction),
     }
-    if memory_pause_timeout in (None, False, 0, "0", "false", "none"):
-        opts["pause_timeout"] = None
-    else:
-        try:
-            opts["pause_timeout"] = parse_timedelta(memory_pause_timeout)
-        except ValueError as e:
-            raise ValueError(f"memory_pause_timeout: {e}") from None
-    try:
-        interval = parse_timedelta(memory_monitor_interval)
-    except ValueError as e:
-        raise ValueError(f"memory_monitor_interval: {e}") from None
+    opts["pause_timeout"] = _parse_or_off("memory_pause_timeout", memory_pause_timeout,
+                                          parse_timedelta)
+    interval = _parse_or_off("memory_monitor_interval", memory_monitor_interval,
+                             parse_timedelta)
     if not interval or interval <= 0:
         raise ValueError(f"memory_monitor_interval must be > 0, got {memory_monitor_interval!r}")
     opts["monitor_interval"] = interval
-    if memory_max_spill in (None, False, 0, "0", "false", "none"):
-        opts["max_spill"] = None
-    else:
-        try:
-            opts["max_spill"] = parse_bytes(memory_max_spill)
-        except ValueError as e:
-            raise ValueError(f"memory_max_spill: {e}") from None
+    opts["max_spill"] = _parse_or_off("memory_max_spill", memory_max_spill, parse_bytes)
     opts["compression"] = bool(memory_spill_compression) and \
         str(memory_spill_compression).lower() not in ("false", "none", "off")
     return opts

@@ -222,6 +222,19 @@ def _task_states():
 _TASK_STATES = None
 
 
+
+# (metric name, heartbeat field, help): the memory manager's gauges (worker_memory.py).
+_MEMORY_GAUGES = (
+    ("spilled_bytes", "spilled_bytes", "Bytes of results spilled to disk (as measured by sizeof)"),
+    ("spilled_keys", "spilled_count", "Results spilled to disk"),
+    ("spilled_disk_bytes", "spilled_disk_bytes",
+     "Bytes the spilled results take on disk (after lz4)"),
+    ("managed_bytes", "managed_bytes", "Bytes of results held in memory (as measured by sizeof)"),
+    ("unmanaged_bytes", "unmanaged_bytes",
+     "Process memory not accounted for by results in memory"),
+    ("memory_limit_bytes", "memory_limit", "The worker's memory limit (0: none)"),
+)
+
 class _Collector:
     def __init__(self, server):
         self.server = server
@@ -249,23 +262,9 @@ class _Collector:
                                 "Bytes of results held (as measured by sizeof)",
                                 value=s["memory"])
         m = s["mem"]
-        yield GaugeMetricFamily("taskcore_worker_spilled_bytes",
-                                "Bytes of results spilled to disk (as measured by sizeof)",
-                                value=m.get("spilled_bytes", 0))
-        yield GaugeMetricFamily("taskcore_worker_spilled_keys", "Results spilled to disk",
-                                value=m.get("spilled_count", 0))
-        yield GaugeMetricFamily("taskcore_worker_spilled_disk_bytes",
-                                "Bytes the spilled results take on disk (after lz4)",
-                                value=m.get("spilled_disk_bytes", 0))
-        yield GaugeMetricFamily("taskcore_worker_managed_bytes",
-                                "Bytes of results held in memory (as measured by sizeof)",
-                                value=m.get("managed_bytes", s["memory"]))
-        yield GaugeMetricFamily("taskcore_worker_unmanaged_bytes",
-                                "Process memory not accounted for by results in memory",
-                                value=m.get("unmanaged_bytes", 0))
-        yield GaugeMetricFamily("taskcore_worker_memory_limit_bytes",
-                                "The worker's memory limit (0: none)",
-                                value=m.get("memory_limit", 0))
+        for name, key, doc in _MEMORY_GAUGES:
+            default = s["memory"] if key == "managed_bytes" else 0
+            yield GaugeMetricFamily(f"taskcore_worker_{name}", doc, value=m.get(key, default))
         yield GaugeMetricFamily("taskcore_worker_paused",
                                 "1 while memory pressure keeps the worker from starting tasks",
                                 value=1 if m.get("paused") else 0)
