@@ -222,7 +222,6 @@ def _task_states():
 _TASK_STATES = None
 
 
-
 # (metric name, heartbeat field, help): the memory manager's gauges (worker_memory.py).
 _MEMORY_GAUGES = (
     ("spilled_bytes", "spilled_bytes", "Bytes of results spilled to disk (as measured by sizeof)"),
@@ -234,6 +233,7 @@ _MEMORY_GAUGES = (
      "Process memory not accounted for by results in memory"),
     ("memory_limit_bytes", "memory_limit", "The worker's memory limit (0: none)"),
 )
+
 
 class _Collector:
     def __init__(self, server):
