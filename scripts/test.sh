@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-ensure_venv ".[test,dask,ssh,bench,kubernetes]"
+ensure_venv ".[test,dask,ssh,bench,kubernetes,cuda,ucx]"
 if [ "$(id -u)" = 0 ]; then
     scripts/system-deps.sh
 fi

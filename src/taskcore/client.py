@@ -23,7 +23,13 @@ Messages (scheduler -> client)
     keys-in-memory [op, keys, data] (positional; docs/contracts.md),
     task-erred {key, exception, traceback},
     key-cancelled {keys}, key-lost {keys}, reply {reqid, result | error},
-    forwarded-logs {worker, records} (forward_logging.py)
+    forwarded-logs {worker, records} (forward_logging.py),
+    pubsub-msg (coordination/pubsub.py), event {topic, event} (subscribe_topic)
+Workers, directly: get-data; actor-execute / actor-attribute (actors.py)
+
+Also here, each a thin call to the scheduler: plugins and upload_file (plugins.py),
+get_executor (executor.py), metadata, replicate/rebalance, structured events, actors
+(`submit(cls, actor=True)`, actors.py).
 
 Diagnostics (docs/diagnostics.md): get_task_stream, profile, get_versions,
 get_worker_logs, get_scheduler_logs, forward_logging; rpcs answered by the
@@ -109,6 +115,7 @@ class _ClientDispatch(ClientHotPath):
 
 
 _SKIPPED = object()
+_NO_DEFAULT = object()        # get_dataset without a default
 
 
 def _rebuild(x, table):
@@ -134,6 +141,20 @@ def _rebuild(x, table):
     if hasattr(x, "__iter__") and not isinstance(x, (str, bytes)) and isinstance(x, Iterator):
         return [_rebuild(v, table) for v in x]
     return x
+
+def _to_wire(value):
+    """Metadata as the scheduler keeps it: dicts as dicts (so paths reach into them),
+    every other value pickled (opaque to the scheduler)."""
+    if type(value) is dict:
+        return {k: _to_wire(v) for k, v in value.items()}
+    return serialize_obj(value)
+
+
+def _from_wire(value):
+    if type(value) is dict:
+        return {k: _from_wire(v) for k, v in value.items()}
+    return value.deserialize() if isinstance(value, Serialized) else value
+
 
 class Client:
     """Connect to a taskcore scheduler and run work on its cluster.
@@ -416,6 +437,11 @@ class Client:
             except Exception:
                 self.comm.abort()
         self.status = "closed"
+        # Requests still waiting (a Lock.acquire, an Event.wait) end now, not never.
+        replies, self._replies = self._replies, {}
+        for fut in replies.values():
+            if not fut.done():
+                fut.set_exception(CommClosedError(f"the client {self.id} was closed"))
         with _default_lock:
             if _futures._current_default() is self:
                 _futures._set_default_client(None)
@@ -442,17 +468,41 @@ class Client:
             except Exception:
                 pass
 
+    def _workers_summary(self):
+        """(workers, threads, memory bytes): asked of the scheduler by a running sync
+        client (briefly), else from what it last said."""
+        if self.status == "running" and not self.asynchronous and self._runner is not None \
+                and not self._runner.in_loop_thread():
+            try:
+                self.scheduler_info_cache = self.sync(self._rpc, "scheduler_info", timeout=2)
+            except Exception:
+                pass
+        workers = (self.scheduler_info_cache or {}).get("workers") or {}
+        return (len(workers), sum(int(w.get("nthreads") or 0) for w in workers.values()),
+                sum(int(w.get("memory_limit") or 0) for w in workers.values()))
+
     def __repr__(self):
-        return f"<Client: {self.address!r} status={self.status}>"
+        from taskcore.utils import format_bytes
+
+        if self.status not in ("running", "disconnected"):
+            return f"<Client: {self.address!r} status={self.status}>"
+        n, threads, memory = self._workers_summary()
+        return (f"<Client: {self.address!r} processes={n} threads={threads}, "
+                f"memory={format_bytes(memory)}>")
 
     def _repr_html_(self):
         import html
 
+        from taskcore.utils import format_bytes
+
         link = self.dashboard_link
         dash = (f'<br>dashboard: <a href="{html.escape(link)}" target="_blank">'
                 f'{html.escape(link)}</a>' if link else "")
+        n, threads, memory = self._workers_summary()
         return (f"<div><b>taskcore Client</b> {html.escape(self.id)}<br>scheduler: "
-                f"{html.escape(str(self.address))}<br>status: {self.status}{dash}</div>")
+                f"{html.escape(str(self.address))}<br>status: {self.status}{dash}"
+                f"<br>workers: {n}<br>threads: {threads}<br>memory: "
+                f"{html.escape(format_bytes(memory))}</div>")
 
     @property
     def dashboard_link(self):
@@ -530,6 +580,19 @@ class Client:
             from taskcore.forward_logging import reemit
 
             reemit(msg.get("worker"), msg.get("records") or [])
+        elif op == "pubsub-msg":
+            from taskcore.coordination.pubsub import deliver
+
+            deliver(self, msg)
+        elif op == "event":
+            handler = self.__dict__.get("_topic_handlers", {}).get(msg.get("topic"))
+            if handler is not None:
+                try:
+                    r = handler(tuple(msg["event"]))
+                    if asyncio.iscoroutine(r):
+                        self.loop.create_task(r)
+                except Exception:
+                    logger.exception("event handler for topic %r failed", msg.get("topic"))
         else:
             logger.warning("client received unknown message op %r", op)
 
@@ -542,8 +605,16 @@ class Client:
             if op == "task-erred":
                 st.set_error(exception, traceback)
             elif op == "key-cancelled":
+                if st.status == ERROR and (k in self.__dict__.get("_lost_actors", ()) or
+                                           k in self.__dict__.get("_actor_keys", ())):
+                    continue            # it erred already: its worker died (actors.py)
                 st.cancel(reason)
             elif st.status == FINISHED:          # key-lost: recomputed, wait again
+                if self.__dict__.get("_actor_keys"):
+                    from taskcore.actors import actor_lost
+
+                    if actor_lost(self, k):     # an actor is never rebuilt empty
+                        continue
                 st.reset()
 
     @staticmethod
@@ -609,12 +680,14 @@ class Client:
         """Run func(*args, **kwargs) on the cluster; returns a Future."""
         if not callable(func):
             raise TypeError(f"First argument to submit must be callable, got {func!r}")
-        if actor or actors:
-            raise NotImplementedError("actors are not supported by taskcore")
         if workers is None and not resources and not retries and not priority:
             opts = None
         else:
             opts = self._task_options(workers, resources, retries, priority, allow_other_workers)
+        if actor or actors:
+            from taskcore.actors import submit_actor        # taskcore/actors.py
+
+            return submit_actor(self, func, args, kwargs, key, opts)
         return self._hot.submit_call(func, args, kwargs, key, pure, opts)
 
     def map(self, func, *iterables, key=None, workers=None, retries=None, resources=None,
@@ -623,10 +696,16 @@ class Client:
         """Map func over iterables; returns a list of Futures."""
         if not callable(func):
             raise TypeError(f"First argument to map must be callable, got {func!r}")
-        if actor or actors:
-            raise NotImplementedError("actors are not supported by taskcore")
         if not iterables:
             raise TypeError("map needs at least one iterable")
+        if actor or actors:
+            if key is not None and not isinstance(key, (list, tuple)):
+                raise ValueError("map(..., actors=True) takes a list of keys or none")
+            keys = list(key) if key is not None else [None] * len(list(zip(*iterables)))
+            return [self.submit(func, *args, key=k, workers=workers, resources=resources,
+                                retries=retries, priority=priority,
+                                allow_other_workers=allow_other_workers, actor=True, **kwargs)
+                    for args, k in zip(zip(*iterables), keys)]
         arglists = list(zip(*iterables))
         if isinstance(key, (list, tuple)):
             keys = list(key)
@@ -845,7 +924,8 @@ class Client:
 
     # -- public API: cluster ---------------------------------------------------------------
     def who_has(self, futures=None):
-        keys = None if futures is None else [f.key for f in _futures_in(futures)]
+        # futures_of: persisted collections too, as dask takes them
+        keys = None if futures is None else [f.key for f in _futures.futures_of(futures)]
         return self.sync(self._rpc, "who_has", keys=keys)
 
     def has_what(self, workers=None):
@@ -864,8 +944,15 @@ class Client:
 
     def run(self, function, *args, workers=None, wait=True, nanny=False, on_error="raise",
             **kwargs):
-        """Run function(*args, **kwargs) on every worker (or `workers`); {address: result}."""
-        return self.sync(self._run, function, args, kwargs, workers, on_error)
+        """Run function(*args, **kwargs) on every worker (or `workers`); {address: result}.
+        `wait=False` returns None (the call is still made and its outcome dropped)."""
+        if nanny:
+            raise NotImplementedError("run(..., nanny=True) is not supported: nannies run no "
+                                      "user functions here (use a NannyPlugin)")
+        if on_error not in ("raise", "return", "ignore"):
+            raise ValueError(f"on_error must be 'raise', 'return' or 'ignore', got {on_error!r}")
+        out = self.sync(self._run, function, args, kwargs, workers, on_error)
+        return out if wait else None
 
     async def _run(self, function, args, kwargs, workers, on_error):
         if isinstance(workers, str):
@@ -1040,6 +1127,340 @@ class Client:
         name = logger_key(logger_name)
         self._forwarding.pop(name, None)
         return self.sync(self._rpc, "unforward_logging", logger_name=name)
+
+    # -- plugins and code shipping (taskcore/plugins.py) -------------------------------
+    def register_plugin(self, plugin, name=None, idempotent=None):
+        """Register a SchedulerPlugin, WorkerPlugin or NannyPlugin (by its type) on the
+        cluster's current and future members. A plugin of the same name is replaced
+        (torn down first) unless `idempotent` (or the plugin's `idempotent` attribute),
+        which keeps the one registered. Returns {address: {"status": "OK"}} for worker
+        and nanny plugins; the first member's error is raised."""
+        from taskcore.plugins import plugin_kind, plugin_name
+
+        kind = plugin_kind(plugin)
+        name = plugin_name(plugin, name)
+        if idempotent is None:
+            idempotent = bool(getattr(plugin, "idempotent", False))
+        return self.sync(self._register_plugin, kind, plugin, name, bool(idempotent))
+
+    async def _register_plugin(self, kind, plugin, name, idempotent):
+        ser = serialize_obj(plugin)
+        replies = await self._rpc(f"register_{kind}_plugin", plugin=ser, name=name,
+                                  idempotent=idempotent)
+        if kind != "scheduler":
+            self._raise_member_errors(replies, f"plugin {name!r}")
+        return replies
+
+    @staticmethod
+    def _raise_member_errors(replies, what):
+        for addr, r in (replies or {}).items():
+            if isinstance(r, dict) and r.get("status") == "error":
+                exc = r.get("exception")
+                try:
+                    exc = exc.deserialize() if isinstance(exc, Serialized) else exc
+                except Exception:
+                    exc = None
+                if not isinstance(exc, BaseException):
+                    exc = RuntimeError(r.get("text") or "unknown error")
+                try:
+                    exc.add_note(f"(raised by {what} on {addr})")
+                except AttributeError:
+                    pass
+                raise exc
+
+    def register_worker_plugin(self, plugin=None, name=None, nanny=None, **kwargs):
+        """The older form of `register_plugin` (deprecated in dask, working here): any
+        object with `setup(worker)` is a worker plugin; `nanny=True` or a NannyPlugin: a
+        nanny plugin."""
+        import warnings
+
+        from taskcore.plugins import NannyPlugin, SchedulerPlugin, plugin_name
+
+        if kwargs:
+            raise TypeError(f"register_worker_plugin got unknown options: {sorted(kwargs)}")
+        if plugin is None:
+            raise TypeError("register_worker_plugin needs a plugin")
+        warnings.warn("register_worker_plugin is deprecated: use register_plugin",
+                      DeprecationWarning, stacklevel=2)
+        if isinstance(plugin, SchedulerPlugin):
+            raise TypeError("a SchedulerPlugin goes to register_plugin")
+        kind = "nanny" if nanny or isinstance(plugin, NannyPlugin) else "worker"
+        name = plugin_name(plugin, name)
+        return self.sync(self._register_plugin, kind, plugin, name,
+                         bool(getattr(plugin, "idempotent", False)))
+
+    def unregister_worker_plugin(self, name, nanny=None):
+        """Tear down and forget the worker (nanny=True: nanny) plugin `name`; ValueError
+        if there is none."""
+        kind = "nanny" if nanny else "worker"
+        return self.sync(self._rpc, f"unregister_{kind}_plugin", name=name)
+
+    def register_scheduler_plugin(self, plugin, name=None, idempotent=None):
+        """A SchedulerPlugin (dask's older form): as `register_plugin`."""
+        from taskcore.plugins import SchedulerPlugin
+
+        if not isinstance(plugin, SchedulerPlugin):
+            raise TypeError(f"expected a SchedulerPlugin, got {type(plugin).__name__}")
+        return self.register_plugin(plugin, name=name, idempotent=idempotent)
+
+    def unregister_scheduler_plugin(self, name):
+        """Close and forget the scheduler plugin `name`; ValueError if there is none."""
+        return self.sync(self._rpc, "unregister_scheduler_plugin", name=name)
+
+    def upload_file(self, filename, load=True):
+        """Send a .py, .egg, .zip or .whl file to every worker, now and joining later
+        (and restarted ones), into its directory and onto its sys.path; `load` imports
+        it there (or reloads it). An error on a worker (an import failing) is raised
+        with the worker's address."""
+        import os
+
+        if not isinstance(filename, (str, os.PathLike)):
+            raise TypeError(f"upload_file takes a file path, got {type(filename).__name__}")
+        filename = os.fspath(filename)
+        if not filename.endswith((".py", ".egg", ".zip", ".whl")):
+            raise ValueError(f"upload_file sends .py, .egg, .zip or .whl files, not {filename!r}")
+        if not os.path.isfile(filename):
+            raise FileNotFoundError(f"upload_file: no file {filename!r}")
+        from taskcore.plugins import UploadFile
+
+        plugin = UploadFile(filename, load=load)
+        return self.sync(self._register_plugin, "worker", plugin, plugin.name, False)
+
+    # -- executor, metadata, moving data -----------------------------------------------
+    def get_executor(self, **kwargs):
+        """A concurrent.futures.Executor whose tasks run on this cluster; `kwargs`
+        (workers, resources, retries, pure, ...) go to each submit."""
+        from taskcore.executor import ClientExecutor
+
+        return ClientExecutor(self, **kwargs)
+
+    def futures_of(self, futures):
+        """The Futures inside `futures` (collections, containers)."""
+        return _futures.futures_of(futures)
+
+    def set_metadata(self, key, value):
+        """Store `value` in the scheduler's metadata at `key` (a list: a path into
+        nested dicts)."""
+        keys = list(key) if isinstance(key, (list, tuple)) else [key]
+        if not keys:
+            raise ValueError("set_metadata needs a key")
+        return self.sync(self._rpc, "set_metadata", keys=keys, value=_to_wire(value))
+
+    def get_metadata(self, key, default=_NO_DEFAULT):
+        """The metadata at `key` (a path); KeyError if absent and no `default`."""
+        keys = list(key) if isinstance(key, (list, tuple)) else [key]
+        return self.sync(self._get_metadata, keys, default)
+
+    async def _get_metadata(self, keys, default):
+        r = await self._rpc("get_metadata", keys=keys)
+        if not r.get("found"):
+            if default is _NO_DEFAULT:
+                raise KeyError(keys[-1] if keys else keys)
+            return default
+        return _from_wire(r.get("value"))
+
+    def replicate(self, futures, n=None, workers=None, branching_factor=2):
+        """Copy the futures' data to `n` workers (all of `workers` by default); the
+        copies are real replicas: who_has shows them and they keep the data when
+        another holder leaves."""
+        return self.sync(self._replicate, futures, n, workers)
+
+    async def _replicate(self, futures, n=None, workers=None):
+        fs = _futures.futures_of(futures)
+        await _futures._wait(fs)
+        if isinstance(workers, str):
+            workers = [workers]
+        return await self._rpc("replicate", keys=[f.key for f in fs], n=n,
+                               workers=list(workers) if workers is not None else None)
+
+    def rebalance(self, futures=None, workers=None):
+        """Move data between workers (all, or `workers`) so each holds about the same
+        bytes: only `futures`' data when given. Every copy is made before the old holder
+        drops its own. {"moved": n, "failed": m}."""
+        return self.sync(self._rebalance, futures, workers)
+
+    async def _rebalance(self, futures=None, workers=None):
+        keys = None
+        if futures is not None:
+            fs = _futures.futures_of(futures)
+            await _futures._wait(fs)
+            keys = [f.key for f in fs]
+        if isinstance(workers, str):
+            workers = [workers]
+        return await self._rpc("rebalance", keys=keys,
+                               workers=list(workers) if workers is not None else None)
+
+    # -- structured events ----------------------------------------------------------------
+    def log_event(self, topic, msg):
+        """Record an event (msgpack-able `msg`) under `topic` (or a list of topics) on the
+        scheduler; subscribers get it as it arrives."""
+        return self.sync(self._rpc, "log_event", topic=topic, msg=msg)
+
+    def get_events(self, topic=None):
+        """[(time, msg)] of `topic`, or {topic: [...]} of every topic."""
+        out = self.sync(self._rpc, "get_events", topic=topic)
+        if topic is not None:
+            return tuple(tuple(e) for e in out)
+        return {t: tuple(tuple(e) for e in v) for t, v in out.items()}
+
+    def subscribe_topic(self, topic, handler):
+        """Call `handler((time, msg))` (on the client's loop; a coroutine function is
+        run as a task) for each event logged under `topic` from now on."""
+        if not callable(handler):
+            raise TypeError(f"subscribe_topic needs a callable handler, got {handler!r}")
+        self.__dict__.setdefault("_topic_handlers", {})[topic] = handler
+        return self.sync(self._rpc, "subscribe_topic", topic=topic, client=self.id)
+
+    def unsubscribe_topic(self, topic):
+        self.__dict__.setdefault("_topic_handlers", {}).pop(topic, None)
+        return self.sync(self._rpc, "unsubscribe_topic", topic=topic, client=self.id)
+
+    # -- more of the cluster ------------------------------------------------------------
+    def processing(self, workers=None):
+        """{worker: [keys it is running or has queued]}."""
+        if isinstance(workers, str):
+            workers = [workers]
+        return self.sync(self._rpc, "processing", workers=workers)
+
+    def nbytes(self, keys=None, summary=True):
+        """Bytes of the results in memory: {key prefix: bytes} (`summary`), else {key:
+        bytes}; all keys, or `keys` (keys or Futures)."""
+        if keys is not None:
+            keys = [k.key if isinstance(k, Future) else k for k in keys]
+        return self.sync(self._rpc, "nbytes", keys=keys, summary=bool(summary))
+
+    def story(self, *keys_or_stimuli, on_error="raise"):
+        """The scheduler's recent transitions of these keys (or caused by these stimulus
+        ids): [(key, start, finish, stimulus_id, worker)]."""
+        keys = [k.key if isinstance(k, Future) else k for k in keys_or_stimuli]
+        return [tuple(r) for r in self.sync(self._rpc, "story", keys=keys)]
+
+    def retire_workers(self, workers=None, close_workers=True, **kwargs):
+        """Retire workers gracefully (their unique data moves to the others first);
+        {address: worker info} of those retired."""
+        if isinstance(workers, str):
+            workers = [workers]
+        return self.sync(self._retire_workers, workers, kwargs.get("n", 0))
+
+    async def _retire_workers(self, workers, n):
+        info = (await self._rpc("scheduler_info")).get("workers") or {}
+        retired = await self._rpc("retire_workers", workers=workers, n=n)
+        return {w: info.get(w, {}) for w in retired}
+
+    def restart_workers(self, workers, timeout=60, raise_for_error=True):
+        """Restart these workers through their nannies; {address: "OK" or the reason}.
+        `raise_for_error`: a worker that could not be restarted is an error."""
+        if isinstance(workers, str):
+            workers = [workers]
+        out = self.sync(self._rpc, "restart_workers", workers=list(workers), timeout=timeout)
+        bad = {w: r for w, r in out.items() if r != "OK"}
+        if bad and raise_for_error:
+            raise RuntimeError(f"could not restart workers: {bad}")
+        return out
+
+    def write_scheduler_file(self, scheduler_file):
+        """Write the scheduler's address as a scheduler file (`Client(scheduler_file=)`)."""
+        from taskcore.scheduler import write_scheduler_file
+
+        write_scheduler_file(scheduler_file, self.address)
+
+    def register_worker_callbacks(self, setup=None):
+        """Run `setup(dask_worker=...)` on every worker, now and on those that join
+        later (dask's older form of a worker plugin)."""
+        from taskcore.plugins import WorkerSetup
+
+        if not callable(setup):
+            raise TypeError(f"register_worker_callbacks needs a callable, got {setup!r}")
+        plugin = WorkerSetup(setup)
+        return self.sync(self._register_plugin, "worker", plugin, plugin.name, False)
+
+    @staticmethod
+    def collections_to_dsk(collections, *args, **kwargs):
+        """dask's graph of the collections (as dask.base.collections_to_dsk, which dask
+        2025.1 replaced by expressions: then the optimized expression's graph)."""
+        try:
+            from dask.base import collections_to_dsk
+        except ImportError:
+            from dask.base import collections_to_expr
+
+            optimize_graph = args[0] if args else kwargs.get("optimize_graph", True)
+            expr = collections_to_expr(collections, optimize_graph)
+            return dict((expr.optimize() if optimize_graph else expr).__dask_graph__())
+        return collections_to_dsk(collections, *args, **kwargs)
+
+    def as_current(self):
+        """`with client.as_current():` this client is the default meanwhile."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def current():
+            with _default_lock:
+                previous = _futures._current_default()
+                _futures._set_default_client(self)
+            try:
+                yield self
+            finally:
+                with _default_lock:
+                    _futures._set_default_client(previous)
+
+        return current()
+
+    @classmethod
+    def current(cls, allow_global=True):
+        """The current client: in a task, the worker's; else the default one."""
+        from taskcore.task_context import get_client
+
+        if not allow_global:
+            raise ValueError("taskcore keeps one default client: use allow_global=True")
+        return get_client()
+
+    # -- published datasets (taskcore/coordination/datasets.py) ------------------------
+    def publish_dataset(self, *args, name=None, override=False, **kwargs):
+        """Publish named values for every client of the cluster: `publish_dataset(x,
+        name="x")` or `publish_dataset(x=x, y=y)`. Futures inside are kept alive until
+        unpublished; an existing name is a KeyError unless `override=True`."""
+        datasets = dict(kwargs)
+        if args:
+            if name is None:
+                raise ValueError("publish_dataset with positional values needs name=")
+            if len(args) != 1:
+                raise ValueError("publish_dataset takes one positional value with name=")
+            datasets[name] = args[0]
+        elif name is not None:
+            raise ValueError("publish_dataset(name=...) needs the value as its argument")
+        if not datasets:
+            raise ValueError("publish_dataset needs something to publish")
+        from taskcore.coordination import datasets as _datasets
+
+        return self.sync(_datasets.publish, self, datasets, override)
+
+    def get_dataset(self, name, default=_NO_DEFAULT, **kwargs):
+        """The dataset published as `name`, its Futures bound to this client; KeyError
+        when there is none, unless `default` is given."""
+        from taskcore.coordination import datasets as _datasets
+
+        if default is _NO_DEFAULT:
+            return self.sync(_datasets.get, self, name)
+        return self.sync(_datasets.get, self, name, default)
+
+    def list_datasets(self, **kwargs):
+        """The names of the published datasets."""
+        from taskcore.coordination import datasets as _datasets
+
+        return self.sync(_datasets.list_names, self)
+
+    def unpublish_dataset(self, name, **kwargs):
+        """Remove a dataset (its Futures are released); KeyError when there is none."""
+        from taskcore.coordination import datasets as _datasets
+
+        return self.sync(_datasets.unpublish, self, name)
+
+    @property
+    def datasets(self):
+        """The published datasets as a mapping: `client.datasets["x"]`, `del ...`."""
+        from taskcore.coordination.datasets import Datasets
+
+        return Datasets(self)
 
     # -- dask integration (the dask scheduler protocol) -------------------------------
     def get(self, dsk, keys, **kwargs):

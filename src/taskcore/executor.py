@@ -1,4 +1,6 @@
-"""The worker's task threads.
+"""Executors: the worker's task threads (`TaskExecutor`), and the client's
+`concurrent.futures.Executor` over the cluster (`ClientExecutor`, from
+`client.get_executor()`).
 
 Design (docs/design.md, measured facts): handing each task to a `ThreadPoolExecutor` with a
 `call_soon_threadsafe` per result cost ~6 µs of worker CPU per task and cut
@@ -15,6 +17,7 @@ finish.
 from __future__ import annotations
 
 import collections
+import concurrent.futures   # (asyncio imports it anyway)
 import queue
 import threading
 import time
@@ -76,6 +79,10 @@ class TaskExecutor:
                 with lock:
                     wake = not results
                     results.append((tid, ok, value, start, stop))
+                # This idle thread must not keep the last result (or task) alive until its
+                # next task: the worker decides when a value goes (an actor's instance
+                # goes with its value, actors.py).
+                value = fn = item = None
                 if wake:
                     try:
                         self.loop.call_soon_threadsafe(self._drain)
@@ -135,3 +142,82 @@ def current_task_id():
 
 def current_executor():
     return getattr(_thread_state, "executor", None)
+
+
+class ClientExecutor(concurrent.futures.Executor):
+    """`client.get_executor(**kwargs)`: a `concurrent.futures.Executor` whose calls run
+    on the cluster. `submit` returns a `concurrent.futures.Future` completed from the
+    taskcore Future (on the client's loop); `map` yields results in order (with
+    `timeout` counted from the call); `shutdown(wait=True)` waits for what was
+    submitted, `cancel_futures=True` cancels what has not finished. Keyword arguments
+    (workers, resources, retries, pure=False by default, ...) go to every submit."""
+
+    def __init__(self, client, **kwargs):
+        allowed = {"workers", "resources", "retries", "pure", "allow_other_workers",
+                   "priority", "fifo_timeout"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise TypeError(f"get_executor got unknown options: {unknown}")
+        kwargs.setdefault("pure", False)
+        self._client = client
+        self._kwargs = kwargs
+        self._futures = set()
+        self._lock = threading.Lock()
+        self._shutdown = False
+
+    def submit(self, fn, *args, **kwargs):
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        tf = self._client.submit(fn, *args, **self._kwargs, **kwargs)
+        cfut = concurrent.futures.Future()
+        cfut.set_running_or_notify_cancel()
+        with self._lock:
+            self._futures.add(tf)
+        client = self._client
+
+        async def fill():
+            try:
+                value = await tf._result()
+            except BaseException as e:          # noqa: B902 - the call's error is its outcome
+                if not cfut.done():
+                    cfut.set_exception(e)
+            else:
+                if not cfut.done():
+                    cfut.set_result(value)
+            finally:
+                with self._lock:
+                    self._futures.discard(tf)
+
+        def start(state=None):
+            client.loop.create_task(fill())
+
+        client.loop.call_soon_threadsafe(tf._state.add_callback, start)
+        cfut._taskcore_future = tf          # keeps the key wanted while cfut lives
+        return cfut
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fs = [self.submit(fn, *args) for args in zip(*iterables)]
+
+        def results():
+            try:
+                for f in fs:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    yield f.result(left)
+            finally:
+                for f in fs:
+                    f.cancel()
+        return results()
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        self._shutdown = True
+        with self._lock:
+            pending = list(self._futures)
+        if cancel_futures and pending:
+            self._client.cancel(pending)
+        elif wait and pending:
+            from taskcore.futures import wait as _wait
+
+            _wait(pending)

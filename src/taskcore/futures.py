@@ -23,7 +23,7 @@ from taskcore.core.client_dispatch import (CANCELLED, ERROR, FINISHED, LOST, NOT
 __all__ = ["PENDING", "FINISHED", "ERROR", "CANCELLED", "LOST", "Future", "FutureState",
            "RemoteTraceback", "wait", "as_completed", "fire_and_forget", "ALL_COMPLETED",
            "FIRST_COMPLETED", "FIRST_EXCEPTION", "DoneAndNotDone", "default_client",
-           "futures_of"]
+           "futures_of", "bound_to"]
 
 _default_client = None
 
@@ -48,8 +48,28 @@ def _current_default():
     return _default_client
 
 
+_unpickling = threading.local()
+
+
+class bound_to:
+    """`with bound_to(client):` Futures unpickled in this thread meanwhile belong to
+    `client` (a value handed out by the scheduler's coordination primitives), not
+    to the default client."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __enter__(self):
+        self.previous = getattr(_unpickling, "client", None)
+        _unpickling.client = self.client
+        return self.client
+
+    def __exit__(self, *exc):
+        _unpickling.client = self.previous
+
+
 def _future_from_key(key):
-    return Future(key)
+    return Future(key, getattr(_unpickling, "client", None))
 
 
 class Future(FutureBase):

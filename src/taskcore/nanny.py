@@ -51,7 +51,7 @@ from taskcore.member import ClusterMember
 from taskcore.process import ProcessStartError, Status, Subprocess, worker_cli_args
 from taskcore.security import token_env
 from taskcore.utils import format_bytes, get_ip_interface, parse_memory_limit
-from taskcore.worker_memory import memory_options
+from taskcore.worker_memory import check_device_memory_limit, memory_options
 
 # The worker's memory options that a nanny checks before handing them on (worker_memory.py).
 _MEMORY_OPTIONS = ("memory_target_fraction", "memory_spill_fraction", "memory_pause_fraction",
@@ -106,6 +106,11 @@ class Nanny(ClusterMember):
                                  **{k: worker_kwargs[k] for k in _MEMORY_OPTIONS
                                     if k in worker_kwargs})
         self.memory_terminate_fraction = checked["terminate"]
+        if "device_memory_limit" in worker_kwargs:
+            # Its form only: a fraction is of the worker's GPU, which the worker reads itself
+            # (its CUDA_VISIBLE_DEVICES may differ from ours). It reaches the worker in
+            # --worker-options like any other worker keyword.
+            check_device_memory_limit(worker_kwargs["device_memory_limit"])
         self.restart = restart
         self.name = name
         self.protocol = protocol.rstrip(":/")
@@ -238,6 +243,9 @@ class Nanny(ClusterMember):
 
     async def _teardown(self):
         current = asyncio.current_task()
+        # Taken first: the scheduler link, cancelled below, clears `_comm` as it ends, and
+        # a comm left open keeps this nanny listed on the scheduler.
+        comm, self._comm = self._comm, None
         for t in list(self._tasks):
             if t is not current:
                 t.cancel()
@@ -245,7 +253,6 @@ class Nanny(ClusterMember):
         if proc is not None and proc.returncode is None:
             self._kill_reason = "nanny closing"
             await proc.close(grace=self.close_grace)
-        comm, self._comm = self._comm, None
         if comm is not None:
             try:
                 await comm.close()
@@ -257,6 +264,9 @@ class Nanny(ClusterMember):
             except Exception:
                 pass
             self._listener = None
+        # Plugins' teardown last, when the worker process is gone (taskcore/plugins.py).
+        if getattr(self, "_plugin_host", None) is not None:
+            await self._plugin_host.close()
 
     def _spawn_task(self, coro):
         task = asyncio.ensure_future(coro)
@@ -531,6 +541,8 @@ class Nanny(ClusterMember):
                         self.address, comm.peer_address)
         elif op in ("close", "terminate"):
             self._spawn_task(self.close(reason=f"{op} requested by {comm.peer_address}"))
+        elif op in ("plugin-add", "plugin-remove"):      # NannyPlugins (taskcore/plugins.py)
+            self._spawn_task(self._plugin_request(msg, comm))
         elif op == "identity":
             try:
                 comm.send(self.identity())
@@ -547,6 +559,34 @@ class Nanny(ClusterMember):
                 pass
         else:
             logger.debug("nanny %s: ignoring message %r", self.address, op)
+
+    async def _plugin_request(self, msg, comm):
+        """Set up (or tear down) a NannyPlugin; one with `restart = True` restarts the
+        worker afterwards, so the new process starts with what it set up."""
+        from taskcore import plugins as _plugins
+
+        host = getattr(self, "_plugin_host", None)
+        if host is None:
+            host = self._plugin_host = _plugins.PluginHost(self, _plugins.NannyPlugin)
+        try:
+            if msg["op"] == "plugin-add":
+                plugin = msg["plugin"]
+                plugin = plugin.deserialize() if hasattr(plugin, "deserialize") else plugin
+                await host.add(msg["name"], plugin)
+                if getattr(plugin, "restart", False) and msg.get("restart", True) \
+                        and self.status is Status.running:
+                    await self.restart_worker(reason=f"plugin {msg['name']!r} asked for it")
+            else:
+                await host.remove(msg["name"])
+            result = _plugins.outcome()
+            if msg["op"] == "plugin-add" and getattr(plugin, "restart", False):
+                result["restart"] = True
+        except Exception as e:
+            result = _plugins.outcome(e)
+        try:
+            comm.send({"op": "reply", "reqid": msg.get("reqid"), "result": result})
+        except Exception:
+            pass
 
     async def _handle_restart(self, comm, msg):
         reply = {"op": "worker-restarted", "worker": None}

@@ -523,6 +523,23 @@ def worker_cli_args(scheduler_address, *, nanny: bool = False, nthreads=None, me
     return args + _json_options("worker", worker_kwargs)
 
 
+def cuda_worker_cli_args(scheduler_address, *, device_memory_limit=None, cuda_visible_devices=None,
+                         **options) -> list[str]:
+    """The argv that runs `core-cuda-worker` (one nanny and worker per visible GPU) with
+    core-worker's options (`worker_cli_args`'s names) plus the GPU ones."""
+    args = worker_cli_args(scheduler_address, nanny=True, **options)
+    args[2] = "taskcore.cli.cuda_worker"
+    args.remove("--nanny")      # every GPU worker has its nanny
+    if device_memory_limit is not None:
+        args += ["--device-memory-limit", str(device_memory_limit)]
+    if cuda_visible_devices is not None:
+        devices = cuda_visible_devices
+        if not isinstance(devices, str):
+            devices = ",".join(str(d) for d in devices)
+        args += ["--cuda-visible-devices", devices]
+    return args
+
+
 def _json_options(role, options):
     """`--<role>-options JSON` for the options that have no flag of their own."""
     if not options:

@@ -17,6 +17,18 @@ Peers say who they are in their first message:
                         heartbeat, reply, closing
     register-nanny   -> nanny messages:   worker-died, worker-restarted, reply
     anything else    -> a one-shot request ({"op": "rpc", ...}) answered then closed
+
+Plugins (taskcore/plugins.py): SchedulerPlugins live here and get their hooks from this
+server; WorkerPlugins and NannyPlugins are kept pickled and handed to every worker
+(`plugin-add`, and in the `registered` reply of a worker that joins later) and nanny.
+Also here: metadata, structured events, replicate/rebalance (acquire-replicas to the
+recipients, remove-replicas to the senders once the copies exist), and the actors'
+keys, failed rather than run again when their worker leaves (taskcore/actors.py).
+
+An rpc whose method is "<extension>.<operation>" goes to a coordination extension
+(`self.extensions`, taskcore/coordination/): variables, queues, locks, semaphores,
+events, pub/sub and published datasets, made on first use and told when a client
+leaves or a worker is removed.
 """
 from __future__ import annotations
 
@@ -105,6 +117,24 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
         self._last_activity = time.monotonic()
         self._stim = itertools.count(1)
         self.start_time = time.time()
+        # Coordination primitives and datasets (taskcore/coordination/): name -> extension,
+        # made on the first rpc that names one; reached only through `op: rpc`.
+        self.extensions: dict = {}
+        # Plugins (taskcore/plugins.py): SchedulerPlugins by name, live here; worker and
+        # nanny plugins by name, pickled (never unpickled here), for every member that
+        # registers later too.
+        self.plugins: dict = {}
+        self.worker_plugins: dict = {}
+        self.nanny_plugins: dict = {}
+        # client.set_metadata / get_metadata: a nested dict of opaque leaves.
+        self.task_metadata: dict = {}
+        # Structured events (client.log_event, Worker.log_event): topic -> recent
+        # (time, msg); topic -> ids of the clients subscribed.
+        self.events: dict = {}
+        self.event_subscribers: dict = {}
+        # Keys of actors (taskcore/actors.py): when the worker holding one leaves, its
+        # Futures err instead of the task running again (a new, empty actor).
+        self.actor_keys: set = set()
 
     # -- lifecycle ---------------------------------------------------------------------
     @property
@@ -162,6 +192,14 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
             peer.comm.abort()
         for t in list(self._tasks):
             t.cancel()
+        self._tell_extensions("close")
+        for name, plugin in list(self.plugins.items()):
+            try:
+                from taskcore.plugins import call_hook
+
+                await call_hook(plugin.close)
+            except Exception:
+                logger.exception("scheduler plugin %r failed in close", name)
         if self.scheduler_file:
             try:
                 os.remove(self.scheduler_file)
@@ -266,6 +304,8 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
         self._last_activity = time.monotonic()
         comm.send({"op": "registered", "info": self._info()})
         comm.set_message_handler(Route(self, peer, False).handle)
+        if self.plugins:
+            self._tell_plugins("add_client", scheduler=self, client=cid)
         try:
             await comm.lost
         finally:
@@ -273,6 +313,11 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
             self._last_activity = time.monotonic()
             if self.status == "running":
                 self._handle(ClientRemoved(cid, stimulus_id=f"client-removed-{cid}"))
+                self._tell_extensions("client_removed", cid)   # its locks, leases, waiters
+                if self.plugins:
+                    self._tell_plugins("remove_client", scheduler=self, client=cid)
+                for subscribers in self.event_subscribers.values():
+                    subscribers.discard(cid)
 
     async def _serve_worker(self, comm, msg):
         addr = msg.get("address")
@@ -295,12 +340,17 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
             return
         peer = Peer(comm, "worker", addr, info=dict(msg))
         self.workers[addr] = peer
-        comm.send({"op": "registered", "address": addr, "scheduler": self.address})
+        registered = {"op": "registered", "address": addr, "scheduler": self.address}
+        if self.worker_plugins:
+            registered["plugins"] = dict(self.worker_plugins)   # set up before any task
+        comm.send(registered)
         comm.set_message_handler(Route(self, peer, True).handle)
         self._handle(stimulus)
         self._worker_event.set()
         logger.info("registered worker %s (%s threads)", addr, msg.get("nthreads"))
         self._diag_worker_added(peer)
+        if self.plugins:
+            self._tell_plugins("add_worker", scheduler=self, worker=addr)
         try:
             await comm.lost
         finally:
@@ -312,6 +362,8 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
         peer = Peer(comm, "nanny", worker, info=dict(msg))
         self.nannies[worker] = peer
         comm.set_message_handler(lambda m: self._nanny_msg(peer, m))
+        if self.nanny_plugins:
+            self._spawn(self._nanny_plugins_to(peer))
         try:
             await comm.lost
         finally:
@@ -320,6 +372,15 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
             for fut in peer.replies.values():
                 if not fut.done():
                     fut.set_exception(CommClosedError("nanny disconnected"))
+
+    def _tell_extensions(self, hook, *args):
+        """Run hook `hook` of every coordination extension in use; one that fails is
+        logged and does not keep the others (or the caller) from their work."""
+        for name, ext in list(self.extensions.items()):
+            try:
+                getattr(ext, hook)(*args)
+            except Exception:
+                logger.exception("coordination extension %r failed in %s", name, hook)
 
     def _remove_worker(self, addr, safe, reason, cause=None):
         peer = self.workers.pop(addr, None)
@@ -330,8 +391,28 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
             if not fut.done():
                 fut.set_exception(CommClosedError(f"worker {addr} left: {reason}"))
         peer.comm.abort()
+        if self.actor_keys:
+            self._fail_actors_of(addr)
         self._handle(RemoveWorker(addr, safe=safe, now=time.time(),
                                   stimulus_id=f"remove-worker-{addr}-{reason}", reason=cause))
+        self._tell_extensions("worker_removed", addr)     # locks and leases its tasks held
+        if self.plugins:
+            self._tell_plugins("remove_worker", scheduler=self, worker=addr,
+                               stimulus_id=f"remove-worker-{addr}-{reason}")
+
+    def _tell_plugins(self, hook, *args, **kwargs):
+        """Call `hook` of every SchedulerPlugin; a coroutine runs as a task; one that
+        fails is logged and does not keep the others from their hook."""
+        for name, plugin in list(self.plugins.items()):
+            fn = getattr(plugin, hook, None)
+            if fn is None:
+                continue
+            try:
+                r = fn(*args, **kwargs)
+                if inspect.isawaitable(r):
+                    self._spawn(r)
+            except Exception:
+                logger.exception("scheduler plugin %r failed in %s", name, hook)
 
     # -- worker messages ---------------------------------------------------------------------------
     def handle_worker_message(self, peer, msg):
@@ -353,6 +434,8 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
             elif op == "who-has":
                 self.send(peer, {"op": "who-has-reply", "reqid": msg.get("reqid"),
                                   "who_has": self.state.who_has(msg["keys"])})
+            elif op == "log-event":
+                self.rpc_log_event(peer, msg.get("topic"), msg.get("msg"))
             elif op.startswith("diag-"):
                 self._diag_worker_message(peer, msg)        # scheduler_diagnostics.py
             else:
@@ -382,6 +465,19 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
             self.nannies[peer.id] = peer
         else:
             logger.warning("unknown op %r from nanny", op)
+
+    async def _nanny_request(self, peer, msg, timeout=None):
+        """Send `msg` to a nanny and wait for its {"op": "reply"}; a nanny that
+        answers nothing in `timeout` seconds is an error."""
+        reqid = f"req-{next(self._reqids)}"
+        fut = asyncio.get_running_loop().create_future()
+        peer.replies[reqid] = fut
+        msg["reqid"] = reqid
+        self.send(peer, msg)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            peer.replies.pop(reqid, None)
 
     async def _worker_request(self, addr, msg, timeout=None):
         peer = self.workers.get(addr)
@@ -423,6 +519,10 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
         method = msg.get("method")
         reqid = msg.get("reqid")
         handler = getattr(self, f"rpc_{method}", None) if isinstance(method, str) else None
+        if handler is None and isinstance(method, str) and "." in method:
+            from taskcore.coordination.extension import rpc_handler
+
+            handler = rpc_handler(self, method)     # "variable.set": an extension's
         if handler is None:
             self.send(peer, {"op": "reply", "reqid": reqid,
                               "error": serialize_obj(ValueError(f"unknown rpc method {method!r}"))})
@@ -548,6 +648,9 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
         keys = list(self.state.tasks)
         for c in clients + [FIRE_AND_FORGET]:
             self._handle(Cancel(c, keys, force=True, stimulus_id="restart"))
+        self._tell_extensions("restarted")              # the keys they held are cancelled too
+        if self.plugins:
+            self._tell_plugins("restart", self)
         for c in clients:
             self.send(self.clients[c], key_cancelled(keys, "the cluster was restarted"))
         nannies = [self.nannies[w] for w in list(self.workers) if w in self.nannies]
@@ -590,6 +693,349 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, ServerLifecycle):
 
     async def rpc_story(self, peer, keys):
         return [list(map(str, e)) for e in self.state.story(*keys)]
+
+    # -- actors (taskcore/actors.py) -------------------------------------------------------------
+    def rpc_actor_submitted(self, peer, keys):
+        if len(self.actor_keys) > 10_000:            # bounded: forget released actors
+            self.actor_keys = {k for k in self.actor_keys if self.state.get_task(k) is not None}
+        self.actor_keys.update(keys)
+
+    def _fail_actors_of(self, addr):
+        """Before worker `addr` is removed: each actor only it holds errs for the clients
+        that want it, who then let go of it, so the state machine does not run it again."""
+        from taskcore.actors import ActorLostError
+
+        lost = []
+        for k in list(self.actor_keys):
+            ts = self.state.get_task(k)
+            if ts is None:
+                self.actor_keys.discard(k)           # released: forget it here too
+            elif ts.state_name == "memory" and ts.who_has_addresses == [addr]:
+                lost.append((k, ts.wanted_by))
+        for k, clients in lost:
+            self.actor_keys.discard(k)
+            exc = serialize_obj(ActorLostError(f"Worker holding Actor was lost: {k!r} "
+                                               f"(worker {addr})"))
+            for cid in clients:
+                p = self.clients.get(cid)
+                if p is not None:
+                    self.send(p, {"op": "task-erred", "key": k, "exception": exc,
+                                  "traceback": None})
+            for cid in clients:
+                self._handle(Cancel(cid, [k], force=False, stimulus_id=f"actor-lost-{addr}"))
+
+    # -- structured events -------------------------------------------------------------------
+    def rpc_log_event(self, peer, topic, msg):
+        """Record `msg` under `topic` (a str, or a list of them) and send it to the clients
+        subscribed to the topic. The last 100,000 per topic are kept."""
+        import collections
+
+        topics = [topic] if isinstance(topic, str) else list(topic or ())
+        if not topics or not all(isinstance(t, str) for t in topics):
+            raise TypeError(f"an event's topic is a str or a list of str, got {topic!r}")
+        event = (time.time(), msg)
+        for t in topics:
+            log = self.events.get(t)
+            if log is None:
+                log = self.events[t] = collections.deque(maxlen=100_000)
+            log.append(event)
+            for cid in self.event_subscribers.get(t, ()):
+                p = self.clients.get(cid)
+                if p is not None:
+                    self.send(p, {"op": "event", "topic": t, "event": event})
+
+    def rpc_get_events(self, peer, topic=None):
+        if topic is not None:
+            return list(self.events.get(topic, ()))
+        return {t: list(v) for t, v in self.events.items()}
+
+    def rpc_subscribe_topic(self, peer, topic, client=None):
+        self.event_subscribers.setdefault(topic, set()).add(client or peer.id)
+
+    def rpc_unsubscribe_topic(self, peer, topic, client=None):
+        subscribers = self.event_subscribers.get(topic)
+        if subscribers is not None:
+            subscribers.discard(client or peer.id)
+            if not subscribers:
+                del self.event_subscribers[topic]
+
+    def rpc_processing(self, peer, workers=None):
+        return self.state.processing(workers)
+
+    def rpc_nbytes(self, peer, keys=None, summary=True):
+        """{key: bytes} of keys in memory (all by default); `summary`: per key prefix."""
+        out = {}
+        for k in (self.state.who_has(keys) if keys is not None else self.state.who_has()):
+            ts = self.state.get_task(k)
+            if ts is None or ts.state_name != "memory":
+                continue
+            if summary:
+                out[ts.prefix_name] = out.get(ts.prefix_name, 0) + max(int(ts.nbytes), 0)
+            else:
+                out[k] = max(int(ts.nbytes), 0)
+        return out
+
+    async def rpc_restart_workers(self, peer, workers, timeout=60):
+        """Restart these workers through their nannies (their results are lost and
+        recomputed when wanted). {address: "OK" or why not}."""
+        async def one(addr):
+            nanny = self.nannies.get(addr)
+            if nanny is None:
+                return addr, f"worker {addr} has no nanny: it cannot be restarted"
+            fut = asyncio.get_running_loop().create_future()
+            nanny.replies["restart"] = fut
+            self.send(nanny, {"op": "restart-worker", "reason": "client.restart_workers"})
+            try:
+                reply = await asyncio.wait_for(fut, timeout)
+            except (asyncio.TimeoutError, CommClosedError) as e:
+                return addr, f"the nanny of {addr} did not restart it: {e!r}"
+            return addr, "OK" if not reply.get("error") else reply["error"]
+
+        return dict(await asyncio.gather(*[one(w) for w in workers]))
+
+    # -- plugins (taskcore/plugins.py) -------------------------------------------------------------
+    async def rpc_register_scheduler_plugin(self, peer, plugin, name, idempotent=False):
+        from taskcore.plugins import call_hook, update_scheduler_hook
+
+        if idempotent and name in self.plugins:
+            return {"status": "OK", "skipped": True}
+        obj = plugin.deserialize() if isinstance(plugin, Serialized) else plugin
+        old = self.plugins.pop(name, None)
+        if old is not None:
+            await call_hook(old.close)
+        if hasattr(obj, "start"):
+            await call_hook(obj.start, self)
+        self.plugins[name] = obj
+        update_scheduler_hook(self)
+        return {"status": "OK"}
+
+    async def rpc_unregister_scheduler_plugin(self, peer, name):
+        from taskcore.plugins import call_hook, update_scheduler_hook
+
+        plugin = self.plugins.pop(name, None)
+        if plugin is None:
+            raise ValueError(f"could not find a scheduler plugin named {name!r}")
+        update_scheduler_hook(self)
+        if hasattr(plugin, "close"):
+            await call_hook(plugin.close)
+        return {"status": "OK"}
+
+    async def rpc_register_worker_plugin(self, peer, plugin, name, idempotent=False):
+        """Keep `plugin` (pickled) for workers that register later; set it up on every
+        worker now. {worker: {"status": "OK"} or {"status": "error", ...}}."""
+        if idempotent and name in self.worker_plugins:
+            return {}
+        self.worker_plugins[name] = plugin
+        return await self._to_members(list(self.workers), {"op": "plugin-add", "name": name,
+                                                           "plugin": plugin})
+
+    async def rpc_unregister_worker_plugin(self, peer, name):
+        if self.worker_plugins.pop(name, None) is None:
+            raise ValueError(f"could not find a worker plugin named {name!r}")
+        return await self._to_members(list(self.workers), {"op": "plugin-remove", "name": name})
+
+    async def rpc_register_nanny_plugin(self, peer, plugin, name, idempotent=False):
+        if idempotent and name in self.nanny_plugins:
+            return {}
+        self.nanny_plugins[name] = plugin
+        return await self._to_members(list(self.nannies), {"op": "plugin-add", "name": name,
+                                                           "plugin": plugin}, nanny=True)
+
+    async def rpc_unregister_nanny_plugin(self, peer, name):
+        if self.nanny_plugins.pop(name, None) is None:
+            raise ValueError(f"could not find a nanny plugin named {name!r}")
+        return await self._to_members(list(self.nannies), {"op": "plugin-remove", "name": name},
+                                      nanny=True)
+
+    async def _nanny_plugins_to(self, peer, timeout=300):
+        """Every NannyPlugin to a nanny that connected: set up in order, then one restart
+        of its worker if any of them asks for restarts (not one per plugin)."""
+        restart = False
+        for name, plugin in list(self.nanny_plugins.items()):
+            try:
+                r = await self._nanny_request(peer, {"op": "plugin-add", "name": name,
+                                                     "plugin": plugin, "restart": False},
+                                              timeout)
+                restart = restart or bool((r.get("result") or {}).get("restart"))
+            except Exception as e:
+                logger.warning("nanny plugin %r failed on the nanny of %s: %r", name, peer.id, e)
+        if restart and peer.id in self.nannies:
+            self.send(peer, {"op": "restart-worker", "reason": "nanny plugins set up"})
+
+    async def _to_members(self, addresses, msg, nanny=False, timeout=300):
+        """Send `msg` to each worker (or each worker's nanny) and collect the `result`
+        of their replies: {address: result}; one that left meanwhile answers an error."""
+        async def one(addr):
+            try:
+                if nanny:
+                    peer = self.nannies.get(addr)
+                    if peer is None:
+                        raise CommClosedError(f"no nanny for {addr}")
+                    reply = await self._nanny_request(peer, dict(msg), timeout)
+                else:
+                    reply = await self._worker_request(addr, dict(msg), timeout)
+                return addr, reply.get("result") or {"status": "OK"}
+            except Exception as e:
+                from taskcore.plugins import outcome
+
+                return addr, outcome(e)
+
+        return dict(await asyncio.gather(*[one(a) for a in addresses]))
+
+    # -- metadata ---------------------------------------------------------------------------------
+    def rpc_set_metadata(self, peer, keys, value):
+        """dask's nested task metadata: keys is a path into one dict."""
+        d = self.task_metadata
+        for k in keys[:-1]:
+            if not isinstance(d.get(k), dict):
+                d[k] = {}
+            d = d[k]
+        d[keys[-1]] = value
+
+    def rpc_get_metadata(self, peer, keys):
+        """{"found": bool, "value": ...} at the path `keys`."""
+        d = self.task_metadata
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return {"found": False}
+            d = d[k]
+        return {"found": True, "value": d}
+
+    # -- moving data: replicate, rebalance ---------------------------------------------------------
+    def _running_workers(self, workers=None):
+        info = self.state.worker_info()
+        return [w for w in (workers if workers is not None else info)
+                if w in info and info[w]["status"] == "running" and w in self.workers], info
+
+    def _nbytes(self, key):
+        ts = self.state.get_task(key)
+        return max(int(ts.nbytes), 0) if ts is not None else 0
+
+    def _acquire(self, plan):
+        """plan: {recipient: [(key, [holders])]} -> acquire-replicas to each recipient
+        (the worker's state machine fetches them from the holders, then reports add-keys)."""
+        for w, items in plan.items():
+            entries = []
+            for k, holders in items:
+                tid = self.state.id_of(k)
+                if tid is not None:
+                    entries.append((tid, k, self._nbytes(k), list(holders)))
+            if entries:
+                self._to_worker(w, {"op": "acquire-replicas", "who_has": entries})
+
+    async def _until_held(self, wanted, timeout):
+        """Wait until each (key, worker) pair of `wanted` is a replica the scheduler
+        knows (or the key or worker is gone); the pairs held."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = set(wanted)
+        held = set()
+        while pending:
+            who_has = self.state.who_has(list({k for k, _ in pending}))
+            for k, w in list(pending):
+                if w in (who_has.get(k) or ()):
+                    held.add((k, w))
+                    pending.discard((k, w))
+                elif w not in self.workers or self.state.get_task(k) is None:
+                    pending.discard((k, w))
+            if pending:
+                if loop.time() > deadline:
+                    break
+                await asyncio.sleep(0.02)
+        return held
+
+    def _remove_replicas(self, removals):
+        """removals: {worker: [key]}: each drops its copy, if another holder keeps one
+        (the worker reports release-worker-data, and the scheduler forgets the replica)."""
+        for w, keys in removals.items():
+            ids = []
+            who_has = self.state.who_has(keys)
+            for k in keys:
+                if len([h for h in who_has.get(k, ()) if h != w]) >= 1:
+                    tid = self.state.id_of(k)
+                    if tid is not None:
+                        ids.append(tid)
+            if ids:
+                self._to_worker(w, {"op": "remove-replicas", "ids": ids})
+
+    async def rpc_replicate(self, peer, keys, n=None, workers=None, timeout=60):
+        """Copy each key (in memory) to `n` of `workers` (all running workers by default),
+        the least loaded first; copies past `n` among them are dropped. Returns the
+        number of copies made."""
+        candidates, info = self._running_workers(workers)
+        if not candidates:
+            raise ValueError(f"no running workers among {workers}")
+        n = len(candidates) if n is None else int(n)
+        if n < 1:
+            raise ValueError(f"replicate needs n >= 1, got {n}")
+        n = min(n, len(candidates))
+        load = {w: info[w]["nbytes"] for w in candidates}
+        plan, removals, wanted = {}, {}, []
+        who_has = self.state.who_has(keys)
+        for k in keys:
+            holders = [h for h in who_has.get(k) or () if h in self.workers]
+            if not holders:
+                continue                      # not in memory: nothing to copy
+            inside = [h for h in holders if h in load]
+            nb = self._nbytes(k)
+            if len(inside) < n:
+                for w in sorted((w for w in candidates if w not in inside),
+                                key=load.__getitem__)[:n - len(inside)]:
+                    plan.setdefault(w, []).append((k, holders))
+                    load[w] += nb
+                    wanted.append((k, w))
+            elif len(inside) > n:
+                for w in sorted(inside, key=load.__getitem__, reverse=True)[:len(inside) - n]:
+                    removals.setdefault(w, []).append(k)
+                    load[w] -= nb
+        self._acquire(plan)
+        held = await self._until_held(wanted, timeout)
+        self._remove_replicas(removals)
+        return len(held)
+
+    async def rpc_rebalance(self, peer, keys=None, workers=None, timeout=60):
+        """Even out the managed memory of `workers` (all running ones by default) by
+        moving `keys` (all in memory by default): from the workers above the mean to
+        those below, largest keys first, each copy made before the sender drops its
+        own, so no key is ever without a holder. {"moved": n, "failed": m}."""
+        candidates, info = self._running_workers(workers)
+        if len(candidates) < 2:
+            return {"moved": 0, "failed": 0}
+        who_has = self.state.who_has(keys)
+        load = {w: 0 for w in candidates}
+        held = {w: [] for w in candidates}
+        for k, holders in who_has.items():
+            nb = self._nbytes(k)
+            for h in holders:
+                if h in load:
+                    load[h] += nb
+                    held[h].append((nb, k))
+        mean = sum(load.values()) / len(load)
+        plan, moves = {}, []
+        for s in sorted(candidates, key=load.__getitem__, reverse=True):
+            if load[s] <= mean:
+                break
+            for nb, k in sorted(held[s], reverse=True):
+                if load[s] <= mean or nb <= 0:
+                    break
+                holders = who_has.get(k) or ()
+                options = [w for w in candidates if w not in holders and w != s
+                           and load[w] + nb <= mean + nb / 2 and load[w] + nb < load[s]]
+                if not options:
+                    continue
+                r = min(options, key=load.__getitem__)
+                plan.setdefault(r, []).append((k, [s]))
+                moves.append((k, s, r))
+                load[r] += nb
+                load[s] -= nb
+        self._acquire(plan)
+        got = await self._until_held([(k, r) for k, _, r in moves], timeout)
+        removals = {}
+        for k, s, r in moves:
+            if (k, r) in got:
+                removals.setdefault(s, []).append(k)
+        self._remove_replicas(removals)
+        return {"moved": len(got), "failed": len(moves) - len(got)}
 
     async def _finish_retirement(self, workers, timeout=60):
         loop = asyncio.get_running_loop()

@@ -26,6 +26,21 @@ that compiled code reads and writes directly) and never wraps it:
 
 Weights are `serialize.nbytes(value)`, the size the worker reports to its state machine,
 so `WorkerState.memory_bytes - spilled_bytes` is the managed memory still in RAM.
+
+**GPU objects** (a worker with a `device_memory_limit`, worker_memory.py) add two tiers to
+the index, so the worker's existing paths for keys missing from `data` serve them too:
+
+* `DEVICE`: a GPU object that is in `data`. The record only tells the store (and through
+  `spilled`, the compiled loop, which calls `drop_spilled` for a released key in `spilled`)
+  what it weighs and when it goes: `device_bytes` is the device memory the results hold.
+* `HOST`: a GPU object moved out of device memory by `to_host`: serialized once into host
+  frames (`serialize_obj`: the device memory copied to host) and kept in RAM, not in `data`.
+  Reading it back (`load`) rebuilds the GPU object; a peer gets the frames as they are.
+  `host_bytes` is their weight, managed memory in RAM; `evict` writes these records to
+  disk first (the frames as they are, not serialized again), then values from `data`.
+
+`spilled_bytes`, `len(store)` and `key in store` keep meaning "on disk or in the host
+tier" (`spilled_bytes`: on disk only); DEVICE records are not spilled values.
 """
 from __future__ import annotations
 
@@ -56,15 +71,20 @@ class SpillFailed(Exception):
     """A value could not be written (a reason for the warning; the value stays in memory)."""
 
 
+DEVICE, HOST, DISK = 0, 1, 2             # _Spilled.tier
+
+
 class _Spilled:
     """Where a spilled value is and what it weighs."""
 
-    __slots__ = ("path", "weight", "disk")
+    __slots__ = ("path", "weight", "disk", "tier", "ser")
 
-    def __init__(self, path, weight, disk):
+    def __init__(self, path, weight, disk, tier=DISK, ser=None):
         self.path = path
         self.weight = weight      # serialize.nbytes of the value (the managed size)
         self.disk = disk          # bytes in the file
+        self.tier = tier
+        self.ser = ser            # HOST: the Serialized value (host frames)
 
 
 def scratch_root(local_directory=None):
@@ -122,6 +142,14 @@ class SpillStore:
         self.max_spill = int(max_spill) if max_spill else None
         self.spilled_bytes = 0              # weight of what is on disk
         self.disk_bytes = 0
+        self.device_bytes = 0               # weight of the DEVICE records (GPU objects in data)
+        self.host_bytes = 0                 # weight of the HOST records
+        self.host: dict = {}                # key -> HOST record, oldest first
+        self.n_device = 0
+        self.device_spill_count = 0         # GPU objects moved to host (cumulative)
+        self.device_spill_bytes_total = 0
+        self.device_spill_seconds = 0.0
+        self.device_host_reads = 0          # HOST records read (a task, a peer)
         # Cumulative counters (Prometheus counters and the heartbeat).
         self.spill_count = 0
         self.spill_bytes_total = 0
@@ -145,18 +173,97 @@ class SpillStore:
             fast[key] = value
 
     def __contains__(self, key):
-        return key in self.index
+        rec = self.index.get(key)
+        return rec is not None and rec.tier != DEVICE
 
     def __len__(self):
-        return len(self.index)
+        return len(self.index) - self.n_device
+
+    # -- GPU objects (event loop thread) ------------------------------------------------------
+    def track_device(self, key, weight):
+        """`data[key]` is now a GPU object of this weight (replacing any record of key)."""
+        if key in self.index:
+            self._forget(key)
+        self.index[key] = _Spilled(None, weight, 0, DEVICE)
+        self.device_bytes += weight
+        self.n_device += 1
+
+    def evict_device(self, enough, batch=32):
+        """Move least recently used GPU objects from `data` to the host tier until
+        `enough()` (after each) or none is left. Returns (objects moved, weight)."""
+        fast, index = self.fast, self.index
+        n = weight = 0
+        left = len(fast)
+        while left > 0 and self.n_device:
+            keys = list(itertools.islice(fast, min(batch, left)))
+            if not keys:
+                break
+            for key in keys:
+                left -= 1
+                rec = index.get(key)
+                if rec is None or rec.tier != DEVICE:
+                    continue
+                w = self.to_host(key)
+                if w < 0:
+                    self.touch(key)
+                    continue
+                n += 1
+                weight += w
+                if enough():
+                    return n, weight
+        return n, weight
+
+    def to_host(self, key):
+        """Move the GPU object `data[key]` to the host tier: its weight, or -1 if it stays
+        (too small, cannot be serialized or copied: warned once per kind)."""
+        rec = self.index.get(key)
+        value = self.fast.get(key, _MISSING)
+        if rec is None or rec.tier != DEVICE or value is _MISSING:
+            return -1
+        if rec.weight < self.min_bytes:
+            return -1
+        if self._unpicklable and self._unpicklable.get(key) == id(value):
+            return -1
+        t0 = time.perf_counter()
+        try:
+            ser = serialize_obj(value)          # the device memory copied into host frames
+        except Exception as e:
+            self.failed_count += 1
+            self._unpicklable[key] = id(value)
+            self._warn_once("device", "cannot move %r (type %s) from the GPU to host memory; "
+                            "it stays on the GPU: %s: %s", key, type(value).__name__,
+                            type(e).__name__, e)
+            return -1
+        self._unpicklable.pop(key, None)
+        new = _Spilled(None, rec.weight, 0, HOST, ser)
+        with self._lock:
+            self.index[key] = new
+        del self.fast[key]
+        self.device_bytes -= rec.weight
+        self.n_device -= 1
+        self.host[key] = new
+        self.host_bytes += rec.weight
+        self.device_spill_count += 1
+        self.device_spill_bytes_total += rec.weight
+        self.device_spill_seconds += time.perf_counter() - t0
+        return rec.weight
 
     # -- spilling (event loop thread) -------------------------------------------------------
     def evict(self, enough=None, batch=32):
         """Spill least recently used values until `enough()` is true (after each spill;
         None: one value) or nothing spillable is left. Returns (values spilled, weight).
         Values that stay (too small, cannot be pickled, disk full) move to the back."""
-        fast = self.fast
+        fast, index = self.fast, self.index
         n = weight = 0
+        while self.host:                    # GPU objects moved to host: already serialized
+            key = next(iter(self.host))
+            w = self._host_to_disk(key)
+            if w == -2:
+                return n, weight
+            n += 1
+            weight += w
+            if enough is None or enough():
+                return n, weight
         left = len(fast)                    # look at each value at most once
         while left > 0:
             keys = list(itertools.islice(fast, min(batch, left)))
@@ -165,7 +272,7 @@ class SpillStore:
             for key in keys:
                 left -= 1
                 value = fast.get(key, _MISSING)
-                if value is _MISSING:
+                if value is _MISSING or (index and key in index):   # GPU objects stay
                     continue
                 w = self._spill(key, value)
                 if w == -2:                 # disk full / over max_spill: stop for now
@@ -234,6 +341,40 @@ class SpillStore:
         self.spill_seconds += time.perf_counter() - t0
         return weight
 
+    def _host_to_disk(self, key):
+        """Write a HOST record's frames to a file: its weight, or -2 (it stays in the host
+        tier, and nothing else can be written now)."""
+        rec = self.host[key]
+        if self._disk_retry_at and time.monotonic() < self._disk_retry_at:
+            return -2
+        if self.max_spill is not None and self.disk_bytes + rec.weight > self.max_spill:
+            self._warn_once("max_spill", "not spilling %r: the spill folder holds %d bytes, "
+                            "max_spill is %d; values stay in memory", key, self.disk_bytes,
+                            self.max_spill)
+            return -2
+        t0 = time.perf_counter()
+        try:
+            path, disk = self._write(rec.ser)
+        except OSError as e:
+            self.failed_count += 1
+            self._disk_retry_at = time.monotonic() + 5.0
+            self._warn_once(f"os-{e.errno}", "cannot write spilled data to %s (%s); values stay "
+                            "in memory (retrying in 5 s)", self.directory or self.root,
+                            os.strerror(e.errno) if e.errno else e)
+            return -2
+        self._disk_retry_at = 0.0
+        new = _Spilled(path, rec.weight, disk)
+        with self._lock:
+            self.index[key] = new
+        del self.host[key]
+        self.host_bytes -= rec.weight
+        self.spilled_bytes += rec.weight
+        self.disk_bytes += disk
+        self.spill_count += 1
+        self.spill_bytes_total += rec.weight
+        self.spill_seconds += time.perf_counter() - t0
+        return rec.weight
+
     def _write(self, ser):
         frames = ser.frames
         if self.compression:
@@ -280,8 +421,11 @@ class SpillStore:
         t0 = time.perf_counter()
         with self._lock:
             rec = self.index.get(key)
-            if rec is None:
+            if rec is None or rec.tier == DEVICE:
                 raise KeyError(key)
+            if rec.tier == HOST:
+                self.device_host_reads += 1
+                return rec.ser, rec
             f = open(rec.path, "rb", buffering=0)
         with f:
             ser = _read_file(f, rec.path)
@@ -326,16 +470,25 @@ class SpillStore:
     def _forget(self, key):
         with self._lock:
             rec = self.index.pop(key)
-        self.spilled_bytes -= rec.weight
-        self.disk_bytes -= rec.disk
-        _unlink(rec.path)
+        if rec.tier == DEVICE:
+            self.device_bytes -= rec.weight
+            self.n_device -= 1
+        elif rec.tier == HOST:
+            del self.host[key]
+            self.host_bytes -= rec.weight
+        else:
+            self.spilled_bytes -= rec.weight
+            self.disk_bytes -= rec.disk
+            _unlink(rec.path)
 
     def clear(self):
         """Forget every spilled value (the worker starts over)."""
         with self._lock:
             self.index.clear()
         self._unpicklable.clear()
-        self.spilled_bytes = self.disk_bytes = 0
+        self.host.clear()
+        self.spilled_bytes = self.disk_bytes = self.device_bytes = self.host_bytes = 0
+        self.n_device = 0
         d = self.directory
         if d is not None:
             for name in _listdir(d):
@@ -350,12 +503,21 @@ class SpillStore:
 
     # -- reporting -----------------------------------------------------------------------------
     def stats(self):
-        return {"spilled_count": len(self.index), "spilled_bytes": self.spilled_bytes,
+        return {"spilled_count": len(self), "spilled_bytes": self.spilled_bytes,
                 "spilled_disk_bytes": self.disk_bytes, "spill_count": self.spill_count,
                 "spill_bytes_total": self.spill_bytes_total,
                 "spill_seconds": self.spill_seconds, "unspill_count": self.unspill_count,
                 "unspill_bytes_total": self.unspill_bytes_total,
                 "unspill_seconds": self.unspill_seconds, "spill_failed_count": self.failed_count}
+
+    def device_stats(self):
+        """The GPU tiers: objects in device memory, moved to host, moves and reads back."""
+        return {"device_bytes": self.device_bytes, "device_count": self.n_device,
+                "device_host_bytes": self.host_bytes, "device_host_count": len(self.host),
+                "device_spill_count": self.device_spill_count,
+                "device_spill_bytes_total": self.device_spill_bytes_total,
+                "device_spill_seconds": self.device_spill_seconds,
+                "device_host_reads": self.device_host_reads}
 
     def _warn_once(self, kind, msg, *args):
         if kind in self._warned:

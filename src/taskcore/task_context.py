@@ -1,5 +1,5 @@
 """What a task can call while it runs on a worker: get_worker, get_client,
-secede and rejoin.
+secede, rejoin and worker_client.
 
 They find the running task's worker through the thread-local of task
 execution (`core.worker_dispatch.task_local`), so this module needs neither
@@ -8,12 +8,14 @@ dask_integration uses them without importing the worker.
 """
 from __future__ import annotations
 
+import contextlib
+
 from taskcore.core.worker_dispatch import task_local
 from taskcore.core.worker_state import SecedeEvent
 from taskcore.executor import current_executor, current_task_id
 from taskcore.futures import default_client
 
-__all__ = ["get_worker", "get_client", "secede", "rejoin"]
+__all__ = ["get_worker", "get_client", "secede", "rejoin", "worker_client"]
 
 
 def get_worker():
@@ -59,3 +61,20 @@ def rejoin():
     if ex is None:
         raise ValueError("rejoin() called outside of a task")
     ex.rejoin()
+
+
+@contextlib.contextmanager
+def worker_client(timeout=None, separate_thread=True):
+    """`with worker_client() as client:` inside a task: the worker's client, with the task
+    seceded meanwhile, so it holds no thread slot while it waits on what it submitted
+    (dask's `worker_client`; `timeout` is accepted for its signature)."""
+    if getattr(task_local, "worker", None) is None:
+        raise ValueError("worker_client() called outside of a task")
+    client = get_client()
+    if separate_thread:
+        secede()
+    try:
+        yield client
+    finally:
+        if separate_thread:
+            rejoin()

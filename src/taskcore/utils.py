@@ -378,13 +378,22 @@ class LoopRunner:
         async def guarded():
             if timeout is None:
                 return await coro
-            return await asyncio.wait_for(coro, timeout)
+            # Not wait_for: its TimeoutError and one the coroutine raises itself (a task's,
+            # a Lock's) look the same, and the coroutine's own message must survive.
+            task = asyncio.ensure_future(coro)
+            try:
+                done, _ = await asyncio.wait({task}, timeout=timeout)
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
+            if not done:
+                task.cancel()
+                raise TimeoutError(f"operation timed out after {timeout} s")
+            return task.result()
 
         fut = asyncio.run_coroutine_threadsafe(guarded(), self.loop)
         try:
             return fut.result()
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"operation timed out after {timeout} s") from None
         except KeyboardInterrupt:
             fut.cancel()
             raise

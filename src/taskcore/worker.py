@@ -12,12 +12,15 @@ the I/O and the data:
 * outgoing `GatherDep` transfers, one coroutine per batch, pooled comms.
 
 Scheduler -> worker: compute-tasks (core/messages.pyx), free-keys, steal-request, acquire-replicas,
-    remove-replicas, update-data (scatter), scatter-ids, run, close, and the diagnostics'
+    remove-replicas, update-data (scatter), scatter-ids, run, close, plugin-add and
+    plugin-remove (plugins.py; answered with a reply), and the diagnostics'
     diag-profile, diag-versions, diag-logs (answered with a reply), diag-forward-logging
 Worker -> scheduler: register-worker, tasks-finished (core/messages.pyx), task-erred, add-keys,
     release-worker-data, missing-data, steal-response, heartbeat, who-has,
-    reply, closing, retire, diag-forward-logs (forward_logging.py)
-Peer -> worker: get-data {keys} -> {status: "OK", data: {key: Serialized}} or {status: "busy"}
+    reply, closing, retire, log-event, diag-forward-logs (forward_logging.py)
+Peer -> worker: get-data {keys} -> {status: "OK", data: {key: Serialized}} or {status: "busy"};
+    actor-execute, actor-attribute (actors.py) -> {status: "OK", result} or {status: "error"}
+The scheduler's `registered` reply carries the WorkerPlugins, set up before the first task.
 
 Small results ride along inside `tasks-finished` (up to `inline_result_bytes`),
 so the scheduler can hand them to the client without another round trip.
@@ -27,7 +30,8 @@ least recently used first past `memory_target_fraction` of it (managed bytes) an
 `memory_spill_fraction` (process memory), tasks stop starting past
 `memory_pause_fraction`, and a worker paused for `memory_pause_timeout` restarts
 gracefully through its nanny. `data` holds only the values in memory; get-data serves
-spilled ones from disk.
+spilled ones from disk. With a `device_memory_limit`, results that are GPU objects past it
+move to host memory, least recently used first, and from there to disk (worker_memory.py).
 
 Diagnostics (docs/diagnostics.md): a sampling profiler thread (profile.py), the last
 log records (logs.py), `/metrics` for Prometheus on `dashboard_address`
@@ -51,7 +55,7 @@ from taskcore.core.worker_state import (
     GatherDepSuccess, RequestRefreshWhoHas, RetryBusyWorker, RetryBusyWorkerLater, UpdateData,
     WorkerState,
 )
-from taskcore.core.serialize import Serialized, nbytes as sizeof, serialize_obj
+from taskcore.core.serialize import Serialized, device_nbytes, nbytes as sizeof, serialize_obj
 from taskcore.core.worker_dispatch import WithSpilled, WorkerDispatch, unserializable
 from taskcore.task_context import get_client, get_worker, rejoin, secede  # noqa: F401 (public)
 from taskcore.errors import CommClosedError, HandshakeError
@@ -60,7 +64,8 @@ from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
 from taskcore.transports import connect, listen
 from taskcore.transports.addressing import get_address_host, parse_address, unparse_host_port
 from taskcore.utils import parse_bytes
-from taskcore.worker_memory import WorkerMemoryManager, memory_options
+from taskcore.worker_memory import (WorkerMemoryManager, memory_options,
+                                   parse_device_memory_limit)
 from taskcore.worker_metrics import WorkerCounters
 
 logger = logging.getLogger("taskcore.worker")
@@ -92,7 +97,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
                  memory_pause_fraction=0.8, memory_terminate_fraction=0.95,
                  memory_pause_timeout=60.0, memory_monitor_interval=0.1,
                  memory_max_spill=False, memory_spill_compression=True,
-                 **kwargs):
+                 device_memory_limit=None, **kwargs):
         if kwargs:
             raise TypeError(f"Worker got unknown options: {sorted(kwargs)}")
         if scheduler_address is None and scheduler_file is None:
@@ -113,6 +118,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
             memory_target_fraction, memory_spill_fraction, memory_pause_fraction,
             memory_terminate_fraction, memory_pause_timeout, memory_monitor_interval,
             memory_max_spill, memory_spill_compression)
+        # Bytes, or 0: off. Fractions are of this process's GPU (taskcore.nvml).
+        self.device_memory_limit = parse_device_memory_limit(device_memory_limit) or 0
         self.resources = dict(resources or {})
         self.name = name
         self.local_directory = local_directory
@@ -173,8 +180,13 @@ class Worker(WorkerDispatch, ServerLifecycle):
         self.profiler = None
         self.log_forwarder = None
         self.memory_manager = WorkerMemoryManager(self, self.memory_limit, self._memory_opts,
-                                                  local_directory)
+                                                  local_directory, self.device_memory_limit)
         self.memory_manager.install()
+        if self.device_memory_limit:
+            # The compiled loop calls result_event through its cpdef dispatch, which finds an
+            # instance attribute: only a worker with a device limit pays a Python call per
+            # result to track the GPU objects among them (worker_memory.py).
+            self.result_event = self._result_event_device
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -238,6 +250,9 @@ class Worker(WorkerDispatch, ServerLifecycle):
         if reply.get("op") != "registered":
             await comm.close()
             raise ValueError(f"scheduler refused worker registration: {reply.get('message', reply)}")
+        if reply.get("plugins"):
+            # Set up before the first task is read: tasks may need them (plugins.py).
+            await self._setup_plugins(reply["plugins"])
         self.scheduler_comm = comm
         comm.set_message_handler(self.on_message)
         self._spawn(self._watch_scheduler(comm))
@@ -289,6 +304,10 @@ class Worker(WorkerDispatch, ServerLifecycle):
             c.abort()
         if self.executor is not None:
             self.executor.shutdown()
+        if getattr(self, "_plugin_host", None) is not None:
+            await self._plugin_host.close()             # teardown (plugins.py)
+        if getattr(self, "_actor_host", None) is not None:
+            self._actor_host.close()                    # actors.py
         await self._stop_diagnostics()
         if self._client is not None:
             # get_client()'s Client is synchronous: its connections live on the shared
@@ -412,6 +431,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
                     fut.set_result(msg["who_has"])
             elif op == "close":
                 self._spawn(self.close(reason=msg.get("reason", "scheduler asked"), report=False))
+            elif op in ("plugin-add", "plugin-remove"):
+                self._spawn(self._plugin_request(msg))
             elif op.startswith("diag-"):
                 self._diag_message(msg)
             else:
@@ -441,6 +462,14 @@ class Worker(WorkerDispatch, ServerLifecycle):
         """Hook: a task's dependency is not in `data`; read it back (KeyError if it is
         not spilled either)."""
         return self.memory_manager.load_dependency(key)
+
+    def _result_event_device(self, tid, key, ok, value, start, stop, prefix=None):
+        """`result_event` of a worker with a device_memory_limit: the compiled one, then
+        track the result if it is a GPU object."""
+        ev = WorkerDispatch.result_event(self, tid, key, ok, value, start, stop, prefix)
+        if ok and self.data.get(key) is value:
+            self.memory_manager.stored(key, value)
+        return ev
 
     @property
     def paused(self):
@@ -491,6 +520,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
                 else:
                     counters.incoming_bytes += sizeof(v)
                 self.data[k] = v
+                if self.device_memory_limit:
+                    self.memory_manager.stored(k, v)
                 got[by_key[k]] = sizeof(v)
         except Exception as e:
             self._handle(GatherDepFailure(worker, serialize_obj(e), str(e),
@@ -533,6 +564,10 @@ class Worker(WorkerDispatch, ServerLifecycle):
                 op = msg.get("op") if isinstance(msg, dict) else None
                 if op == "get-data":
                     await self._serve_get_data(comm, msg)
+                elif op in ("actor-execute", "actor-attribute"):
+                    from taskcore.actors import serve         # taskcore/actors.py
+
+                    await serve(self, comm, msg)
                 else:
                     await comm.write({"status": "error", "message": f"unknown op {op!r}"})
         finally:
@@ -550,6 +585,9 @@ class Worker(WorkerDispatch, ServerLifecycle):
             store = self.data
             spilled = self.spilled
             touch = self.memory_manager.store.touch if self.memory_managed else None
+            # A comm that moves device memory (ucx with a CUDA transport) takes GPU objects
+            # as they are: its dumps_device sends their memory without a copy to host.
+            device_comm = getattr(comm, "device_frames", False)
             for k in msg.get("keys", ()):
                 if k not in store:
                     if spilled and k in spilled:
@@ -564,6 +602,12 @@ class Worker(WorkerDispatch, ServerLifecycle):
                     continue
                 if touch is not None:
                     touch(k)
+                if device_comm:
+                    n = device_nbytes(store[k])
+                    if n >= 0:
+                        data[k] = store[k]
+                        nbytes += n
+                        continue
                 try:
                     s = data[k] = serialize_obj(store[k])
                     nbytes += s.nbytes
@@ -597,6 +641,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
                 if k in self.spilled:
                     self.memory_manager.drop(k)     # scattered again: the old copy goes
                 self.data[k] = v
+                if self.device_memory_limit:
+                    self.memory_manager.stored(k, v)
                 items.append((tid, k, sizeof(v)))
         if items:
             self._handle(UpdateData(items, "scatter", report=False))
@@ -606,6 +652,42 @@ class Worker(WorkerDispatch, ServerLifecycle):
         reply = {"status": status, "result": result}
         reply.update(op="reply", reqid=msg["reqid"])
         self._send_scheduler(reply)
+
+    def log_event(self, topic, msg):
+        """Record a structured event on the scheduler (client.get_events); from a task
+        thread or the loop."""
+        self.loop.call_soon_threadsafe(self._send_scheduler,
+                                       {"op": "log-event", "topic": topic, "msg": msg})
+
+    # -- plugins (plugins.py) ------------------------------------------------------------------
+    async def _setup_plugins(self, plugins):
+        """The scheduler's WorkerPlugins at registration: {name: Serialized}. One that
+        fails is logged; the worker still serves."""
+        from taskcore import plugins as _plugins
+
+        host = _plugins.worker_host(self)
+        for name, ser in plugins.items():
+            try:
+                await host.add(name, ser.deserialize() if isinstance(ser, Serialized) else ser)
+            except Exception:
+                logger.exception("worker plugin %r failed to set up on %s", name, self.address)
+        _plugins.update_worker_hook(self)
+
+    async def _plugin_request(self, msg):
+        from taskcore import plugins as _plugins
+
+        host = _plugins.worker_host(self)
+        try:
+            if msg["op"] == "plugin-add":
+                p = msg["plugin"]
+                await host.add(msg["name"], p.deserialize() if isinstance(p, Serialized) else p)
+            else:
+                await host.remove(msg["name"])
+            result = _plugins.outcome()
+        except Exception as e:
+            result = _plugins.outcome(e)
+        _plugins.update_worker_hook(self)
+        self._send_scheduler({"op": "reply", "reqid": msg["reqid"], "result": result})
 
     # -- diagnostics (docs/diagnostics.md) -------------------------------------------------------
     @property

@@ -39,6 +39,23 @@ module's `WorkerMemoryManager` is the policy around it:
 
 `metrics()` is what the heartbeat and `/metrics` report: managed, unmanaged (RSS minus
 managed) and spilled bytes, spill counts, paused.
+
+GPU memory: `device_memory_limit` (a `Worker`/`Nanny` keyword, `core-worker
+--device-memory-limit`; bytes, a size like "10GB", a fraction of the GPU's memory, "auto" for
+0.8 of it, or False/None: off, the default). With it, results that are GPU objects (their
+type exposes `__cuda_array_interface__`: CuPy, Numba, PyTorch CUDA tensors) are tracked in
+the spill store's DEVICE tier as they are stored; past the limit the least recently used move
+to host memory (the store's HOST tier: serialized once, kept in RAM), where they count as
+managed memory, so the target and spill thresholds move them on to disk like any other value.
+A task, a peer or a client that needs one gets it through the paths that serve spilled keys;
+a task gets it back as a GPU object. How the check is paid for: a worker with a device limit
+has `Worker._result_event_device` in place of the compiled `result_event` (a Python call per
+result, only on such workers), which tracks GPU results and, past the limit, arms the
+compiled loop's end-of-pass target check (`memory_target_bytes` set to `_ARMED`) so that
+`over_target` runs once at the end of the pass. Without a device limit nothing of this runs.
+The device memory a worker holds is counted by the results it tracks (device objects at the
+top level of a result); memory held by a library's pool or by GPU objects inside containers
+is not.
 """
 from __future__ import annotations
 
@@ -50,6 +67,10 @@ import threading
 import time
 
 from taskcore.utils import format_bytes, parse_bytes, parse_timedelta
+
+# The spill store's tiers (spill.DEVICE, spill.HOST; spill.py loads the compiled core, which
+# the nanny's option checks here must not).
+DEVICE, HOST = 0, 1
 
 logger = logging.getLogger("taskcore.worker")
 
@@ -63,6 +84,10 @@ GC_INTERVAL = 1.0                   # gc.collect() under pressure at most this o
 MAX_MONITOR_INTERVAL = 0.5          # the monitor's longest pause, far below the thresholds (s)
 ASSUMED_GROWTH = 2 * 2**30          # bytes/s a process may allocate: how soon to look again
 HIGH_UNMANAGED_WARN_INTERVAL = 30.0
+DEVICE_AUTO_FRACTION = 0.8          # device_memory_limit="auto": this much of the GPU's memory
+# memory_target_bytes while a GPU object is to be moved off the device: the compiled loop's
+# end-of-pass check (managed bytes > memory_target_bytes) then calls over_target.
+_ARMED = -(1 << 62)
 
 
 # -- options -------------------------------------------------------------------------------------
@@ -134,6 +159,67 @@ def memory_options(memory_target_fraction=DEFAULT_FRACTIONS["target"],
     return opts
 
 
+def _device_limit_spec(value):
+    """("off", None), ("bytes", n) or ("fraction", f) for a device_memory_limit; ValueError
+    (naming the option) for anything else."""
+    if value is None or value is False:
+        return "off", None
+    if isinstance(value, bool):
+        raise ValueError(f"device_memory_limit must be bytes, a size like '10GB', a fraction "
+                         f"of the GPU's memory in (0, 1], 'auto' or False, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "0", "false", "none", "off", "no"):
+            return "off", None
+        if text == "auto":
+            return "fraction", DEVICE_AUTO_FRACTION
+        try:
+            number = float(text)
+        except ValueError:
+            number = None
+        if number is not None and 0 < number <= 1 and "." in text:
+            return "fraction", number
+    elif isinstance(value, float) and 0 < value <= 1:
+        return "fraction", value
+    try:
+        n = parse_bytes(value)
+    except ValueError as e:
+        raise ValueError(f"device_memory_limit: {e} (or a fraction of the GPU's memory in "
+                         f"(0, 1], 'auto', False)") from None
+    return ("bytes", n) if n else ("off", None)
+
+
+def check_device_memory_limit(value):
+    """Check a device_memory_limit's form without asking the GPU (the nanny and core-worker
+    check; the worker resolves fractions in its own process, which sees its own GPU)."""
+    _device_limit_spec(value)
+    return value
+
+
+def parse_device_memory_limit(value):
+    """A device_memory_limit in bytes, or None when off. Fractions ("auto" = 0.8) are of the
+    total memory of this process's GPU (the first of CUDA_VISIBLE_DEVICES), which
+    `taskcore.nvml` reads."""
+    kind, number = _device_limit_spec(value)
+    if kind == "off":
+        return None
+    if kind == "bytes":
+        return number
+    try:
+        from taskcore.nvml import device_total_memory
+    except ImportError as e:
+        raise ValueError(f"device_memory_limit={value!r} is a fraction of the GPU's memory, "
+                         f"which needs taskcore.nvml (pip install 'taskcore[cuda]'): {e}; "
+                         f"or give a size like '10GB'") from None
+    try:
+        total = int(device_total_memory(None))
+    except Exception as e:
+        raise ValueError(f"device_memory_limit={value!r} is a fraction of the GPU's memory, "
+                         f"which cannot be read here: {type(e).__name__}: {e}; or give a size "
+                         f"like '10GB'") from None
+    return int(total * number)
+
+
 # -- process memory ------------------------------------------------------------------------------
 class ProcessMemory:
     """This process's resident memory: /proc/self/statm read with one pread on a file
@@ -197,9 +283,10 @@ class WorkerMemoryManager:
     """The memory policy of one worker (see the module doc). Built in `Worker.__init__`
     (no I/O), `start()`ed with the worker, `close()`d with it."""
 
-    def __init__(self, worker, memory_limit, opts, local_directory=None):
+    def __init__(self, worker, memory_limit, opts, local_directory=None, device_limit=0):
         self.worker = worker
         self.memory_limit = int(memory_limit or 0)
+        self.device_limit = int(device_limit or 0)
         limit = self.memory_limit
         self.target_fraction = opts["target"]
         self.spill_fraction = opts["spill"]
@@ -217,11 +304,15 @@ class WorkerMemoryManager:
         self.unpause_bytes = bytes_of(max(self.pause_fraction - UNPAUSE_MARGIN,
                                           self.pause_fraction / 2)) if self.pause_bytes else 0
         self.store = None
-        if self.target_bytes or self.spill_bytes:
+        if self.target_bytes or self.spill_bytes or self.device_limit:
             # Here, not at the top: the nanny checks options with this module and must
             # not load the compiled core for it.
             from taskcore.spill import SpillStore, scratch_root
 
+            if self.device_limit:
+                from taskcore.core.serialize import device_nbytes
+
+                self._device_nbytes = device_nbytes
             self.store = SpillStore(worker.data, scratch_root(local_directory),
                                     compression=opts["compression"], max_spill=opts["max_spill"])
         self.rss = 0
@@ -243,6 +334,8 @@ class WorkerMemoryManager:
         self._stuck_at = None               # managed bytes in memory when spilling fell short
         self._retry_growth = max(2**20, self.target_bytes // 100)
         self._high_unmanaged_warned = 0.0
+        self._device_stuck_at = None        # device bytes when moving to host fell short
+        self._device_retry_growth = max(2**20, self.device_limit // 100)
 
     @property
     def enabled(self):
@@ -252,9 +345,13 @@ class WorkerMemoryManager:
         """Give the worker's compiled loop its fields (worker_dispatch.pxd)."""
         w = self.worker
         w.memory_managed = self.store is not None
-        w.memory_target_bytes = self.target_bytes if self.store is not None else 0
+        w.memory_target_bytes = self._target_field()
         w.spilled = self.store.index if self.store is not None else {}
         w.spilled_bytes = 0
+
+    def _target_field(self):
+        """What the compiled loop's `memory_target_bytes` holds when not armed."""
+        return self.target_bytes if self.store is not None else 0
 
     def start(self):
         self._loop_ident = threading.get_ident()
@@ -277,14 +374,19 @@ class WorkerMemoryManager:
 
     # -- managed memory -------------------------------------------------------------------------
     def managed_in_memory(self):
+        """Managed bytes in RAM: results in `data` and GPU objects moved to host, less what
+        is on disk and the GPU objects still on the device."""
         state = self.worker.state
         if state is None:
             return 0
-        spilled = self.store.spilled_bytes if self.store is not None else 0
-        return max(0, state.memory_bytes - spilled)
+        store = self.store
+        off = store.spilled_bytes + store.device_bytes if store is not None else 0
+        return max(0, state.memory_bytes - off)
 
     def _sync(self):
-        self.worker.spilled_bytes = self.store.spilled_bytes
+        # The compiled loop's managed bytes are memory_bytes - spilled_bytes: neither what
+        # is on disk nor GPU objects on the device take RAM.
+        self.worker.spilled_bytes = self.store.spilled_bytes + self.store.device_bytes
 
     def over_target(self):
         """Managed memory is over target x limit: spill LRU values until it is not (the
@@ -292,12 +394,18 @@ class WorkerMemoryManager:
         spilled (too small, unpicklable), the next look waits until managed memory has
         grown by `_retry_growth`: each look walks every value in memory."""
         store = self.store
-        if store is None or not self.target_bytes:
+        if store is None:
+            return
+        if self.device_limit:
+            self.worker.memory_target_bytes = self._target_field()      # disarm
+            if store.device_bytes > self.device_limit:
+                self._evict_device()
+        if not self.target_bytes:
             return
         state = self.worker.state
         stuck = self._stuck_at
         if stuck is not None:
-            managed = state.memory_bytes - store.spilled_bytes
+            managed = state.memory_bytes - store.spilled_bytes - store.device_bytes
             if managed < stuck:
                 self._stuck_at = managed                # released some: a new baseline
                 return
@@ -306,13 +414,48 @@ class WorkerMemoryManager:
         target = self.target_bytes
 
         def enough():
-            return state.memory_bytes - store.spilled_bytes <= target
+            return state.memory_bytes - store.spilled_bytes - store.device_bytes <= target
 
         try:
             store.evict(enough)
         finally:
             self._sync()
-        self._stuck_at = None if enough() else state.memory_bytes - store.spilled_bytes
+        self._stuck_at = None if enough() else \
+            state.memory_bytes - store.spilled_bytes - store.device_bytes
+
+    # -- GPU objects ------------------------------------------------------------------------------
+    def stored(self, key, value):
+        """`data[key]` was just set (a result, a fetched or scattered value): track it if it
+        is a GPU object and, past the device limit, arm the compiled loop's end-of-pass
+        check. Only called on workers with a device limit."""
+        n = self._device_nbytes(value)
+        store = self.store
+        if n < 0:
+            rec = store.index.get(key)
+            if rec is not None and rec.tier == DEVICE:     # a GPU object replaced
+                store.discard(key)
+                self._sync()
+            return
+        store.track_device(key, n)
+        self._sync()
+        if store.device_bytes > self.device_limit:
+            stuck = self._device_stuck_at
+            if stuck is None or store.device_bytes >= stuck + self._device_retry_growth:
+                self.worker.memory_target_bytes = _ARMED
+
+    def _evict_device(self):
+        """Over the device limit: move least recently used GPU objects to host memory."""
+        store = self.store
+        limit = self.device_limit
+
+        def enough():
+            return store.device_bytes <= limit
+
+        try:
+            store.evict_device(enough)
+        finally:
+            self._sync()
+        self._device_stuck_at = None if enough() else store.device_bytes
 
     # -- values back from disk ------------------------------------------------------------------
     def load_dependency(self, key):
@@ -334,7 +477,14 @@ class WorkerMemoryManager:
         return value
 
     def _restore(self, key, rec, value):
-        if self.store.restore(key, rec, value):
+        store = self.store
+        if store.restore(key, rec, value):
+            if self.device_limit:
+                n = self._device_nbytes(value)
+                if n >= 0:                  # a GPU object again: back on the device
+                    store.track_device(key, n)
+                    if store.device_bytes > self.device_limit:
+                        self._evict_device()
             self._sync()
             if self.target_bytes and self.managed_in_memory() > self.target_bytes:
                 self.over_target()          # what came back may push out older values
@@ -358,6 +508,11 @@ class WorkerMemoryManager:
         """A spilled key's frames for get-data (read on a helper thread). The value comes
         back into memory only if it fits; KeyError if the key is not spilled."""
         store = self.store
+        rec = store.index.get(key)
+        if rec is not None and rec.tier == HOST:
+            # A GPU object moved to host: its frames as they are. It stays in the host tier
+            # (bringing it back would take device memory for a value leaving anyway).
+            return store.read_record(key)[0]
         ser, rec = await self.worker.loop.run_in_executor(None, store.read_record, key)
         if self.fits(rec.weight) and store.index.get(key) is rec:
             try:
@@ -576,4 +731,7 @@ class WorkerMemoryManager:
             out.update(self.store.stats())
         else:
             out.update(spilled_bytes=0, spilled_count=0)
+        if self.device_limit:
+            out["device_memory_limit"] = self.device_limit
+            out.update(self.store.device_stats())
         return out

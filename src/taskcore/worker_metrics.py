@@ -232,6 +232,11 @@ _MEMORY_GAUGES = (
     ("unmanaged_bytes", "unmanaged_bytes",
      "Process memory not accounted for by results in memory"),
     ("memory_limit_bytes", "memory_limit", "The worker's memory limit (0: none)"),
+    ("device_bytes", "device_bytes", "Bytes of GPU results in device memory"),
+    ("device_host_bytes", "device_host_bytes",
+     "Bytes of GPU results moved to host memory by device_memory_limit"),
+    ("device_memory_limit_bytes", "device_memory_limit",
+     "The worker's device memory limit (0: none)"),
 )
 
 
@@ -276,6 +281,9 @@ class _Collector:
             fam.add_metric(["spill"], m.get(f"spill_{name}", 0))
             fam.add_metric(["unspill"], m.get(f"unspill_{name}", 0))
             yield fam
+        yield CounterMetricFamily("taskcore_worker_device_spills",
+                                  "GPU results moved to host memory (device_memory_limit)",
+                                  value=m.get("device_spill_count", 0))
         yield CounterMetricFamily("taskcore_worker_memory_pauses",
                                   "Times the worker paused for memory",
                                   value=m.get("pause_count", 0))

@@ -238,6 +238,39 @@ def resolve_protocol(parser, protocol, security):
     return protocol
 
 
+def resolve_worker_args(parser, args) -> None:
+    """What core-worker and core-cuda-worker decide alike from their arguments: exactly one
+    of ADDRESS and --scheduler-file, the credentials, the protocol (the address's scheme
+    unless given), the host from --interface, and the hidden --worker-options JSON as
+    `args.extra` (the keywords a nanny hands its worker)."""
+    if (args.address is None) == (args.scheduler_file is None):
+        parser.error("give the scheduler ADDRESS or --scheduler-file (exactly one)")
+    args.security = security_from_args(parser, args)
+    if args.protocol is None and args.address is not None:
+        from taskcore.transports.addressing import parse_address
+
+        scheme = parse_address(args.address)[0]
+        args.protocol = scheme if scheme in ("tcp", "tls", "ucx") else None
+    args.protocol = resolve_protocol(parser, args.protocol, args.security)
+    if args.host and args.interface:
+        parser.error("give --host or --interface, not both")
+    if args.interface:
+        from taskcore.utils import get_ip_interface
+
+        try:
+            args.host = get_ip_interface(args.interface)
+        except ValueError as e:
+            parser.error(str(e))
+    args.extra = {}
+    if args.worker_options:
+        try:
+            args.extra = json.loads(args.worker_options)
+        except ValueError as e:
+            parser.error(f"--worker-options is not valid JSON: {e}")
+        if not isinstance(args.extra, dict):
+            parser.error("--worker-options must be a JSON object")
+
+
 def setup_logging(level: str = "info") -> None:
     """Send taskcore's logs to stderr at `level`. stdout stays reserved for the ready line."""
     logger = logging.getLogger("taskcore")

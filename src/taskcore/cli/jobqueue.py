@@ -113,7 +113,8 @@ JOB_ARGS = {
     "log_directory": "log_directory", "python": "python", "shebang": "shebang",
     "worker_extra_arg": "worker_extra_args", "death_timeout": "death_timeout",
     "walltime_margin": "walltime_margin", "lifetime_stagger": "lifetime_stagger",
-    "nanny": "nanny", "resources": "resources",
+    "nanny": "nanny", "resources": "resources", "gpus": "gpus",
+    "device_memory_limit": "device_memory_limit",
 }
 
 
@@ -159,6 +160,10 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
                    help="run each worker under a nanny (default yes)")
     g.add_argument("--resources", type=resources_type, default=None,
                    help='abstract resources per worker, like "GPU=2"')
+    g.add_argument("--gpus", type=positive_int, default=None,
+                   help="GPUs per job: the job runs core-cuda-worker, one worker per GPU")
+    g.add_argument("--device-memory-limit", default=None, metavar="BYTES",
+                   help="with --gpus: each GPU worker's device memory limit (like 30GB, 0.8)")
     g.add_argument("--option", action="append", type=_option_type, default=None,
                    metavar="KEY=VALUE", dest="system_option",
                    help="a job option of this batch system's own, like resource_spec=... "

@@ -36,7 +36,7 @@ def build_parser() -> Parser:
                    help="network interface name (like eth0) whose IP to listen on")
     p.add_argument("--port", type=port_type, default=DEFAULT_PORT,
                    help=f"port to listen on (default {DEFAULT_PORT}; 0 = any free port)")
-    p.add_argument("--protocol", default=None, choices=["tcp", "tls"],
+    p.add_argument("--protocol", default=None, choices=["tcp", "tls", "ucx"],
                    help="transport (default tcp, or tls when TLS files are given)")
     p.add_argument("--dashboard-address", default=DEFAULT_DASHBOARD, metavar="[HOST]:PORT",
                    help="where the HTTP dashboard and /metrics listen (default :8787 on "

@@ -2,6 +2,7 @@
 
     core-worker tcp://10.0.0.5:8786 --nthreads 4 --memory-limit 16GiB
     core-worker --scheduler-file /shared/scheduler.json --nworkers 2
+    core-worker tcp://10.0.0.5:8786 --device-memory-limit 0.8    # GPU results past 80% -> host
 
 Prints one JSON line on stdout once every worker is up:
     {"event": "ready", "role": "worker", "address": <first worker>, "name": ...,
@@ -14,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 
 from taskcore.cli.common import (add_logging_options, add_tls_options, address_type, announce,
                                  start_unless_stopped,
                                  duration_type, memory_limit_type, Parser, positive_int,
-                                 remove_shutdown_signals, resolve_protocol, resources_type,
-                                 run_cli, security_from_args, shutdown_event,
+                                 remove_shutdown_signals, resolve_worker_args, resources_type,
+                                 run_cli, shutdown_event,
                                  wait_for_scheduler_file)
 
 logger = logging.getLogger("taskcore.cli.worker")
@@ -44,6 +44,16 @@ def _fraction_type(text):
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return False if f is None else f
+
+
+def _device_limit_type(text):
+    """--device-memory-limit: checked here, resolved by each worker on its own GPU."""
+    from taskcore.worker_memory import check_device_memory_limit
+
+    try:
+        return check_device_memory_limit(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # --memory-*-fraction and --memory-pause-timeout: Worker/Nanny keywords (worker_memory.py).
@@ -77,6 +87,11 @@ def build_parser() -> Parser:
     p.add_argument("--memory-pause-timeout", type=duration_type, default=None,
                    metavar="DURATION", help="restart a worker paused this long, after moving "
                                             "its data to other workers (default 60s)")
+    p.add_argument("--device-memory-limit", type=_device_limit_type, default=None,
+                   metavar="LIMIT",
+                   help="per worker: move GPU results to host memory, least recently used "
+                        "first, past this much device memory: a size like 10GB, a fraction "
+                        "of the GPU's memory like 0.8, 'auto' (0.8), or 0 for off (default)")
     p.add_argument("--name", default=None, help="worker name (suffixed -0, -1... with --nworkers)")
     p.add_argument("--resources", type=resources_type, default=None,
                    help='abstract resources, like "GPU=2,MEM=10e9"')
@@ -91,7 +106,7 @@ def build_parser() -> Parser:
                         "together")
     p.add_argument("--death-timeout", type=duration_type, default=None, metavar="DURATION",
                    help="exit when the scheduler has been unreachable this long")
-    p.add_argument("--protocol", default=None, choices=["tcp", "tls"],
+    p.add_argument("--protocol", default=None, choices=["tcp", "tls", "ucx"],
                    help="transport (default: the scheduler address's scheme)")
     p.add_argument("--host", default=None, help="address the worker listens on")
     p.add_argument("--interface", default=None,
@@ -112,39 +127,13 @@ def build_parser() -> Parser:
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if (args.address is None) == (args.scheduler_file is None):
-        parser.error("give the scheduler ADDRESS or --scheduler-file (exactly one)")
-    args.security = security_from_args(parser, args)
-    if args.protocol is None and args.address is not None:
-        from taskcore.transports.addressing import parse_address
-
-        scheme = parse_address(args.address)[0]
-        args.protocol = scheme if scheme in ("tcp", "tls") else None
-    args.protocol = resolve_protocol(parser, args.protocol, args.security)
-    if args.host and args.interface:
-        parser.error("give --host or --interface, not both")
-    if args.interface:
-        from taskcore.utils import get_ip_interface
-
-        try:
-            args.host = get_ip_interface(args.interface)
-        except ValueError as e:
-            parser.error(str(e))
+    resolve_worker_args(parser, args)
     from taskcore.utils import cpu_count
 
     if args.nworkers == "auto":
         args.nworkers = max(1, cpu_count() // (args.nthreads or 1))
     if args.nthreads is None:
         args.nthreads = max(1, cpu_count() // args.nworkers)
-    extra = {}
-    if args.worker_options:
-        try:
-            extra = json.loads(args.worker_options)
-        except ValueError as e:
-            parser.error(f"--worker-options is not valid JSON: {e}")
-        if not isinstance(extra, dict):
-            parser.error("--worker-options must be a JSON object")
-    args.extra = extra
     if args.nanny and args.nanny_address:
         parser.error("--nanny-address is only for --no-nanny workers")
     if not args.dashboard:
@@ -187,6 +176,8 @@ def _make_servers(args, address):
                     security=args.security)
     common.update({k: v for k, v in optional.items() if v is not None})
     common.update({k: getattr(args, k) for k in _MEMORY_FLAGS if getattr(args, k) is not None})
+    if args.device_memory_limit is not None:
+        common["device_memory_limit"] = args.device_memory_limit
     common.setdefault("dashboard_address", args.dashboard_address)
     servers = []
     for name in _names(args):
@@ -281,6 +272,11 @@ async def _close_all(servers):
 
 
 def main(argv=None):
+    # A GPU worker's CPU pinning and RMM pool come through its environment (deploy/cuda.py)
+    # and must be in place before any thread starts; without those variables: nothing.
+    from taskcore.affinity import apply_from_env
+
+    apply_from_env()
     run_cli(parse_args, run, argv)
 
 

@@ -29,6 +29,8 @@ cdef class Serialize:
 
 
 cpdef list dumps(object msg)
+cpdef list dumps_device(object msg)
 cpdef object loads(object frames)
 cpdef Serialized serialize_obj(object obj)
 cpdef Py_ssize_t nbytes(object obj) except -1
+cpdef Py_ssize_t device_nbytes(object obj) except -2

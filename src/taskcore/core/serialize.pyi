@@ -10,6 +10,7 @@ EXT_PICKLE: Final[int]
 EXT_BUFFER: Final[int]
 EXT_SERIALIZED: Final[int]
 EXT_EXCEPTION: Final[int]
+EXT_DEVICE: Final[int]
 
 class RemoteException(Exception):
     """Stand-in for a remote exception that could not be pickled or rebuilt."""
@@ -40,9 +41,13 @@ class Serialized:
     def deserialize(self) -> Any: ...
 
 def dumps(msg: Any) -> list[Frame]: ...
+def dumps_device(msg: Any) -> list[Any]:
+    """Like dumps, but GPU objects' frames stay device memory (``__cuda_array_interface__``)."""
 def loads(frames: Sequence[Buffer]) -> Any: ...
 def serialize_obj(obj: Any) -> Serialized: ...
 def nbytes(obj: Any) -> int: ...
+def device_nbytes(obj: Any) -> int:
+    """Bytes of a GPU object, -1 for anything else."""
 def compress_frames(
     frames: Sequence[Buffer],
     min_size: int = 10_000,

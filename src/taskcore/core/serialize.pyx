@@ -25,6 +25,11 @@ into one of these msgpack ext types (codes 1-5)::
                    frames are the Serialized's own frames, forwarded as-is
     EXT_EXCEPTION  payload: msgpack [type name, str(exc), traceback text,
                    EXT_PICKLE of the exception or nil]
+    EXT_DEVICE     payload: frame-ref header (tag 0) + msgpack [family, header].
+                   A GPU object (its type exposes ``__cuda_array_interface__``)
+                   taken apart by its family in taskcore/device.py: the frames
+                   are its device memory, copied to host by ``dumps`` and kept
+                   on the device by ``dumps_device`` (for the ucx transport)
 
 The frame-ref header is 9 bytes, little-endian: ``u32 first | u32 count |
 u8 tag``. Out-of-band frames are numbered from 1 in the order ``default`` made
@@ -45,6 +50,14 @@ as its buffers and the array is rebuilt on top of them, so it shares memory
 with the frame (writable iff the frame is). Plain ndarrays go through
 ``_ArrayReducer`` (exact dtype incl. byte order, zero copy for datetime64 as
 well); arrays inside other pickled objects (pandas) use numpy's own reducer.
+
+GPU objects: the check costs ordinary pickled objects one dict lookup (a
+per-type cache of "is this a device type", filled on a type's first visit)
+and msgpack-native values nothing. ``loads`` takes device frames (objects
+exposing ``__cuda_array_interface__``) as well as host frames, but only where
+an EXT_DEVICE refers to them; a host frame there is copied to the device.
+Device objects nested in a pickled object are pickled by their own library
+(a host copy; see taskcore/device.py).
 
 Exceptions carry their type name, ``str()`` and ``traceback.format_exception``
 text next to the pickled exception; if it cannot be pickled (sender) or
@@ -67,6 +80,8 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_CheckBuffer, PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytearray cimport PyByteArray_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
 from cpython.list cimport PyList_AsTuple
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.ref cimport Py_INCREF
@@ -129,6 +144,11 @@ cdef extern from *:
     static inline double taskcore_bits_float(uint32_t v) {
         float f; memcpy(&f, &v, 4); return (double)f;
     }
+    /* Does the type implement the buffer protocol (host memory)? */
+    static int taskcore_type_has_buffer(PyObject* t) {
+        PyBufferProcs* b = ((PyTypeObject*)t)->tp_as_buffer;
+        return b != NULL && b->bf_getbuffer != NULL;
+    }
     /* Does the pickle stream mention __main__? (bytes.__contains__ would
        first try the needle as an int and raise/clear a TypeError per call.) */
     static int taskcore_mentions_main(const char* p, Py_ssize_t n) {
@@ -151,12 +171,13 @@ cdef extern from *:
     double taskcore_bits_double(uint64_t v)
     double taskcore_bits_float(uint32_t v)
     int taskcore_mentions_main(const char* p, Py_ssize_t n)
+    int taskcore_type_has_buffer(object t)
 
 
 __all__ = [
-    "dumps", "loads", "Serialize", "Serialized", "serialize_obj", "nbytes",
-    "compress_frames", "decompress_frames", "RemoteException",
-    "EXT_TUPLE", "EXT_PICKLE", "EXT_BUFFER", "EXT_SERIALIZED", "EXT_EXCEPTION",
+    "dumps", "dumps_device", "loads", "Serialize", "Serialized", "serialize_obj", "nbytes",
+    "device_nbytes", "compress_frames", "decompress_frames", "RemoteException",
+    "EXT_TUPLE", "EXT_PICKLE", "EXT_BUFFER", "EXT_SERIALIZED", "EXT_EXCEPTION", "EXT_DEVICE",
 ]
 
 # ---------------------------------------------------------------- constants
@@ -167,6 +188,7 @@ cdef enum:
     _EXT_BUFFER = 3
     _EXT_SERIALIZED = 4
     _EXT_EXCEPTION = 5
+    _EXT_DEVICE = 6
 
     _REF_HEADER = 9            # u32 first | u32 count | u8 tag
 
@@ -183,6 +205,7 @@ EXT_PICKLE = _EXT_PICKLE
 EXT_BUFFER = _EXT_BUFFER
 EXT_SERIALIZED = _EXT_SERIALIZED
 EXT_EXCEPTION = _EXT_EXCEPTION
+EXT_DEVICE = _EXT_DEVICE
 
 # Pickle buffers smaller than this go in band: a frame costs a header entry,
 # an allocation on the receiving side and a list slot, which is more than
@@ -237,6 +260,7 @@ cdef int _SER_INLINE = 0x80     # payload after the header is the single frame
 cdef int _SER_REPEAT = 0x40     # `first` is the sequence number of an earlier one
 cdef Py_ssize_t _SER_INLINE_MAX = 4096
 cdef object _CODE_EXCEPTION = _EXT_EXCEPTION
+cdef object _CODE_DEVICE = _EXT_DEVICE
 
 
 class RemoteException(Exception):
@@ -637,6 +661,53 @@ def _rebuild_ndarray(buf, dtype, shape, order):
     return numpy.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
 
 
+# ------------------------------------------------------------- GPU objects
+#
+# type -> its family in taskcore/device.py, or False: filled on the first visit
+# of each type, so an ordinary pickled object costs one dict lookup. The
+# module taskcore.device is imported on the first type that exposes
+# __cuda_array_interface__ (never for a host-only program).
+
+cdef dict _DEVICE_TYPES = {}
+cdef object _NOT_DEVICE = False
+cdef Py_ssize_t _DEVICE_TYPES_MAX = 4096     # dynamically made classes: bound the cache
+cdef object _device_mod = None
+
+
+cdef object _device():
+    global _device_mod
+    if _device_mod is None:
+        import taskcore.device as dm
+        _device_mod = dm
+    return _device_mod
+
+
+cdef object _classify_type(object t):
+    if taskcore_type_has_buffer(t) or not hasattr(t, "__cuda_array_interface__"):
+        fam = _NOT_DEVICE                       # host memory, or no CUDA Array Interface
+    else:
+        fam = _device().family_for_type(t) or _NOT_DEVICE
+    if len(_DEVICE_TYPES) >= _DEVICE_TYPES_MAX:
+        _DEVICE_TYPES.clear()
+    _DEVICE_TYPES[t] = fam
+    return fam
+
+
+cdef inline object _device_family(object obj):
+    """The device family of obj if it is a GPU object, else None."""
+    cdef PyObject* p = PyDict_GetItem(_DEVICE_TYPES, type(obj))
+    if p == <PyObject*>_NOT_DEVICE:
+        return None
+    fam = _classify_type(type(obj)) if p == NULL else <object>p
+    if fam is _NOT_DEVICE or not fam.claims(obj):
+        return None
+    return fam
+
+
+cdef bint _is_device_frame(object f):
+    return hasattr(type(f), "__cuda_array_interface__")
+
+
 # ------------------------------------------------------------------ Encoder
 
 @cython.final
@@ -649,12 +720,14 @@ cdef class _Encoder:
     cdef object default_cb      # self.default, bound once
     cdef object buffer_cb       # self.buffer_callback, bound once
     cdef dict ser_memo          # id(Serialized) -> (sequence number, the object)
+    cdef bint keep_device       # dumps_device: GPU frames stay on the device
 
     def __cinit__(self):
         self.frames = None
         self.ser_memo = None
         self.depth = 0
         self.busy = False
+        self.keep_device = False
         self.default_cb = self.default
         self.buffer_cb = self.buffer_callback
         self.pack_fns = [self._new_pack_fn(256 * 1024)]
@@ -675,6 +748,7 @@ cdef class _Encoder:
         self.frames = None
         self.ser_memo = None
         self.busy = False
+        self.keep_device = False
 
     # msgpack calls this for every value it cannot pack natively.
     def default(self, obj):
@@ -687,6 +761,9 @@ cdef class _Encoder:
             return self.encode_forced((<Serialize>obj).obj)
         if isinstance(obj, BaseException):
             return self.encode_exception(obj)
+        fam = _device_family(obj)
+        if fam is not None:
+            return self.encode_device(obj, fam)
         return self.encode_pickle(obj, False)
 
     # pickle protocol 5 calls this for every PickleBuffer (numpy data, ...).
@@ -764,10 +841,27 @@ cdef class _Encoder:
         elif t is Serialize:
             return self.encode_forced((<Serialize>obj).obj)
         else:
+            fam = _device_family(obj)
+            if fam is not None:
+                return self.encode_device(obj, fam)
             return self.encode_pickle(obj, True)
         first = len(self.frames)
         self.frames.append(frame)
         return _ext(_CODE_BUFFER, _ref(first, 1, tag, tail))
+
+    cdef object encode_device(self, object obj, object fam):
+        """A GPU object: its family's header, its device memory as frames (copied to
+        host unless this is dumps_device)."""
+        cdef Py_ssize_t first = len(self.frames)
+        header, bufs = fam.split(obj)
+        if self.keep_device:
+            self.frames.extend(bufs)
+        else:
+            to_host = _device().device_runtime().to_host
+            for b in bufs:
+                self.frames.append(to_host(b))
+        tail = self.pack_nested([fam.name, header])
+        return _ext(_CODE_DEVICE, _ref(first, len(bufs), 0, tail))
 
     cdef tuple flatten_memoryview(self, memoryview mv):
         """A flat 'B' frame for mv, plus how to rebuild its format and shape."""
@@ -875,12 +969,33 @@ cpdef list dumps(object msg):
     """Serialize ``msg`` into frames: ``[msgpack frame 0, out-of-band frames...]``.
 
     Frames are ``bytes`` (frame 0, pickle streams), the caller's own
-    bytes-like objects (``Serialize``/``Serialized`` payloads) or memoryviews
-    of the original buffers (numpy data). Treat them as read-only, and do not
-    mutate the message's buffers until the frames are written.
+    bytes-like objects (``Serialize``/``Serialized`` payloads), memoryviews
+    of the original buffers (numpy data) or host copies of GPU objects'
+    memory (``dumps_device`` keeps those on the device). Treat them as
+    read-only, and do not mutate the message's buffers until the frames are
+    written.
     """
     cdef _Encoder enc = _acquire_encoder()
     cdef list frames
+    try:
+        frame0 = enc.pack_fns[0](msg)
+        frames = enc.frames
+    finally:
+        enc.release()
+    frames[0] = frame0
+    if PyBytes_GET_SIZE(frame0) > _PACKER_RESET_SIZE:
+        enc.pack_fns[0] = enc._new_pack_fn(256 * 1024)
+    return frames
+
+
+cpdef list dumps_device(object msg):
+    """``dumps``, but the memory of GPU objects stays on the device: their frames are
+    `taskcore.device.DeviceFrame`s (``__cuda_array_interface__``, no copy), the other
+    frames are as ``dumps`` makes them. For a transport that moves device memory (ucx);
+    ``loads`` takes these frames, or their host copies."""
+    cdef _Encoder enc = _acquire_encoder()
+    cdef list frames
+    enc.keep_device = True
     try:
         frame0 = enc.pack_fns[0](msg)
         frames = enc.frames
@@ -903,6 +1018,7 @@ cdef class _Decoder:
     cdef int depth                  # ext nesting depth
     cdef bint busy
     cdef bint lenient               # next pickle failure -> _LOAD_FAILED
+    cdef bint has_device            # some frame is device memory (only EXT_DEVICE may use it)
     cdef object hook                # self.ext_hook, bound once
     cdef list sers                  # Serialized objects decoded so far, by sequence number
 
@@ -919,6 +1035,7 @@ cdef class _Decoder:
         self.next = 1
         self.depth = 0
         self.lenient = False
+        self.has_device = False
         self.sers = None
 
     cdef inline void release(self):
@@ -937,12 +1054,15 @@ cdef class _Decoder:
             return self.decode_buffer(data)
         if code == _EXT_EXCEPTION:
             return self.decode_exception(data)
+        if code == _EXT_DEVICE:
+            return self.decode_device(data)
         raise _ProtocolError(f"unknown msgpack ext code {code} in frame 0")
 
     cdef int take(self, bytes data, str what, Py_ssize_t* first, Py_ssize_t* count,
-                  int* tag) except -1:
-        """Parse a frame-ref header and claim its frames."""
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+                  int* tag, bint device_ok) except -1:
+        """Parse a frame-ref header and claim its frames (device frames only if
+        `device_ok`)."""
+        cdef Py_ssize_t i, n = PyBytes_GET_SIZE(data)
         cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
         if n < _REF_HEADER:
             raise _ProtocolError(f"{what} ext payload is {n} bytes, shorter than its header")
@@ -960,6 +1080,11 @@ cdef class _Decoder:
                 f"out of range: the message has {self.nframes} frames"
             )
         self.next = first[0] + count[0]
+        if self.has_device and not device_ok:
+            for i in range(first[0], first[0] + count[0]):
+                if not PyObject_CheckBuffer(self.frames[i]):
+                    raise _ProtocolError(f"{what} ext refers to frame {i}, which is device "
+                                         f"memory (only a device ext may)")
         return 0
 
     cdef object unpack_nested(self, bytes data, str what):
@@ -1009,7 +1134,7 @@ cdef class _Decoder:
                 raise _ProtocolError("inline Serialized ext has a frame reference or no payload")
             out = _make_serialized(kind, [data[_REF_HEADER:]])
         else:
-            self.take(data, "Serialized", &first, &count, &tag)
+            self.take(data, "Serialized", &first, &count, &tag, False)
             if count < 1:
                 raise _ProtocolError("Serialized ext refers to no frames")
             out = _make_serialized(kind, self.frames[first:first + count])
@@ -1021,7 +1146,7 @@ cdef class _Decoder:
         cdef int tag
         cdef bint lenient = self.lenient
         self.lenient = False
-        self.take(data, "pickle", &first, &count, &tag)
+        self.take(data, "pickle", &first, &count, &tag, False)
         if tag == _PICKLE_INLINE:
             stream = data[_REF_HEADER:]
             buffers = self.frames[first:first + count]
@@ -1044,7 +1169,7 @@ cdef class _Decoder:
     cdef object decode_buffer(self, bytes data):
         cdef Py_ssize_t first, count
         cdef int tag
-        self.take(data, "buffer", &first, &count, &tag)
+        self.take(data, "buffer", &first, &count, &tag, False)
         if count != 1:
             raise _ProtocolError(f"buffer ext refers to {count} frames instead of 1")
         frame = self.frames[first]
@@ -1069,6 +1194,25 @@ cdef class _Decoder:
             except (TypeError, ValueError) as exc:
                 raise _ProtocolError(f"memoryview ext has a bad format/shape {spec!r}: {exc}") from exc
         raise _ProtocolError(f"buffer ext has unknown tag {tag}")
+
+    cdef object decode_device(self, bytes data):
+        cdef Py_ssize_t first, count
+        cdef int tag
+        self.take(data, "device", &first, &count, &tag, True)
+        if tag != 0:
+            raise _ProtocolError(f"device ext has unknown tag {tag}")
+        if PyBytes_GET_SIZE(data) == _REF_HEADER:
+            raise _ProtocolError("device ext has no [family, header] after its frame reference")
+        spec = self.unpack_nested(data[_REF_HEADER:], "device")
+        if (type(spec) is not list or len(spec) != 2 or type(spec[0]) is not str
+                or type(spec[1]) is not dict):
+            raise _ProtocolError(f"device ext payload is not [family, header]: {spec!r:.200}")
+        try:
+            return _device().rebuild(spec[0], spec[1], self.frames[first:first + count])
+        except _ProtocolError:
+            raise
+        except Exception as exc:        # no CUDA runtime here, out of device memory, ...
+            raise _PayloadError(exc) from exc
 
     cdef object decode_exception(self, bytes data):
         self.lenient = True
@@ -1097,6 +1241,7 @@ cdef object _decode(object frames, bint wrap_payload_errors):
     cdef list fl
     cdef Py_ssize_t i, n
     cdef _Decoder dec
+    cdef bint has_device = False
     if type(frames) is list:
         fl = <list>frames
     else:
@@ -1110,11 +1255,15 @@ cdef object _decode(object frames, bint wrap_payload_errors):
         raise _ProtocolError("message has no frames")
     for i in range(n):
         if not PyObject_CheckBuffer(fl[i]):
+            if i > 0 and _is_device_frame(fl[i]):
+                has_device = True
+                continue
             raise _ProtocolError(f"frame {i} is a {type(fl[i]).__name__}, not a bytes-like object")
     dec = _DECODER
     if dec.busy:
         dec = _Decoder()
     dec.acquire(fl)
+    dec.has_device = has_device
     try:
         msg = _unpackb(fl[0], ext_hook=dec.hook, strict_map_key=False)
         i = dec.next
@@ -1140,7 +1289,8 @@ cdef object _decode(object frames, bint wrap_payload_errors):
 
 
 cpdef object loads(object frames):
-    """Rebuild a message from frames (bytes, bytearray or memoryview each).
+    """Rebuild a message from frames (bytes, bytearray or memoryview each; the frames of
+    a GPU object may also be device memory, as ``dumps_device`` makes them).
 
     Out-of-band numpy arrays and ``Serialize``'d buffers are backed by the
     given frames (no copy); ``Serialized`` values come back as ``Serialized``.
@@ -1265,13 +1415,16 @@ cdef bint _is_native(object obj, int depth):
             if not _is_native(k, depth + 1) or not _is_native(v, depth + 1):
                 return False
         return True
-    return False
+    # GPU objects travel as an EXT_DEVICE of the message format (not pickled by their
+    # library, which would copy them to host inside the pickle stream).
+    return _device_family(obj) is not None
 
 
 cpdef Serialized serialize_obj(object obj):
     """Serialize ``obj`` once into a ``Serialized`` (e.g. a run spec).
 
-    msgpack when obj is msgpack-native (tuples included); exceptions and
+    msgpack when obj is msgpack-native (tuples included; GPU objects, and lists,
+    tuples and dicts of them, as EXT_DEVICE with host copies of their memory); exceptions and
     bytes-likes through the message format (traceback text, zero copy);
     everything else pickle protocol 5 (cloudpickle for functions, lambdas,
     closures and ``__main__`` objects) with out-of-band buffers.
@@ -1305,8 +1458,9 @@ cpdef Py_ssize_t nbytes(object obj) except -1:
     """Size in bytes of a result, for the scheduler's bookkeeping.
 
     Exact for bytes-likes, numpy arrays, pandas Series (anything with an int
-    ``nbytes``), Serialized/Serialize and pandas DataFrames (shallow
-    ``memory_usage``); ``sys.getsizeof`` (shallow) for everything else.
+    ``nbytes``), Serialized/Serialize, pandas DataFrames (shallow
+    ``memory_usage``) and GPU objects (their device memory); ``sys.getsizeof``
+    (shallow) for everything else.
     """
     cdef type t = type(obj)
     if t is bytes:
@@ -1325,9 +1479,21 @@ cpdef Py_ssize_t nbytes(object obj) except -1:
             return n.__index__()
         if t.__module__.startswith("pandas"):
             return int(obj.memory_usage(index=True, deep=False).sum())
+        fam = _device_family(obj)
+        if fam is not None:
+            return fam.nbytes(obj)
     except Exception:
         pass
     return _getsizeof(obj)
+
+
+cpdef Py_ssize_t device_nbytes(object obj) except -2:
+    """The bytes of a GPU object (its type exposes ``__cuda_array_interface__``), or -1
+    for anything else: one dict lookup for a type seen before."""
+    fam = _device_family(obj)
+    if fam is None:
+        return -1
+    return fam.nbytes(obj)
 
 
 # -------------------------------------------------------------- compression

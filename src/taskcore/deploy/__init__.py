@@ -21,6 +21,8 @@ _EXPORTS = {
     "SchedulerProcess": "taskcore.deploy.process",
     "ProcessStartError": "taskcore.process",
     "LocalCluster": "taskcore.deploy.local",
+    "LocalCUDACluster": "taskcore.deploy.cuda",
+    "CUDAWorker": "taskcore.deploy.cuda",
     "SSHCluster": "taskcore.deploy.ssh",
     "Adaptive": "taskcore.deploy.adaptive",
     "LaunchedProcess": "taskcore.deploy.launched",

@@ -567,16 +567,42 @@ def _per_host(value, n, what, kind):
     return [value] * n
 
 
-def _worker_kind(worker_class) -> bool:
-    """True for a nanny-supervised worker, False for a bare worker."""
-    name = worker_class if isinstance(worker_class, str) else \
-        f"{getattr(worker_class, '__module__', '')}.{getattr(worker_class, '__name__', '')}"
+_CUDA_CLASSES = ("taskcore.CUDAWorker", "taskcore.deploy.CUDAWorker",
+                 "taskcore.deploy.cuda.CUDAWorker", "cuda")
+# worker_options that only GPU workers take (left out for a CPU host of a mixed cluster).
+_GPU_OPTIONS = ("CUDA_VISIBLE_DEVICES", "device_memory_limit", "rmm_pool_size",
+                "rmm_managed_memory")
+
+
+def _class_name(worker_class) -> str:
+    if isinstance(worker_class, str):
+        return worker_class
+    return f"{getattr(worker_class, '__module__', '')}.{getattr(worker_class, '__name__', '')}"
+
+
+def _worker_kind(worker_class) -> str:
+    """"nanny" (a nanny-supervised worker), "worker" (a bare one) or "cuda" (core-cuda-worker:
+    one nanny and worker per GPU of the host)."""
+    name = _class_name(worker_class)
     if name in ("taskcore.Nanny", "taskcore.nanny.Nanny", "nanny"):
-        return True
+        return "nanny"
     if name in ("taskcore.Worker", "taskcore.worker.Worker", "worker"):
-        return False
-    raise ValueError(f"worker_class must be 'taskcore.Nanny' or 'taskcore.Worker', "
-                     f"got {worker_class!r}")
+        return "worker"
+    if name in _CUDA_CLASSES:
+        return "cuda"
+    raise ValueError(f"worker_class must be 'taskcore.Nanny', 'taskcore.Worker' or "
+                     f"'taskcore.CUDAWorker' (or a list of them, one per host), got "
+                     f"{worker_class!r}")
+
+
+def _worker_kinds(worker_class, n: int) -> list:
+    """One kind per host (the scheduler's entry included, and not used)."""
+    if isinstance(worker_class, (list, tuple)):
+        if len(worker_class) != n:
+            raise ValueError(f"worker_class is a list of {len(worker_class)}, but there are "
+                             f"{n} hosts")
+        return [None if c is None else _worker_kind(c) for c in worker_class]
+    return [_worker_kind(worker_class)] * n
 
 
 class SSHCluster(SpecCluster):
@@ -588,6 +614,16 @@ class SSHCluster(SpecCluster):
     every remote process. Further keyword arguments go to SpecCluster
     (close_timeout, retire_timeout, ...). `scale(n)` places new workers on the
     worker hosts with the fewest workers.
+
+    GPU hosts: `worker_class="taskcore.CUDAWorker"` runs `core-cuda-worker` on each
+    worker host instead (deploy/cuda.py): one nanny and worker per GPU there, each
+    seeing its own device first, pinned to the CPUs near it and offering GPU=1, the
+    devices found by that host's NVML. `worker_options` then also take
+    `CUDA_VISIBLE_DEVICES` (the same on every GPU host; given, the cluster also counts
+    one worker per device), `device_memory_limit`, `rmm_pool_size` and
+    `rmm_managed_memory`; `nworkers` does not apply. `worker_class` may be a list, one
+    per host like `connect_options` (the scheduler's entry is not used, and may be
+    None), to mix CPU and GPU hosts; the GPU options are left out for the CPU ones.
 
     The scheduler serves its dashboard as `core-scheduler` does (port 8787 on its
     host; `scheduler_options={"dashboard_address": None}` for none, or
@@ -631,9 +667,9 @@ class SSHCluster(SpecCluster):
         options = _per_host(connect_options, n, "connect_options", dict)
         pythons = _per_host(remote_python, n, "remote_python", str)
         self.hosts = hosts
-        self.nanny = _worker_kind(worker_class)
-        self.worker_class = worker_class if isinstance(worker_class, str) else \
-            f"{worker_class.__module__}.{worker_class.__name__}"
+        self._kinds = _worker_kinds(worker_class, n)
+        self.worker_class = [None if c is None else _class_name(c) for c in worker_class] \
+            if isinstance(worker_class, (list, tuple)) else _class_name(worker_class)
         self.worker_options = dict(worker_options or {})
         self.scheduler_options = dict(scheduler_options or {})
         self.remote_env = dict(remote_env or {})
@@ -719,14 +755,36 @@ class SSHCluster(SpecCluster):
         """One SSHTarget per distinct (host, options, python), all on this cluster's pool."""
         seen = {}
         out = []
-        for h, o, p in zip(hosts, options, pythons):
-            key = (h, json.dumps(o or {}, sort_keys=True, default=repr), p)
+        for h, o, p, k in zip(hosts, options, pythons, self._kinds):
+            # The kind too: CPU and GPU workers on one host are two targets (one pool).
+            key = (h, json.dumps(o or {}, sort_keys=True, default=repr), p, k)
             if key not in seen:
                 seen[key] = SSHTarget(h, o, p, env=self.remote_env, pool=self._pool,
                                       connect_timeout=self.connect_timeout,
                                       credentials_dir=credentials_dir)
             out.append(seen[key])
+        self._target_kinds = self._kinds_by_target(out)
         return out
+
+    def _kinds_by_target(self, targets) -> dict:
+        """{id(target): worker kind} for the worker hosts."""
+        kinds = {}
+        for i, (t, k) in enumerate(zip(targets, self._kinds)):
+            if i == 0 and len(targets) > 1:
+                continue  # the scheduler's host (a worker host too only when it is alone)
+            if k is None:
+                raise ValueError(f"worker_class for worker host {t.host!r} is None")
+            if kinds.setdefault(id(t), k) != k:
+                # Only after from_name: the registry keeps one target per host. The host's
+                # first kind is used for workers started from now on.
+                logger.warning("%s: host %s has CPU and GPU workers; new ones there are %s",
+                               getattr(self, "name", "SSHCluster"), t.host, kinds[id(t)])
+        return kinds
+
+    @property
+    def nanny(self) -> bool:
+        """Whether workers run under nannies (every GPU worker does)."""
+        return all(k != "worker" for k in self._target_kinds.values())
 
     @property
     def _worker_targets(self):
@@ -737,8 +795,15 @@ class SSHCluster(SpecCluster):
 
     def _worker_template(self, target, detached, name):
         opts = dict(self.worker_options)
+        kinds = getattr(self, "_target_kinds", {})
+        kind = kinds.get(id(target)) if target is not None else \
+            (next(iter(kinds.values())) if kinds else "nanny")
+        if kind == "cuda":
+            return self._cuda_template(opts, target, detached, name)
+        for k in _GPU_OPTIONS:  # a CPU host of a mixed cluster
+            opts.pop(k, None)
         nworkers = opts.pop("nworkers", None) or 1
-        spec_opts = dict(opts, target=target, nanny=self.nanny, detach=detached,
+        spec_opts = dict(opts, target=target, nanny=kind != "worker", detach=detached,
                          log_level=self.log_level, startup_timeout=self.startup_timeout,
                          close_grace=self.close_grace, forward_logs=self.forward_logs)
         for k, v in self._security_options().items():
@@ -750,6 +815,26 @@ class SSHCluster(SpecCluster):
         spec = {"cls": LaunchedWorker, "options": spec_opts}
         if nworkers > 1:
             spec["group"] = [f"-{i}" for i in range(nworkers)]  # core-worker names NAME-i
+        return spec
+
+    def _cuda_template(self, opts, target, detached, name):
+        """A GPU host: one `core-cuda-worker` (deploy/cuda.py), one worker per GPU there."""
+        from taskcore.deploy.cuda import LaunchedCUDAWorker, launched_group
+
+        if opts.pop("nworkers", None) not in (None, 1):
+            raise ValueError("worker_options nworkers does not apply to GPU hosts: "
+                             "core-cuda-worker runs one worker per GPU")
+        spec_opts = dict(opts, target=target, detach=detached, log_level=self.log_level,
+                         startup_timeout=self.startup_timeout, close_grace=self.close_grace,
+                         forward_logs=self.forward_logs)
+        for k, v in self._security_options().items():
+            spec_opts.setdefault(k, v)
+        if detached:
+            spec_opts["log_dir"] = self._log_root(name)
+        spec = {"cls": LaunchedCUDAWorker, "options": spec_opts}
+        group = launched_group(opts)
+        if group:
+            spec["group"] = group
         return spec
 
     def _specs(self, name, detached):
@@ -773,7 +858,11 @@ class SSHCluster(SpecCluster):
     def _template_for(self, worker_group=None):
         spec = super()._template_for(worker_group)
         if spec["options"].get("target") is None:
-            spec["options"]["target"] = self._least_loaded_target()
+            target = self._least_loaded_target()
+            if worker_group is None and len(set(self._target_kinds.values())) > 1:
+                # Mixed CPU and GPU hosts: the new worker is of its host's kind.
+                return self._worker_template(target, self._detachable(), self.name)
+            spec["options"]["target"] = target
         return spec
 
     def _least_loaded_target(self):
@@ -844,8 +933,8 @@ class SSHCluster(SpecCluster):
         instance to supply a password that was never written to the registry."""
         cfg = config
         self.hosts = list(cfg.get("hosts") or [])
-        self.nanny = _worker_kind(cfg.get("worker_class", "taskcore.Nanny"))
         self.worker_class = cfg.get("worker_class", "taskcore.Nanny")
+        self._kinds = _worker_kinds(self.worker_class, len(self.hosts))
         self.worker_options = dict(cfg.get("worker_options") or {})
         self.scheduler_options = dict(cfg.get("scheduler_options") or {})
         self.remote_env = dict(cfg.get("remote_env") or {})
@@ -866,4 +955,5 @@ class SSHCluster(SpecCluster):
         context = dict(super()._restore(config, **kwargs), ssh_pool=self._pool,
                        connect_options=overrides)
         self._targets = [SSHTarget.from_record(rec, context) for rec in cfg.get("targets") or []]
+        self._target_kinds = self._kinds_by_target(self._targets)
         return context

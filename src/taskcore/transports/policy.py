@@ -20,6 +20,7 @@ CLIs' options) or for a whole process through the environment:
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import resource
@@ -114,3 +115,34 @@ class RefusalLog:
         more, self.unlogged = self.unlogged, 0
         self.logger.warning("%s %s: %s%s", self.action, peer, reason,
                             f" ({more} more {self.what} were not logged)" if more else "")
+
+
+async def sweep_stalled(listener, progress, unit):
+    """Close the listener's connections whose partly received message went quiet for the
+    policy's `stall_timeout`; runs until cancelled. `progress(comm)` counts what arrived
+    (bytes, frames: `unit` names them in the log); a count that has not moved while the
+    comm is `mid_message` is a stall. Nothing is added per message: once an interval
+    (a second at most) the counts are compared."""
+    timeout = listener.policy.stall_timeout
+    interval = min(1.0, timeout / 4)
+    seen = {}
+    while True:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        still = {}
+        for comm in list(listener.comms):
+            if not comm.mid_message:
+                continue
+            n = progress(comm)
+            prev = seen.get(comm)
+            if prev is None or prev[0] != n:
+                still[comm] = (n, now)
+            elif now - prev[1] >= timeout:
+                listener.closed_stalled += 1
+                listener.stalls(comm.peer_address,
+                                f"a message was begun and no {unit} of it arrived for "
+                                f"{now - prev[1]:.0f} s (stall_timeout, TASKCORE_STALL_TIMEOUT)")
+                comm.abort()
+            else:
+                still[comm] = prev
+        seen = still

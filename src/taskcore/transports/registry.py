@@ -15,6 +15,7 @@ _BUILTIN = {
     "tcp": "taskcore.transports.tcp:TCPBackend",
     "tls": "taskcore.transports.tcp:TLSBackend",
     "inproc": "taskcore.transports.inproc:InprocBackend",
+    "ucx": "taskcore.transports.ucx:UCXBackend",
 }
 _backends: dict = {}
 

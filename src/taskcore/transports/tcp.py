@@ -16,14 +16,13 @@ import asyncio
 import logging
 import socket
 import ssl
-import time
 
 from taskcore.core.protocol import StreamProtocol
 from taskcore.errors import HandshakeError
 from taskcore.transports.addressing import (get_ip, parse_host_port, unparse_address,
                                             unparse_host_port)
 from taskcore.transports.base import HANDSHAKE_LIMITS, Backend, Comm, Listener
-from taskcore.transports.policy import DEFAULT_POLICY, RefusalLog
+from taskcore.transports.policy import DEFAULT_POLICY, RefusalLog, sweep_stalled
 
 logger = logging.getLogger("taskcore.transports.tcp")
 
@@ -171,32 +170,6 @@ class TCPListener(Listener):
             self.tls_refusals(peer, f"TLS handshake failed: {tls_failure(e)}")
             conn.close()
 
-    async def _sweep_stalled(self):
-        """Close connections whose partly received message went quiet (see module doc)."""
-        timeout = self.policy.stall_timeout
-        interval = min(1.0, timeout / 4)
-        seen = {}
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            still = {}
-            for comm in self.comms:
-                if not comm.mid_message:
-                    continue
-                n = comm.bytes_read
-                prev = seen.get(comm)
-                if prev is None or prev[0] != n:
-                    still[comm] = (n, now)
-                elif now - prev[1] >= timeout:
-                    self.closed_stalled += 1
-                    self.stalls(comm.peer_address,
-                                f"a message was begun and no byte of it arrived for "
-                                f"{now - prev[1]:.0f} s (stall_timeout, TASKCORE_STALL_TIMEOUT)")
-                    comm.abort()
-                else:
-                    still[comm] = prev
-            seen = still
-
     async def start(self):
         loop = asyncio.get_running_loop()
         if self.ssl_context is None:
@@ -211,7 +184,8 @@ class TCPListener(Listener):
             self._tls_socket = sock
             self.bound = sock.getsockname()
             self._tls_acceptor = asyncio.ensure_future(self._accept_tls(sock))
-        self._sweeper = asyncio.ensure_future(self._sweep_stalled())
+        self._sweeper = asyncio.ensure_future(
+            sweep_stalled(self, lambda comm: comm.bytes_read, "byte"))
         return self
 
     @property

@@ -25,6 +25,11 @@ What the configuration gives (measured on Debian 12, 2 cores, slurm-wlm 22.05.8)
   SLURM's own error ("Invalid account or account/partition combination specified").
   Accounts are not checked anywhere else (`--account=anything` runs in `debug`).
 - `EnforcePartLimits=ALL`: impossible requests fail at submission instead of pending.
+- Two GPUs as SLURM generic resources (`GresTypes=gpu`, `Gres=gpu:2`), so `--gres=gpu:N`
+  is scheduled, counted and refused past 2 by SLURM itself, and the job gets
+  `CUDA_VISIBLE_DEVICES` from its gres plugin. There is no GPU: gres.conf names two
+  device files of our own (`dev/nvidia0`, `dev/nvidia1`, character devices with
+  /dev/null's numbers), which is all SLURM needs to number and hand out the devices.
 - Fast scheduling; `MinJobAge` 30 s (finished jobs stay visible to `squeue --states=all`
   30 to about 40 s); `OverTimeLimit=0`, `KillWait=5`. slurmctld checks time limits only
   every 30 s, so a `--time=1` job ends 60 to 90 s after it starts (TIMEOUT).
@@ -35,6 +40,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -51,6 +57,7 @@ CLIENTS = ("sbatch", "squeue", "scancel", "sinfo", "srun", "munge", "unmunge", "
 
 CPUS = 8
 REAL_MEMORY = 16000  # MB
+GPUS = 2             # gres/gpu on the node, backed by device files of our own
 PARTITIONS = ("debug", "bigmem", "restricted")
 ALLOWED_ACCOUNT = "acct-ok"  # the only account partition "restricted" admits
 
@@ -156,6 +163,7 @@ class SlurmServer(BatchServer):
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
             "SlurmUser=root",
+            "GresTypes=gpu",
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
@@ -188,7 +196,7 @@ class SlurmServer(BatchServer):
             # The node claims what the tests want, not what the machine has.
             "SlurmdParameters=config_overrides",
             f"NodeName={h} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_memory}"
-            " State=UNKNOWN",
+            f" Gres=gpu:{GPUS} State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             "PartitionName=bigmem Nodes=ALL MaxTime=INFINITE State=UP",
             "PartitionName=restricted Nodes=ALL MaxTime=INFINITE State=UP",
@@ -209,6 +217,7 @@ class SlurmServer(BatchServer):
         shutil.chown(self.dir / "munge", "munge", "munge")
         os.chmod(self.dir / "munge", 0o755)
         self.ctld_port, self.slurmd_port = _free_port(), _free_port()
+        self._gpu_devices()
         self.conf.write_text(self._config())
         (self.dir / "job_submit.lua").write_text(  # next to slurm.conf: where SLURM looks
             JOB_SUBMIT_LUA.replace("@ALLOWED@", ALLOWED_ACCOUNT))
@@ -222,6 +231,16 @@ class SlurmServer(BatchServer):
         self._spawn("slurmctld", [SLURMCTLD, "-D", "-i", "-f", str(self.conf)])
         self._spawn("slurmd", [SLURMD, "-D", "-f", str(self.conf), "-N", self.hostname])
         self._wait(lambda: self.node_states() == ["idle"], timeout, "the node to be idle")
+
+    def _gpu_devices(self):
+        """gres.conf (next to slurm.conf) and the device files it names; see the module doc."""
+        dev = self.dir / "dev"
+        dev.mkdir(exist_ok=True)
+        for i in range(GPUS):
+            path = dev / f"nvidia{i}"
+            if not path.exists():
+                os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        (self.dir / "gres.conf").write_text(f"Name=gpu File={dev}/nvidia[0-{GPUS - 1}]\n")
 
     def _spawn(self, name, cmd):
         out = open(self.dir / f"{name}.out", "wb")

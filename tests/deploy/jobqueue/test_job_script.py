@@ -242,11 +242,11 @@ def test_line_with_all_fields_empty_is_dropped_and_mixed_line_kept():
 
 def test_unknown_template_field_names_it():
     job = JobScript(SLURM(), cores=1, memory="1GiB",
-                    header_template="#SBATCH -J {job_name}\n#SBATCH --gres=gpu:{gpus}")
+                    header_template="#SBATCH -J {job_name}\n#SBATCH --gres=mps:{mps}")
     # Raised when the script is rendered, not when the JobScript is built.
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['gpus'\]") as info:
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['mps'\]") as info:
         job.worker_script(ADDRESS, "w0")
-    assert "--gres=gpu:{gpus}" in str(info.value)
+    assert "--gres=mps:{mps}" in str(info.value)
     assert "job_name" in str(info.value)  # the known fields are listed
 
 

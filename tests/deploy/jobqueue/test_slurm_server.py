@@ -92,3 +92,17 @@ def test_bad_submissions_are_refused_with_slurms_errors(slurm_clean):
                   "--wrap", "true", check=False)
     assert r.returncode == 0 and " in partition restricted" in r.stderr, r.stderr
     assert slurm.jobs() == []
+
+
+def test_gpus_as_generic_resources(slurm_clean, tmp_path):
+    """SLURM hands out the node's two (file-backed) GPUs: CUDA_VISIBLE_DEVICES for the
+    job, and more than the node has is refused at submission."""
+    slurm = slurm_clean
+    out = tmp_path / "gpu.out"
+    job = slurm.sbatch(f"--output={out}", "--gres=gpu:2", "--wrap",
+                       'echo "CVD=$CUDA_VISIBLE_DEVICES"')
+    wait_until(lambda: state(slurm, job) == "COMPLETED", 15, f"job {job} to complete")
+    assert "CVD=0,1" in out.read_text().splitlines()
+    r = slurm.run("sbatch", "--gres=gpu:3", "--wrap", "true", check=False)
+    assert r.returncode == 1
+    assert "Requested node configuration is not available" in r.stderr, r.stderr

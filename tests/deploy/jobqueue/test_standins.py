@@ -350,7 +350,8 @@ def test_torque_qstat_x_prints_one_document_per_job_id(standin_batch, tmp_path):
     system = make_system(standin_batch)
     ids = []
     for i in range(2):
-        _, path = write_script(system, tmp_path, ["/bin/sleep", "0.3"], name=f"j{i}")
+        # Long enough to be cancelled while running, however slow the machine is.
+        _, path = write_script(system, tmp_path, ["/bin/sleep", "30"], name=f"j{i}")
         ids.append(submit(system, path)[0])
     out = run(system, system.status_argv(ids), accept=system.status_accepts)
     assert out.count("<Data>") == 2 and out.count('<?xml version="1.0"?>') == 2

@@ -195,7 +195,7 @@ class JobQueueCluster(SpecCluster):
         try:
             self._job_security = self._job_credentials(name)
             template = self._job_template(job)
-            groups = {g: self._job_template({**job, **self._group_options(g, o)}, g)
+            groups = {g: self._job_template(self._group_job_options(job, g, o), g)
                       for g, o in (opts.get("worker_groups") or {}).items()}
             scheduler_spec = self._scheduler_spec(mode, job, opts, name)
             per_job = template["options"]["job"].get("processes", 1)
@@ -333,6 +333,11 @@ class JobQueueCluster(SpecCluster):
         opts.update(site)
         opts.update({k: v for k, v in given.items() if v is not None})
         opts.update(job_options)
+        if opts.get("gpus"):
+            # One worker per GPU: the spec counts workers, so a job of N GPUs is N workers.
+            from taskcore.deploy.jobqueue.job import _gpus
+
+            opts["processes"] = _gpus(opts["gpus"], int(opts.get("processes") or 1))
         return opts
 
     @classmethod
@@ -364,14 +369,25 @@ class JobQueueCluster(SpecCluster):
             raise TypeError(f"{group}: unknown job option(s) {sorted(unknown)}")
         return dict(options)
 
+    @classmethod
+    def _group_job_options(cls, job: dict, group, options: dict) -> dict:
+        """A worker group's job: the cluster's, with the group's options over it. A group
+        that says how many GPUs (or None) also sets its workers per job, unless it gives
+        `processes` itself: a CPU group of a GPU cluster is not N workers per job."""
+        merged = {**job, **cls._group_options(group, options)}
+        if "gpus" in options and "processes" not in options:
+            merged["processes"] = options["gpus"] or 1
+        return merged
+
     # -- specs --------------------------------------------------------------------------------------
     def _job_template(self, job: dict, group=None) -> dict:
         spec = {"cls": Job, "options": {"system": self.system, "job": job}}
         if self._job_security is not None:
             spec["options"]["security"] = self._job_security
-        processes = int(job.get("processes") or 1)
+        processes = int(job.get("gpus") or job.get("processes") or 1)
         if processes > 1:
-            spec["group"] = [f"-{i}" for i in range(processes)]  # core-worker names NAME-i
+            # core-worker names NAME-i, and so does core-cuda-worker (i: its GPU's position)
+            spec["group"] = [f"-{i}" for i in range(processes)]
         return spec
 
     def _scheduler_spec(self, mode, job, opts, name):
@@ -396,7 +412,8 @@ class JobQueueCluster(SpecCluster):
         # The scheduler's job: the workers' job options, one core, no worker lifetime, and
         # whatever scheduler_job= overrides (a longer walltime, another queue...).
         sjob = {k: v for k, v in job.items()
-                if k not in ("processes", "worker_extra_args", "death_timeout", "resources")}
+                if k not in ("processes", "worker_extra_args", "death_timeout", "resources",
+                             "gpus", "device_memory_limit")}
         sjob.update(cores=1, job_name="taskcore-scheduler", walltime_margin=None)
         sjob.update(self._group_options("scheduler_job", opts.get("scheduler_job") or {}))
         JobScript(self.system, **sjob)
@@ -416,7 +433,8 @@ class JobQueueCluster(SpecCluster):
         return self._template(worker_group)["options"]["job"]
 
     def _processes(self, worker_group=None) -> int:
-        return int(self._group_job(worker_group).get("processes") or 1)
+        job = self._group_job(worker_group)
+        return int(job.get("gpus") or job.get("processes") or 1)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def _start(self):
@@ -531,7 +549,7 @@ class JobQueueCluster(SpecCluster):
         (`queue="bigmem", memory="64GiB"`); checked by the batch system first."""
         if spec is not None:
             return super().add_worker_group(name, n, spec=spec)
-        job = {**self._group_job(None), **self._group_options(name, job_options)}
+        job = self._group_job_options(self._group_job(None), name, job_options)
         JobScript(self.system, **job)
         template = self._job_template(job)
         check = [(f"worker group {name!r}", template)]

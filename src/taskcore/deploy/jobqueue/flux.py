@@ -30,6 +30,7 @@ class Flux(BatchSystem):
         "#flux: -N 1",
         "#flux: -n 1",
         "#flux: -c {job_cpu}",
+        "#flux: -g {gpus}",
         "#flux: -t {walltime}",
     ])
     log_template = "#flux: --output={log_directory}/{job_name}-{{{{id}}}}.out"

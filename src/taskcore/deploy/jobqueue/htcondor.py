@@ -53,6 +53,7 @@ class HTCondor(BatchSystem):
         "request_cpus = {job_cpu}",
         "request_memory = {request_memory}",
         "request_disk = {request_disk}",
+        "request_gpus = {gpus}",
         "allowed_job_duration = {walltime}",
         "getenv = True",
     ])

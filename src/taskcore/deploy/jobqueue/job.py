@@ -62,7 +62,7 @@ import time
 
 from taskcore.deploy.jobqueue.system import BatchCommandError, JobState, parse_walltime
 from taskcore.process import (ProcessGone, ProcessInterface, ProcessStartError, Status,
-                              scheduler_cli_args, worker_cli_args)
+                              cuda_worker_cli_args, scheduler_cli_args, worker_cli_args)
 from taskcore.utils import parse_bytes, parse_timedelta, read_json_file
 
 logger = logging.getLogger("taskcore.deploy.jobqueue")
@@ -78,7 +78,7 @@ JOB_OPTIONS = frozenset({
     "worker_extra_args", "death_timeout",
 
     "header_template", "walltime_margin", "lifetime_stagger", "nanny", "protocol",
-    "resources",
+    "resources", "gpus", "device_memory_limit",
 })
 
 
@@ -131,7 +131,8 @@ class JobScript:
                  log_directory=None, python=None, shebang="#!/usr/bin/env bash",
                  worker_extra_args=(), death_timeout=None, header_template=None,
                  walltime_margin="auto", lifetime_stagger="auto", nanny=True, protocol=None,
-                 resources=None, security=None, **system_options):
+                 resources=None, gpus=None, device_memory_limit=None, security=None,
+                 **system_options):
         if cores is None or memory is None:
             raise ValueError("a job needs cores= and memory= (per job, as in dask-jobqueue)")
         unknown = set(system_options) - set(system.job_options)
@@ -143,6 +144,13 @@ class JobScript:
         self.cores = int(cores)
         self.memory = parse_bytes(memory)
         self.processes = int(processes or 1)
+        self.gpus = _gpus(gpus, self.processes)
+        if self.gpus:
+            self.processes = self.gpus      # one worker per GPU (core-cuda-worker)
+        self.device_memory_limit = device_memory_limit
+        if device_memory_limit is not None and not self.gpus:
+            raise ValueError("device_memory_limit= needs gpus=: it limits each GPU worker's "
+                             "device memory")
         if self.cores < 1 or self.processes < 1:
             raise ValueError(f"cores ({cores}) and processes ({processes}) must be >= 1")
         if self.processes > self.cores:
@@ -207,7 +215,7 @@ class JobScript:
                 else self.system.format_walltime(self.walltime_seconds),
                 "job_cpu": self.job_cpu, "job_mem": self.job_mem,
                 "cores": self.cores, "memory": self.memory, "processes": self.processes,
-                "log_directory": self.log_directory}
+                "gpus": self.gpus, "log_directory": self.log_directory}
 
     def header(self) -> list:
         fields = self.fields()
@@ -235,6 +243,8 @@ class JobScript:
 
     def worker_command(self, scheduler_address: str, name) -> list:
         per_worker_memory = self.memory // self.processes
+        if self.gpus:
+            return self._cuda_worker_command(scheduler_address, name, per_worker_memory)
         args = worker_cli_args(
             scheduler_address, nanny=self.nanny, nthreads=max(1, self.cores // self.processes),
             nworkers=self.processes if self.processes > 1 else None,
@@ -243,6 +253,20 @@ class JobScript:
             lifetime=self.lifetime, lifetime_stagger=self.lifetime_stagger,
             protocol=self.protocol, interface=self.interface, python=self.python,
             security=self.security, log_level="info")
+        return args + _credential_args(self.security) + self.worker_extra_args
+
+    def _cuda_worker_command(self, scheduler_address, name, per_worker_memory) -> list:
+        """`core-cuda-worker`: one worker per GPU the batch system gave the job (it reads
+        CUDA_VISIBLE_DEVICES, which the batch system sets), named NAME-0, NAME-1, ...
+        like core-worker's processes, each pinned to the CPUs nearest its GPU."""
+        args = cuda_worker_cli_args(
+            scheduler_address, nthreads=max(1, self.cores // self.processes),
+            memory_limit=per_worker_memory, device_memory_limit=self.device_memory_limit,
+            name=name, resources=self.resources, local_directory=self.local_directory,
+            death_timeout=self.death_timeout, lifetime=self.lifetime,
+            lifetime_stagger=self.lifetime_stagger, protocol=self.protocol,
+            interface=self.interface, python=self.python, security=self.security,
+            log_level="info")
         return args + _credential_args(self.security) + self.worker_extra_args
 
     def render(self, command: list) -> str:
@@ -289,6 +313,18 @@ def _shell_word(word: str) -> str:
     if "$" not in word:
         return shlex.quote(word)
     return '"' + re.sub(r'(["\\`])', r"\\\1", word) + '"'
+
+
+def _gpus(gpus, processes) -> int | None:
+    """GPUs per job: each gets its own worker, so `processes` is 1 (unset) or equal."""
+    if gpus is None or gpus is False:
+        return None
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"gpus must be a positive number of GPUs per job, got {gpus!r}")
+    if processes not in (1, gpus):
+        raise ValueError(f"gpus={gpus} starts one worker per GPU; processes={processes} "
+                         f"contradicts it (leave processes unset)")
+    return gpus
 
 
 def _lines(value, what) -> list:

@@ -37,6 +37,7 @@ class LSF(BatchSystem):
         '#BSUB -R "span[hosts=1]"',
         "#BSUB -M {memory_limit}",
         "#BSUB -W {walltime}",
+        '#BSUB -gpu "num={gpus}"',
     ])
     log_template = "#BSUB -o {log_directory}/{job_name}-%J.out"
 

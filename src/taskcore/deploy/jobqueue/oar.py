@@ -42,7 +42,12 @@ class OAR(BatchSystem):
                    "#OAR -E {log_directory}/{job_name}-%jobid%.out"
 
     def fields(self, script):
-        resources = f"/nodes=1/core={script.job_cpu}"
+        if script.gpus:
+            # OAR's hierarchy nests: cores are counted per GPU.
+            per_gpu = -(-int(script.job_cpu) // script.gpus)
+            resources = f"/nodes=1/gpu={script.gpus}/core={per_gpu}"
+        else:
+            resources = f"/nodes=1/core={script.job_cpu}"
         if script.walltime_seconds is not None:
             resources += f",walltime={self.format_walltime(script.walltime_seconds)}"
         props = script.system_options.get("oar_resource_properties")

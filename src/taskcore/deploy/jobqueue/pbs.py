@@ -9,6 +9,7 @@ syntax and in how to ask for job states:
 - Moab (over Torque): `msub` and `canceljob`; `showq --xml` (XML, active,
   eligible and blocked jobs; a job no longer listed has ended).
 
+`gpus=N` adds `:ngpus=N` to PBS Pro's chunk and `:gpus=N` to Torque's nodes.
 `resource_spec` (dask-jobqueue's name) replaces the resource line whole.
 """
 from __future__ import annotations
@@ -60,7 +61,8 @@ class PBS(BatchSystem):
         return {"resource_spec": spec}
 
     def default_resource_spec(self, script) -> str:
-        return f"select=1:ncpus={script.job_cpu}:mem={script.job_mem}"
+        gpus = f":ngpus={script.gpus}" if script.gpus else ""
+        return f"select=1:ncpus={script.job_cpu}{gpus}:mem={script.job_mem}"
 
     def status_argv(self, job_ids):
         return ["qstat", "-x", "-f", "-F", "json", *job_ids]
@@ -98,7 +100,8 @@ class Torque(PBS):
     ])
 
     def default_resource_spec(self, script):
-        return f"nodes=1:ppn={script.job_cpu}"
+        gpus = f":gpus={script.gpus}" if script.gpus else ""
+        return f"nodes=1:ppn={script.job_cpu}{gpus}"
 
     def status_argv(self, job_ids):
         return ["qstat", "-x", *job_ids]

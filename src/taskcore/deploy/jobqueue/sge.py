@@ -3,6 +3,8 @@
 dask-jobqueue's SGE parameter `resource_spec` (for example "h_vmem=4G,m_mem_free=4G")
 becomes one `-l` line; without it no memory request is written, since Grid Engine
 sites name their memory complexes differently. The walltime is `-l h_rt=`.
+`gpus=N` asks for `-l gpu=N`, the complex most sites define for GPUs (a site
+with another name skips it with `job_directives_skip=["gpu="]` and writes its own).
 `qsub -w v` checks a script against the configuration without queueing it.
 Grid Engine ignores the `#!` line and starts a login shell (`-S /bin/bash`
 here), which may reset PATH: the worker's Python is always an absolute path.
@@ -32,6 +34,7 @@ class SGE(BatchSystem):
         "#$ -P {account}",
         "#$ -l {resource_spec}",
         "#$ -l h_rt={walltime}",
+        "#$ -l gpu={gpus}",
         "#$ -cwd",
         "#$ -j y",
         "#$ -V",

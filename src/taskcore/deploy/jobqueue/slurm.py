@@ -36,6 +36,7 @@ class SLURM(BatchSystem):
         "#SBATCH -n 1",
         "#SBATCH --cpus-per-task={job_cpu}",
         "#SBATCH --mem={job_mem}",
+        "#SBATCH --gres=gpu:{gpus}",
         "#SBATCH -t {walltime}",
     ])
     log_template = "#SBATCH -o {log_directory}/{job_name}-%j.out"

@@ -84,11 +84,15 @@ class KubeCluster(Cluster):
     """A taskcore cluster on Kubernetes; see the module doc.
 
     `KubeCluster(name=None, namespace=None, image=..., n_workers=3, resources=None,
-    env=None, worker_command="core-worker", scheduler_service_type="ClusterIP",
+    env=None, worker_command=None, scheduler_service_type="ClusterIP",
     port_forward_cluster_ip=None, custom_cluster_spec=None, shutdown_on_close=True,
     idle_timeout=0, controller="auto", create_mode="create_or_connect",
     startup_timeout=300, operator_timeout=3, kubeconfig=None, context=None,
-    nthreads=None, security=None, asynchronous=False)`.
+    nthreads=None, security=None, gpus=None, device_memory_limit=None,
+    asynchronous=False)`.
+
+    `gpus=1`: the default worker group is GPU workers, one GPU per pod (see
+    `make_worker_spec`); `add_worker_group(..., gpus=1)` adds a GPU group beside CPU ones.
 
     `security`: None (the default) runs the cluster over tls:// with temporary
     credentials, kept in a Secret the resource owns; a `Security` is used as given;
@@ -99,14 +103,15 @@ class KubeCluster(Cluster):
 
     def __init__(self, name: str | None = None, namespace: str | None = None,
                  image: str = r.DEFAULT_IMAGE, n_workers: int = 3, resources: dict | None = None,
-                 env=None, worker_command="core-worker",
+                 env=None, worker_command=None,
                  scheduler_service_type: str = "ClusterIP",
                  port_forward_cluster_ip: bool | None = None, custom_cluster_spec=None,
                  shutdown_on_close: bool = True, idle_timeout: float = 0,
                  controller: str = "auto", create_mode: str = "create_or_connect",
                  startup_timeout: float = 300, operator_timeout: float = 3.0,
                  kubeconfig: str | None = None, context: str | None = None,
-                 nthreads: int | None = None, security=None, asynchronous: bool = False):
+                 nthreads: int | None = None, security=None, gpus: int | None = None,
+                 device_memory_limit=None, asynchronous: bool = False):
         if security is not None and security is not False and not isinstance(security,
                                                                                Security):
             raise TypeError(f"security must be None (temporary TLS credentials), a Security or "
@@ -132,7 +137,8 @@ class KubeCluster(Cluster):
                                        resources=resources, env=env,
                                        worker_command=worker_command,
                                        scheduler_service_type=scheduler_service_type,
-                                       idle_timeout=idle_timeout, nthreads=nthreads)
+                                       idle_timeout=idle_timeout, nthreads=nthreads,
+                                       gpus=gpus, device_memory_limit=device_memory_limit)
         if spec is not None:
             spec.setdefault("metadata", {})["name"] = name
             r.validate_cluster(spec)
@@ -563,14 +569,16 @@ class KubeCluster(Cluster):
         return self.sync(_adapt)
 
     def add_worker_group(self, name: str, n_workers: int = 3, image: str | None = None,
-                         resources: dict | None = None, env=None, worker_command="core-worker",
-                         custom_spec: dict | None = None):
+                         resources: dict | None = None, env=None, worker_command=None,
+                         custom_spec: dict | None = None, gpus: int | None = None,
+                         device_memory_limit=None):
         """Add a worker group (`make_worker_spec` arguments, or a whole group spec)."""
         container = self._resource["spec"]["workerGroups"][0]["spec"]["containers"][0] \
             if self._resource["spec"].get("workerGroups") else {}
         group = copy.deepcopy(custom_spec) if custom_spec is not None else r.make_worker_spec(
             image=image or container.get("image", r.DEFAULT_IMAGE), n_workers=n_workers,
-            resources=resources, env=env, worker_command=worker_command, name=name)
+            resources=resources, env=env, worker_command=worker_command, name=name, gpus=gpus,
+            device_memory_limit=device_memory_limit)
         group["name"] = name
         return self.sync(self._edit_groups, lambda groups: groups + [group]
                          if all(g["name"] != name for g in groups) else _exists(name))

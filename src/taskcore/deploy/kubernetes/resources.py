@@ -71,6 +71,7 @@ SHORT_NAMES = ["tcc"]
 SCHEDULER_PORT = 8786
 DASHBOARD_PORT = 8787
 DEFAULT_IMAGE = "ghcr.io/taskcore/taskcore:latest"
+GPU_RESOURCE = "nvidia.com/gpu"   # the NVIDIA device plugin's extended resource
 DEFAULT_GROUP = "default"
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 
@@ -122,16 +123,30 @@ def _resources(resources) -> dict:
 
 
 def make_worker_spec(image: str = DEFAULT_IMAGE, n_workers: int = 3, resources: dict | None = None,
-                     env=None, worker_command="core-worker", name: str = DEFAULT_GROUP,
-                     nthreads: int | None = None, death_timeout: float = 60) -> dict:
+                     env=None, worker_command=None, name: str = DEFAULT_GROUP,
+                     nthreads: int | None = None, death_timeout: float = 60, gpus: int | None = None,
+                     device_memory_limit=None) -> dict:
     """One worker group of a TaskcoreCluster spec: `{name, replicas, spec: PodSpec}`.
 
-    `worker_command` (a string or list) starts the worker; the controller's variables
-    complete it: it is called with the scheduler's address, `--name <pod name>` and
-    `--host <pod IP>`.
+    `worker_command` (a string or list; default `core-worker`, or `core-cuda-worker` with
+    `gpus`) starts the worker; the controller's variables complete it: it is called with
+    the scheduler's address, `--name <pod name>` and `--host <pod IP>`.
+
+    `gpus=1` makes a GPU group: each pod asks for one `nvidia.com/gpu` (the NVIDIA device
+    plugin's resource; the container runtime then shows the pod only its GPU), tolerates
+    the usual `nvidia.com/gpu` taint of GPU nodes, and runs `core-cuda-worker`, which pins
+    the worker to its GPU's CPUs and advertises the `GPU=1` resource. One GPU per pod:
+    the pod is the unit that scales and retires.
     """
     if int(n_workers) < 0:
         raise ValueError(f"n_workers must be >= 0, got {n_workers}")
+    if gpus is not None and (isinstance(gpus, bool) or gpus != 1):
+        raise ValueError(f"gpus must be 1 (one GPU per worker pod; scale with n_workers), "
+                         f"got {gpus!r}")
+    if device_memory_limit is not None and not gpus:
+        raise ValueError("device_memory_limit= needs gpus=1")
+    if worker_command is None:
+        worker_command = "core-cuda-worker" if gpus else "core-worker"
     args = ["$(TASKCORE_SCHEDULER_ADDRESS)", "--name", "$(TASKCORE_WORKER_NAME)",
             "--host", "$(POD_IP)", "--death-timeout", str(death_timeout)]
     if nthreads is not None:
@@ -140,19 +155,28 @@ def make_worker_spec(image: str = DEFAULT_IMAGE, n_workers: int = 3, resources: 
     memory = (res.get("limits") or {}).get("memory")
     if memory is not None:
         args += ["--memory-limit", _quantity_bytes(memory)]
+    if gpus:
+        # Extended resources go in limits (requests default to them, and may not differ).
+        res.setdefault("limits", {})[GPU_RESOURCE] = str(gpus)
+        if device_memory_limit is not None:
+            args += ["--device-memory-limit", str(device_memory_limit)]
     container = {"name": "worker", "image": image, "command": _as_command(worker_command),
                  "args": args, "env": _env_list(env)}
     if res:
         container["resources"] = res
-    return {"name": name, "replicas": int(n_workers),
-            "spec": {"containers": [container], "restartPolicy": "OnFailure",
-                     "terminationGracePeriodSeconds": 30}}
+    pod = {"containers": [container], "restartPolicy": "OnFailure",
+           "terminationGracePeriodSeconds": 30}
+    if gpus:
+        pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists",
+                               "effect": "NoSchedule"}]
+    return {"name": name, "replicas": int(n_workers), "spec": pod}
 
 
 def make_cluster_spec(name: str, image: str = DEFAULT_IMAGE, n_workers: int = 3,
-                      resources: dict | None = None, env=None, worker_command="core-worker",
+                      resources: dict | None = None, env=None, worker_command=None,
                       scheduler_service_type: str = "ClusterIP", idle_timeout: float = 0,
-                      scheduler_command="core-scheduler", nthreads: int | None = None) -> dict:
+                      scheduler_command="core-scheduler", nthreads: int | None = None,
+                      gpus: int | None = None, device_memory_limit=None) -> dict:
     """A whole TaskcoreCluster resource (a dict you can edit, dump as YAML, or pass to
     `KubeCluster(custom_cluster_spec=...)`)."""
     if scheduler_service_type not in SERVICE_TYPES:
@@ -185,7 +209,9 @@ def make_cluster_spec(name: str, image: str = DEFAULT_IMAGE, n_workers: int = 3,
             },
             "workerGroups": [make_worker_spec(image=image, n_workers=n_workers,
                                               resources=resources, env=env,
-                                              worker_command=worker_command, nthreads=nthreads)],
+                                              worker_command=worker_command, nthreads=nthreads,
+                                              gpus=gpus,
+                                              device_memory_limit=device_memory_limit)],
         },
     }
 

@@ -10,6 +10,11 @@ through the registry, on the stand-in's event loop:
   it reports; a pod with a deletionTimestamp is terminated with its grace period and then
   removed; a pod removed at once (grace 0) has its processes killed afterwards. Secret
   volumes and secretKeyRef variables are read from the store (kubelet.py says how).
+  With `gpus=N` it also plays the NVIDIA device plugin: the node has N `nvidia.com/gpu`,
+  a pod whose limits ask for more than are free stays Pending (PodScheduled False,
+  Unschedulable, the scheduler's "Insufficient nvidia.com/gpu" message) until some are
+  freed, and a bound pod's containers get its devices in CUDA_VISIBLE_DEVICES and
+  NVIDIA_VISIBLE_DEVICES (the container runtime's isolation, which a local process lacks).
 - `DeploymentController`: keeps `spec.replicas` pods of the current template. There is
   no ReplicaSet object: pods are owned by the Deployment itself (ownerReference with
   controller: true), named `{deployment}-{template hash}-{5 random}` and labelled
@@ -50,6 +55,8 @@ import random
 from .registry import DEPLOYMENTS, NAMESPACES, PODS, SERVICES, Registry
 from .selectors import label_selector_object_matches
 from .store import ApiError, Event, NotFound, now_rfc3339
+
+GPU_RESOURCE = "nvidia.com/gpu"
 
 log = logging.getLogger("taskcore.tests.standin.controllers")
 
@@ -131,8 +138,15 @@ class Kubelet(Controller):
     def __init__(self, registry: Registry, *, runner_factory, base_env: dict,
                  incluster_env: dict, serviceaccount_root: pathlib.Path, token: str,
                  ca_pem: str, log_dir: pathlib.Path, image_pullable, backoff_base: float,
-                 backoff_max: float):
+                 backoff_max: float, gpus: int = 0):
         super().__init__(registry)
+        # The NVIDIA device plugin, emulated: the node advertises `gpus` of nvidia.com/gpu;
+        # a pod is bound only when that many are free (else it stays Pending,
+        # Unschedulable, with the scheduler's message), and its containers see only
+        # their devices (CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES, as the NVIDIA
+        # container runtime arranges). Devices are freed when the pod is gone.
+        self.gpus = int(gpus)
+        self.gpu_owner: dict[int, str] = {}            # device index -> pod uid
         self.runner_factory = runner_factory
         self.base_env = base_env
         self.incluster_env = incluster_env
@@ -196,6 +210,8 @@ class Kubelet(Controller):
         except (ValueError, OSError):
             mem_kib = 0
         resources = {"cpu": cpus, "memory": f"{mem_kib}Ki", "pods": "110"}
+        if self.gpus:
+            resources[GPU_RESOURCE] = str(self.gpus)
         node = {"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": NODE_NAME, "labels": {
                     "kubernetes.io/hostname": NODE_NAME, "kubernetes.io/os": "linux",
@@ -224,7 +240,10 @@ class Kubelet(Controller):
         if not spec.get("nodeName"):
             if meta.get("deletionTimestamp"):
                 return
-            # The scheduler: one node, no resources to fit, so bind at once.
+            # The scheduler: one node; only GPUs are counted (the device plugin's resource).
+            if not self._fits_gpus(pod):
+                self._unschedulable(pod)
+                return
             bound = copy.deepcopy(pod)
             bound["spec"]["nodeName"] = NODE_NAME
             status = bound.setdefault("status", {})
@@ -249,10 +268,15 @@ class Kubelet(Controller):
         meta = pod["metadata"]
         ns, name, uid = meta.get("namespace"), meta["name"], meta["uid"]
         ip = _random_ip(POD_NET, set(self.pod_ips.values()))
+        env = self._pod_env(pod)
         try:
+            devices = self._allocate_gpus(pod)
+            if devices:
+                env["CUDA_VISIBLE_DEVICES"] = env["NVIDIA_VISIBLE_DEVICES"] = \
+                    ",".join(map(str, devices))
             runner = self.runner_factory(
                 pod, ip, node_name=NODE_NAME, host_ip="127.0.0.1", base_env=self.base_env,
-                extra_env=self._pod_env(pod), log_dir=self.log_dir,
+                extra_env=env, log_dir=self.log_dir,
                 on_status=functools.partial(self._on_status, ns, name, uid),
                 image_pullable=self.image_pullable, backoff_base=self.backoff_base,
                 backoff_max=self.backoff_max, secrets=self._secret)
@@ -263,6 +287,7 @@ class Kubelet(Controller):
             status = dict(pod.get("status") or {})
             status.update(phase="Failed", reason="StandinUnsupported", message=str(e))
             self.registry.write_status(PODS, ns, name, status, uid)
+            self._release_gpus(uid)
             return
         self.runners[uid] = runner
         self.pod_ips[uid] = ip
@@ -290,8 +315,66 @@ class Kubelet(Controller):
         finally:
             self._terminations.pop(uid, None)
 
+    # -- the emulated NVIDIA device plugin --
+
+    @staticmethod
+    def _gpu_request(pod: dict) -> int:
+        total = 0
+        for c in (pod.get("spec") or {}).get("containers") or []:
+            limits = (c.get("resources") or {}).get("limits") or {}
+            total += int(limits.get(GPU_RESOURCE, 0))
+        return total
+
+    def _free_gpus(self) -> list:
+        return [i for i in range(self.gpus) if i not in self.gpu_owner]
+
+    def _fits_gpus(self, pod: dict) -> bool:
+        # Bound pods keep their devices until they are gone, so count the bound ones too.
+        wanted = self._gpu_request(pod)
+        if not wanted:
+            return True
+        held = sum(self._gpu_request(p) for p in self.store.list(PODS)
+                   if (p.get("spec") or {}).get("nodeName") == NODE_NAME
+                   and p["metadata"]["uid"] not in self.runners and not _terminal(p))
+        return wanted <= len(self._free_gpus()) - held
+
+    def _unschedulable(self, pod: dict):
+        meta = pod["metadata"]
+        status = dict(pod.get("status") or {})
+        conds = [c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"]
+        message = (f"0/1 nodes are available: 1 Insufficient {GPU_RESOURCE}. preemption: "
+                   f"0/1 nodes are available: 1 No preemption victims found for incoming pod.")
+        if any(c.get("message") == message for c in status.get("conditions") or []):
+            return
+        status.update(phase="Pending", conditions=conds + [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": message, "lastProbeTime": None, "lastTransitionTime": now_rfc3339()}])
+        self.registry.write_status(PODS, meta.get("namespace"), meta["name"], status,
+                                   meta["uid"])
+
+    def _allocate_gpus(self, pod: dict) -> list:
+        wanted = self._gpu_request(pod)
+        free = self._free_gpus()
+        if wanted > len(free):      # bound elsewhere (another stand-in's choice): refuse
+            raise ValueError(f"{wanted} {GPU_RESOURCE} requested, {len(free)} free")
+        mine = free[:wanted]
+        for i in mine:
+            self.gpu_owner[i] = pod["metadata"]["uid"]
+        return mine
+
+    def _release_gpus(self, uid: str):
+        freed = [i for i, owner in self.gpu_owner.items() if owner == uid]
+        for i in freed:
+            del self.gpu_owner[i]
+        if freed:
+            # Pending GPU pods may fit now: the scheduler retries them.
+            for p in self.store.list(PODS):
+                if not (p.get("spec") or {}).get("nodeName") and self._gpu_request(p):
+                    asyncio.ensure_future(self._pod_changed(p))
+
     def _pod_removed(self, pod: dict):
         uid = pod["metadata"]["uid"]
+        self._release_gpus(uid)
         runner = self.runners.pop(uid, None)
         self.pod_ips.pop(uid, None)
         self.names.pop(uid, None)

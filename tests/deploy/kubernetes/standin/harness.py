@@ -119,7 +119,7 @@ class StandinKubernetes:
 
     def __init__(self, tmp_path, pod_env: dict | None = None, backoff_base: float = 0.5,
                  backoff_max: float = 5.0, history: int = 1000, *, port: int = 0,
-                 stop_grace: float = 2.0):
+                 stop_grace: float = 2.0, gpus: int = 0):
         self.dir = pathlib.Path(tmp_path) / "standin-kubernetes"
         self.id = uuid.uuid4().hex[:12]
         env = {k: os.environ[k] for k in _BASE_ENV_KEYS if k in os.environ}
@@ -129,6 +129,7 @@ class StandinKubernetes:
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self.history = history
         self.stop_grace = stop_grace
+        self.gpus = gpus    # nvidia.com/gpu on the stand-in node (its emulated device plugin)
         self._port = port
         self.token = secrets.token_urlsafe(32)
         self.serviceaccount_token = secrets.token_urlsafe(32)
@@ -197,7 +198,7 @@ class StandinKubernetes:
             incluster_env={}, serviceaccount_root=sa_root, token=self.serviceaccount_token,
             ca_pem=ca_pem, log_dir=self.dir / "pods",
             image_pullable=lambda image: image not in self._missing_images,
-            backoff_base=self.backoff_base, backoff_max=self.backoff_max)
+            backoff_base=self.backoff_base, backoff_max=self.backoff_max, gpus=self.gpus)
         self.controllers = [NamespaceController(self.registry, ca_pem=ca_pem),
                             GarbageCollector(self.registry),
                             DeploymentController(self.registry),
