@@ -66,6 +66,9 @@ class SchedRecorder(SchedulerPlugin):
     def transition(self, key, start, finish, *args, **kwargs):
         self.seen.append(("transition", key, start, finish))
 
+    def update_graph(self, scheduler, *, client=None, keys=None, tasks=None, **kwargs):
+        self.seen.append(("update_graph", client, sorted(keys), sorted(tasks)))
+
 
 @pytest.fixture(scope="module")
 def lc():
@@ -178,9 +181,14 @@ def test_scheduler_plugin_hooks(c, lc):
         plugin = s.plugins["sched-rec"]
         assert plugin.seen == [("start",)]
         assert c.submit(inc, 10, key="inc-sched-10").result() == 11
-        trans = [x[1:] for x in plugin.seen if x[0] == "transition"]
-        assert ("inc-sched-10", "waiting", "processing") in trans
-        assert ("inc-sched-10", "processing", "memory") in trans
+        # Every transition of the scheduler's machine, in order (its transition log).
+        def trans():
+            return [x[2:] for x in plugin.seen
+                    if x[0] == "transition" and x[1] == "inc-sched-10"]
+        wait_until(lambda: len(trans()) >= 3, message="three transitions of the task")
+        assert ("update_graph", c.id, ["inc-sched-10"], ["inc-sched-10"]) in plugin.seen
+        assert trans()[:3] == [("released", "queued"), ("queued", "processing"),
+                               ("processing", "memory")]
         with Client(lc, set_as_default=False) as c2:
             cid = c2.id
         wait_until(lambda: ("remove_client", cid) in plugin.seen, message="remove_client")
@@ -195,6 +203,7 @@ def test_scheduler_plugin_hooks(c, lc):
         c.unregister_scheduler_plugin("sched-rec")
     assert plugin.seen[-1] == ("close",)
     assert "execute" not in s.__dict__
+    assert "handle" not in s.__dict__
     with pytest.raises(ValueError, match="sched-rec"):
         c.unregister_scheduler_plugin("sched-rec")
 

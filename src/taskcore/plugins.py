@@ -61,11 +61,12 @@ class SchedulerPlugin:
     def restart(self, scheduler):
         """`client.restart()` ran."""
 
-    def update_graph(self, scheduler, *, client=None, keys=None, **kwargs):
-        """Not called by taskcore (graphs are decoded by the compiled codec)."""
+    def update_graph(self, scheduler, *, client=None, keys=None, tasks=None,
+                     annotations=None, priority=None, stimulus_id=None, **kwargs):
+        """A client's graph was added: `keys` it wants, `tasks` the keys of its tasks."""
 
     def transition(self, key, start, finish, *args, stimulus_id=None, **kwargs):
-        """An instruction the scheduler carried out moved `key` to `finish`."""
+        """The scheduler's state machine moved `key` from `start` to `finish`."""
 
     def add_worker(self, scheduler=None, worker=None):
         """Worker `worker` (its address) registered."""
@@ -488,48 +489,53 @@ def _worker_execute(worker, host, instructions):
 
 
 def update_scheduler_hook(scheduler):
-    """As `update_worker_hook`, for the scheduler's SchedulerPlugins."""
-    ps = tuple(p for p in scheduler.plugins.values()
-               if overrides(p, "transition", SchedulerPlugin))
+    """As `update_worker_hook`, for the scheduler's SchedulerPlugins. While one overrides
+    `transition`, the scheduler's `execute` reports every transition its state machine
+    made since the last call (from the machine's transition log), then executes; while
+    one overrides `update_graph`, its `handle` calls it after a graph was added. With
+    neither, the compiled methods stay: nothing runs per task."""
+    plugins = tuple(scheduler.plugins.values())
+    ps = tuple(p for p in plugins if overrides(p, "transition", SchedulerPlugin))
     if ps:
-        last = {}
-        scheduler.execute = lambda instructions: _scheduler_execute(scheduler, ps, last,
+        cursor = [scheduler.state.n_transitions]
+        scheduler.execute = lambda instructions: _scheduler_execute(scheduler, ps, cursor,
                                                                     instructions)
     else:
         scheduler.__dict__.pop("execute", None)
+    graphs = tuple(p for p in plugins if overrides(p, "update_graph", SchedulerPlugin))
+    if graphs:
+        scheduler.handle = lambda ev: _scheduler_handle(scheduler, graphs, ev)
+    else:
+        scheduler.__dict__.pop("handle", None)
 
 
-def _scheduler_execute(scheduler, plugins, last, instructions):
+def _scheduler_handle(scheduler, plugins, ev):
     from taskcore.core.scheduler_dispatch import SchedulerDispatch
-    from taskcore.core.scheduler_state import (ComputeTask, KeyForgotten, KeyInMemory,
-                                               KeyLost, TaskCancelled, TaskErredReport)
+    from taskcore.core.scheduler_state import UpdateGraph
 
-    r = SchedulerDispatch.execute(scheduler, instructions)
-    for ins in instructions:
-        t = type(ins)
-        if t is ComputeTask:
-            finish = "processing"
-        elif t is KeyInMemory:
-            finish = "memory"
-        elif t is TaskErredReport:
-            finish = "erred"
-        elif t is KeyLost:
-            finish = "released"
-        elif t is TaskCancelled or t is KeyForgotten:
-            finish = "forgotten"
-        else:
-            continue
-        key = ins.key
-        # The state it came from, as far as these hooks saw it; a key's first
-        # report starts from "waiting" (every task waits before it runs).
-        start = last.pop(key, "waiting") if finish == "forgotten" else last.get(key, "waiting")
-        if finish != "forgotten":
-            if len(last) > 100_000:
-                last.clear()        # bounded: keys never forgotten here must not pile up
-            last[key] = finish
+    r = SchedulerDispatch.handle(scheduler, ev)
+    if type(ev) is UpdateGraph:
         for p in plugins:
             try:
-                p.transition(key, start, finish, stimulus_id=ins.stimulus_id)
+                p.update_graph(scheduler, client=ev.client, keys=set(ev.keys),
+                               tasks=[t[0] for t in ev.tasks], annotations=ev.annotations,
+                               priority=ev.priority, stimulus_id=ev.stimulus_id)
+            except Exception:
+                logger.exception("scheduler plugin update_graph hook failed")
+    return r
+
+
+def _scheduler_execute(scheduler, plugins, cursor, instructions):
+    from taskcore.core.scheduler_dispatch import SchedulerDispatch
+
+    state = scheduler.state
+    done = state.transitions_since(cursor[0])
+    cursor[0] = state.n_transitions
+    r = SchedulerDispatch.execute(scheduler, instructions)
+    for key, start, finish, stimulus_id in done:
+        for p in plugins:
+            try:
+                p.transition(key, start, finish, stimulus_id=stimulus_id)
             except Exception:
                 logger.exception("scheduler plugin transition hook failed for %r", key)
     return r

@@ -3284,6 +3284,24 @@ cdef class SchedulerState:
                             sid, self._addresses_by_id.get(wid) if wid >= 0 else None))
         return out
 
+    def transitions_since(self, int64_t n):
+        """The transitions made after the first `n` ever (`n_transitions` counts them),
+        oldest first, as many as the log still holds: [(key, start, finish, stimulus_id)].
+        For SchedulerPlugin.transition hooks (plugins.py); never on the hot path."""
+        cdef Py_ssize_t cap = self.transition_log_length
+        cdef int64_t behind = self.n_transitions - n
+        cdef Py_ssize_t i, pos, k, first
+        if behind <= 0:
+            return []
+        k = <Py_ssize_t>min(behind, <int64_t>self._log_len)
+        first = (self._log_pos - k + cap) % cap
+        out = []
+        for i in range(k):
+            pos = (first + i) % cap
+            out.append((self._log_keys[pos], _NAMES[self._log_start[pos]],
+                        _NAMES[self._log_finish[pos]], self._log_stimuli[pos]))
+        return out
+
     def get_task(self, key):
         """The TaskState of ``key`` (read-only view) or None."""
         return self._task_from(-1, key)
