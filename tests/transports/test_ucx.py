@@ -366,3 +366,20 @@ def test_local_cluster_over_ucx_with_nannies():
             x = client.submit(_make, 200 * 2**20, workers=[a], pure=False)
             n, first, last, _ = client.submit(_check, x, workers=[b]).result(timeout=60)
             assert (n, first, last) == (200 * 2**20 // 8, 0.0, float(200 * 2**20 // 8 - 1))
+
+
+def test_sync_client_writes_its_submit_from_its_own_thread():
+    """The fast-write capability: a sync client's thread that is about to block on a
+    result posts its submit to UCX itself (`write_now`), and the results are right."""
+    from taskcore import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, protocol="ucx",
+                      dashboard_address=None) as cluster:
+        with Client(cluster, set_as_default=False) as client:
+            assert [client.submit(_check, _make(8 * (i + 1))).result(timeout=30)[0]
+                    for i in range(20)] == list(range(1, 21))
+            assert client.comm.direct_writes > 0
+        with Client(cluster, asynchronous=False, set_as_default=False) as other:
+            other.comm._write_now_ok = False           # a comm that does not allow it
+            assert other.submit(sum, [1, 2]).result(timeout=30) == 3
+            assert other.comm.direct_writes == 0

@@ -26,6 +26,10 @@ no copy on either side. Host frames are sent from their own memory (no join).
 A header it cannot parse, or a frame larger than announced, is a `ProtocolError`
 that closes that one comm.
 
+Writing from another thread: as tcp's comm, a sync client's connection allows
+`write_now`: the caller's thread, about to block on a result, posts its one queued
+message (a single small frame) itself, under the lock every post of a batch holds.
+
 Progress and ucxx's set-up are in `ucx_progress.py`.
 
 Device memory
@@ -44,6 +48,7 @@ import itertools
 import logging
 import os
 import struct
+import threading
 import weakref
 
 from taskcore.core.serialize import dumps, loads
@@ -64,6 +69,7 @@ _PREFIX = struct.Struct("<4sII")
 _ENTRY = 9                                     # u64 nbytes + u8 flags
 HEADER_BYTES = 4096                            # the receive buffer for headers
 INLINE_FRAMES = (HEADER_BYTES - _PREFIX.size) // _ENTRY
+DIRECT_MAX = 8192                              # write_now takes messages up to this size
 HIGH_WATER = 4 * 1024 * 1024                   # bytes posted, not yet sent, before write() waits
 POOL_MIN = 1 << 20                             # frames from here use recycled RecvBuffers
 
@@ -144,6 +150,11 @@ class UCXComm:
         self.frames_received = 0          # counts completed receives (for the stall sweep)
         self.bytes_read = 0
         self.bytes_written = 0
+        # write_now (see there): every post of a batch holds this lock, so a caller
+        # thread's message never lands between another batch's header and frames.
+        self._post_lock = threading.Lock()
+        self._write_now_ok = False
+        self.direct_writes = 0
         self._hdr = bytearray(HEADER_BYTES)
         self._hdr_arr = Array(self._hdr)
         ref = weakref.ref(self)
@@ -484,6 +495,54 @@ class UCXComm:
         self.bytes_written += total
         self._post_sends(msgs, total)
 
+    def allow_write_now(self):
+        """Let `write_now` post from other threads (a sync client's connection)."""
+        self._write_now_ok = True
+
+    def write_now(self, msg):
+        """From a thread other than the loop's, about to block on a reply: post `msg`
+        (one small message, one host frame) to UCX now, instead of waiting for the
+        loop thread to wake up and flush it. False: not done (nothing queued here may be
+        overtaken, the comm must allow it, the message must be small), and the loop
+        sends it as usual. The loop adopts the requests to see them complete."""
+        if not self._write_now_ok or self.closed or self.outbox or self.flush_scheduled:
+            return False
+        try:
+            frames = dumps([msg])
+        except Exception:
+            return False
+        if len(frames) != 1 or len(frames[0]) > DIRECT_MAX:
+            return False
+        frame = frames[0]
+        header = _PREFIX.pack(MAGIC, KIND_DATA, 1) + struct.pack("<QB", len(frame), 0)
+        Array = self._Array
+        with self._post_lock:
+            if self.closed or self.outbox or self.flush_scheduled:
+                return False
+            try:
+                reqs = [self._uep.tag_send(Array(m), self._send_tag) for m in (header, frame)]
+            except Exception:
+                return False            # the loop's own post will fail and say why
+        self.bytes_written += len(frame)
+        self.direct_writes += 1
+        try:
+            self.loop.call_soon_threadsafe(self._adopt, reqs, (header, frame))
+        except RuntimeError:            # the loop is closed: so is the comm, soon
+            pass
+        return True
+
+    def _adopt(self, reqs, keep):
+        """Watch requests a caller thread posted (write_now), holding their memory."""
+        def on_sent(req):
+            if not self.closed:
+                try:
+                    req.check_error()
+                except Exception as e:
+                    self._fail(CommClosedError(f"connection to {self.peer_address} lost "
+                                               f"while writing: {type(e).__name__}: {e}"))
+        for req in reqs:
+            self.driver.watch(req, lambda r, keep=keep: on_sent(r))
+
     def _post_sends(self, msgs, total):
         self.inflight += total
         state = {"left": len(msgs), "msgs": msgs}   # the frames stay alive until sent
@@ -504,8 +563,9 @@ class UCXComm:
 
         Array = self._Array
         try:
-            for m in msgs:
-                req = self._uep.tag_send(Array(m), self._send_tag)
+            with self._post_lock:
+                reqs = [self._uep.tag_send(Array(m), self._send_tag) for m in msgs]
+            for req in reqs:
                 self.driver.watch(req, on_sent)
         except Exception as e:
             self.inflight -= total
@@ -585,8 +645,9 @@ class UCXComm:
         endpoint only at its next progress sweep, up to half a second later."""
         if not self.closed and self._uep is not None:
             try:
-                req = self._uep.tag_send(self._Array(_PREFIX.pack(MAGIC, KIND_CLOSE, 0)),
-                                         self._send_tag)
+                with self._post_lock:
+                    req = self._uep.tag_send(self._Array(_PREFIX.pack(MAGIC, KIND_CLOSE, 0)),
+                                             self._send_tag)
                 for _ in range(100):            # a few microseconds: never blocks
                     if req.completed:
                         break
