@@ -541,7 +541,7 @@ class UCXComm:
                     self._fail(CommClosedError(f"connection to {self.peer_address} lost "
                                                f"while writing: {type(e).__name__}: {e}"))
         for req in reqs:
-            self.driver.watch(req, lambda r, keep=keep: on_sent(r))
+            self.driver.watch_send(req, lambda r, keep=keep: on_sent(r))
 
     def _post_sends(self, msgs, total):
         self.inflight += total
@@ -566,7 +566,7 @@ class UCXComm:
             with self._post_lock:
                 reqs = [self._uep.tag_send(Array(m), self._send_tag) for m in msgs]
             for req in reqs:
-                self.driver.watch(req, on_sent)
+                self.driver.watch_send(req, on_sent)
         except Exception as e:
             self.inflight -= total
             self._fail(CommClosedError(f"connection to {self.peer_address} lost: {e}"))

@@ -110,6 +110,12 @@ class _LoopProgress:
         self.dirty = []                  # comms whose queued sends go out after this callback
         self.depth = 0
         self.scheduled = False
+        # Sends in flight are polled: UCX's tcp transport raises no event when its
+        # socket can take more of a large message, so an armed worker would sleep with
+        # a send half done until the safety sweep (a 0.5 s stall per 200 MB message).
+        self.sends = 0
+        self._send_timer = None
+        self._send_delay = 0.0
         global _armed_worker
         if _armed_worker is not worker:
             worker.init_blocking_progress_mode()
@@ -134,6 +140,26 @@ class _LoopProgress:
         if self.depth == 0:               # inside run() the loop there reaps it
             self.kick()
 
+    def watch_send(self, request, callback):
+        """`watch` for a send: polled until it completes (see `sends`)."""
+        self.sends += 1
+
+        def done(req):
+            self.sends -= 1
+            callback(req)
+        self.watch(request, done)
+
+    def _poll_sends(self):
+        if self._send_timer is None and not self.loop.is_closed():
+            self._send_timer = self.loop.call_later(self._send_delay, self._send_tick)
+
+    def _send_tick(self):
+        # At once while data moves; backing off to 2 ms while the peer does not read.
+        self._send_timer = None
+        moved = self.worker.progress_once()
+        self._send_delay = 0.0 if moved else min(max(2 * self._send_delay, 1e-4), 2e-3)
+        self.run()
+
     def kick(self):
         if not self.scheduled:
             self.scheduled = True
@@ -152,6 +178,8 @@ class _LoopProgress:
                     if not self._reap():
                         break
                 if worker.arm():             # nothing pending: the descriptor wakes us
+                    if self.sends:
+                        self._poll_sends()
                     break
             else:
                 self.kick()                  # still busy: let the loop breathe, then go on
