@@ -143,6 +143,25 @@ async def start_unless_stopped(start, stopper):
     return True, task.exception()
 
 
+async def scheduler_address_unless_stopped(args, stopper, prog: str):
+    """The workers' scheduler: `args.address`, or the one `--scheduler-file` names, waited
+    for (at most `--death-timeout`) unless `stopper` ends first. Returns (address, None),
+    or (None, the exit code: 0 when stopped, 1 when the file never came)."""
+    if args.address is not None:
+        return args.address, None
+    waiter = asyncio.ensure_future(wait_for_scheduler_file(args.scheduler_file,
+                                                           timeout=args.death_timeout))
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not waiter.done():
+        waiter.cancel()
+        return None, 0
+    try:
+        return waiter.result(), None
+    except TimeoutError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return None, 1
+
+
 def log_level_type(text: str) -> str:
     t = text.strip().lower()
     if t not in LOG_LEVELS:

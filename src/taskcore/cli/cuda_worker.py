@@ -28,8 +28,8 @@ import sys
 from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, address_type,
                                  announce, duration_type, memory_limit_type, positive_int,
                                  remove_shutdown_signals, resolve_worker_args, resources_type,
-                                 run_cli, shutdown_event,
-                                 start_unless_stopped, wait_for_scheduler_file)
+                                 run_cli, scheduler_address_unless_stopped, shutdown_event,
+                                 start_unless_stopped)
 
 logger = logging.getLogger("taskcore.cli.cuda_worker")
 PROG = "core-cuda-worker"
@@ -148,19 +148,9 @@ async def run(args) -> int:
     stopper = asyncio.ensure_future(stop.wait())
     worker = None
     try:
-        address = args.address
+        address, code = await scheduler_address_unless_stopped(args, stopper, PROG)
         if address is None:
-            waiter = asyncio.ensure_future(wait_for_scheduler_file(args.scheduler_file,
-                                                                   timeout=args.death_timeout))
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                waiter.cancel()
-                return 0
-            try:
-                address = waiter.result()
-            except TimeoutError as e:
-                sys.stderr.write(f"{PROG}: error: {e}\n")
-                return 1
+            return code
         try:
             worker = _make_worker(args, address)
         except (TypeError, ValueError) as e:

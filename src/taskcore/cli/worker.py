@@ -18,12 +18,11 @@ import asyncio
 import logging
 import sys
 
-from taskcore.cli.common import (add_logging_options, add_tls_options, address_type, announce,
-                                 start_unless_stopped,
-                                 duration_type, memory_limit_type, Parser, positive_int,
+from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, address_type,
+                                 announce, duration_type, memory_limit_type, positive_int,
                                  remove_shutdown_signals, resolve_worker_args, resources_type,
-                                 run_cli, shutdown_event,
-                                 wait_for_scheduler_file)
+                                 run_cli, scheduler_address_unless_stopped, shutdown_event,
+                                 start_unless_stopped)
 
 logger = logging.getLogger("taskcore.cli.worker")
 PROG = "core-worker"
@@ -211,19 +210,9 @@ async def run(args) -> int:
     stopper = asyncio.ensure_future(stop.wait())
     servers = []
     try:
-        address = args.address
+        address, code = await scheduler_address_unless_stopped(args, stopper, PROG)
         if address is None:
-            waiter = asyncio.ensure_future(wait_for_scheduler_file(args.scheduler_file,
-                                                                   timeout=args.death_timeout))
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiter.done():
-                waiter.cancel()
-                return 0
-            try:
-                address = waiter.result()
-            except TimeoutError as e:
-                sys.stderr.write(f"{PROG}: error: {e}\n")
-                return 1
+            return code
         try:
             servers = _make_servers(args, address)
         except (TypeError, ValueError) as e:
