@@ -184,7 +184,14 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, SchedulerServices, Serv
             self.send(peer, {"op": "close", "reason": reason})
         for peer in list(self.nannies.values()):
             self.send(peer, {"op": "close"})
-        await asyncio.sleep(0.05)  # let the close messages flush
+        # Close gracefully: each comm writes what is queued (the messages above), then
+        # its connection ends; a peer that does not take it within 50 ms is aborted below.
+        closing = [asyncio.ensure_future(peer.comm.close()) for peer in
+                   [*self.clients.values(), *self.workers.values(), *self.nannies.values()]]
+        if closing:
+            await asyncio.wait(closing, timeout=0.05)
+            for t in closing:       # a comm already broken: its error is not news here
+                t.add_done_callback(lambda t: t.cancelled() or t.exception())
         for lst in self.listeners:
             await lst.stop()
         if self.dashboard is not None:
