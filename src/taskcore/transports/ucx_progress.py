@@ -214,7 +214,7 @@ class _LoopProgress:
         return True
 
 
-# -- device frames (H2's taskcore.device, when UCX can carry device memory) ----------------
+# -- device frames (taskcore.device, when UCX can carry device memory) --------------------
 
 def device_support():
     """`(dumps_device, alloc)` when device frames can travel as device memory, else False.
