@@ -36,7 +36,7 @@ import importlib
 
 __all__ = ["EXTENSIONS", "Extension", "KeyHolder", "extension", "rpc_handler", "waiter",
            "expect_name", "client_of", "call", "send", "pack", "unpack", "parse_timeout",
-           "maybe_sync", "current_worker"]
+           "maybe_sync", "current_worker", "AcquireContext"]
 
 #: extension name -> (module, class); the first part of an rpc method "name.operation"
 EXTENSIONS = {
@@ -288,3 +288,24 @@ def current_worker():
 
     w = getattr(task_local, "worker", None)
     return None if w is None else w.address
+
+
+class AcquireContext:
+    """`with` and `async with` for a primitive with `acquire()` and `release()` (Lock,
+    MultiLock, Semaphore): acquire or TimeoutError on entry, release on exit."""
+
+    def __enter__(self):
+        if not self.acquire():
+            raise TimeoutError(f"could not acquire {self!r}")
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    async def __aenter__(self):
+        if not await self.acquire():
+            raise TimeoutError(f"could not acquire {self!r}")
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.release()

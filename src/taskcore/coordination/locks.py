@@ -19,8 +19,9 @@ from __future__ import annotations
 import collections
 import uuid
 
-from taskcore.coordination.extension import (Extension, call, client_of, current_worker,
-                                             expect_name, maybe_sync, parse_timeout, waiter)
+from taskcore.coordination.extension import (AcquireContext, Extension, call, client_of,
+                                             current_worker, expect_name, maybe_sync,
+                                             parse_timeout, waiter)
 
 __all__ = ["Lock", "MultiLock", "LockExtension", "MultiLockExtension", "LockTable"]
 
@@ -146,7 +147,7 @@ class MultiLockExtension(LockTable):
     kind = "multi-lock"
 
 
-class _LockBase:
+class _LockBase(AcquireContext):
     _ext = "lock"
 
     def _acquire_args(self, blocking, timeout):
@@ -171,22 +172,6 @@ class _LockBase:
     def release(self):
         """Release it (ValueError if this object does not hold it)."""
         return maybe_sync(self.client, self._release)
-
-    def __enter__(self):
-        if not self.acquire():
-            raise TimeoutError(f"could not acquire {self!r}")
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    async def __aenter__(self):
-        if not await self.acquire():
-            raise TimeoutError(f"could not acquire {self!r}")
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.release()
 
 
 class Lock(_LockBase):

@@ -18,9 +18,9 @@ import collections
 import logging
 import uuid
 
-from taskcore.coordination.extension import (Extension, call, client_of, current_worker,
-                                             expect_name, maybe_sync, parse_timeout, send,
-                                             waiter)
+from taskcore.coordination.extension import (AcquireContext, Extension, call, client_of,
+                                             current_worker, expect_name, maybe_sync,
+                                             parse_timeout, send, waiter)
 
 __all__ = ["Semaphore", "SemaphoreExtension"]
 
@@ -162,7 +162,7 @@ class SemaphoreExtension(Extension):
                     lease.timer.cancel()
 
 
-class Semaphore:
+class Semaphore(AcquireContext):
     """Limit concurrent access to a resource across the cluster (dask.distributed's
     `Semaphore`)."""
 
@@ -262,22 +262,6 @@ class Semaphore:
             timer.cancel()
         while self._leases:
             await self._release()
-
-    def __enter__(self):
-        if not self.acquire():
-            raise TimeoutError(f"could not acquire {self!r}")
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-    async def __aenter__(self):
-        if not await self.acquire():
-            raise TimeoutError(f"could not acquire {self!r}")
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.release()
 
     def __repr__(self):
         return f"<Semaphore: {self.name} max_leases={self.max_leases}>"
