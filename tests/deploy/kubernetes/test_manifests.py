@@ -101,6 +101,9 @@ def test_made_objects_are_valid(service_type):
     jsonschema.validate(spec, _schema())
     r.validate_cluster(spec)
     _validate_children(spec)
+    # The scheduler binds every address of its pod: a port-forward dials the pod's localhost.
+    sched = spec["spec"]["scheduler"]["spec"]["containers"][0]
+    assert sched["args"][sched["args"].index("--host") + 1] == "0.0.0.0"
     (worker,) = [c for c in r.worker_pod(spec, spec["spec"]["workerGroups"][0], "tcp://x:1")
                  ["spec"]["containers"]]
     args = worker["args"]

@@ -244,7 +244,9 @@ async def test_running_pod_env_logs_and_graceful_delete(tmp_path):
         {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
     ]
     container = py(ENV_DUMP, env=env, args=["$(GREETING)", "$$(GREETING)", "$(NOPE)",
-                                            "$(SVC_HOST)", "$(PATH)", "x$(LATER)", "$(POD_IP)"])
+                                            "$(SVC_HOST)", "$(PATH)", "x$(LATER)", "$(POD_IP)",
+                                            "0.0.0.0", "0.0.0.0:8787", "--bind=0.0.0.0",
+                                            "10.0.0.0", "0.0.0.01"])
     pod = Pod(tmp_path, "envpod", [container], spec={"serviceAccountName": "runner-sa"},
               metadata={"labels": {"app": "demo"}, "annotations": {"note": "n1"}},
               node_name="node-7", host_ip="127.0.0.1",
@@ -255,8 +257,10 @@ async def test_running_pod_env_logs_and_graceful_delete(tmp_path):
                             and pod.cond("Ready", s)["status"] == "True", "Running and Ready")
         out = await pod.wait_log("to stderr\n")
         dump = json.loads(out.splitlines()[0])
+        # (a wildcard bind is narrowed to the pod's IP: the stand-in has no network namespace)
         assert dump["argv"] == ["hello", "$(GREETING)", "$(NOPE)", "10.0.0.1", "$(PATH)",
-                                "xlater", pod.ip]
+                                "xlater", pod.ip, pod.ip, f"{pod.ip}:8787", f"--bind={pod.ip}",
+                                "10.0.0.0", "0.0.0.01"]
         e = dump["env"]
         names = ("GREETING", "COMBINED", "EARLY", "LATER", "POD_NAME", "POD_NS", "POD_UID", "APP",
                  "NOTE", "NOLABEL", "NODE", "SA", "POD_IP", "HOST_IP", "HOSTNAME", "ONLY_BASE",

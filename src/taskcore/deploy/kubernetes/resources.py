@@ -184,9 +184,11 @@ def make_cluster_spec(name: str, image: str = DEFAULT_IMAGE, n_workers: int = 3,
                          f"got {scheduler_service_type!r}")
     container = {
         "name": "scheduler", "image": image, "command": _as_command(scheduler_command),
-        # The dashboard listens on the pod's IP too (":PORT" is on --host), where the
-        # Service's "dashboard" port and a port-forward reach it.
-        "args": ["--host", "$(POD_IP)", "--port", str(SCHEDULER_PORT),
+        # Every address of the pod: the Service reaches the pod's IP, while a port-forward
+        # (kubectl's, or KubeCluster's own) dials localhost inside the pod. The scheduler
+        # still gives the pod's IP as its address. The dashboard (":PORT" is on --host)
+        # likewise.
+        "args": ["--host", "0.0.0.0", "--port", str(SCHEDULER_PORT),
                  "--dashboard-address", f":{DASHBOARD_PORT}"],
         "env": _env_list(env),
         "ports": [{"name": "tcp-comm", "containerPort": SCHEDULER_PORT, "protocol": "TCP"},

@@ -13,8 +13,12 @@ What is NOT like a real container:
   "pull" succeeds, and an image's ENTRYPOINT is empty, so every container needs `command`.
 - No namespaces or cgroups: processes share this machine's filesystem, user and network
   namespace. Each pod gets its own loopback IP (`pod_ip`, e.g. 127.0.1.7: all of 127.0.0.0/8
-  reaches lo on Linux), which its processes must bind to; taskcore's do, via POD_IP. Resources
-  and securityContext are ignored (qosClass is still computed from the resources).
+  reaches lo on Linux), which its processes must bind to; taskcore's do, via POD_IP or a
+  wildcard: `0.0.0.0` in the container's arguments (a whole argument, or the host of
+  HOST:PORT) is rewritten to the pod's IP, which stands for both the pod's own address and
+  its localhost (where a real port-forward dials). So a process bound to the pod's IP only,
+  which a real port-forward cannot reach, is not caught here. Resources and
+  securityContext are ignored (qosClass is still computed from the resources).
 - Volumes: only `secret` volumes (any other kind, subPath and mountPropagation are refused
   with NotImplementedError). The Secret's keys are written as the real kubelet writes them
   (`items` with their paths and modes, else every key; `defaultMode`, default 0644; the
@@ -143,6 +147,10 @@ def expand(text: str, mapping) -> str:
         i += 1
     out.append(text[checkpoint:])
     return "".join(out)
+
+
+# 0.0.0.0 as a whole argument or as the host of HOST:PORT.
+_WILDCARD = re.compile(r"(^|[=\s])0\.0\.0\.0(?=$|:)")
 
 
 def _remap(text: str, mounts: dict) -> str:
@@ -627,6 +635,9 @@ class PodRunner:
                     continue
             own[e["name"]] = value
         argv = [expand(a, refs) for a in command + [str(a) for a in spec.get("args") or []]]
+        # No network namespace: a wildcard bind would take its port on every pod's address
+        # (and collide with the same port of another pod), so it is narrowed to this pod's.
+        argv = [_WILDCARD.sub(lambda m: m.group(1) + self.pod_ip, a) for a in argv]
         if mounts:
             argv = [_remap(a, mounts) for a in argv]
             own.update({k: _remap(v, mounts) for k, v in own.items()})
