@@ -61,6 +61,7 @@ which routes functions and classes through the shared function table.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import inspect
 import io
@@ -72,7 +73,7 @@ import types
 import weakref
 from collections.abc import Iterator, Mapping
 
-from taskcore.core.messages import update_graph
+from taskcore.core.messages import release_keys, update_graph
 from taskcore.core.serialize import Serialized
 from taskcore.core.worker_dispatch import task_local
 from taskcore.futures import CANCELLED, ERROR, LOST, Future, futures_of  # noqa: F401 (re-export)
@@ -693,6 +694,55 @@ def _timed(phase, t0):
     return t
 
 
+# A large graph goes to the scheduler in pieces of consecutive dask.order ranks: the
+# first small, so that work starts soon; then doubling, up to a size that keeps each
+# message far below the wire's limits (a few hundred MB at the sizes dask tasks have).
+_FIRST_PIECE = 10_000
+_MAX_PIECE = 200_000
+
+
+def _chunk_bounds(n):
+    """The ranks at which the pieces of an n-task ordered graph start (the first at 0
+    is implied); empty when it goes in one message."""
+    bounds = []
+    start, size = 0, _FIRST_PIECE
+    while start + size < n:
+        start += size
+        bounds.append(start)
+        size = min(2 * size, _MAX_PIECE)
+    return bounds
+
+
+def _frontier(dsk, prio, bounds, aliases, skipped, wanted):
+    """For each piece, the keys it must want: its tasks that a later piece depends on,
+    and those the caller wants (the scheduler drops at once what nobody wants)."""
+    out = [set() for _ in range(len(bounds) + 1)]
+    piece = bisect.bisect_right
+    first = bounds[0]
+    for key in wanted:
+        r = prio.get(key)
+        if r is not None and key not in skipped:
+            out[piece(bounds, r)].add(key)
+    for key, node in dsk.items():
+        if key in skipped:
+            continue
+        r = prio[key]
+        if r < first:
+            continue                    # the first piece depends on no earlier one
+        deps = node.dependencies
+        if not deps:
+            continue
+        c = piece(bounds, r)
+        for d in deps:
+            d = aliases.get(d, d)
+            rd = prio.get(d)
+            if rd is not None and d not in skipped:
+                cd = piece(bounds, rd)
+                if cd < c:
+                    out[cd].add(d)
+    return out
+
+
 def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_workers=False,
                  resources=None, retries=None, ordering=True, annotations=None):
     """Send graph `dsk` ({key: node}) to the scheduler; return {wanted key: Future}.
@@ -700,7 +750,8 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
     Keys held as futures by this client are reused, not recomputed. `annotations`
     ({name: {key: value}}, from dask.annotate) become per-task options: workers,
     allow_other_workers, resources and retries are honoured by the scheduler;
-    any other annotation is passed to the worker with the task.
+    any other annotation is passed to the worker with the task. An ordered graph of
+    more than `_FIRST_PIECE` tasks goes in pieces (see `_chunk_bounds`).
     """
     t0 = time.perf_counter()
     wanted = list(dict.fromkeys(wanted))
@@ -723,6 +774,14 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
     enc = _Encoder(client)
     records = []
     append = records.append
+    ordered = None
+    if prio is not None:
+        # dask.order's ranks are a permutation and an execution order: dependencies
+        # rank before their dependents.
+        ordered = [None] * len(prio)
+        for k, r in prio.items():
+            ordered[r] = k
+    sent = 0
     if ts is not None:
         DataNode = ts.DataNode
         Alias = ts.Alias
@@ -732,49 +791,77 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
         # cost a scheduler round trip.
         wanted_set = set(wanted)
         aliases = enc.aliases
+        skipped = set()             # keys that are not sent as tasks
         for key, node in dsk.items():
             t = type(node)
             if t is Alias:
-                if node.target != key and key not in wanted_set:
+                if node.target == key:
+                    skipped.add(key)
+                elif key not in wanted_set:
                     aliases[key] = node.target
             elif t is DataNode and type(node.value) is Future:
                 _check_future(node.value, client)
-                if node.value.key != key and key not in wanted_set:
+                if node.value.key == key:
+                    skipped.add(key)            # a persisted key: already on the cluster
+                elif key not in wanted_set:
                     aliases[key] = node.value.key
         for key in aliases:
             target = aliases[key]
             while target in aliases:
                 target = aliases[target]
             aliases[key] = target
-        for key, node in dsk.items():
-            if aliases and key in aliases:
-                continue
-            t = type(node)
-            deps = node.dependencies
-            deps = [aliases.get(d, d) for d in deps] if aliases else list(deps)
-            if t is DataNode and type(node.value) is Future:
-                f = node.value
-                if f.key == key:
-                    continue            # a persisted key: already on the cluster
-                encoded = _Dep(f.key)
-                deps = [f.key]
-            elif t is Alias and node.target == key:
-                continue
-            else:
-                encoded = enc.enc(node, None)[0]
-            try:
-                spec = ["dask", enc.dumps(encoded, deps)]
-            except Exception as e:
-                raise TypeError(f"cannot serialize dask task {key!r}: {e}") from e
-            opts = common
-            if prio is not None:
-                opts = {"priority": prio[key]}
-                if common:
-                    opts.update(common)
-            if annotations:
-                opts = _annotate(opts, key, annotations)
-            append([key, spec, deps, opts])
+        skipped.update(aliases)
+        bounds = _chunk_bounds(len(ordered)) if ordered is not None else []
+        frontier = _frontier(dsk, prio, bounds, aliases, skipped, wanted) if bounds else None
+        next_bound = bounds[0] if bounds else None
+        chunk = 0
+        temporary = set()           # wanted by the pieces sent so far, not by the caller
+        try:
+            for key in (ordered if ordered is not None else dsk):
+                if next_bound is not None and prio[key] >= next_bound:
+                    # The graph goes in pieces, in execution order, so the scheduler starts
+                    # on the first while the rest is encoded; each piece wants its tasks
+                    # that later pieces depend on, so they are not dropped meanwhile.
+                    if records:
+                        client._send_threadsafe(update_graph(records, list(frontier[chunk]),
+                                                             int(priority or 0)))
+                        temporary.update(frontier[chunk])
+                        sent += len(records)
+                        records = []
+                        append = records.append
+                    chunk += 1
+                    next_bound = bounds[chunk] if chunk < len(bounds) else None
+                if key in skipped:
+                    continue
+                node = dsk[key]
+                t = type(node)
+                deps = node.dependencies
+                deps = [aliases.get(d, d) for d in deps] if aliases else list(deps)
+                if t is DataNode and type(node.value) is Future:
+                    encoded = _Dep(node.value.key)
+                    deps = [node.value.key]
+                else:
+                    encoded = enc.enc(node, None)[0]
+                try:
+                    spec = ["dask", enc.dumps(encoded, deps)]
+                except Exception as e:
+                    raise TypeError(f"cannot serialize dask task {key!r}: {e}") from e
+                opts = common
+                if prio is not None:
+                    opts = {"priority": prio[key]}
+                    if common:
+                        opts.update(common)
+                if annotations:
+                    opts = _annotate(opts, key, annotations)
+                append([key, spec, deps, opts])
+        except BaseException:
+            if temporary:               # what the pieces sent so far wanted goes again
+                client._send_threadsafe(release_keys(list(temporary)))
+            raise
+        temporary -= wanted_set
     else:
+        temporary = None
+        skipped = {k for k, t in dsk.items() if type(t) is Future and t.key == k}
         for key, task in dsk.items():
             if type(task) is Future and task.key == key:
                 continue
@@ -792,22 +879,21 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
     futures = {k: Future(k, client) for k in wanted}
     if records or not held.issuperset(wanted):
         client._send_threadsafe(update_graph(records, list(wanted), int(priority or 0)))
+    sent += len(records)
+    if temporary:
+        # The whole graph is there now: the pieces' own wants go, dependents keep them.
+        client._send_threadsafe(release_keys(list(temporary)))
     _timed("encode", t0)
-    _timings.value["tasks"] = len(records)
+    _timings.value["tasks"] = sent
     from taskcore import diagnostics
 
-    if prio is not None and len(records) > len(wanted):
-        # Execution order (dask.order ranks are a permutation): progress bars then
-        # list prefixes in the order they run.
-        ordered = [None] * len(prio)
-        for k, r in prio.items():
-            ordered[r] = k
-        if len(records) < len(ordered):
-            sent = {r[0] for r in records}
-            ordered = [k for k in ordered if k in sent]
+    if ordered is not None and sent > len(wanted):
+        # Execution order: progress bars then list prefixes in the order they run.
+        if skipped:
+            ordered = [k for k in ordered if k not in skipped]
         diagnostics.remember_graph(client, wanted, ordered)
     else:
-        diagnostics.remember_graph(client, wanted, [r[0] for r in records])
+        diagnostics.remember_graph(client, wanted, [k for k in dsk if k not in skipped])
     return futures
 
 

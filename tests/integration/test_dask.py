@@ -26,7 +26,7 @@ import taskcore  # noqa: E402
 from taskcore import Client, Future, LocalCluster, wait  # noqa: E402
 from taskcore import dask_integration as di  # noqa: E402
 from taskcore.core.messages import decode_update_graph  # noqa: E402
-from taskcore.testing import run  # noqa: E402
+from taskcore.testing import run, wait_until  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -98,6 +98,66 @@ def test_array_graph_of_10k_tasks(client):
     y = (x * 2 + 1).sum()
     assert client.compute(y).result() == int((np.arange(8_000) * 2 + 1).sum())
     assert di.last_timings()["tasks"] >= 10_000       # tasks sent to the scheduler
+
+
+def test_large_graphs_go_in_pieces_in_execution_order(client, monkeypatch):
+    # Pieces of 7, 14, 28, 50, 50, ... tasks: every piece boundary cuts dependencies.
+    monkeypatch.setattr(di, "_FIRST_PIECE", 7)
+    monkeypatch.setattr(di, "_MAX_PIECE", 50)
+    x = da.random.RandomState(2).random_sample((120, 120), chunks=(10, 10))
+    y = x.persist()                     # in pieces too; its 144 results held
+    wait(taskcore.dask_integration.futures_of(y))
+    sent = []
+    real = client._send_threadsafe
+    monkeypatch.setattr(client, "_send_threadsafe", lambda m: (sent.append(m), real(m)))
+    def exprs(y):
+        return [(x + x.T).mean(axis=0).sum(), (y @ y.T)[3, ::5], da.concatenate([x, y]).std()]
+
+    got_futures = client.compute(exprs(y))
+    got = client.gather(got_futures)
+    for g, w in zip(got, dask.compute(*exprs(x), scheduler="sync")):
+        np.testing.assert_allclose(g, w)
+    graphs = [decode_update_graph("c", m, "s") for m in sent if isinstance(m, list)]
+    assert len(graphs) > 10
+    held = set(dask.core.flatten(y.__dask_keys__()))
+    seen = set()
+    for g in graphs:                    # dependencies always come in this or an earlier piece
+        keys = {rec[0] for rec in g.tasks}
+        for rec in g.tasks:
+            assert set(rec[2]) <= seen | keys | held, rec[0]
+        seen |= keys
+    # A piece wants what later pieces need of it, and the results it holds.
+    results = {f.key for f in got_futures}
+    later = set()
+    for i in range(len(graphs) - 2, -1, -1):
+        later |= {d for rec in graphs[i + 1].tasks for d in rec[2]}
+        keys = {rec[0] for rec in graphs[i].tasks}
+        assert set(graphs[i].keys) == keys & (later | results)
+    assert set(graphs[-1].keys) == results
+    releases = [m for m in sent if isinstance(m, dict) and m.get("op") == "release-keys"]
+    assert len(releases) == 1 and releases[0]["keys"]
+    # what the pieces held for each other is let go: only the persisted array stays
+    del got, got_futures, y
+    wait_until(lambda: client.run_on_scheduler(lambda scheduler: len(scheduler.state.tasks)) == 0,
+               timeout=10)
+
+
+def test_a_failed_piece_releases_what_was_sent(client, monkeypatch):
+    monkeypatch.setattr(di, "_FIRST_PIECE", 5)
+    monkeypatch.setattr(di, "_MAX_PIECE", 20)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("no pickling")
+
+    parts = [dask.delayed(inc)(i) for i in range(60)]
+    last = dask.delayed(add)(parts[-1], Unpicklable())
+    total = dask.delayed(sum)(parts + [last])
+    with pytest.raises(TypeError, match="cannot serialize dask task"):
+        client.compute(total)
+    wait_until(lambda: client.run_on_scheduler(lambda scheduler: len(scheduler.state.tasks)) == 0,
+               timeout=10)
+    assert client.compute(dask.delayed(sum)(parts)).result() == sum(range(1, 61))
 
 
 def test_array_persist_and_reuse(client):
