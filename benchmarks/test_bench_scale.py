@@ -10,6 +10,7 @@
 | held (client.map of tiny tasks)            | process, fewer tasks               |                |
 | 200 MB array worker -> worker over tcp://  | raw socket sendall / recv_into,    | >= 0.9         |
 |                                            | two processes on loopback          |                |
+| the same through /dev/shm (shm.py)         | the same raw socket                | >= 3           |
 | LocalCluster(2 processes) + 1 task + close | dask.distributed, same steps       | <= 0.25 s, 3x  |
 
 Sizes (tasks are counted in the optimized, materialized graph both runtimes receive):
@@ -37,6 +38,7 @@ first time any task of that graph runs, it writes `time.time()` to a file of its
 process and links it to `path` (the first worker to get there wins); afterwards it
 costs a `stat` per task (~1 us). Both runtimes run on this host, so the clocks agree.
 """
+import contextlib
 import os
 import sys
 import tempfile
@@ -274,7 +276,7 @@ def test_scheduler_memory_per_task(benchmark):
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. A 200 MB array worker -> worker over tcp://
+# 4. A 200 MB array worker -> worker over tcp://, and through /dev/shm
 # ---------------------------------------------------------------------------------------------
 
 def make_array(nbytes, seed):
@@ -303,12 +305,22 @@ def _transfer_rounds(client, rounds, on_setup=None):
     return best
 
 
-def test_worker_to_worker_transfer(benchmark, ours):
+@contextlib.contextmanager
+def _transfer_cluster(**worker_kwargs):
+    """`ours`'s cluster (2 worker processes x 1 thread) with these worker options."""
+    from taskcore import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, **worker_kwargs) as cluster:
+        with Client(cluster, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+            yield client
+
+
+def _ours_against_raw(benchmark, client, rounds):
+    """(our best transfer, the raw socket's best), raw rounds interleaved with ours."""
     import socket
 
-    rounds = 3 if QUICK else 7
-    with dask_cluster() as dask_client:
-        t_dask = _transfer_rounds(dask_client, 2 if QUICK else 3)
     payload = memoryview(make_array(TRANSFER_BYTES, 99))
     with peer("raw-sink", TRANSFER_BYTES) as raw_port:
         s = socket.create_connection(("127.0.0.1", raw_port))
@@ -322,11 +334,20 @@ def test_worker_to_worker_transfer(benchmark, ours):
             raw.append(time.perf_counter() - t0)
 
         raw_send()
-        _transfer_rounds(ours, 1)       # warm up: connections between the workers
-        t_ours = benchmark.pedantic(lambda: _transfer_rounds(ours, rounds, raw_send),
+        _transfer_rounds(client, 1)     # warm up: connections between the workers
+        t_ours = benchmark.pedantic(lambda: _transfer_rounds(client, rounds, raw_send),
                                     rounds=1, iterations=1)
         s.close()
-    t_raw = min(raw)
+    return t_ours, min(raw)
+
+
+def test_worker_to_worker_transfer(benchmark):
+    rounds = 3 if QUICK else 7
+    with dask_cluster() as dask_client:
+        t_dask = _transfer_rounds(dask_client, 2 if QUICK else 3)
+    # Over tcp: shared memory (taskcore/shm.py) off, or it would carry the array.
+    with _transfer_cluster(shm_threshold=0) as ours:
+        t_ours, t_raw = _ours_against_raw(benchmark, ours, rounds)
     benchmark.extra_info.update(
         nbytes=TRANSFER_BYTES, ours_s=t_ours, raw_s=t_raw, dask_s=t_dask,
         ours_gb_s=TRANSFER_BYTES / t_ours / 1e9, raw_gb_s=TRANSFER_BYTES / t_raw / 1e9,
@@ -334,6 +355,21 @@ def test_worker_to_worker_transfer(benchmark, ours):
         baseline="raw socket sendall/recv_into, two processes on loopback (fraction of "
                  "its rate; ours is a whole dependent task on the other worker)",
         target="ratio >= 0.9")
+
+
+def test_worker_to_worker_transfer_shm(benchmark):
+    rounds = 3 if QUICK else 7
+    with _transfer_cluster() as ours:
+        t_ours, t_raw = _ours_against_raw(benchmark, ours, rounds)
+        used = ours.run(lambda dask_worker: dask_worker._shm and dask_worker._shm.received_count)
+    assert sum(used.values()) >= rounds, f"the transfers did not go through /dev/shm: {used}"
+    benchmark.extra_info.update(
+        nbytes=TRANSFER_BYTES, ours_s=t_ours, raw_s=t_raw,
+        ours_gb_s=TRANSFER_BYTES / t_ours / 1e9, raw_gb_s=TRANSFER_BYTES / t_raw / 1e9,
+        ratio=t_raw / t_ours,
+        baseline="raw socket sendall/recv_into, two processes on loopback; ours through "
+                 "/dev/shm (a fresh array each round: one copy into shared memory)",
+        target="ratio >= 3")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,11 +471,17 @@ def timeline(n):
             sampler.join()
         held_rss = samples[-1][2]
         t = last_timings()
-    # _first_task_latency's own clock starts a few microseconds after t_start.
-    bounds = [("dask graph: optimize + materialize", t["graph"]), ("dask.order", t["order"]),
-              ("encode: records built, pickled, queued", t["encode"]),
-              ("queued -> first task running", first - t["graph"] - t["order"] - t["encode"]),
-              ("first task running -> result", total - first)]
+    # _first_task_latency's own clock starts a few microseconds after t_start. A graph of
+    # more than one piece (dask_integration._chunk_bounds) starts running while it is
+    # still being encoded, so "encode" and the execution overlap: the first task's start
+    # and the end of encoding are both marked, and the rows are the intervals between
+    # consecutive marks.
+    sent = t["graph"] + t["order"] + t["encode"]
+    marks = sorted([("dask graph: optimize + materialize", t["graph"]),
+                    ("dask.order", t["graph"] + t["order"]),
+                    ("encode + send: records built, pickled, queued", sent),
+                    ("first task running", first),
+                    ("result", total)], key=lambda m: m[1])
 
     def cpu_at(when):
         """CPU seconds of each process at wall time `when` (last sample before it)."""
@@ -452,18 +494,20 @@ def timeline(n):
 
     print(f"{tasks:,} tasks, {t['tasks']:,} records sent; scheduler RSS at the end "
           f"{held_rss / 1e9:.2f} GB, peak {max(s[2] for s in samples) / 1e9:.2f} GB")
+    print(f"compute() -> first task running {first:.3f} s, -> encoded and sent {sent:.3f} s, "
+          f"-> result {total:.3f} s ({tasks / total:,.0f} tasks/s)")
     names = ["client", "scheduler", "worker 1", "worker 2"]
-    print(f"{'phase':<40} {'wall s':>7} {'us/task':>8}   CPU us/task: "
+    print(f"{'interval, up to':<48} {'wall s':>7} {'us/task':>8}   CPU us/task: "
           + " ".join(f"{x:>9}" for x in names))
-    edge = t_start
-    for name, secs in bounds + [("total", total)]:
-        a, b = (t_start, t_start + total) if name == "total" else (edge, edge + secs)
-        ca, cb = cpu_at(a), cpu_at(b)
+    prev = 0.0
+    for name, at in marks + [("total", total)]:
+        a, b = (0.0, total) if name == "total" else (prev, at)
+        ca, cb = cpu_at(t_start + a), cpu_at(t_start + b)
         cpu = [(cb[p] - ca[p]) / tasks * 1e6 for p in pids]
-        print(f"{name:<40} {secs:7.3f} {secs / tasks * 1e6:8.1f}   {'':12}"
+        print(f"{name:<48} {b - a:7.3f} {(b - a) / tasks * 1e6:8.1f}   {'':12}"
               + " ".join(f"{c:9.1f}" for c in cpu))
         if name != "total":
-            edge += secs
+            prev = at
 
 
 def _watch_exits(pids):

@@ -46,6 +46,7 @@ import os
 import sys
 import time
 
+import taskcore.shm as shm
 from taskcore.errors import CommClosedError, HandshakeError, ProtocolError
 from taskcore.member import ClusterMember
 from taskcore.process import ProcessStartError, Status, Subprocess, worker_cli_args
@@ -253,6 +254,8 @@ class Nanny(ClusterMember):
         if proc is not None and proc.returncode is None:
             self._kill_reason = "nanny closing"
             await proc.close(grace=self.close_grace)
+        if proc is not None:
+            _remove_shm(proc)           # the _watch that would have was cancelled above
         if comm is not None:
             try:
                 await comm.close()
@@ -299,6 +302,7 @@ class Nanny(ClusterMember):
 
     async def _watch(self, proc: Subprocess):
         await proc.finished()
+        _remove_shm(proc)
         if proc is not self.process or self.status is not Status.running:
             return  # replaced on purpose, or we are closing
         code = proc.returncode
@@ -606,6 +610,16 @@ class Nanny(ClusterMember):
                 "worker": self.worker_address, "pid": os.getpid(), "worker_pid": self.worker_pid,
                 "status": self.status.value, "restarts": self.restarts,
                 "memory_limit": self.memory_limit}
+
+
+def _remove_shm(proc):
+    """Remove the shared-memory files (shm.py) a worker process that ended left in
+    /dev/shm: a killed one had no chance to. Files its peers mapped are unlinked
+    already; what is left nobody will map."""
+    if proc.pid is not None:
+        n = shm.remove_process_files(proc.pid)
+        if n:
+            logger.info("removed %d shared-memory file(s) of worker pid %s", n, proc.pid)
 
 
 def _describe_exit(code) -> str:

@@ -19,6 +19,8 @@ Worker -> scheduler: register-worker, tasks-finished (core/messages.pyx), task-e
     release-worker-data, missing-data, steal-response, heartbeat, who-has,
     reply, closing, retire, log-event, diag-forward-logs (forward_logging.py)
 Peer -> worker: get-data {keys} -> {status: "OK", data: {key: Serialized}} or {status: "busy"};
+    a peer on this host offers shared memory ({..., shm: token}) and large values come back
+    as files in /dev/shm ({..., shm: {key: descriptor}}; shm.py);
     actor-execute, actor-attribute (actors.py) -> {status: "OK", result} or {status: "error"}
 The scheduler's `registered` reply carries the WorkerPlugins, set up before the first task.
 
@@ -58,6 +60,7 @@ from taskcore.core.worker_state import (
 from taskcore.core.serialize import Serialized, device_nbytes, nbytes as sizeof, serialize_obj
 from taskcore.core.worker_dispatch import WithSpilled, WorkerDispatch, unserializable
 from taskcore.task_context import get_client, get_worker, rejoin, secede  # noqa: F401 (public)
+import taskcore.shm as shm
 from taskcore.errors import CommClosedError, HandshakeError
 from taskcore.executor import TaskExecutor
 from taskcore.utils import ServerLifecycle, run_user_function, tune_gc
@@ -97,7 +100,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
                  memory_pause_fraction=0.8, memory_terminate_fraction=0.95,
                  memory_pause_timeout=60.0, memory_monitor_interval=0.1,
                  memory_max_spill=False, memory_spill_compression=True,
-                 device_memory_limit=None, **kwargs):
+                 device_memory_limit=None, shm_threshold=shm.DEFAULT_THRESHOLD, **kwargs):
         if kwargs:
             raise TypeError(f"Worker got unknown options: {sorted(kwargs)}")
         if scheduler_address is None and scheduler_file is None:
@@ -134,6 +137,10 @@ class Worker(WorkerDispatch, ServerLifecycle):
         self.connection_timeout = connection_timeout
         self.max_outgoing_transfers = max_outgoing_transfers
         self.validate = validate
+        # Values of at least this many bytes go to peers on this host through /dev/shm
+        # (shm.py); 0 turns it off.
+        self.shm_threshold = shm.threshold_option(shm_threshold)
+        self._shm = None
         if listen_address is None:
             if self.protocol == "inproc":
                 listen_address = "inproc://"
@@ -202,6 +209,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
         opts = {"security": self.security} if self.security is not None else {}
         self.listener = await listen(self.listen_address, self._handle_peer, role="worker",
                                      token=self.token, **opts)
+        self._start_shm()
         if self.name is None:
             self.name = self.address
         self.executor = TaskExecutor(self.nthreads, self.loop, self.on_thread_results,
@@ -214,6 +222,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
             await self._register(first_timeout=self.death_timeout)
         except BaseException:
             await self.listener.stop()
+            self._close_shm()
             self.executor.shutdown()
             await self._stop_diagnostics()
             raise
@@ -226,6 +235,21 @@ class Worker(WorkerDispatch, ServerLifecycle):
         logger.info("worker %s (%s threads) connected to %s", self.address, self.nthreads,
                     self.scheduler_address)
         return self
+
+    def _start_shm(self):
+        """Shared memory with peers on this host (shm.py): not between inproc workers,
+        which share a process, nor where /dev/shm cannot be written."""
+        if not self.shm_threshold or self.protocol == "inproc":
+            return
+        try:
+            self._shm = shm.SharedMemory(self.shm_threshold).start()
+        except OSError as e:
+            logger.info("no shared memory between workers (%s): %s", shm.SHM_DIR, e)
+
+    def _close_shm(self):
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
 
     def _new_state(self):
         self.state = WorkerState(self.nthreads, self.resources or None, self.address,
@@ -300,6 +324,7 @@ class Worker(WorkerDispatch, ServerLifecycle):
                 self.scheduler_comm.abort()
         if self.listener is not None:
             await self.listener.stop()
+        self._close_shm()                   # early: a close cut short leaves no files
         for c in self._peer_comms.values():
             c.abort()
         if self.executor is not None:
@@ -491,8 +516,14 @@ class Worker(WorkerDispatch, ServerLifecycle):
             comm = await self._peer(worker)
             # One request in flight per pooled comm: take it out of the pool meanwhile.
             self._peer_comms.pop(worker, None)
-            await comm.write({"op": "get-data", "keys": keys, "who": self.address})
+            request = {"op": "get-data", "keys": keys, "who": self.address}
+            offer = self._shm.offer(worker) if self._shm is not None else None
+            if offer is not None:
+                request["shm"] = offer
+            await comm.write(request)
             reply = await comm.read()
+            if "shm" in reply and self._shm is not None:
+                reply = await self._shm.receive(worker, comm, request, reply)
             if not comm.closed:
                 self._peer_comms.setdefault(worker, comm)
         except asyncio.CancelledError:
@@ -561,6 +592,9 @@ class Worker(WorkerDispatch, ServerLifecycle):
                     msg = await comm.read()
                 except CommClosedError:
                     return
+                if self._shm is not None:
+                    # The requester is done with the previous reply: its files go.
+                    self._shm.release(comm)
                 op = msg.get("op") if isinstance(msg, dict) else None
                 if op == "get-data":
                     await self._serve_get_data(comm, msg)
@@ -571,6 +605,8 @@ class Worker(WorkerDispatch, ServerLifecycle):
                 else:
                     await comm.write({"status": "error", "message": f"unknown op {op!r}"})
         finally:
+            if self._shm is not None:
+                self._shm.release(comm)
             self.counters.incoming_comms -= 1
 
     async def _serve_get_data(self, comm, msg):
@@ -613,7 +649,13 @@ class Worker(WorkerDispatch, ServerLifecycle):
                     nbytes += s.nbytes
                 except Exception as e:
                     errors[k] = unserializable(k, store[k], e)
-            await comm.write({"status": "OK", "data": data, "errors": errors})
+            reply = {"status": "OK", "data": data, "errors": errors}
+            if "shm" in msg and self._shm is not None:
+                # Large values as files in /dev/shm when the requester shares it (shm.py).
+                shared = await self._shm.export(comm, msg["shm"], data)
+                if shared:
+                    reply["shm"] = shared
+            await comm.write(reply)
             self.counters.outgoing_count += 1
             self.counters.outgoing_bytes += nbytes
         finally:
