@@ -256,9 +256,10 @@ class Subprocess(ProcessInterface):
                  startup_timeout: float = 60, close_grace: float = 5, logs=None,
                  log_capacity: int = 1000, forward_stderr: bool = False,
                  kill_with_parent: bool = True, new_session: bool = True,
-                 kill_at_exit: bool = True):
+                 kill_at_exit: bool = True, pass_fds=()):
         super().__init__(scheduler=scheduler, name=name)
         self.args = [str(a) for a in args]
+        self.pass_fds = tuple(pass_fds)     # inherited by the child under the same numbers
         self.env = env
         self.cwd = cwd
         self.role = role
@@ -314,7 +315,7 @@ class Subprocess(ProcessInterface):
             self.proc = await asyncio.create_subprocess_exec(
                 *self.args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=env, cwd=self.cwd, preexec_fn=preexec,
-                start_new_session=self.new_session)
+                start_new_session=self.new_session, pass_fds=self.pass_fds)
         except OSError as e:
             self.status = Status.failed
             self._finished.set()

@@ -38,6 +38,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 import time
 import uuid
 
@@ -74,7 +75,7 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, SchedulerServices, Serv
                  allowed_failures=2, validate=False, worker_saturation=1.1, token=None,
                  inline_result_bytes=16_384, name=None, tiny_task_backlog=0.002,
                  dashboard_address=None, dashboard_prefix="", task_stream_length=100_000,
-                 connection_policy=None, **kwargs):
+                 connection_policy=None, listen_fd=None, **kwargs):
         if kwargs:
             raise TypeError(f"Scheduler got unknown options: {sorted(kwargs)}")
         if listen_addresses is None:
@@ -84,6 +85,12 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, SchedulerServices, Serv
                 listen_addresses = [f"{protocol}://{unparse_host_port(host or '', port or 0)}"]
         for a in listen_addresses:
             parse_address(a)
+        if listen_fd is not None and (len(listen_addresses) != 1 or parse_address(
+                listen_addresses[0])[0] not in ("tcp", "tls")):
+            raise ValueError("listen_fd (a listening socket handed over by the process that "
+                             "started this one) needs one tcp:// or tls:// address")
+        # Served instead of binding: its address was known before this process started.
+        self.listen_fd = listen_fd
         self.listen_addresses = listen_addresses
         self.security = security
         self.idle_timeout = idle_timeout
@@ -155,6 +162,8 @@ class Scheduler(SchedulerDispatch, SchedulerDiagnostics, SchedulerServices, Serv
         tune_gc()
         self.log_buffer.attach()
         opts = {"security": self.security} if self.security is not None else {}
+        if self.listen_fd is not None:
+            opts["sock"] = socket.socket(fileno=self.listen_fd)
         for addr in self.listen_addresses:
             lst = await listen(addr, self._handle_comm, role="scheduler", token=self.token,
                                policy=self.connection_policy, **opts)

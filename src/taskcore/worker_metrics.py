@@ -161,7 +161,12 @@ class MetricsServer:
                 return
             self._serving = True
         try:
-            httpd.serve_forever(poll_interval=0.1)
+            # Not serve_forever: its shutdown() waits for the next poll (up to its
+            # interval, on every worker's close). Here each wait ends with a connection,
+            # and stop() makes one.
+            httpd.timeout = None
+            while not self._closed:
+                httpd.handle_request()
         finally:
             httpd.server_close()
 
@@ -190,7 +195,14 @@ class MetricsServer:
             self._closed = True
             serving = self._serving
         if serving:
-            self.httpd.shutdown()          # returns once serve_forever has
+            # Wake the serving thread's wait for a connection: it then sees _closed.
+            host, port = self.sock.getsockname()[:2]
+            if host in ("0.0.0.0", "::", ""):
+                host = "::1" if self.sock.family == socket.AF_INET6 else "127.0.0.1"
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+            except OSError:
+                pass
         self._thread.join(timeout)
         try:
             self.sock.close()

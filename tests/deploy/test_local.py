@@ -200,6 +200,45 @@ def test_client_round_trip(processes, real_client):
 
 
 @pytest.mark.usefixtures("real_servers")
+def test_workers_start_alongside_the_scheduler_on_the_socket_bound_for_it():
+    # The cluster binds the scheduler's socket and hands it over: the address is known
+    # before the scheduler process is ready, so the workers start at the same time.
+    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="1GiB",
+                      dashboard_address=None) as cluster:
+        sched = cluster.scheduler
+        assert sched.planned_address == cluster.scheduler_address == sched.info["address"]
+        cluster.wait_for_workers(2, timeout=10)
+        with Client(cluster, set_as_default=False) as c:
+            assert c.submit(abs, -3).result() == 3
+            # served by the scheduler process; no copy left open here
+            assert c.run_on_scheduler(lambda scheduler: scheduler.listen_fd) is not None
+        port = int(cluster.scheduler_address.rsplit(":", 1)[1])
+        assert not [c for c in psutil.Process().net_connections("tcp")
+                    if c.laddr and c.laddr.port == port and c.status == "LISTEN"]
+    # a name, not an address: left to the scheduler to bind, as before
+    with LocalCluster(n_workers=1, threads_per_worker=1, host="localhost",
+                      dashboard_address=None) as cluster:
+        assert cluster.scheduler.planned_address is None
+        cluster.wait_for_workers(1, timeout=10)
+
+
+def test_a_handed_over_socket_needs_one_tcp_address():
+    from taskcore.scheduler import Scheduler
+
+    with pytest.raises(ValueError, match="listen_fd"):
+        Scheduler(protocol="inproc", listen_fd=3)
+    with pytest.raises(ValueError, match="listen_fd"):
+        Scheduler(listen_addresses=["tcp://127.0.0.1:0", "tcp://127.0.0.1:0"], listen_fd=3)
+
+
+def test_a_scheduler_that_fails_takes_the_workers_started_alongside_it():
+    before = children()
+    with pytest.raises(Exception, match="allowed_failures|Scheduler|scheduler"):
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                     scheduler_kwargs={"allowed_failures": "many"})
+    assert children() - before == set()
+
+
 def test_no_leak_when_closing_a_cluster_that_failed_to_start():
     before = children()
     with pytest.raises(Exception):

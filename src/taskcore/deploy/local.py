@@ -36,6 +36,24 @@ def _check_sizes(n_workers, threads_per_worker):
             raise ValueError(f"LocalCluster({name}={value!r}): expected an integer >= {least}")
 
 
+def _listening_socket(protocol, host, port):
+    """A socket bound and listening on host:port for a scheduler process to serve, or None
+    where its contact address would not be host:port (a wildcard host), or not tcp."""
+    import ipaddress
+    import socket
+
+    if protocol not in ("tcp", "tls") or not host:
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None                     # a name: left to the scheduler to resolve
+    if ip.is_unspecified:
+        return None
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return socket.create_server((host, port or 0), family=family, backlog=1024)
+
+
 def default_sizes(n_workers=None, threads_per_worker=None, processes=True, cores=None):
     """(n_workers, threads_per_worker) so that their product is about the CPU count.
 
@@ -128,8 +146,13 @@ class LocalCluster(SpecCluster):
         if scheduler_process and not detached:
             from taskcore.deploy.process import SchedulerProcess
 
-            scheduler = {"cls": SchedulerProcess,
-                         "options": dict(sched_opts, log_level=log_level)}
+            proc_opts = dict(sched_opts, log_level=log_level)
+            sock = _listening_socket(protocol, sched_opts.get("host"), sched_opts.get("port"))
+            if sock is not None:
+                # Bound here and handed to the scheduler process: its address is known
+                # at once, so the workers start alongside it (SpecCluster._start).
+                proc_opts["listen_socket"] = sock
+            scheduler = {"cls": SchedulerProcess, "options": proc_opts}
 
         opts = dict(nthreads=threads, memory_limit=self.memory_limit, **worker_kwargs)
         if not processes:

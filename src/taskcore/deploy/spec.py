@@ -157,9 +157,21 @@ class SpecCluster(Cluster):
         cls = _resolve_cls(self.scheduler_spec["cls"])
         self.scheduler = check_member(cls(**self.scheduler_spec.get("options", {})),
                                       f"{self.name}'s scheduler")
+        workers = None
+        planned = getattr(self.scheduler, "planned_address", None)
+        if planned and self.worker_spec:
+            # The scheduler's address is known before it is ready (LocalCluster binds its
+            # socket): the workers start alongside it, connecting once it listens.
+            self.scheduler.address = planned
+            workers = asyncio.ensure_future(self._correct_state(raise_errors=True))
         try:
             await self.scheduler.start()
         except BaseException:
+            if workers is not None:
+                workers.cancel()
+                await asyncio.gather(workers, return_exceptions=True)
+                if self.workers:
+                    await self._close_workers(list(self.workers), retire=False)
             # A scheduler handle that failed half-way (a process started, not ready) still
             # holds resources: close it before the error propagates.
             try:
@@ -168,6 +180,8 @@ class SpecCluster(Cluster):
                 pass
             raise
         self._log(logging.INFO, "%s: scheduler at %s", self.name, self.scheduler.address)
+        if workers is not None:
+            await workers
         await self._learn_dashboard()
         await self._correct_state(raise_errors=True)
         self._save_registry()  # also with no workers (then reconciling changed nothing)

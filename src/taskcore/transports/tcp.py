@@ -62,9 +62,12 @@ def _set_addresses(comm, scheme):
 
 class TCPListener(Listener):
     def __init__(self, scheme, loc, on_comm, ssl_context=None, limits=None, handshake=True,
-                 policy=None):
+                 policy=None, sock=None):
         self.scheme = scheme
         self.host, self.port = parse_host_port(loc, 0)
+        # A socket bound and listening already (a parent process made it, so that its
+        # address was known before this process started): served instead of binding.
+        self.sock = sock
         self.on_comm = on_comm
         self.ssl_context = ssl_context
         self.limits = limits
@@ -173,13 +176,20 @@ class TCPListener(Listener):
     async def start(self):
         loop = asyncio.get_running_loop()
         if self.ssl_context is None:
-            self.server = await loop.create_server(
-                self._factory, self.host or None, self.port, reuse_address=True, backlog=1024)
+            if self.sock is not None:
+                self.server = await loop.create_server(self._factory, sock=self.sock,
+                                                       backlog=1024)
+            else:
+                self.server = await loop.create_server(
+                    self._factory, self.host or None, self.port, reuse_address=True,
+                    backlog=1024)
             self.bound = self.server.sockets[0].getsockname()
         else:
-            sock = socket.create_server((self.host or "", self.port), backlog=1024,
-                                        reuse_port=False, dualstack_ipv6=False,
-                                        family=_family(self.host))
+            sock = self.sock
+            if sock is None:
+                sock = socket.create_server((self.host or "", self.port), backlog=1024,
+                                            reuse_port=False, dualstack_ipv6=False,
+                                            family=_family(self.host))
             sock.setblocking(False)
             self._tls_socket = sock
             self.bound = sock.getsockname()
@@ -244,10 +254,11 @@ class TCPBackend(Backend):
             raise ConnectionResetError(f"connection to {host}:{port} was reset at once")
         return comm
 
-    async def listen(self, loc, on_comm, limits=None, handshake=True, policy=None, **options):
+    async def listen(self, loc, on_comm, limits=None, handshake=True, policy=None, sock=None,
+                     **options):
         ctx = self._ssl(options, server_side=True)
         listener = TCPListener(self.scheme, loc, on_comm, ssl_context=ctx, limits=limits,
-                               handshake=handshake, policy=policy)
+                               handshake=handshake, policy=policy, sock=sock)
         return await listener.start()
 
 
