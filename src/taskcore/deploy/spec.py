@@ -195,16 +195,25 @@ class SpecCluster(Cluster):
         lock = self._lock or asyncio.Lock()
         async with lock:
             names = list(self.workers)
+            closing = []
             if names:
-                await self._close_workers(names, retire=False)
+                closing.append(asyncio.ensure_future(self._close_workers(names, retire=False)))
+                await asyncio.sleep(0)      # the workers are told first
             for t in list(self._watchers.values()):
                 t.cancel()
             if self.scheduler is not None:
-                try:
-                    await asyncio.wait_for(self.scheduler.close(), self.close_timeout)
-                except Exception as e:  # a scheduler that will not close must not block the rest
-                    self._log(logging.WARNING, "%s: closing the scheduler failed: %r", self.name, e)
+                # At the same time as the workers: a closing scheduler tells its workers
+                # to close before it drops their connections, so none takes the loss for
+                # a failure to recover from.
+                closing.append(asyncio.ensure_future(self._close_scheduler()))
+            await asyncio.gather(*closing)
         self._log(logging.INFO, "%s: closed", self.name)
+
+    async def _close_scheduler(self):
+        try:
+            await asyncio.wait_for(self.scheduler.close(), self.close_timeout)
+        except Exception as e:  # a scheduler that will not close must not block the rest
+            self._log(logging.WARNING, "%s: closing the scheduler failed: %r", self.name, e)
 
     async def _detach(self):
         """Stop watching and reconciling, and let every process run on."""
