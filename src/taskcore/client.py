@@ -49,6 +49,7 @@ from collections.abc import Iterator
 
 from taskcore import futures as _futures
 from taskcore.core.messages import decode_key_report
+from taskcore.core.protocol import PROTOCOL_ERROR
 from taskcore.core.client_dispatch import (ClientHotPath, func_token as _func_token,
                                            funcname as _funcname, tokenize as _tokenize)
 from taskcore.core.serialize import Serialized, serialize_obj
@@ -334,8 +335,10 @@ class Client:
             return
         logger.warning("lost connection to scheduler %s; reconnecting", self.address)
         self.status = "disconnected"
+        why, self._dropped_because = getattr(self, "_dropped_because", None), None
+        why = f" (it closed the connection: {why})" if why else ""
         exc = CommClosedError(
-            f"lost connection to the scheduler at {self.address}: work in flight and "
+            f"lost connection to the scheduler at {self.address}{why}: work in flight and "
             f"results held by the cluster are gone; submit again once reconnected")
         for fut in list(self._replies.values()):
             if not fut.done():
@@ -576,6 +579,11 @@ class Client:
                     fut.set_result(msg.get("result"))
         elif op == "scheduler-closing":
             logger.info("scheduler %s is closing", self.address)
+        elif op == PROTOCOL_ERROR:
+            # The scheduler is about to drop us: something we sent broke a wire limit.
+            self._dropped_because = str(msg.get("reason"))
+            logger.error("scheduler %s closes the connection: %s", self.address,
+                         self._dropped_because)
         elif op == "forwarded-logs":
             from taskcore.forward_logging import reemit
 

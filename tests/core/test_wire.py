@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import numpy as np
 
 from taskcore.core.wire import (FrameDecoder, Limits, RecvBuffer, encode, encode_header,
-                                recv_pool_stats)
+                                recv_pool_stats, set_recv_pool_limit)
 from taskcore.errors import ProtocolError
 
 # Sizes come from hypothesis, contents from a cheap pattern: large random
@@ -79,6 +79,11 @@ def test_large_frame_read_in_place():
 
 def test_large_frame_buffers_are_recycled():
     """Memory of a released large frame is reused by the next one (already faulted in)."""
+    # An empty pool: blocks earlier tests left in it would be taken first, and a full one
+    # would not keep this test's block.
+    limit = recv_pool_stats()["limit"]
+    set_recv_pool_limit(0)
+    set_recv_pool_limit(limit)
     big = b"z" * (3 << 20)
     blob = wire_bytes([[big]])
     (frames, _), = FrameDecoder().feed(blob)

@@ -246,3 +246,24 @@ def test_scheduler_restart_client_errors_clearly_then_reconnects(procs):
         del slow                            # an old Future's release must not free the new key
         time.sleep(0.2)
         assert again.result(timeout=5) == 2
+
+
+def test_a_message_over_the_schedulers_limit_fails_with_the_limit_named():
+    from taskcore import LocalCluster
+    from taskcore.errors import CommClosedError
+    from taskcore.transports.policy import ConnectionPolicy
+
+    policy = ConnectionPolicy(max_message_bytes=1_000_000)
+    with LocalCluster(n_workers=1, threads_per_worker=1, scheduler_process=False,
+                      dashboard_address=None,
+                      scheduler_kwargs={"connection_policy": policy}) as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        assert c.submit(len, b"x" * 1000).result() == 1000
+        big = c.submit(len, os.urandom(2_000_000))       # one message over 1 MB
+        with pytest.raises(CommClosedError, match=r"it closed the connection: .*\(max_frame_size\)"):
+            big.result(timeout=30)
+        # the client reconnects; the scheduler kept serving everyone else
+        deadline = time.monotonic() + 30
+        while c.status != "running" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.submit(len, b"y" * 10).result(timeout=30) == 10

@@ -112,3 +112,38 @@ def test_fuzz_decoder_and_handshake():
 
     n = run(main(), timeout=seconds + 60)
     assert n > 10
+
+
+def _messages(data):
+    """The msgpack bodies of the wire messages in `data` (uncompressed, no buffers)."""
+    out, pos = [], 0
+    while pos < len(data):
+        n, = struct.unpack_from("<Q", data, pos)
+        lengths = struct.unpack_from(f"<{n}Q", data, pos + 8)
+        pos += 8 + 9 * n
+        out.append(msgpack.unpackb(data[pos:pos + lengths[0]]))
+        pos += sum(lengths)
+    return out
+
+
+def test_a_peer_past_the_handshake_is_told_why_it_is_dropped():
+    # A frame over the limit after the handshake: the listener's last message to this
+    # peer says which limit, then the connection ends.
+    async def main():
+        lst = await start_echo()
+        host, port = lst.contact_address.replace("tcp://", "").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(framed(HANDSHAKE_OK))
+        hello = await asyncio.wait_for(reader.read(65536), 5)     # the handshake reply
+        writer.write(struct.pack("<QQ", 1, 2**60) + b"\0")
+        await writer.drain()
+        rest = await asyncio.wait_for(reader.read(), 5)           # to EOF: it closes
+        writer.close()
+        await lst.stop()
+        return hello, rest
+
+    hello, rest = run(main())
+    assert _messages(hello)[0][0]["op"] == "handshake"
+    (last,) = _messages(rest)
+    assert last[0]["op"] == "protocol-error"
+    assert "max_frame_size" in last[0]["reason"] and "frame 0 declares" in last[0]["reason"]

@@ -63,6 +63,7 @@ cdef class StreamProtocol(MessageSink):
 
     cdef object _deliver(self, tuple item)
     cdef void _protocol_error(self, exc)
+    cdef void _tell_peer(self, str reason)
     cdef void _wake_all(self)
     cpdef flush(self)
     cdef int _flush(self) except -1

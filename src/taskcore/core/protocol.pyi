@@ -4,6 +4,9 @@ from typing import Any, Callable
 
 from taskcore.core.wire import Limits
 
+PROTOCOL_ERROR: str
+"""The op of the last message a comm sends before it drops a peer that broke the protocol."""
+
 class MessageSink:
     """A comm's write side as compiled senders see it (C methods only)."""
 

@@ -71,6 +71,8 @@ from taskcore.errors import CommClosedError, ProtocolError
 logger = logging.getLogger("taskcore.protocol")
 
 cdef object _deque = collections.deque
+# The op of the last message a comm sends before it drops a peer that broke the protocol.
+PROTOCOL_ERROR = "protocol-error"
 cdef object _ProtocolError = ProtocolError
 cdef object _CommClosedError = CommClosedError
 
@@ -372,6 +374,27 @@ cdef class StreamProtocol:
         self.closed = True
         self._wake_all()
         if self.transport is not None:
+            if self.handshake_info is not None and not self.transport.is_closing():
+                self._tell_peer(str(exc))
+            else:
+                self.transport.abort()
+
+    cdef void _tell_peer(self, str reason):
+        """After the handshake the peer speaks this protocol: one last message, the
+        `protocol-error` op, says why its connection ends (its side would otherwise see
+        only a dropped connection). Then the connection closes once that is written,
+        or is aborted a second later."""
+        cdef list frames
+        try:
+            frames = dumps([{"op": PROTOCOL_ERROR, "reason": reason}])
+            self._lock_writes()
+            try:
+                self.transport.writelines([encode_header(frames, None)] + frames)
+            finally:
+                PyThread_release_lock(self.wlock)
+            self.transport.close()
+            self.loop.call_later(1.0, self.transport.abort)
+        except Exception:
             self.transport.abort()
 
     cdef void _wake_all(self):
