@@ -846,14 +846,7 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
                     spec = ["dask", enc.dumps(encoded, deps)]
                 except Exception as e:
                     raise TypeError(f"cannot serialize dask task {key!r}: {e}") from e
-                opts = common
-                if prio is not None:
-                    opts = {"priority": prio[key]}
-                    if common:
-                        opts.update(common)
-                if annotations:
-                    opts = _annotate(opts, key, annotations)
-                append([key, spec, deps, opts])
+                append([key, spec, deps, _record_options(key, prio, common, annotations)])
         except BaseException:
             if temporary:               # what the pieces sent so far wanted goes again
                 client._send_threadsafe(release_keys(list(temporary)))
@@ -867,14 +860,7 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
                 continue
             deps = list(_legacy_deps(all_keys, task))
             spec = ["dask", enc.dumps((_LEGACY, task, tuple(deps)), deps)]
-            opts = common
-            if prio is not None:
-                opts = {"priority": prio[key]}
-                if common:
-                    opts.update(common)
-            if annotations:
-                opts = _annotate(opts, key, annotations)
-            append([key, spec, deps, opts])
+            append([key, spec, deps, _record_options(key, prio, common, annotations)])
     # Refs first, then the message: the keys cannot be released in between.
     futures = {k: Future(k, client) for k in wanted}
     if records or not held.issuperset(wanted):
@@ -902,6 +888,18 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
 # =============================================================================================
 
 _OPTION_ANNOTATIONS = ("workers", "allow_other_workers", "resources", "retries")
+
+
+def _record_options(key, prio, common, annotations):
+    """A record's options: its dask.order rank, the call's options, its annotations."""
+    opts = common
+    if prio is not None:
+        opts = {"priority": prio[key]}
+        if common:
+            opts.update(common)
+    if annotations:
+        opts = _annotate(opts, key, annotations)
+    return opts
 
 
 def _annotate(opts, key, annotations):
