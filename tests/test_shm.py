@@ -281,6 +281,27 @@ def test_a_failed_write_sends_the_value_inline(pair, tmp_path, monkeypatch, capl
     assert len([r for r in caplog.records if "could not write" in r.message]) == 1
 
 
+def test_a_value_that_would_take_half_the_free_space_goes_inline(pair, tmp_path,
+                                                                 monkeypatch):
+    server, requester = pair
+    small = serialize_obj(np.ones(MiB, dtype="u1"))
+    large = serialize_obj(np.ones(4 * MiB, dtype="u1"))
+    free = 5 * MiB                      # room for the 1 MiB value, not the 4 MiB one
+
+    class Fs:
+        f_bavail, f_frsize = free, 1
+
+    monkeypatch.setattr(shm.os, "statvfs", lambda path: Fs)
+    data = {"small": small, "large": large}
+
+    async def main():
+        return await server.export(object(), requester.token, data)
+
+    shared = run(main())
+    assert set(shared) == {"small"} and set(data) == {"large"}
+    assert len(data_files(tmp_path)) == 1
+
+
 # -- the requester's fallback ---------------------------------------------------------------------------
 def test_fallback_when_the_file_vanished(pair, tmp_path, caplog):
     server, requester = pair

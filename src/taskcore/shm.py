@@ -27,8 +27,9 @@ workers killed without a nanny, a starting worker removes what dead ones left
 kernel drops when the process ends, however it ends and whatever PID namespace it ran
 in; a marker that can be locked belongs to nobody, and goes with its owner's files.
 
-Fallback. A server that cannot write a value (e.g. /dev/shm full: ENOSPC) sends it in
-the reply as usual. A requester that cannot map a file (missing, permissions, wrong
+Fallback. A server that cannot write a value (e.g. /dev/shm full: ENOSPC), or whose
+value would take more than half of what is free there, sends it in the reply as usual.
+A requester that cannot map a file (missing, permissions, wrong
 size) asks for those keys again without shared memory on the same connection, logs
 once per peer and stops offering shared memory to that peer.
 """
@@ -367,6 +368,8 @@ class SharedMemory:
     def _write_many(self, items):
         done = []
         for key, ser in items:
+            if not self._room_for(ser.nbytes):
+                continue                    # inline: /dev/shm is for others too
             try:
                 done.append((key, self.write(ser)))
             except (OSError, TypeError, ValueError) as e:
@@ -375,6 +378,17 @@ class SharedMemory:
                     logger.warning("could not write a value into %s (%s); sending such "
                                    "values over the transport", self.directory, e)
         return done
+
+    def _room_for(self, nbytes) -> bool:
+        """Whether a value of `nbytes` leaves at least as much of /dev/shm free. A mapped
+        value keeps its pages in /dev/shm for as long as the requester holds it (unlinked
+        or not), and a container's /dev/shm is often small (Docker: 64 MB): other
+        programs there must not run out because of us."""
+        try:
+            st = os.statvfs(self.directory)
+        except OSError:
+            return False
+        return 2 * nbytes <= st.f_bavail * st.f_frsize
 
     def write(self, ser) -> dict:
         """One value into a fresh file; its descriptor. The file is removed on failure."""

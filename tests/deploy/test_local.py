@@ -231,6 +231,17 @@ def test_a_handed_over_socket_needs_one_tcp_address():
         Scheduler(listen_addresses=["tcp://127.0.0.1:0", "tcp://127.0.0.1:0"], listen_fd=3)
 
 
+def test_a_scheduler_port_in_use_is_a_clear_error():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        before = children()
+        with pytest.raises(OSError, match=f"cannot listen for the scheduler on 127.0.0.1:{port}"):
+            LocalCluster(n_workers=1, scheduler_port=port, dashboard_address=None)
+        assert children() - before == set()
+
+
 def test_a_scheduler_that_fails_takes_the_workers_started_alongside_it():
     before = children()
     with pytest.raises(Exception, match="allowed_failures|Scheduler|scheduler"):

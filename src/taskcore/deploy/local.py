@@ -51,7 +51,11 @@ def _listening_socket(protocol, host, port):
     if ip.is_unspecified:
         return None
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return socket.create_server((host, port or 0), family=family, backlog=1024)
+    try:
+        return socket.create_server((host, port or 0), family=family, backlog=1024)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen for the scheduler on {host}:{port or 0}: "
+                               f"{e.strerror}") from e
 
 
 def default_sizes(n_workers=None, threads_per_worker=None, processes=True, cores=None):
