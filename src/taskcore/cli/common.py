@@ -173,6 +173,26 @@ def log_level_type(text: str) -> str:
 # Option groups
 # ---------------------------------------------------------------------------------------------
 
+def add_worker_options(parser: argparse.ArgumentParser, workers: str = "the worker") -> None:
+    """The options core-worker and core-cuda-worker share, from --local-directory on;
+    `workers` names what they apply to in the help ("the worker", "the workers")."""
+    p = parser
+    p.add_argument("--local-directory", default=None, metavar="PATH",
+                   help="scratch directory for spilled data")
+    p.add_argument("--lifetime", type=duration_type, default=None, metavar="DURATION",
+                   help=f"close {workers} gracefully after this long, like 1h")
+    p.add_argument("--lifetime-stagger", type=duration_type, default=None, metavar="DURATION",
+                   help="randomize --lifetime by up to this much, so workers do not all leave "
+                        "together")
+    p.add_argument("--death-timeout", type=duration_type, default=None, metavar="DURATION",
+                   help="exit when the scheduler has been unreachable this long")
+    p.add_argument("--protocol", default=None, choices=["tcp", "tls", "ucx"],
+                   help="transport (default: the scheduler address's scheme)")
+    p.add_argument("--host", default=None, help="address to listen on")
+    p.add_argument("--interface", default=None,
+                   help="network interface name (like eth0 or ib0) whose IP to listen on")
+
+
 def add_tls_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("TLS (mutual authentication; all three are needed for tls://)")
     g.add_argument("--tls-ca-file", metavar="PATH", help="CA certificate (PEM) that signed peers")

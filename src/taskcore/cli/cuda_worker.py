@@ -25,8 +25,8 @@ import asyncio
 import logging
 import sys
 
-from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, address_type,
-                                 announce, duration_type, memory_limit_type, positive_int,
+from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, add_worker_options,
+                                 address_type, announce, memory_limit_type, positive_int,
                                  remove_shutdown_signals, resolve_worker_args, resources_type,
                                  run_cli, scheduler_address_unless_stopped, shutdown_event,
                                  start_unless_stopped)
@@ -61,19 +61,7 @@ def build_parser() -> Parser:
                    help="worker name (suffixed -0, -1... with several devices)")
     p.add_argument("--resources", type=resources_type, default=None,
                    help='more abstract resources per worker, like "MEM=10e9" (GPU=1 is added)')
-    p.add_argument("--local-directory", default=None, metavar="PATH",
-                   help="scratch directory for spilled data")
-    p.add_argument("--lifetime", type=duration_type, default=None, metavar="DURATION",
-                   help="close the workers gracefully after this long, like 1h")
-    p.add_argument("--lifetime-stagger", type=duration_type, default=None, metavar="DURATION",
-                   help="randomize --lifetime by up to this much")
-    p.add_argument("--death-timeout", type=duration_type, default=None, metavar="DURATION",
-                   help="exit when the scheduler has been unreachable this long")
-    p.add_argument("--protocol", default=None, choices=["tcp", "tls", "ucx"],
-                   help="transport (default: the scheduler address's scheme)")
-    p.add_argument("--host", default=None, help="address the workers listen on")
-    p.add_argument("--interface", default=None,
-                   help="network interface name (like ib0) whose IP to listen on")
+    add_worker_options(p, "the workers")
     p.add_argument("--dashboard", dest="dashboard", action=argparse.BooleanOptionalAction,
                    default=True, help="serve /metrics on a free port per worker")
     p.add_argument("--worker-options", default=None, help=argparse.SUPPRESS)

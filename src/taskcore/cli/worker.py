@@ -18,9 +18,10 @@ import asyncio
 import logging
 import sys
 
-from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, address_type,
-                                 announce, duration_type, memory_limit_type, positive_int,
-                                 remove_shutdown_signals, resolve_worker_args, resources_type,
+from taskcore.cli.common import (Parser, add_logging_options, add_tls_options, add_worker_options,
+                                 address_type, announce, duration_type, memory_limit_type,
+                                 positive_int, remove_shutdown_signals, resolve_worker_args,
+                                 resources_type,
                                  run_cli, scheduler_address_unless_stopped, shutdown_event,
                                  start_unless_stopped)
 
@@ -96,20 +97,7 @@ def build_parser() -> Parser:
                    help='abstract resources, like "GPU=2,MEM=10e9"')
     p.add_argument("--nanny", dest="nanny", action=argparse.BooleanOptionalAction, default=True,
                    help="run each worker under a nanny process that restarts it (default)")
-    p.add_argument("--local-directory", default=None, metavar="PATH",
-                   help="scratch directory for spilled data")
-    p.add_argument("--lifetime", type=duration_type, default=None, metavar="DURATION",
-                   help="close the worker gracefully after this long, like 1h")
-    p.add_argument("--lifetime-stagger", type=duration_type, default=None, metavar="DURATION",
-                   help="randomize --lifetime by up to this much, so workers do not all leave "
-                        "together")
-    p.add_argument("--death-timeout", type=duration_type, default=None, metavar="DURATION",
-                   help="exit when the scheduler has been unreachable this long")
-    p.add_argument("--protocol", default=None, choices=["tcp", "tls", "ucx"],
-                   help="transport (default: the scheduler address's scheme)")
-    p.add_argument("--host", default=None, help="address the worker listens on")
-    p.add_argument("--interface", default=None,
-                   help="network interface name (like eth0) whose IP to listen on")
+    add_worker_options(p)
     p.add_argument("--dashboard-address", default=":0", metavar="[HOST]:PORT",
                    help="where each worker serves /metrics for Prometheus (default ':0', any "
                         "free port on the worker's host)")
