@@ -1015,3 +1015,52 @@ def test_fuzz_mutated_messages(data):
         loads([bytes(frame0[:cut] if data.draw(st.booleans()) else frame0), *_FUZZ_BASE[1:]])
     except ProtocolError:
         pass
+
+
+_FLAKY_CALLS = []
+
+
+def _flaky_once(value):
+    """Fails like an import raced by another thread the first time it is called."""
+    _FLAKY_CALLS.append(value)
+    if len(_FLAKY_CALLS) == 1:
+        raise ImportError("cannot import name 'x' from partially initialized module 'y' "
+                          "(most likely due to a circular import)")
+    return value
+
+
+class _FlakyOnLoad:
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return (_flaky_once, (self.value,))
+
+
+def _always_circular():
+    raise ImportError("cannot import name 'x' from partially initialized module 'y' "
+                      "(most likely due to a circular import)")
+
+
+class _Circular:
+    def __reduce__(self):
+        return (_always_circular, ())
+
+
+def test_an_unpickle_that_lost_an_import_race_is_loaded_again(monkeypatch):
+    import taskcore.core.serialize as ser
+
+    _FLAKY_CALLS.clear()
+    assert serialize_obj(_FlakyOnLoad(7)).deserialize() == 7
+    assert _FLAKY_CALLS == [7, 7]
+    # a real circular import keeps failing: raised after the bounded wait
+    monkeypatch.setattr(ser, "IMPORT_RACE_TIMEOUT", 0.05)
+    with pytest.raises(ImportError, match="partially initialized"):
+        serialize_obj(_Circular()).deserialize()
+    # other import errors are not retried
+    import os
+    import pickle
+
+    missing = pickle.dumps(os.getcwd, protocol=5).replace(b"\x8c\x05posix", b"\x8c\x05qqqqq")
+    with pytest.raises(ModuleNotFoundError, match="qqqqq"):
+        Serialized(1, [missing]).deserialize()

@@ -21,6 +21,7 @@ cdef class Serialized:
     cdef readonly int kind
     cdef readonly list frames
     cdef Py_ssize_t _nbytes       # -1 until first asked for
+    cdef object _build(self)      # deserialize() without its retry of a lost import race
 
 
 @cython.final

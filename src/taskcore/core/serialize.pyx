@@ -93,6 +93,8 @@ from libc.string cimport memcpy
 
 import pickle
 import sys
+import threading
+import time
 import traceback
 import types
 
@@ -1334,6 +1336,33 @@ def _rebuild_serialized(kind, frames):
     return Serialized(kind, list(frames))
 
 
+# Two threads unpickling (a worker's task threads) may each import a module the other
+# is importing; CPython's import-deadlock detection then hands one of them the
+# half-made module, and its unpickle fails with "cannot import name ... from partially
+# initialized module ...". The other thread's import completes by itself: such a
+# failure is retried, one thread at a time, until the import is done (a real circular
+# import fails the same way for IMPORT_RACE_TIMEOUT seconds, then raises).
+IMPORT_RACE_TIMEOUT = 10.0
+cdef object _import_race_lock = threading.Lock()
+
+
+cdef bint _import_race(object e):
+    return "partially initialized module" in str(e)
+
+
+def load_after_imports(build):
+    """`build()`, retried while it fails because another thread is still importing."""
+    deadline = time.monotonic() + IMPORT_RACE_TIMEOUT
+    with _import_race_lock:
+        while True:
+            try:
+                return build()
+            except (ImportError, AttributeError) as e:
+                if not _import_race(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
+
+
 @cython.final
 @cython.freelist(256)
 cdef class Serialized:
@@ -1375,6 +1404,14 @@ cdef class Serialized:
 
     def deserialize(self):
         """Build the object. Errors from unpickling user code propagate as they are."""
+        try:
+            return self._build()
+        except (ImportError, AttributeError) as e:
+            if not _import_race(e):
+                raise
+        return load_after_imports(lambda: self._build())
+
+    cdef object _build(self):
         if self.kind == SER_PICKLE:
             if len(self.frames) == 1:      # no buffers: skip the keyword call
                 return _pickle_loads(self.frames[0])
