@@ -1338,12 +1338,15 @@ def _rebuild_serialized(kind, frames):
 
 # Two threads unpickling (a worker's task threads) may each import a module the other
 # is importing; CPython's import-deadlock detection then hands one of them the
-# half-made module, and its unpickle fails with "cannot import name ... from partially
-# initialized module ...". The other thread's import completes by itself: such a
-# failure is retried, one thread at a time, until the import is done (a real circular
-# import fails the same way for IMPORT_RACE_TIMEOUT seconds, then raises).
+# half-made module ("cannot import name ... from partially initialized module ..."),
+# and the other may then miss the package that failed (a KeyError in importlib).
+# Serialized.deserialize therefore unpickles one thread at a time. Against an import
+# in some other code (a task importing while a run spec is unpickled) a failure of
+# that kind is retried, one thread at a time, until the other import is done (a real
+# circular import fails the same way for IMPORT_RACE_TIMEOUT seconds, then raises).
 IMPORT_RACE_TIMEOUT = 10.0
 cdef object _import_race_lock = threading.Lock()
+cdef object _unpickle_lock = threading.RLock()
 
 
 cdef bint _import_race(object e):
@@ -1404,11 +1407,14 @@ cdef class Serialized:
 
     def deserialize(self):
         """Build the object. Errors from unpickling user code propagate as they are."""
-        try:
-            return self._build()
-        except (ImportError, AttributeError) as e:
-            if not _import_race(e):
-                raise
+        # One thread at a time: unpickling holds the GIL anyway, and two threads that
+        # import one package at once can hand each other half-made modules (below).
+        with _unpickle_lock:
+            try:
+                return self._build()
+            except (ImportError, AttributeError) as e:
+                if not _import_race(e):
+                    raise
         return load_after_imports(lambda: self._build())
 
     cdef object _build(self):
