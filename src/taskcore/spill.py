@@ -321,16 +321,10 @@ class SpillStore:
             self._warn_once("pickle", "cannot spill %r (type %s) to disk; it stays in memory: "
                             "%s: %s", key, type(value).__name__, type(e).__name__, e)
             return -1
-        try:
-            path, disk = self._write(ser)
-        except OSError as e:
-            self.failed_count += 1
-            self._disk_retry_at = time.monotonic() + 5.0
-            self._warn_once(f"os-{e.errno}", "cannot write spilled data to %s (%s); values stay "
-                            "in memory (retrying in 5 s)", self.directory or self.root,
-                            os.strerror(e.errno) if e.errno else e)
+        written = self._write_or_defer(ser)
+        if written is None:
             return -2
-        self._disk_retry_at = 0.0
+        path, disk = written
         self._unpicklable.pop(key, None)
         del self.fast[key]
         self.index[key] = _Spilled(path, weight, disk)
@@ -340,6 +334,21 @@ class SpillStore:
         self.spill_bytes_total += weight
         self.spill_seconds += time.perf_counter() - t0
         return weight
+
+    def _write_or_defer(self, ser):
+        """(path, bytes on disk) of `ser` written to a file, or None when the disk refused
+        (counted, logged once per errno, and no write is tried for 5 s)."""
+        try:
+            written = self._write(ser)
+        except OSError as e:
+            self.failed_count += 1
+            self._disk_retry_at = time.monotonic() + 5.0
+            self._warn_once(f"os-{e.errno}", "cannot write spilled data to %s (%s); values stay "
+                            "in memory (retrying in 5 s)", self.directory or self.root,
+                            os.strerror(e.errno) if e.errno else e)
+            return None
+        self._disk_retry_at = 0.0
+        return written
 
     def _host_to_disk(self, key):
         """Write a HOST record's frames to a file: its weight, or -2 (it stays in the host
@@ -353,16 +362,10 @@ class SpillStore:
                             self.max_spill)
             return -2
         t0 = time.perf_counter()
-        try:
-            path, disk = self._write(rec.ser)
-        except OSError as e:
-            self.failed_count += 1
-            self._disk_retry_at = time.monotonic() + 5.0
-            self._warn_once(f"os-{e.errno}", "cannot write spilled data to %s (%s); values stay "
-                            "in memory (retrying in 5 s)", self.directory or self.root,
-                            os.strerror(e.errno) if e.errno else e)
+        written = self._write_or_defer(rec.ser)
+        if written is None:
             return -2
-        self._disk_retry_at = 0.0
+        path, disk = written
         new = _Spilled(path, rec.weight, disk)
         with self._lock:
             self.index[key] = new

@@ -977,8 +977,13 @@ cpdef list dumps(object msg):
     read-only, and do not mutate the message's buffers until the frames are
     written.
     """
+    return _dumps(msg, False)
+
+
+cdef inline list _dumps(object msg, bint keep_device):
     cdef _Encoder enc = _acquire_encoder()
     cdef list frames
+    enc.keep_device = keep_device
     try:
         frame0 = enc.pack_fns[0](msg)
         frames = enc.frames
@@ -995,18 +1000,7 @@ cpdef list dumps_device(object msg):
     `taskcore.device.DeviceFrame`s (``__cuda_array_interface__``, no copy), the other
     frames are as ``dumps`` makes them. For a transport that moves device memory (ucx);
     ``loads`` takes these frames, or their host copies."""
-    cdef _Encoder enc = _acquire_encoder()
-    cdef list frames
-    enc.keep_device = True
-    try:
-        frame0 = enc.pack_fns[0](msg)
-        frames = enc.frames
-    finally:
-        enc.release()
-    frames[0] = frame0
-    if PyBytes_GET_SIZE(frame0) > _PACKER_RESET_SIZE:
-        enc.pack_fns[0] = enc._new_pack_fn(256 * 1024)
-    return frames
+    return _dumps(msg, True)
 
 
 # ------------------------------------------------------------------ Decoder
