@@ -155,7 +155,7 @@ def test_million_task_array_throughput(benchmark, ours):
         ours_tasks=tasks_ours, dask_tasks=tasks_dask, ours_s=t_ours, dask_s=t_dask,
         ours_tasks_per_s=rate_ours, dask_tasks_per_s=rate_dask, ratio=rate_ours / rate_dask,
         # The client's share of the last round, per task: dask's optimization and
-        # materialization, dask.order, and building, pickling and sending the records.
+        # materialization, ordering, and building, pickling and sending the records.
         **{f"client_{k}_us_per_task": phases[k] / tasks_ours * 1e6
            for k in ("graph", "order", "encode") if k in phases},
         baseline=f"dask.distributed LocalCluster(2, 1), {n_dask}^2 chunks {CHUNK}, rates",
@@ -475,7 +475,7 @@ def timeline(n):
     # consecutive marks.
     sent = t["graph"] + t["order"] + t["encode"]
     marks = sorted([("dask graph: optimize + materialize", t["graph"]),
-                    ("dask.order", t["graph"] + t["order"]),
+                    ("order (dask.order, or the compiled order)", t["graph"] + t["order"]),
                     ("encode + send: records built, pickled, queued", sent),
                     ("first task running", first),
                     ("result", total)], key=lambda m: m[1])

@@ -1,4 +1,5 @@
 import asyncio
+import gc
 import json
 import os
 import threading
@@ -6,8 +7,8 @@ import time
 
 import pytest
 
-from taskcore.utils import (LoopRunner, cpu_count, format_bytes, get_ip_interface, parse_bytes,
-                            parse_memory_limit, parse_resources, parse_timedelta, read_json_file,
+from taskcore.utils import (LoopRunner, cpu_count, format_bytes, gc_paused, get_ip_interface,
+                            parse_bytes, parse_memory_limit, parse_resources, parse_timedelta, read_json_file,
                             system_memory, write_json_atomic)
 
 
@@ -197,3 +198,19 @@ def test_shared_loop_runner_is_reference_counted(monkeypatch):
     private = LoopRunner().start()
     private.release()
     assert not private.running
+
+
+def test_gc_paused_restores_the_collector_as_it_was():
+    assert gc.isenabled()
+    with pytest.raises(ZeroDivisionError):
+        with gc_paused():
+            assert not gc.isenabled()
+            1 / 0
+    assert gc.isenabled()
+    gc.disable()                 # someone else turned it off: it stays off
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

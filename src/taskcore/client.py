@@ -38,7 +38,6 @@ scheduler's SchedulerDiagnostics (scheduler_diagnostics.py).
 from __future__ import annotations
 
 import asyncio
-import gc
 import hashlib
 import itertools
 import logging
@@ -58,7 +57,7 @@ from taskcore.futures import default_client  # noqa: F401 (public here too)
 from taskcore.futures import (ERROR, FINISHED, PENDING, Future, RemoteTraceback,
                               _futures_in)
 from taskcore.transports import connect
-from taskcore.utils import LoopRunner
+from taskcore.utils import LoopRunner, gc_paused
 
 logger = logging.getLogger("taskcore.client")
 
@@ -731,9 +730,7 @@ class Client:
         seen = set()
         # Building many records allocates many small containers, which would
         # trigger several cyclic-GC passes for nothing (none are cycles).
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
+        with gc_paused():
             for args, k in zip(arglists, keys):
                 if k is None:
                     tok = _tokenize(ftok, args, kwargs) if pure else self._hot.unique()
@@ -744,9 +741,6 @@ class Client:
                     seen.add(k)
                     records.append([k, spec, deps, opts])
             return self._hot.submit(records, out_keys)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
 
     # -- public API: collecting --------------------------------------------------------
     def gather(self, futures, errors="raise", direct=None, asynchronous=None):

@@ -17,8 +17,10 @@ Client side (`client_compute`, `client_persist`, `client_get`):
 2. The materialized graph is converted to dask's task spec
    (`convert_legacy_graph`: legacy tuple tasks become `Task` nodes; dask
    before the task spec (< 2024.12) keeps tuples, run by `dask.core`) and
-   ordered with `dask.order`: the rank becomes each task's in-graph priority,
-   so reductions run depth-first as under dask's own schedulers.
+   ordered (`_order`: `dask.order`, or for graphs of 10,000 tasks or more
+   taskcore's compiled order, `taskcore.core.order`): the rank becomes each
+   task's in-graph priority, so reductions run depth-first as under dask's own
+   schedulers.
 3. Keys this client already holds futures for (persisted collections) are not
    sent again: they become dependencies, and the graph is culled behind them.
    Aliases nobody asked for (`Alias(k -> target)`, or a key standing for a
@@ -77,6 +79,7 @@ from taskcore.core.messages import release_keys, update_graph
 from taskcore.core.serialize import Serialized
 from taskcore.core.worker_dispatch import task_local
 from taskcore.futures import CANCELLED, ERROR, LOST, Future, futures_of  # noqa: F401 (re-export)
+from taskcore.utils import gc_paused
 
 DASK_EXTRA = 'dask collections need dask: pip install "taskcore[dask]"'
 
@@ -706,7 +709,7 @@ _timings = threading.local()
 def last_timings():
     """Client-side seconds spent on this thread's last dask submission, by phase.
 
-    {"graph": dask's optimization and materialization, "order": dask.order,
+    {"graph": dask's optimization and materialization, "order": ordering the graph,
     "encode": building and pickling the task records, "tasks": records sent}
     """
     return dict(getattr(_timings, "value", {}))
@@ -721,10 +724,10 @@ def _timed(phase, t0):
     return t
 
 
-# A large graph goes to the scheduler in pieces of consecutive dask.order ranks: the
+# A large graph goes to the scheduler in pieces of consecutive ranks (`_order`): the
 # first small, so that work starts soon; then doubling, up to a size that keeps each
 # message far below the wire's limits (a few hundred MB at the sizes dask tasks have).
-_FIRST_PIECE = 10_000
+_FIRST_PIECE = 2_000
 _MAX_PIECE = 200_000
 
 
@@ -770,6 +773,37 @@ def _frontier(dsk, prio, bounds, aliases, skipped, wanted):
     return out
 
 
+# Graphs of at least this many tasks are ordered by taskcore's compiled order
+# (`taskcore.core.order`, ~1 µs per task) rather than by dask.order (~10-30 µs per
+# task in Python): above it dask.order's cost is the larger part of the wait for the
+# first task. dask config "taskcore.order" chooses: "auto" (this rule), "dask" or
+# "compiled", for every graph.
+_COMPILED_ORDER_MIN = 10_000
+_ORDER_CHOICES = ("auto", "dask", "compiled")
+
+
+def _order(dsk, task_spec):
+    """(keys in execution order, {key: rank}) for graph dsk: dependencies rank
+    before their dependents, and running in rank order holds little in memory."""
+    import dask
+
+    how = dask.config.get("taskcore.order", "auto")
+    if how not in _ORDER_CHOICES:
+        raise ValueError(f"dask config taskcore.order must be one of {_ORDER_CHOICES}, "
+                         f"not {how!r}")
+    if task_spec and (how == "compiled" or (how == "auto" and len(dsk) >= _COMPILED_ORDER_MIN)):
+        from taskcore.core.order import order_graph
+
+        return order_graph(dsk)
+    from dask.order import order
+
+    prio = order(dsk)
+    ordered = [None] * len(prio)
+    for k, r in prio.items():
+        ordered[r] = k
+    return ordered, prio
+
+
 def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_workers=False,
                  resources=None, retries=None, ordering=True, annotations=None):
     """Send graph `dsk` ({key: node}) to the scheduler; return {wanted key: Future}.
@@ -791,23 +825,14 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
     if held:
         dsk = _cull(dsk, wanted, held)
     ts = _ts()
-    prio = None
+    prio = ordered = None
     if ordering and len(dsk) > 1:
-        from dask.order import order
-
-        prio = order(dsk)
+        ordered, prio = _order(dsk, ts is not None)
     t0 = _timed("order", t0)
     common = client._task_options(workers, resources, retries, 0, allow_other_workers)
     enc = _Encoder(client)
     records = []
     append = records.append
-    ordered = None
-    if prio is not None:
-        # dask.order's ranks are a permutation and an execution order: dependencies
-        # rank before their dependents.
-        ordered = [None] * len(prio)
-        for k, r in prio.items():
-            ordered[r] = k
     sent = 0
     if ts is not None:
         DataNode = ts.DataNode
@@ -918,7 +943,7 @@ _OPTION_ANNOTATIONS = ("workers", "allow_other_workers", "resources", "retries")
 
 
 def _record_options(key, prio, common, annotations):
-    """A record's options: its dask.order rank, the call's options, its annotations."""
+    """A record's options: its rank in the graph's order, the call's options, its annotations."""
     opts = common
     if prio is not None:
         opts = {"priority": prio[key]}
@@ -978,13 +1003,15 @@ def client_get(client, dsk, keys, sync=True, asynchronous=None, **kwargs):
     another thread than its loop, blocks like a synchronous one).
     """
     _import_dask()
-    t0 = time.perf_counter()
-    graph = _materialize(dsk)
-    annotations = _annotations_of(dsk)
-    _timed("graph", t0)
     flat = list(_flatten(keys))
-    futures = submit_graph(client, graph, flat, annotations=annotations,
-                           **_submit_kwargs(kwargs))
+    with gc_paused():
+        t0 = time.perf_counter()
+        graph = _materialize(dsk)
+        annotations = _annotations_of(dsk)
+        _timed("graph", t0)
+        futures = submit_graph(client, graph, flat, annotations=annotations,
+                               **_submit_kwargs(kwargs))
+        del graph
 
     def pack(k):
         if isinstance(k, list):
@@ -1044,11 +1071,13 @@ def client_compute(client, collections, sync=False, optimize_graph=True, progres
         opt_kw = {k: v for k, v in kwargs.items() if k not in (
             "workers", "allow_other_workers", "resources", "retries", "priority",
             "fifo_timeout", "actors", "asynchronous")}
-        t0 = time.perf_counter()
-        graph, names, annotations = _compute_graph(variables, optimize_graph, **opt_kw)
-        _timed("graph", t0)
-        futures = submit_graph(client, graph, names, annotations=annotations,
-                               **_submit_kwargs(kwargs))
+        with gc_paused():
+            t0 = time.perf_counter()
+            graph, names, annotations = _compute_graph(variables, optimize_graph, **opt_kw)
+            _timed("graph", t0)
+            futures = submit_graph(client, graph, names, annotations=annotations,
+                                   **_submit_kwargs(kwargs))
+            del graph
     out = []
     i = 0
     for a in items:
@@ -1079,12 +1108,15 @@ def client_persist(client, collections, optimize_graph=True, progress=False, **k
         opt_kw = {k: v for k, v in kwargs.items() if k not in (
             "workers", "allow_other_workers", "resources", "retries", "priority",
             "fifo_timeout", "actors", "asynchronous")}
-        t0 = time.perf_counter()
-        graph, keys, rebuilds, annotations = _persist_graph(variables, optimize_graph, **opt_kw)
-        _timed("graph", t0)
-        flat = [k for ks in keys for k in ks]
-        futures = submit_graph(client, graph, flat, annotations=annotations,
-                               **_submit_kwargs(kwargs))
+        with gc_paused():
+            t0 = time.perf_counter()
+            graph, keys, rebuilds, annotations = _persist_graph(variables, optimize_graph,
+                                                                **opt_kw)
+            _timed("graph", t0)
+            flat = [k for ks in keys for k in ks]
+            futures = submit_graph(client, graph, flat, annotations=annotations,
+                                   **_submit_kwargs(kwargs))
+            del graph
         for c, ks, rebuild in zip(variables, keys, rebuilds):
             results[id(c)] = rebuild({k: futures[k] for k in ks})
         if progress:

@@ -100,8 +100,11 @@ def test_array_graph_of_10k_tasks(client):
     assert di.last_timings()["tasks"] >= 10_000       # tasks sent to the scheduler
 
 
-def test_large_graphs_go_in_pieces_in_execution_order(client, monkeypatch):
+@pytest.mark.parametrize("order", ["dask", "compiled"])
+def test_large_graphs_go_in_pieces_in_execution_order(client, monkeypatch, order):
     # Pieces of 7, 14, 28, 50, 50, ... tasks: every piece boundary cuts dependencies.
+    # Ordered by dask.order, and by taskcore's compiled order (large graphs' default).
+    monkeypatch.setitem(dask.config.config, "taskcore", {"order": order})
     monkeypatch.setattr(di, "_FIRST_PIECE", 7)
     monkeypatch.setattr(di, "_MAX_PIECE", 50)
     x = da.random.RandomState(2).random_sample((120, 120), chunks=(10, 10))
@@ -140,6 +143,56 @@ def test_large_graphs_go_in_pieces_in_execution_order(client, monkeypatch):
     del got, got_futures, y
     wait_until(lambda: client.run_on_scheduler(lambda scheduler: len(scheduler.state.tasks)) == 0,
                timeout=10)
+
+
+def test_large_graphs_get_the_compiled_order(client, monkeypatch):
+    from dask.order import order
+
+    from taskcore.core.order import order_graph
+
+    x = da.random.RandomState(3).random_sample((60, 60), chunks=(5, 5))
+    expr = (x + x.T).sum(axis=0)
+    sent = []
+    real = client._send_threadsafe
+    monkeypatch.setattr(client, "_send_threadsafe", lambda m: (sent.append(m), real(m)))
+
+    def priorities():
+        sent.clear()
+        np.testing.assert_allclose(client.compute(expr).result(), sync(expr))
+        g = decode_update_graph("c", [m for m in sent if isinstance(m, list)][-1], "s")
+        return {rec[0]: rec[3] for rec in g.tasks}      # (key, spec, deps, priority)
+
+    def same(got, want):
+        # the finalize task's key is new in every compute(); the other keys are not
+        common = got.keys() & want.keys()
+        assert len(common) >= len(got) - 2
+        return {k: got[k] for k in common} == {k: want[k] for k in common}
+
+    dsk, _, _ = di._compute_graph([expr], True)
+    ours, theirs = order_graph(dsk)[1], order(dsk)
+    assert not same(ours, theirs)
+    assert same(priorities(), theirs)              # a small graph: dask.order
+    monkeypatch.setattr(di, "_COMPILED_ORDER_MIN", 100)
+    assert same(priorities(), ours)
+    monkeypatch.setattr(di, "_COMPILED_ORDER_MIN", 10**9)
+    with dask.config.set({"taskcore.order": "compiled"}):
+        assert same(priorities(), ours)
+    with dask.config.set({"taskcore.order": "fastest"}):
+        with pytest.raises(ValueError, match="taskcore.order must be one of"):
+            client.compute(expr)
+
+
+def test_graph_work_runs_with_the_garbage_collector_paused(client, monkeypatch):
+    import gc
+
+    seen = []
+    real_graph, real_order = di._compute_graph, di._order
+    monkeypatch.setattr(di, "_compute_graph",
+                        lambda *a, **k: (seen.append(gc.isenabled()), real_graph(*a, **k))[1])
+    monkeypatch.setattr(di, "_order", lambda *a: (seen.append(gc.isenabled()), real_order(*a))[1])
+    x = da.ones((40, 40), chunks=10)
+    assert client.compute((x + 1).sum()).result() == 3200
+    assert seen == [False, False] and gc.isenabled()
 
 
 def test_a_failed_piece_releases_what_was_sent(client, monkeypatch):
