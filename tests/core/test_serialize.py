@@ -727,6 +727,31 @@ def test_serialize_obj_kinds(obj, kind):
     assert type(out2) is type(obj)
 
 
+def test_small_multi_frame_serialized_rides_inside_frame_0():
+    # A pickle with small out-of-band buffers (a dask task pointing at a shared
+    # function's bytes): no wire frame of its own, however many are in a message.
+    fn = b"f" * 2500
+    specs = [Serialized(1, [pickle.dumps(i), memoryview(fn)]) for i in range(1000)]
+    frames = dumps(["batch", specs])
+    assert len(frames) == 1
+    out = loads(frames)[1]
+    assert [s.frames for s in out] == [[pickle.dumps(i), fn] for i in range(1000)]
+    assert all(type(f) is bytes for s in out for f in s.frames)
+    # the same object twice: a back-reference, as for any Serialized
+    again = loads(dumps([specs[3], specs[3]]))
+    assert again[0] is again[1] and again[0].frames == [pickle.dumps(3), fn]
+    # too large together, too many, or not contiguous: frames of their own
+    big = Serialized(1, [b"a" * 2000, b"b" * 2200])
+    many = Serialized(1, [b"x"] * 9)
+    strided = Serialized(1, [b"p", memoryview(b"abcdef")[::2]])
+    frames = dumps([big, many, strided])
+    assert len(frames) == 1 + 2 + 9 + 2
+    out = loads(frames)
+    assert [bytes(f) for f in out[0].frames] == [b"a" * 2000, b"b" * 2200]
+    assert [bytes(f) for f in out[1].frames] == [b"x"] * 9
+    assert [bytes(f) for f in out[2].frames] == [b"p", b"ace"]
+
+
 def test_serialize_obj_big_bytes_zero_copy():
     data = b"z" * ZERO_COPY_SIZE
     s = serialize_obj(data)
@@ -919,6 +944,12 @@ def _deep_tuple_payload(levels):
     return data
 
 
+def _inline(*frames):
+    """An inline-frames Serialized payload: u32 n | n x u32 length | frames."""
+    return (struct.pack("<I", len(frames)) + b"".join(struct.pack("<I", len(f)) for f in frames)
+            + b"".join(frames))
+
+
 MALFORMED = {
     "no frames": [],
     "frames not a sequence": 5,
@@ -945,6 +976,15 @@ MALFORMED = {
     "memoryview spec": [P(X(S.EXT_BUFFER, ref(1, 1, 2, P(5)))), b"abcd"],
     "serialized no frames": [P(X(S.EXT_SERIALIZED, ref(1, 0, 0)))],
     "serialized kind": [P(X(S.EXT_SERIALIZED, ref(1, 1, 7))), b"a"],
+    "inline frames: count 1": [P(X(S.EXT_SERIALIZED, ref(0, 0, 0x21, _inline(b"a"))))],
+    "inline frames: count 9": [P(X(S.EXT_SERIALIZED, ref(0, 0, 0x21, _inline(*[b"a"] * 9))))],
+    "inline frames: past the end": [P(X(S.EXT_SERIALIZED, ref(0, 0, 0x21,
+                                                        _inline(b"ab", b"c")[:-1])))],
+    "inline frames: trailing": [P(X(S.EXT_SERIALIZED, ref(0, 0, 0x21,
+                                                     _inline(b"ab", b"c") + b"z")))],
+    "inline frames: short": [P(X(S.EXT_SERIALIZED, ref(0, 0, 0x21, b"\x02")))],
+    "inline frames: with a ref": [P(X(S.EXT_SERIALIZED, ref(1, 1, 0x21, _inline(b"a", b"b")))),
+                                  b"x"],
     "pickle tag": [P(X(S.EXT_PICKLE, ref(1, 0, 5)))],
     "pickle in frame, no frames": [P(X(S.EXT_PICKLE, ref(1, 0, 1)))],
     "pickle in frame, trailing": [P(X(S.EXT_PICKLE, ref(1, 1, 1, b"x"))), pickle.dumps(1)],

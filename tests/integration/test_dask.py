@@ -393,6 +393,30 @@ def test_large_embedded_data_travels_out_of_band(client):
     assert frame.a.values.nbytes in sizes or frame.a.values.nbytes * 2 in sizes
 
 
+def test_out_of_band_frames_per_message_are_bounded(client, monkeypatch):
+    # 30 tasks, each with its own 4 KB array, and a 3 KB function all of them share:
+    # out of band (a frame each) until the message holds 5 such frames, in band after.
+    monkeypatch.setattr(di, "_MESSAGE_FRAME_BUDGET", 5)
+    pad = "x" * 3000
+
+    def total(a, pad=pad):
+        return float(a.sum())
+
+    arrays = [np.full(512, float(i)) for i in range(30)]
+    sent = []
+    real = client._send_threadsafe
+    monkeypatch.setattr(client, "_send_threadsafe", lambda m: (sent.append(m), real(m)))
+    parts = [dask.delayed(total)(a) for a in arrays]
+    assert client.compute(dask.delayed(sum)(parts)).result() == sum(512.0 * i for i in range(30))
+    specs = [rec[1][1] for m in sent if isinstance(m, list)
+             for rec in decode_update_graph("c", m, "s").tasks]
+    assert len(specs) == 31
+    oob = [len(s.frames) - 1 for s in specs]
+    assert sum(oob) == 5 and max(oob) <= 2
+    # past the budget the arrays and the function's bytes are pickled in band
+    assert sum(len(s.frames[0]) > 4096 + 3000 for s in specs) >= 25
+
+
 def _graph_inside_a_task(n):
     from taskcore import get_client
 

@@ -260,7 +260,13 @@ cdef object _CODE_SERIALIZED = _EXT_SERIALIZED
 # Flags in the tag byte of a Serialized ext (the low 4 bits are its kind).
 cdef int _SER_INLINE = 0x80     # payload after the header is the single frame
 cdef int _SER_REPEAT = 0x40     # `first` is the sequence number of an earlier one
+# The payload after the header is several small frames: u32 n | n x u32 length | the
+# frames, one after the other. A dask task whose pickle points at a shared function's
+# bytes out of band is two small frames; as frames of their own, a batch of 500,000
+# such tasks would be a message of 1,000,000 frames, the wire's limit.
+cdef int _SER_INLINE_FRAMES = 0x20
 cdef Py_ssize_t _SER_INLINE_MAX = 4096
+cdef Py_ssize_t _SER_INLINE_MAX_FRAMES = 8
 cdef object _CODE_EXCEPTION = _EXT_EXCEPTION
 cdef object _CODE_DEVICE = _EXT_DEVICE
 
@@ -321,6 +327,70 @@ cdef bytes _ref(Py_ssize_t first, Py_ssize_t count, int tag, object tail):
     if tlen:
         memcpy(p + _REF_HEADER, PyBytes_AS_STRING(tail), tlen)
     return out
+
+
+cdef object _inline_frames(list frames, int tag):
+    """The ext payload of a Serialized whose few small contiguous frames ride inline
+    (ref header with no frames | u32 n | n x u32 length | the frames), or None when
+    they do not fit in _SER_INLINE_MAX bytes."""
+    cdef Py_ssize_t n = len(frames), i, total = _REF_HEADER + 4 + 4 * n, off
+    cdef Py_buffer views[8]
+    cdef Py_ssize_t got = 0
+    cdef bytes out = None
+    cdef unsigned char* p
+    if n > 8:
+        return None
+    try:
+        for i in range(n):
+            if PyObject_GetBuffer(frames[i], &views[i], PyBUF_SIMPLE) < 0:
+                return None
+            got += 1
+            total += views[i].len
+            if total > _REF_HEADER + _SER_INLINE_MAX:
+                return None
+        out = PyBytes_FromStringAndSize(NULL, total)
+        p = <unsigned char*>PyBytes_AS_STRING(out)
+        taskcore_put_u32(p, 0)
+        taskcore_put_u32(p + 4, 0)
+        p[8] = <unsigned char>tag
+        p += _REF_HEADER
+        taskcore_put_u32(p, <unsigned long>n)
+        off = 4 + 4 * n
+        for i in range(n):
+            taskcore_put_u32(p + 4 + 4 * i, <unsigned long>views[i].len)
+            memcpy(p + off, views[i].buf, views[i].len)
+            off += views[i].len
+        return out
+    except (BufferError, TypeError):   # not contiguous (or not a buffer): frames of their own
+        return None
+    finally:
+        for i in range(got):
+            PyBuffer_Release(&views[i])
+
+
+cdef list _split_inline_frames(bytes data):
+    """The frames of an inline-frames Serialized payload (after the ref header)."""
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(data) - _REF_HEADER, n, i, off, length
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data) + _REF_HEADER
+    if size < 4:
+        raise _ProtocolError("inline-frames Serialized ext is too short for its frame count")
+    n = <Py_ssize_t>taskcore_get_u32(p)
+    if n < 2 or n > _SER_INLINE_MAX_FRAMES or size < 4 + 4 * n:
+        raise _ProtocolError(f"inline-frames Serialized ext declares {n} frames "
+                             f"(2 to {_SER_INLINE_MAX_FRAMES}) in {size} bytes")
+    off = 4 + 4 * n
+    frames = []
+    for i in range(n):
+        length = <Py_ssize_t>taskcore_get_u32(p + 4 + 4 * i)
+        if length > size - off:
+            raise _ProtocolError(f"inline-frames Serialized ext: frame {i} of {length} bytes "
+                                 f"runs past the payload's end")
+        frames.append(PyBytes_FromStringAndSize(<const char*>p + off, length))
+        off += length
+    if off != size:
+        raise _ProtocolError(f"inline-frames Serialized ext has {size - off} bytes after "
+                             f"its frames")
+    return frames
 
 
 cdef Py_ssize_t _buffer_nbytes(object f) except -1:
@@ -820,6 +890,10 @@ cdef class _Encoder:
             if type(f0) is bytes and PyBytes_GET_SIZE(f0) <= _SER_INLINE_MAX:
                 # Small payloads ride inside frame 0: no frame of their own.
                 return _ext(_CODE_SERIALIZED, _ref(0, 0, s.kind | _SER_INLINE, f0))
+        elif len(s.frames) <= _SER_INLINE_MAX_FRAMES:
+            payload = _inline_frames(s.frames, s.kind | _SER_INLINE_FRAMES)
+            if payload is not None:
+                return _ext(_CODE_SERIALIZED, payload)
         first = len(self.frames)
         self.frames.extend(s.frames)
         return _ext(_CODE_SERIALIZED, _ref(first, len(s.frames), s.kind, None))
@@ -1125,10 +1199,13 @@ cdef class _Decoder:
                 raise _ProtocolError(f"Serialized back-reference {first} to an object not "
                                      f"seen before in this message")
             return self.sers[first]
-        if tag & _SER_INLINE:
+        if tag & (_SER_INLINE | _SER_INLINE_FRAMES):
             if taskcore_get_u32(p) != 0 or taskcore_get_u32(p + 4) != 0 or n == _REF_HEADER:
                 raise _ProtocolError("inline Serialized ext has a frame reference or no payload")
-            out = _make_serialized(kind, [data[_REF_HEADER:]])
+            if tag & _SER_INLINE:
+                out = _make_serialized(kind, [data[_REF_HEADER:]])
+            else:
+                out = _make_serialized(kind, _split_inline_frames(data))
         else:
             self.take(data, "Serialized", &first, &count, &tag, False)
             if count < 1:
