@@ -737,9 +737,11 @@ def _timed(phase, t0):
 
 # A large graph goes to the scheduler in pieces of consecutive ranks (`_order`): the
 # first small, so that work starts soon; then doubling, up to a size that keeps each
-# message far below the wire's limits (a few hundred MB at the sizes dask tasks have).
+# message far below the wire's limits. Pieces of 50,000 records rather than 200,000
+# cost the scheduler 17 µs of CPU per task instead of 24 (333,458 tasks): it decodes a
+# whole message before its tasks run, and the kernel zeroed fresh pages for each big one.
 _FIRST_PIECE = 2_000
-_MAX_PIECE = 200_000
+_MAX_PIECE = 50_000
 
 
 def _chunk_bounds(n):

@@ -737,6 +737,10 @@ def test_small_multi_frame_serialized_rides_inside_frame_0():
     out = loads(frames)[1]
     assert [s.frames for s in out] == [[pickle.dumps(i), fn] for i in range(1000)]
     assert all(type(f) is bytes for s in out for f in s.frames)
+    # equal frames in a row are one object at the receiver (a scheduler holding a
+    # million tasks keeps one copy of their shared function's bytes)
+    assert len({id(s.frames[1]) for s in out}) == 1
+    assert len({id(s.frames[0]) for s in out}) == 1000
     # the same object twice: a back-reference, as for any Serialized
     again = loads(dumps([specs[3], specs[3]]))
     assert again[0] is again[1] and again[0].frames == [pickle.dumps(3), fn]

@@ -89,7 +89,7 @@ from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from cpython.sequence cimport PySequence_List
-from libc.string cimport memcpy
+from libc.string cimport memcmp, memcpy
 
 import pickle
 import sys
@@ -368,8 +368,16 @@ cdef object _inline_frames(list frames, int tag):
             PyBuffer_Release(&views[i])
 
 
-cdef list _split_inline_frames(bytes data):
-    """The frames of an inline-frames Serialized payload (after the ref header)."""
+cdef Py_ssize_t _SHARE_MIN = 256     # inline frames at least this large are shared
+
+
+cdef list _split_inline_frames(bytes data, list last):
+    """The frames of an inline-frames Serialized payload (after the ref header).
+
+    A frame equal to the last one decoded at its position in this message is that
+    same bytes object: consecutive dask tasks of one layer point at one shared
+    function's bytes, and a scheduler holding a million of them would otherwise
+    keep a million copies (and fault in the pages for them)."""
     cdef Py_ssize_t size = PyBytes_GET_SIZE(data) - _REF_HEADER, n, i, off, length
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data) + _REF_HEADER
     if size < 4:
@@ -385,7 +393,15 @@ cdef list _split_inline_frames(bytes data):
         if length > size - off:
             raise _ProtocolError(f"inline-frames Serialized ext: frame {i} of {length} bytes "
                                  f"runs past the payload's end")
-        frames.append(PyBytes_FromStringAndSize(<const char*>p + off, length))
+        prev = last[i]
+        if (length >= _SHARE_MIN and prev is not None and PyBytes_GET_SIZE(prev) == length
+                and memcmp(PyBytes_AS_STRING(prev), p + off, length) == 0):
+            frames.append(prev)
+        else:
+            frame = PyBytes_FromStringAndSize(<const char*>p + off, length)
+            frames.append(frame)
+            if length >= _SHARE_MIN:
+                last[i] = frame
         off += length
     if off != size:
         raise _ProtocolError(f"inline-frames Serialized ext has {size - off} bytes after "
@@ -1091,6 +1107,7 @@ cdef class _Decoder:
     cdef bint has_device            # some frame is device memory (only EXT_DEVICE may use it)
     cdef object hook                # self.ext_hook, bound once
     cdef list sers                  # Serialized objects decoded so far, by sequence number
+    cdef list inline_last           # the last inline frames, by position (see _split_inline_frames)
 
     def __cinit__(self):
         self.frames = None
@@ -1107,10 +1124,12 @@ cdef class _Decoder:
         self.lenient = False
         self.has_device = False
         self.sers = None
+        self.inline_last = None
 
     cdef inline void release(self):
         self.frames = None
         self.sers = None
+        self.inline_last = None
         self.busy = False
 
     def ext_hook(self, int code, bytes data):
@@ -1205,7 +1224,9 @@ cdef class _Decoder:
             if tag & _SER_INLINE:
                 out = _make_serialized(kind, [data[_REF_HEADER:]])
             else:
-                out = _make_serialized(kind, _split_inline_frames(data))
+                if self.inline_last is None:
+                    self.inline_last = [None] * _SER_INLINE_MAX_FRAMES
+                out = _make_serialized(kind, _split_inline_frames(data, self.inline_last))
         else:
             self.take(data, "Serialized", &first, &count, &tag, False)
             if count < 1:
