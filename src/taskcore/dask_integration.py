@@ -95,9 +95,9 @@ _MIN_OUT_OF_BAND = 2048          # same threshold as taskcore.core.serialize
 # (dask's curry of np.ones_like carries a 1.9 KB docstring into every `da.ones` task;
 # out of band, the client's CPU per task of such a graph fell 43 -> 40 µs).
 _FN_OUT_OF_BAND = _MIN_OUT_OF_BAND
-# Out-of-band frames per message at most (the wire's default limit is 1,000,000 frames
-# per message, and each record has a frame of its own besides): past it, buffers are
-# pickled in band.
+# Out-of-band frames per message at most: past it, buffers are pickled in band. The
+# wire's default limit is 1,000,000 frames per message, and a record whose frames are
+# too large to ride inside frame 0 (4 KB together) adds its pickle as a frame too.
 _MESSAGE_FRAME_BUDGET = 500_000
 
 
