@@ -16,6 +16,8 @@ cdef class _Arrays:
     cdef Py_ssize_t* stack        # the walk's positions
     cdef Py_ssize_t* cursor       # the walk's next dependency per stacked position
     cdef Py_ssize_t* work         # Kahn's queue, then the eager ranking's worklist
+    cdef Py_ssize_t* held         # ranked tasks with dependents, in rank order (a stack)
+    cdef Py_ssize_t nheld
     cdef uint64_t* keys           # scratch for sorting
 
     cdef int push_dep(self, Py_ssize_t j) except -1
