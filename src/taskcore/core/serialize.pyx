@@ -334,11 +334,11 @@ cdef object _inline_frames(list frames, int tag):
     (ref header with no frames | u32 n | n x u32 length | the frames), or None when
     they do not fit in _SER_INLINE_MAX bytes."""
     cdef Py_ssize_t n = len(frames), i, total = _REF_HEADER + 4 + 4 * n, off
-    cdef Py_buffer views[8]
+    cdef Py_buffer views[8]          # _SER_INLINE_MAX_FRAMES
     cdef Py_ssize_t got = 0
     cdef bytes out = None
     cdef unsigned char* p
-    if n > 8:
+    if n > _SER_INLINE_MAX_FRAMES:
         return None
     try:
         for i in range(n):
@@ -906,7 +906,7 @@ cdef class _Encoder:
             if type(f0) is bytes and PyBytes_GET_SIZE(f0) <= _SER_INLINE_MAX:
                 # Small payloads ride inside frame 0: no frame of their own.
                 return _ext(_CODE_SERIALIZED, _ref(0, 0, s.kind | _SER_INLINE, f0))
-        elif len(s.frames) <= _SER_INLINE_MAX_FRAMES:
+        else:
             payload = _inline_frames(s.frames, s.kind | _SER_INLINE_FRAMES)
             if payload is not None:
                 return _ext(_CODE_SERIALIZED, payload)
