@@ -77,6 +77,7 @@ from collections.abc import Iterator, Mapping
 
 from taskcore.core.messages import release_keys, update_graph
 from taskcore.core.serialize import Serialized
+from taskcore.core.templates import Templater, fill
 from taskcore.core.worker_dispatch import task_local
 from taskcore.futures import CANCELLED, ERROR, LOST, Future, futures_of  # noqa: F401 (re-export)
 from taskcore.utils import gc_paused
@@ -199,13 +200,47 @@ def _run(x, local):
     raise ValueError(f"unknown encoded dask node {m!r}")
 
 
-def execute_dask_node(payload, data):
-    """Run one dask task on a worker. `data` holds every dependency (worker guarantee)."""
+_TEMPLATES_BY_ID: dict = {}      # id(payload) -> (payload, skeleton): one message's tasks
+_TEMPLATES: dict = {}            # the payload's bytes -> skeleton: across messages
+_TEMPLATES_MAX = 1024
+
+
+def _skeleton(payload):
+    """The skeleton of a task template (`core/templates.pyx`), unpickled once per
+    worker process: the tasks of one message share one payload object; later
+    messages carry equal bytes."""
+    hit = _TEMPLATES_BY_ID.get(id(payload))
+    if hit is not None and hit[0] is payload:
+        return hit[1]
+    if type(payload) is not Serialized:
+        raise ValueError(f"a dask task template must be serialized, not {type(payload).__name__}")
+    content = tuple(bytes(f) for f in payload.frames)
+    sk = _TEMPLATES.get(content)
+    if sk is None:
+        sk = payload.deserialize()
+        if len(_TEMPLATES) >= _TEMPLATES_MAX:
+            _TEMPLATES.clear()
+        _TEMPLATES[content] = sk
+    if len(_TEMPLATES_BY_ID) >= _TEMPLATES_MAX:
+        _TEMPLATES_BY_ID.clear()
+    _TEMPLATES_BY_ID[id(payload)] = (payload, sk)
+    return sk
+
+
+def execute_dask_node(payload, data, values=None):
+    """Run one dask task on a worker. `data` holds every dependency (worker guarantee).
+    With `values`, payload is a template (`core/templates.pyx`) that they fill."""
     prev = getattr(_tls, "data", None)
     _tls.data = data
     try:
         try:
-            obj = payload.deserialize() if type(payload) is Serialized else payload
+            if values is not None:
+                if type(values) is not list:
+                    raise ValueError("the values of a dask task template must be a list, "
+                                     f"not {type(values).__name__}")
+                obj = fill(_skeleton(payload), values, data)
+            else:
+                obj = payload.deserialize() if type(payload) is Serialized else payload
         except KeyError:
             raise
         except Exception as e:
@@ -817,6 +852,42 @@ def _order(dsk, task_spec):
     return ordered, prio
 
 
+def _templates_on():
+    """dask config "taskcore.templates" (default True): the tasks of a layer share one
+    pickled template and carry only their own values (`core/templates.pyx`)."""
+    import dask
+
+    on = dask.config.get("taskcore.templates", True)
+    if type(on) is not bool:
+        raise ValueError(f"dask config taskcore.templates must be True or False, not {on!r}")
+    return on
+
+
+def _template_spec(enc, templater, layer, encoded):
+    """`["dask-t", template, values]` for one encoded task of a layer, or None when
+    the layer is not templated (its tasks are then pickled one by one)."""
+    r = templater.split(layer, encoded)
+    if r is None:
+        enc.used = {}
+        return None
+    tmpl, values = r
+    if tmpl.payload is None:
+        found = []
+        try:
+            payload = enc.dumps(tmpl.skeleton, found)
+        except Exception:
+            payload = None          # the task's own pickle will say what is wrong
+        if payload is None or found:
+            # It holds a taskcore Future, which must be a dependency of each task
+            # that uses it: those tasks are pickled one by one.
+            templater.disable(layer)
+            return None
+        tmpl.payload = payload
+    else:
+        enc.used = {}               # what dumps() would have reset
+    return ["dask-t", tmpl.payload, values]
+
+
 def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_workers=False,
                  resources=None, retries=None, ordering=True, annotations=None):
     """Send graph `dsk` ({key: node}) to the scheduler; return {wanted key: Future}.
@@ -844,6 +915,7 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
     t0 = _timed("order", t0)
     common = client._task_options(workers, resources, retries, 0, allow_other_workers)
     enc = _Encoder(client)
+    templater = Templater(_Dep) if _templates_on() else None
     records = []
     append = records.append
     sent = 0
@@ -903,15 +975,19 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
                 t = type(node)
                 deps = node.dependencies
                 deps = [aliases.get(d, d) for d in deps] if aliases else list(deps)
+                spec = None
                 if t is DataNode and type(node.value) is Future:
                     encoded = _Dep(node.value.key)
                     deps = [node.value.key]
                 else:
                     encoded = enc.enc(node, None)[0]
-                try:
-                    spec = ["dask", enc.dumps(encoded, deps)]
-                except Exception as e:
-                    raise TypeError(f"cannot serialize dask task {key!r}: {e}") from e
+                    if templater is not None and type(key) is tuple:
+                        spec = _template_spec(enc, templater, key[0], encoded)
+                if spec is None:
+                    try:
+                        spec = ["dask", enc.dumps(encoded, deps)]
+                    except Exception as e:
+                        raise TypeError(f"cannot serialize dask task {key!r}: {e}") from e
                 append([key, spec, deps, _record_options(key, prio, common, annotations)])
         except BaseException:
             if temporary:               # what the pieces sent so far wanted goes again
@@ -925,7 +1001,12 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
             if type(task) is Future and task.key == key:
                 continue
             deps = list(_legacy_deps(all_keys, task))
-            spec = ["dask", enc.dumps((_LEGACY, task, tuple(deps)), deps)]
+            encoded = (_LEGACY, task, tuple(deps))
+            spec = None
+            if templater is not None and type(key) is tuple:
+                spec = _template_spec(enc, templater, key[0], encoded)
+            if spec is None:
+                spec = ["dask", enc.dumps(encoded, deps)]
             append([key, spec, deps, _record_options(key, prio, common, annotations)])
     # Refs first, then the message: the keys cannot be released in between.
     futures = {k: Future(k, client) for k in wanted}

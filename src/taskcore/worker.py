@@ -466,13 +466,15 @@ class Worker(WorkerDispatch, ServerLifecycle):
             logger.exception("error handling %r from the scheduler", str(msg)[:200])
 
     # -- executing tasks --------------------------------------------------------------------
-    def run_dask_task(self, node):
-        """Hook: run one task of a dask graph (a `["dask", node]` run spec). While memory
+    def run_dask_task(self, node, values=None):
+        """Hook: run one task of a dask graph (a `["dask", node]` run spec, or a
+        `["dask-t", template, values]` one: `node` is then the template). While memory
         is managed a dependency may be spilled at any moment (this runs on a task
         thread): look them up through `WithSpilled`, which reads them back."""
         from taskcore.dask_integration import execute_dask_node
 
-        return execute_dask_node(node, WithSpilled(self) if self.memory_managed else self.data)
+        return execute_dask_node(node, WithSpilled(self) if self.memory_managed else self.data,
+                                 values)
 
     # -- memory (worker_memory.py) ---------------------------------------------------------------
     def memory_over_target(self):

@@ -96,8 +96,8 @@ class Worker(WorkerDispatch):
     def execute_other(self, instruction):
         self.other_instructions.append(instruction)
 
-    def run_dask_task(self, node):
-        self.dask_nodes.append(node)
+    def run_dask_task(self, node, values=None):
+        self.dask_nodes.append(node if values is None else (node, values))
         return ("dask-result", node)
 
     def reports(self):
@@ -300,6 +300,14 @@ def test_a_run_spec_of_kind_dask_calls_run_dask_task():
     assert w.data["d-1"] == ("dask-result", {"node": 1})
     [(tid, _, tname, payload)] = w.reports()
     assert (tid, tname) == (1, "tuple")
+
+
+def test_a_run_spec_of_kind_dask_t_passes_the_template_and_its_values():
+    w = Worker()
+    tiny(w, "d")
+    w.on_message(compute(1, "d-1", None, spec=["dask-t", {"template": 1}, [("x", 0), 2.5]]))
+    assert w.dask_nodes == [({"template": 1}, [("x", 0), 2.5])]
+    assert w.data["d-1"] == ("dask-result", {"template": 1})
 
 
 def test_the_base_class_refuses_dask_tasks_and_unknown_specs():

@@ -195,6 +195,94 @@ def test_graph_work_runs_with_the_garbage_collector_paused(client, monkeypatch):
     assert seen == [False, False] and gc.isenabled()
 
 
+def _spec_kinds(sent):
+    specs = [rec[1] for m in sent if isinstance(m, list)
+             for rec in decode_update_graph("c", m, "s").tasks]
+    return specs, {kind: sum(s[0] == kind for s in specs) for kind in ("dask", "dask-t")}
+
+
+def test_tasks_of_a_layer_share_one_template(client, monkeypatch):
+    sent = []
+    real = client._send_threadsafe
+    monkeypatch.setattr(client, "_send_threadsafe", lambda m: (sent.append(m), real(m)))
+    x = da.random.RandomState(5).random_sample((60, 60), chunks=(7, 7))   # edge blocks differ
+    exprs = [(x + x.T).sum(axis=0), (x[::2] * 3).std(), da.concatenate([x, x[:4]]).mean()]
+    want = dask.compute(*exprs, scheduler="sync")
+    for got, w in zip(client.gather(client.compute(exprs)), want):
+        np.testing.assert_allclose(got, w)
+    specs, kinds = _spec_kinds(sent)
+    records = [rec for m in sent if isinstance(m, list)
+               for rec in decode_update_graph("c", m, "s").tasks]
+    # Every layer is templated but the random one (each of its tasks holds its own seed
+    # array) and the final tasks (not tuple keys).
+    for key, spec, *_ in records:
+        if isinstance(key, tuple) and not key[0].startswith("random_sample"):
+            assert spec[0] == "dask-t", key
+    templates = {id(s[1]) for s in specs if s[0] == "dask-t"}   # one object per template
+    assert kinds["dask-t"] > 200 and len(templates) < kinds["dask-t"] / 5
+    assert all(type(v) is list for s in specs if s[0] == "dask-t" for v in [s[2]])
+    # the same graph without templates: every task its own pickle, the same results
+    sent.clear()
+    with dask.config.set({"taskcore.templates": False}):
+        for got, w in zip(client.gather(client.compute(exprs)), want):
+            np.testing.assert_allclose(got, w)
+    _, kinds = _spec_kinds(sent)
+    assert kinds["dask-t"] == 0 and kinds["dask"] > 0
+    with dask.config.set({"taskcore.templates": "yes"}):
+        with pytest.raises(ValueError, match="taskcore.templates must be True or False"):
+            client.compute(exprs)
+
+
+def test_a_layer_holding_a_future_is_pickled_task_by_task(client, monkeypatch):
+    import functools
+
+    offset = client.submit(inc, 99)                 # 100
+    sent = []
+    real = client._send_threadsafe
+    monkeypatch.setattr(client, "_send_threadsafe", lambda m: (sent.append(m), real(m)))
+    x = da.ones((8, 8), chunks=2)
+    y = x.map_blocks(functools.partial(add, offset), dtype=float)
+    np.testing.assert_allclose(client.compute(y).result(), np.full((8, 8), 101.0))
+    specs, _ = _spec_kinds(sent)
+    [g] = [decode_update_graph("c", m, "s") for m in sent if isinstance(m, list)]
+    blocks = [rec for rec in g.tasks if isinstance(rec[0], tuple) and "add" in str(rec[0][0])]
+    assert len(blocks) == 16
+    for key, spec, deps, *_ in blocks:              # the Future is each task's dependency
+        assert spec[0] == "dask" and offset.key in deps
+
+
+def test_workers_unpickle_a_template_once(monkeypatch):
+    from taskcore.core.serialize import Serialized
+    from taskcore.core.templates import Templater
+
+    enc = di._Encoder(None)
+    tp = Templater(di._Dep)
+    node = (di._CALL, add, (di._Dep("a"), 5), None, False)
+    tmpl, values = tp.split("layer", node)
+    payload = enc.dumps(tmpl.skeleton, [])
+    loads = []
+    real = Serialized.deserialize
+
+    class Counting:
+        def __init__(self, frames):
+            self.frames = frames
+
+    copy = Serialized(payload.kind, [bytes(f) for f in payload.frames])   # a later message
+    monkeypatch.setattr(di, "_TEMPLATES", {})
+    monkeypatch.setattr(di, "_TEMPLATES_BY_ID", {})
+    for p in (payload, payload, copy):
+        assert di.execute_dask_node(p, {"a": 10}, values) == 15
+    assert len(di._TEMPLATES) == 1 and len(di._TEMPLATES_BY_ID) == 2
+    with pytest.raises(di.DaskTaskDeserializationError, match="must be a list"):
+        di.execute_dask_node(payload, {"a": 10}, ("a",))
+    with pytest.raises(di.DaskTaskDeserializationError, match="has hole 0 but the task"):
+        di.execute_dask_node(payload, {"a": 10}, [])
+    with pytest.raises(di.DaskTaskDeserializationError, match="must be serialized"):
+        di.execute_dask_node(b"junk", {"a": 10}, ["a"])
+    with pytest.raises(KeyError):                   # a missing dependency stays a KeyError
+        di.execute_dask_node(payload, {}, values)
+
+
 def test_a_failed_piece_releases_what_was_sent(client, monkeypatch):
     monkeypatch.setattr(di, "_FIRST_PIECE", 5)
     monkeypatch.setattr(di, "_MAX_PIECE", 20)

@@ -31,7 +31,7 @@ cdef class WorkerDispatch:
     # hooks: the server overrides these
     cpdef handle_other_message(self, object msg)
     cpdef execute_other(self, object instruction)
-    cpdef run_dask_task(self, object node)
+    cpdef run_dask_task(self, object node, object values=*)
     cpdef memory_over_target(self)
     cpdef drop_spilled(self, object key)
     cpdef object load_dependency(self, object key)

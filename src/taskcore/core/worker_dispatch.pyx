@@ -15,7 +15,7 @@ overrides:
 
     handle_other_message(msg)     a scheduler message other than compute-tasks
     execute_other(instruction)    an instruction this loop does not carry out
-    run_dask_task(node)           a task of a dask graph (dask_integration)
+    run_dask_task(node, values)   a task of a dask graph (dask_integration)
 
 Compiled, with the worker's dicts as typed fields, this loop took the
 worker's share of a round trip from ~71k to ~54k instructions (callgrind,
@@ -120,7 +120,7 @@ cdef class WorkerDispatch:
     cpdef execute_other(self, object instruction):
         _logger.error("unhandled worker instruction %r", instruction)
 
-    cpdef run_dask_task(self, object node):
+    cpdef run_dask_task(self, object node, object values=None):
         raise TypeError("this worker cannot run dask tasks")
 
     cpdef memory_over_target(self):
@@ -376,6 +376,8 @@ cdef class WorkerDispatch:
             return func(*args, **kwargs) if kwargs else func(*args)
         if kind == "dask":
             return self.run_dask_task(spec[1])
+        if kind == "dask-t":                        # a template and this task's values
+            return self.run_dask_task(spec[1], spec[2])
         raise ValueError(f"unknown run spec kind {kind!r} for task {key!r}")
 
     cdef tuple call_parts_slow(self, object key, object spec):
