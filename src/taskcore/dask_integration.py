@@ -25,12 +25,16 @@ Client side (`client_compute`, `client_persist`, `client_get`):
    sent again: they become dependencies, and the graph is culled behind them.
    Aliases nobody asked for (`Alias(k -> target)`, or a key standing for a
    future) are not tasks either: references to them point at their targets.
-4. Each remaining node becomes one task record `[key, ["dask", Serialized],
-   deps, opts]` in a single pass. The node is *encoded* (below), then pickled
-   on its own with protocol 5 and a buffer callback, so a numpy array or a
-   DataFrame embedded in the graph travels as out-of-band frames (zero copy),
-   never inside the message header. `dask.annotate(retries=, workers=,
-   resources=, allow_other_workers=)` become per-task options.
+4. Each remaining node becomes one task record in a single pass. The node is
+   *encoded* (below); a task of a layer (a tuple key) is then split into its
+   layer's shared template and its own values (`taskcore.core.templates`):
+   `[key, ["dask-t", template, values], deps, opts]`, the template pickled once.
+   Other nodes, and the layers that do not template (each task holding its own
+   array, seed or callable), are pickled on their own with protocol 5 and a
+   buffer callback, so a numpy array or a DataFrame embedded in the graph
+   travels as out-of-band frames (zero copy), never inside the message header:
+   `[key, ["dask", Serialized], deps, opts]`. `dask.annotate(retries=,
+   workers=, resources=, allow_other_workers=)` become per-task options.
 
 The encoded form is what the worker runs. Unpickling dask's `Task` objects and
 evaluating them through `Task.__call__` costs more than most small tasks (a
@@ -46,7 +50,8 @@ rewritten into plain tuples that a small evaluator (`_run`) runs:
 
 References to other tasks (`TaskRef`, `Alias`) pickle as `_dep(key)`: the worker
 replaces them by the dependency's value while it unpickles the task (every
-dependency is in its data while the task runs). `DataNode`s become their value.
+dependency is in its data while the task runs); in a template they are
+dependency holes, filled the same way. `DataNode`s become their value.
 
 Functions: a task's function that is a plain function, builtin, ufunc or class
 (one object shared by many tasks) is pickled once per graph with cloudpickle

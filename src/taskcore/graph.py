@@ -16,6 +16,9 @@ client builds it, the worker executes it:
     ["dask", node]
         node is a Serialized dask task-spec node (`dask._task_spec`); it is
         called with a {key: value} mapping of its dependencies.
+    ["dask-t", template, values]
+        a task of a dask layer: the layer's shared Serialized template, whose
+        holes values fill (`core/templates.pyx`), then run as a "dask" node.
 """
 from __future__ import annotations
 

@@ -244,24 +244,10 @@ cdef class Templater:
             node = <Node>sk
             items = node.items
             n = len(items)
-            if node.kind == N_TUPLE:
-                if type(x) is not tuple or len(<tuple>x) != n:
+            if node.kind == N_TUPLE or node.kind == N_LIST:
+                if type(x) is not (tuple if node.kind == N_TUPLE else list) or len(x) != n:
                     return FAIL
-                for i in range(n):
-                    r = self._match((<tuple>x)[i], items[i], values)
-                    if r == FAIL:
-                        return FAIL
-                    worst = max(worst, r)
-                return worst
-            if node.kind == N_LIST:
-                if type(x) is not list or len(<list>x) != n:
-                    return FAIL
-                for i in range(n):
-                    r = self._match((<list>x)[i], items[i], values)
-                    if r == FAIL:
-                        return FAIL
-                    worst = max(worst, r)
-                return worst
+                return self._match_all(x, items, values)
             if node.kind == N_SLICE:
                 if type(x) is not slice:
                     return FAIL
@@ -280,7 +266,7 @@ cdef class Templater:
             return worst
         return self._match_constant(x, sk)
 
-    cdef int _match_all(self, tuple xs, tuple items, list values) except -1:
+    cdef int _match_all(self, object xs, tuple items, list values) except -1:
         cdef Py_ssize_t i
         cdef int r, worst = OK
         for i in range(len(items)):
