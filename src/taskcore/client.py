@@ -723,6 +723,10 @@ class Client:
         prefix = key if isinstance(key, str) else _funcname(func)
         make_task = self._hot.make_task
         fser = self._hot.wire_function(func)
+        if type(fser) is bytes and len(arglists) > 1:
+            # One object for all the tasks: the message writes it once, and the scheduler
+            # keeps one copy instead of a bytes object per task.
+            fser = Serialized(1, [fser])
         ftok = _func_token(func)
         opts = self._task_options(workers, resources, retries, priority, allow_other_workers)
         records = []

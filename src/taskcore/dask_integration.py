@@ -80,7 +80,8 @@ import types
 import weakref
 from collections.abc import Iterator, Mapping
 
-from taskcore.core.messages import release_keys, update_graph
+from taskcore.core.messages import release_keys, update_graph_columns
+from taskcore.core.dask_encode import NodeEncoder
 from taskcore.core.serialize import Serialized
 from taskcore.core.templates import Templater, fill
 from taskcore.core.worker_dispatch import task_local
@@ -307,15 +308,17 @@ def _ts():
     return ts
 
 
-class _Encoder:
-    """Turns graph nodes into task records; one per submitted graph (caches functions)."""
+class _Encoder(NodeEncoder):
+    """Turns graph nodes into task records; one per submitted graph (caches functions).
+    The walk over dask's nodes (`enc`) is compiled (`core/dask_encode.pyx`); this
+    layer decides how functions travel (`func`) and pickles (`dumps`)."""
 
     def __init__(self, client):
         import cloudpickle
 
+        NodeEncoder.__init__(self, _ts(), _Dep, (_CALL, _SUBGRAPH, _INNER, _OPAQUE))
         self.client = client
         self.cloudpickle = cloudpickle
-        self.fns: dict = {}          # id(func) -> _FnRef
         self.keep: list = []         # the functions, so their ids stay valid
         self.seen: dict = {}         # id -> a callable met once (or _INLINE: never shared)
         # Byte strings whose presence in a plain pickle means it needs the careful
@@ -323,25 +326,11 @@ class _Encoder:
         # reference to __main__ or a by-value module (must travel by value).
         self.scan = [_FUTURE_MARK, b"__main__"]
         self.scan += [m.encode() for m in cloudpickle.list_registry_pickle_by_value()]
-        self.used: dict = {}         # id -> _FnRef used by the node being encoded
-        self.aliases: dict = {}      # alias key -> the key it stands for (not sent as tasks)
         self.message_frames = 0      # out-of-band frames in the message being built
         self.shared_types = _SHARED_FUNC_TYPES
         np = sys.modules.get("numpy")
         if np is not None:
             self.shared_types = self.shared_types | {np.ufunc}
-        ts = _ts()
-        self.ts = ts
-        if ts is not None:
-            self.TaskRef = ts.TaskRef
-            self.Alias = ts.Alias
-            self.DataNode = ts.DataNode
-            self.GraphNode = ts.GraphNode
-            self.task_types = frozenset(
-                t for t in (ts.Task, getattr(ts, "List", None), getattr(ts, "Tuple", None),
-                            getattr(ts, "Set", None), getattr(ts, "Dict", None))
-                if t is not None and t.__call__ is ts.Task.__call__)
-            self.subgraph_fn = getattr(ts, "_execute_subgraph", None)
 
     # -- functions: pickled once per graph ------------------------------------------------
     def func(self, f):
@@ -399,104 +388,6 @@ class _Encoder:
         self.used[id(ref)] = ref
         return ref
 
-    # -- nodes -> encoded tuples ----------------------------------------------------------
-    def enc(self, node, scope):
-        """(encoded, needs_evaluation) for a GraphNode or TaskRef."""
-        t = type(node)
-        if t is self.TaskRef or t is self.Alias:
-            k = node.key if t is self.TaskRef else node.target
-            if scope is not None and k in scope:
-                return (_INNER, k), True
-            if self.aliases:
-                k = self.aliases.get(k, k)
-            return _Dep(k), False
-        if t is self.DataNode:
-            return node.value, False
-        if t in self.task_types:
-            func = node.func
-            if func is self.subgraph_fn:
-                r = self.enc_subgraph(node, scope)
-                if r is not None:
-                    return r, True
-            ev = False
-            args = node.args
-            out = None
-            for i, a in enumerate(args):
-                if isinstance(a, (self.GraphNode, self.TaskRef)):
-                    if out is None:
-                        out = list(args[:i])
-                    e, ev2 = self.enc(a, scope)
-                    out.append(e)
-                    ev = ev or ev2
-                elif out is not None:
-                    out.append(a)
-            kwargs = node.kwargs
-            if kwargs:
-                kw2 = {}
-                for k, a in kwargs.items():
-                    if isinstance(a, (self.GraphNode, self.TaskRef)):
-                        a, ev2 = self.enc(a, scope)
-                        ev = ev or ev2
-                    kw2[k] = a
-                kwargs = kw2
-            else:
-                kwargs = None
-            return (_CALL, self.func(func), args if out is None else tuple(out), kwargs, ev), True
-        if self.aliases and not node.dependencies.isdisjoint(self.aliases):
-            node = node.substitute({k: self.aliases[k] for k in node.dependencies
-                                    if k in self.aliases})
-        return (_OPAQUE, node), True
-
-    def enc_subgraph(self, node, scope):
-        args = node.args
-        if len(args) < 2 or type(args[0]) is not dict:
-            return None            # an unknown layout: run dask's own _execute_subgraph
-        inner, outkey = args[0], args[1]
-        bindings = self.subgraph_bindings(args[2:])
-        if bindings is None:
-            return None
-        inkeys, deps = bindings
-        depvals = tuple(self.enc(a, scope)[0] if isinstance(a, (self.GraphNode, self.TaskRef))
-                        else a for a in deps)
-        inner_scope = set(inner)
-        inner_scope.update(inkeys)
-        if scope is not None:
-            inner_scope |= scope
-        steps = []
-        for k in _toposort(inner):
-            steps.append((k, self.enc(inner[k], inner_scope)[0]))
-        return (_SUBGRAPH, tuple(steps), outkey, inkeys, depvals)
-
-    def subgraph_bindings(self, rest):
-        """(names, value nodes) that a fused task binds inside its subgraph, or None.
-
-        dask >= 2025: _execute_subgraph(inner, outkey, names, *values), names being
-        placeholders such as "__dask_blockwise__0". dask 2024.12:
-        _execute_subgraph(inner, outkey, inkeys, external_deps), two {name: value}
-        mappings (dicts or task-spec Dicts).
-        """
-        Dict = getattr(self.ts, "Dict", None)
-        if len(rest) == 2 and all(type(m) is dict or (Dict is not None and type(m) is Dict)
-                                  for m in rest):
-            names, values = [], []
-            Tuple = getattr(self.ts, "Tuple", None)
-            for m in rest:
-                if type(m) is dict:
-                    items = m.items()
-                elif m.args and all(type(a) is Tuple and len(a.args) == 2 for a in m.args):
-                    items = [a.args for a in m.args]        # dask 2024.12: Tuple(k, v) items
-                else:
-                    items = zip(m.args[::2], m.args[1::2])  # later: k, v, k, v, ...
-                for k, v in items:
-                    names.append(k)
-                    values.append(v)
-            return tuple(names), tuple(values)
-        if not rest:
-            return (), ()
-        if isinstance(rest[0], (tuple, list)) and len(rest) - 1 == len(rest[0]):
-            return tuple(rest[0]), tuple(rest[1:])
-        return None
-
     # -- pickling -------------------------------------------------------------------------
     def dumps(self, obj, deps):
         """Serialized(obj): protocol 5, buffers out of band; Futures become dependencies."""
@@ -534,29 +425,6 @@ class _Encoder:
         frames[0] = data
         self.message_frames += len(frames) - 1
         return Serialized(1, frames)
-
-
-def _toposort(graph):
-    """Keys of a small {key: node} graph, dependencies first."""
-    out = []
-    done = set()
-    for root in graph:
-        if root in done:
-            continue
-        stack = [(root, False)]
-        while stack:
-            k, expanded = stack.pop()
-            if k in done:
-                continue
-            if expanded:
-                done.add(k)
-                out.append(k)
-                continue
-            stack.append((k, True))
-            for d in graph[k].dependencies:
-                if d in graph and d not in done:
-                    stack.append((d, False))
-    return out
 
 
 try:
@@ -921,8 +789,7 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
     common = client._task_options(workers, resources, retries, 0, allow_other_workers)
     enc = _Encoder(client)
     templater = Templater(_Dep) if _templates_on() else None
-    records = []
-    append = records.append
+    piece = _Piece(prio, common, annotations)
     sent = 0
     if ts is not None:
         DataNode = ts.DataNode
@@ -964,13 +831,12 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
                     # The graph goes in pieces, in execution order, so the scheduler starts
                     # on the first while the rest is encoded; each piece wants its tasks
                     # that later pieces depend on, so they are not dropped meanwhile.
-                    if records:
-                        client._send_threadsafe(update_graph(records, list(frontier[chunk]),
-                                                             int(priority or 0)))
+                    if piece.keys:
+                        client._send_threadsafe(piece.message(list(frontier[chunk]),
+                                                              int(priority or 0)))
                         temporary.update(frontier[chunk])
-                        sent += len(records)
-                        records = []
-                        append = records.append
+                        sent += len(piece.keys)
+                        piece = _Piece(prio, common, annotations)
                         enc.message_frames = 0
                     chunk += 1
                     next_bound = bounds[chunk] if chunk < len(bounds) else None
@@ -993,7 +859,7 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
                         spec = ["dask", enc.dumps(encoded, deps)]
                     except Exception as e:
                         raise TypeError(f"cannot serialize dask task {key!r}: {e}") from e
-                append([key, spec, deps, _record_options(key, prio, common, annotations)])
+                piece.add(key, spec, deps)
         except BaseException:
             if temporary:               # what the pieces sent so far wanted goes again
                 client._send_threadsafe(release_keys(list(temporary)))
@@ -1012,12 +878,12 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
                 spec = _template_spec(enc, templater, key[0], encoded)
             if spec is None:
                 spec = ["dask", enc.dumps(encoded, deps)]
-            append([key, spec, deps, _record_options(key, prio, common, annotations)])
+            piece.add(key, spec, deps)
     # Refs first, then the message: the keys cannot be released in between.
     futures = {k: Future(k, client) for k in wanted}
-    if records or not held.issuperset(wanted):
-        client._send_threadsafe(update_graph(records, list(wanted), int(priority or 0)))
-    sent += len(records)
+    if piece.keys or not held.issuperset(wanted):
+        client._send_threadsafe(piece.message(list(wanted), int(priority or 0)))
+    sent += len(piece.keys)
     if temporary:
         # The whole graph is there now: the pieces' own wants go, dependents keep them.
         client._send_threadsafe(release_keys(list(temporary)))
@@ -1042,16 +908,35 @@ def submit_graph(client, dsk, wanted, *, priority=0, workers=None, allow_other_w
 _OPTION_ANNOTATIONS = ("workers", "allow_other_workers", "resources", "retries")
 
 
-def _record_options(key, prio, common, annotations):
-    """A record's options: its rank in the graph's order, the call's options, its annotations."""
-    opts = common
-    if prio is not None:
-        opts = {"priority": prio[key]}
-        if common:
-            opts.update(common)
-    if annotations:
-        opts = _annotate(opts, key, annotations)
-    return opts
+class _Piece:
+    """The columns of one update-graph message: each task's key, run spec,
+    dependencies, rank in the graph's order (`prio`), and options (the call's
+    `common` ones and the task's annotations; the column is left out when no
+    task has any)."""
+
+    __slots__ = ("keys", "specs", "deps", "ranks", "options", "prio", "common", "annotations")
+
+    def __init__(self, prio, common, annotations):
+        self.keys, self.specs, self.deps = [], [], []
+        self.ranks = [] if prio is not None else None
+        self.options = [] if common or annotations else None
+        self.prio, self.common, self.annotations = prio, common, annotations
+
+    def add(self, key, spec, deps):
+        self.keys.append(key)
+        self.specs.append(spec)
+        self.deps.append(deps)
+        if self.ranks is not None:
+            self.ranks.append(self.prio[key])
+        if self.options is not None:
+            opts = self.common
+            if self.annotations:
+                opts = _annotate(opts, key, self.annotations)
+            self.options.append(opts)
+
+    def message(self, wanted, priority):
+        return update_graph_columns(self.keys, self.specs, self.deps, wanted, priority,
+                                    self.ranks, self.options)
 
 
 def _annotate(opts, key, annotations):

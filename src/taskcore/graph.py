@@ -7,7 +7,9 @@ client builds it, the worker executes it:
         func is the function's pickle: its bytes when that is one frame of at
         most 64 kB (a plain msgpack bin on the wire: no ext hooks at the
         client, scheduler or worker), else a Serialized. Every task of a map
-        shares it, so the function is pickled once. args is a list of msgpack-native values or a Serialized
+        shares it, so the function is pickled once; a map of several tasks
+        sends it as one Serialized object, written once per message and kept
+        once by the scheduler. args is a list of msgpack-native values or a Serialized
         (args, kwargs) tuple in which dependencies appear as TaskRef(key).
     ["call", func, args, None, refs]
         flat msgpack-native args in which the slots listed in refs hold the

@@ -518,7 +518,7 @@ def _scheduler_handle(scheduler, plugins, ev):
         for p in plugins:
             try:
                 p.update_graph(scheduler, client=ev.client, keys=set(ev.keys),
-                               tasks=[t[0] for t in ev.tasks], annotations=ev.annotations,
+                               tasks=list(ev.task_keys), annotations=ev.annotations,
                                priority=ev.priority, stimulus_id=ev.stimulus_id)
             except Exception:
                 logger.exception("scheduler plugin update_graph hook failed")

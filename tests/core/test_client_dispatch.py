@@ -182,8 +182,8 @@ def test_submit_queues_one_message_and_flush_merges_a_loop_of_submits():
     assert [(kind, fn) for kind, fn, _ in hot.loop.calls] == [("threadsafe", hot.flush_outbox)]
     hot.loop.run()
     [msg] = hot.comm.sent                              # one merged graph
-    assert msg == ["update-graph", [["a", "s-a", [], None], ["b", "s-b", [], None],
-                                    ["c", "s-c", [], None]], ["a", "b", "c"], 0]
+    assert msg == ["update-graph", ["a", "b", "c"], ["s-a", "s-b", "s-c"], [[], [], []],
+                   ["a", "b", "c"], 0, None, None]
     assert hot.comm.flushes == 1                       # the batch ended with flush()
     assert decode_update_graph("u", msg, "x").keys == ["a", "b", "c"]
 

@@ -156,7 +156,8 @@ def test_update_graph_one_task_with_a_tuple_key():
 def test_update_graph_several_tasks_with_deps_and_priority():
     recs = [["a", "fa", [], None], ["b", "fb", ["a"], None], ["c", "fc", ["a", "b"], None]]
     msg = update_graph(recs, ["c", "b"], priority=-5)
-    assert msg == ["update-graph", recs, ["c", "b"], -5]
+    assert msg == ["update-graph", ["a", "b", "c"], ["fa", "fb", "fc"], [[], ["a"], ["a", "b"]],
+                   ["c", "b"], -5, None, None]                # columns
     for m in (msg, wire(msg)):
         ev = decode_update_graph("c2", m, "ug-2")
         assert ev.client == "c2" and ev.keys == ["c", "b"] and ev.priority == -5
@@ -166,7 +167,7 @@ def test_update_graph_several_tasks_with_deps_and_priority():
 def test_update_graph_several_records_one_wanted_key():
     recs = [["a", "fa", [], None], ["b", "fb", ["a"], None]]
     msg = update_graph(recs, ["b"])
-    assert msg[1] == recs and msg[2] == ["b"]          # the columns form
+    assert msg[1] == ["a", "b"] and msg[4] == ["b"]          # the columns form
     ev = decode_update_graph("c", msg, "ug")
     assert ev.keys == ["b"] and len(ev.tasks) == 2
 
@@ -176,13 +177,13 @@ def test_update_graph_options_become_the_stimulus_mappings():
             "resources": {"GPU": 1}, "retries": 2, "annotations": {"tag": "x"}}
     recs = [["a", "fa", [], None],
             ["b", "fb", ["a"], opts],
-            ["c", "fc", [], {"workers": "w2"}],             # no priority: a 3-tuple
+            ["c", "fc", [], {"workers": "w2"}],             # no priority: None
             ["d", "fd", [], {}]]                            # empty options: none
     msg = update_graph(recs, ["b", "c", "d"], priority=1)
     for m in (msg, wire(msg)):
         ev = decode_update_graph("c1", m, "ug")
-        assert [tuple(t) for t in ev.tasks] == [("a", "fa", []), ("b", "fb", ["a"], 7),
-                                                ("c", "fc", []), ("d", "fd", [])]
+        assert [tuple(t) for t in ev.tasks] == [("a", "fa", [], None), ("b", "fb", ["a"], 7),
+                                                ("c", "fc", [], None), ("d", "fd", [], None)]
         assert ev.workers == {"b": ["w1"], "c": "w2"}
         assert ev.allow_other_workers == {"b"}
         assert ev.resources == {"b": {"GPU": 1}}
@@ -196,7 +197,7 @@ def test_update_graph_one_task_with_options():
     msg = update_graph([rec], ["g"])
     assert msg == ["update-graph", rec, "g", 0]
     ev = decode_update_graph("c1", wire(msg), "ug")
-    assert [tuple(t) for t in ev.tasks] == [("g", "fg", [])]
+    assert [tuple(t) for t in ev.tasks] == [("g", "fg", [], None)]
     assert ev.resources == {"g": {"GPU": 1}} and ev.annotations == {"g": {"a": 1}}
     assert ev.workers is None and ev.allow_other_workers is False and ev.retries == 0
 
@@ -250,10 +251,8 @@ def test_merge_consecutive_one_task_graphs_in_order():
     msgs = [one("a"), one("b", ["a"]), one("c")]
     before = [list(m) for m in msgs]
     [merged] = merge_update_graphs(msgs)
-    assert merged == ["update-graph",
-                      [["a", "f-a", [], None], ["b", "f-b", ["a"], None],
-                       ["c", "f-c", [], None]],
-                      ["a", "b", "c"], 0]
+    assert merged == ["update-graph", ["a", "b", "c"], ["f-a", "f-b", "f-c"], [[], ["a"], []],
+                      ["a", "b", "c"], 0, None, None]
     assert msgs == before                                    # the inputs are not touched
     ev = decode_update_graph("c1", wire(merged), "ug")
     assert [t[0] for t in ev.tasks] == ["a", "b", "c"] and ev.keys == ["a", "b", "c"]
@@ -274,14 +273,14 @@ def test_merge_does_not_merge_options_priorities_many_tasks_or_other_messages():
             with_prio, many, one("f"), one("g")]
     out = merge_update_graphs(msgs)
     assert out == [
-        ["update-graph", [["a", "f-a", [], None], ["b", "f-b", [], None]], ["a", "b"], 0],
+        ["update-graph", ["a", "b"], ["f-a", "f-b"], [[], []], ["a", "b"], 0, None, None],
         with_opts,
         one("c"),                                            # a run of one: as it was
         other,
-        ["update-graph", [["d", "f-d", [], None], ["e", "f-e", [], None]], ["d", "e"], 0],
+        ["update-graph", ["d", "e"], ["f-d", "f-e"], [[], []], ["d", "e"], 0, None, None],
         with_prio,
         many,
-        ["update-graph", [["f", "f-f", [], None], ["g", "f-g", [], None]], ["f", "g"], 0],
+        ["update-graph", ["f", "g"], ["f-f", "f-g"], [[], []], ["f", "g"], 0, None, None],
     ]
     # the merged stream asks the scheduler for the same tasks, in the same order
     keys = [k for m in out if type(m) is list
@@ -559,21 +558,29 @@ def test_decoded_tasks_finished_drive_a_real_state_machine():
 
 @pytest.mark.parametrize("msg,match", [
     (["compute-tasks", ["a", "f", [], None], "a", 0], "expected a 'update-graph' message"),
-    (["update-graph", ["a", "f", [], None], "a"], "4 fields expected, got 3"),
-    (["update-graph", ["a", "f", [], None], "a", 0, 1], "4 fields expected, got 5"),
-    (["update-graph"], "4 fields expected, got 1"),
-    (["update-graph", "not-a-list", ["a"], 0], "records must be a list"),
+    (["update-graph", ["a", "f", [], None], "a"], "4 fields .one task. or 8 .columns. expected, got 3"),
+    (["update-graph", ["a", "f", [], None], "a", 0, 1], "or 8 .columns. expected, got 5"),
+    (["update-graph"], "or 8 .columns. expected, got 1"),
     (["update-graph", ["a", "f", [], None], "a", "high"], "priority must be an int"),
-    (["update-graph", [("a", "f", [], None)], ["a"], 0], "malformed task record"),
-    (["update-graph", [["a", "f", []]], ["a"], 0], "malformed task record"),
+    (["update-graph", ("a", "f", [], None), "a", 0], "malformed task record"),
     (["update-graph", ["a", "f", []], "a", 0], "malformed task record"),
-    (["update-graph", [["a", "f", [], None], "b"], ["a", "b"], 0], "malformed task record"),
-    (["update-graph", [["a", "f", [], ["workers"]]], ["a"], 0], "options of 'a' must be a map"),
     (["update-graph", ["a", "f", [], "w1"], "a", 0], "options of 'a' must be a map"),
-    # a malformed record after one with options
-    (["update-graph", [["a", "f", [], {"retries": 1}], ["b", "f", []]], ["a"], 0],
-     "malformed task record"),
-    (["update-graph", [["a", "f", [], {"retries": 1}], 5], ["a"], 0], "malformed task record"),
+    (["update-graph", ["a", "f", [], None], ["a"], 0], "wanted key"),     # one task, one key
+    # columns
+    (["update-graph", "a", ["f"], [[]], ["a"], 0, None, None], "task keys must be a list"),
+    (["update-graph", ["a", "b"], ["f"], [[], []], ["a"], 0, None, None],
+     "columns of different lengths"),
+    (["update-graph", ["a"], ["f"], "deps", ["a"], 0, None, None], "columns of different"),
+    (["update-graph", ["a"], ["f"], [[]], "a", 0, None, None], "wanted keys must be a list"),
+    (["update-graph", ["a"], ["f"], [[]], ["a"], 0.5, None, None], "priority must be an int"),
+    (["update-graph", ["a"], ["f"], [[]], ["a"], 0, [1, 2], None], "columns of different"),
+    (["update-graph", ["a"], ["f"], [[]], ["a"], 0, ["high"], None], "priority of a"),
+    (["update-graph", ["a"], ["f"], [[]], ["a"], 0, None, [["workers"]]],
+     "options of 'a' must be a map"),
+    (["update-graph", ["a", "b"], ["f", "g"], [[], []], ["a"], 0, None, [{"retries": 1}]],
+     "columns of different"),
+    (["update-graph", ["a", "b"], ["f", "g"], [[], []], ["a"], 0, None,
+      [{"retries": 1}, {"retries": "x"}]], "retries of b"),
 ])
 def test_malformed_update_graph(msg, match):
     with pytest.raises(ValueError, match=match):

@@ -217,7 +217,7 @@ def test_a_malformed_message_is_logged_and_dropped(caplog):
         s.route(W1).handle(["no-such-op", 1, 2, 3, 4, 5])
     text = caplog.text
     assert "malformed task record" in text
-    assert "4 fields expected, got 2" in text
+    assert "4 fields (one task) or 8 (columns) expected, got 2" in text
     assert "tasks-finished: columns of different lengths" in text
     assert "expected a 'tasks-finished' message, got 'no-such-op'" in text
     assert "from client c1" in text and f"from worker {W1}" in text

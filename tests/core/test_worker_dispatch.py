@@ -204,6 +204,22 @@ def test_a_pickled_function_is_unpickled_and_run():
     assert [r[3] for r in w.reports()] == [5, 6]
 
 
+def dec(x):
+    return x - 1
+
+
+def test_functions_as_bytes_and_as_a_shared_serialized_do_not_mix_up():
+    # a map sends its function as one Serialized for every task; submits send bytes
+    w = Worker()
+    shared = Serialized(1, [pickle.dumps(dec)])
+    assert w.function(pickle.dumps(inc)) is inc
+    assert w.function(shared) is dec
+    assert w.function(pickle.dumps(inc)) is inc          # not the last Serialized's
+    assert w.function(shared) is dec
+    assert w.function(Serialized(1, [pickle.dumps(inc)])) is inc
+    assert w.function(pickle.dumps(dec)) is dec
+
+
 @pytest.mark.parametrize("func,typename", [(make_lock, "lock"), (make_gen, "generator")])
 def test_an_unpicklable_result_stays_and_is_reported_without_a_payload(func, typename):
     w = Worker()

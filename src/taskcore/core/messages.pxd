@@ -14,6 +14,8 @@ cdef inline object result_of(object payload):
 
 # client -> scheduler
 cpdef list update_graph(list records, list wanted, long long priority=*)
+cpdef list update_graph_columns(list keys, list specs, list deps, list wanted,
+                                long long priority=*, list ranks=*, list options=*)
 cpdef list merge_update_graphs(list msgs)
 cpdef UpdateGraph decode_update_graph(str client, list msg, str stimulus_id)
 

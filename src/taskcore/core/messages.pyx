@@ -16,7 +16,7 @@ Theory of operation
 A submit -> result round trip is four messages, and a stream of tiny tasks is
 mostly these four:
 
-    client    -> scheduler  update-graph     records and wanted keys
+    client    -> scheduler  update-graph     task columns and wanted keys
     scheduler -> worker     compute-tasks    the tasks to run there
     worker    -> scheduler  tasks-finished   what finished, with small results
     scheduler -> client     keys-in-memory   which keys are ready, with those results
@@ -113,95 +113,156 @@ def value_of(payload):
 
 
 # ---------------------------------------------------------------------------
-# update-graph: ["update-graph", records, wanted, priority]
+# update-graph, one task:  ["update-graph", [key, spec, deps, options], key, priority]
+# update-graph, columns:   ["update-graph", keys, specs, deps, wanted, priority,
+#                           ranks, options]
 # ---------------------------------------------------------------------------
 
 cpdef list update_graph(list records, list wanted, long long priority=0):
-    """The message for a graph: records [key, run spec, dependency keys, options
-    or None] and the keys the client wants."""
-    if len(records) == 1 and len(wanted) == 1:
+    """The message for a graph given as records [key, run spec, dependency keys,
+    options or None] and the keys the client wants: the one-task form for one
+    record and one wanted key, else columns (an options map that holds only a
+    priority becomes that task's rank)."""
+    cdef list keys, specs, deps, ranks = None, options = None, rec
+    cdef Py_ssize_t i, n = len(records)
+    if n == 1 and len(wanted) == 1:
         return [_UPDATE_GRAPH, records[0], wanted[0], priority]
-    return [_UPDATE_GRAPH, records, wanted, priority]
+    keys, specs, deps = [None] * n, [None] * n, [None] * n
+    for i in range(n):
+        rec = <list>records[i]
+        keys[i] = rec[0]
+        specs[i] = rec[1]
+        deps[i] = rec[2]
+        opts = rec[3]
+        if opts is None:
+            continue
+        if type(opts) is dict and len(<dict>opts) == 1 and "priority" in <dict>opts:
+            if ranks is None:
+                ranks = [None] * n
+            ranks[i] = (<dict>opts)["priority"]
+        else:
+            if options is None:
+                options = [None] * n
+            options[i] = opts
+    return [_UPDATE_GRAPH, keys, specs, deps, wanted, priority, ranks, options]
+
+
+cpdef list update_graph_columns(list keys, list specs, list deps, list wanted,
+                                long long priority=0, list ranks=None, list options=None):
+    """The message for a graph given as columns (the dask path builds them
+    directly): `ranks` (each task's priority inside the graph) and `options`
+    (a map or None per task) may be None for every task."""
+    return [_UPDATE_GRAPH, keys, specs, deps, wanted, priority, ranks, options]
 
 
 cpdef list merge_update_graphs(list msgs):
     """Messages in order, with every run of consecutive one-task graphs without
     options or priority (a loop of `submit` calls) merged into one graph: one
-    scheduler stimulus instead of one per task; the records keep their order,
+    scheduler stimulus instead of one per task; the tasks keep their order,
     and so their relative priority."""
-    cdef list out = [], graph = None, m
+    cdef list out = [], run = None, m
     for obj in msgs:
         if (type(obj) is list and len(<list>obj) == 4 and (<list>obj)[0] == _UPDATE_GRAPH):
             m = <list>obj
-            if _one(m[2]) and m[3] == 0 and (<list>m[1])[3] is None:
-                if graph is None:
-                    graph = [_UPDATE_GRAPH, [m[1]], [m[2]], 0]
+            if m[3] == 0 and (<list>m[1])[3] is None:
+                if run is None:
+                    run = [m]
                 else:
-                    (<list>graph[1]).append(m[1])
-                    (<list>graph[2]).append(m[2])
+                    run.append(m)
                 continue
-        if graph is not None:
-            out.append(_single_or_graph(graph))
-            graph = None
+        if run is not None:
+            out.append(_merged(run))
+            run = None
         out.append(obj)
-    if graph is not None:
-        out.append(_single_or_graph(graph))
+    if run is not None:
+        out.append(_merged(run))
     return out
 
 
-cdef list _single_or_graph(list graph):
-    if len(<list>graph[1]) == 1:
-        return [_UPDATE_GRAPH, (<list>graph[1])[0], (<list>graph[2])[0], 0]
-    return graph
+cdef list _merged(list run):
+    cdef list keys, specs, deps, wanted, m, rec
+    if len(run) == 1:
+        return run[0]
+    keys, specs, deps, wanted = [], [], [], []
+    for m in run:
+        rec = <list>m[1]
+        keys.append(rec[0])
+        specs.append(rec[1])
+        deps.append(rec[2])
+        wanted.append(m[2])
+    return [_UPDATE_GRAPH, keys, specs, deps, wanted, 0, None, None]
 
 
 cpdef UpdateGraph decode_update_graph(str client, list msg, str stimulus_id):
     """The `UpdateGraph` stimulus of a client's message; per-task options
     (priority, workers, allow_other_workers, resources, retries, annotations)
     become the stimulus' mappings."""
-    cdef list records, wanted
+    cdef list keys, specs, deps, wanted, ranks = None, options = None
     cdef UpdateGraph ev
-    cdef bint options = False
-    _check(msg, _UPDATE_GRAPH, 4)
-    if _one(msg[2]):
-        records = [msg[1]]
+    cdef Py_ssize_t i, n
+    if len(msg) != 4 and len(msg) != 8:
+        raise ValueError(f"{msg[:1]}: 4 fields (one task) or 8 (columns) expected, "
+                         f"got {len(msg)}")
+    if msg[0] != _UPDATE_GRAPH:
+        raise ValueError(f"expected a {_UPDATE_GRAPH!r} message, got {msg[0]!r}")
+    if len(msg) == 4:
+        rec = msg[1]
+        if type(rec) is not list or len(<list>rec) != 4:
+            raise ValueError(f"update-graph: malformed task record {str(rec)[:100]}")
+        keys, specs, deps = [(<list>rec)[0]], [(<list>rec)[1]], [(<list>rec)[2]]
+        if (<list>rec)[3] is not None:
+            options = [(<list>rec)[3]]
         wanted = [msg[2]]
+        priority = msg[3]
     else:
         if type(msg[1]) is not list:
-            raise ValueError("update-graph: records must be a list")
-        records = msg[1]
-        wanted = msg[2]
-    if type(msg[3]) is not int:
-        raise ValueError(f"update-graph: the priority must be an int, not {msg[3]!r}")
-    # Every field is checked here, before the state machine sees any of it: a record it
+            raise ValueError("update-graph: the task keys must be a list")
+        keys = msg[1]
+        n = len(keys)
+        _same_length([msg[2], msg[3]], n, "update-graph")
+        specs, deps = msg[2], msg[3]
+        if type(msg[4]) is not list:
+            raise ValueError("update-graph: the wanted keys must be a list")
+        wanted = msg[4]
+        priority = msg[5]
+        if msg[6] is not None:
+            _same_length([msg[6]], n, "update-graph")
+            ranks = msg[6]
+        if msg[7] is not None:
+            _same_length([msg[7]], n, "update-graph")
+            options = msg[7]
+    if type(priority) is not int:
+        raise ValueError(f"update-graph: the priority must be an int, not {priority!r}")
+    # Every field is checked here, before the state machine sees any of it: a task it
     # would reject half way would leave the keys before it registered.
     for key in wanted:
         _check_key(key, "wanted key", 0)
-    for rec in records:
-        if type(rec) is not list or len(<list>rec) != 4:
-            raise ValueError(f"update-graph: malformed task record {str(rec)[:100]}")
-        _check_key((<list>rec)[0], "task key", 0)
-        deps = (<list>rec)[2]
-        if deps is not None:
-            if type(deps) is not list and type(deps) is not tuple:
-                raise ValueError(f"update-graph: the dependencies of {str(rec[0])[:100]} "
-                                 f"must be a list of keys, not {str(deps)[:100]}")
-            for dk in deps:
+    n = len(keys)
+    for i in range(n):
+        _check_key(keys[i], "task key", 0)
+        d = deps[i]
+        if d is not None:
+            if type(d) is not list and type(d) is not tuple:
+                raise ValueError(f"update-graph: the dependencies of {str(keys[i])[:100]} "
+                                 f"must be a list of keys, not {str(d)[:100]}")
+            for dk in d:
                 _check_key(dk, "dependency key", 0)
-        if (<list>rec)[3] is not None:
-            options = True
+        if ranks is not None:
+            _check_rank(keys[i], ranks[i])
     ev = UpdateGraph.__new__(UpdateGraph)
     ev.kind = EV_UPDATE_GRAPH
     ev.stimulus_id = stimulus_id
     ev.client = client
     ev.keys = wanted
-    ev.priority = msg[3]
+    ev.priority = priority
     ev.allow_other_workers = False
     ev.retries = 0
-    if options:
-        _with_options(ev, records)
-    else:
-        ev.tasks = records
+    ev.task_keys = keys
+    ev.specs = specs
+    ev.deps = deps
+    ev.ranks = ranks
+    if options is not None:
+        _with_options(ev, options)
     return ev
 
 
@@ -216,6 +277,13 @@ cdef int _check_key(object key, str what, int depth) except -1:
         return 0
     raise ValueError(f"update-graph: {what} {str(key)[:100]} is not a key (a str, bytes, int "
                      "or float, or a tuple of those)")
+
+
+cdef inline int _check_rank(object key, object p) except -1:
+    if p is not None and type(p) is not int and type(p) is not tuple:
+        raise ValueError(f"update-graph: the priority of {str(key)[:100]} must be an int or "
+                         f"a tuple, not {str(p)[:100]}")
+    return 0
 
 
 cdef int _check_options(object key, dict opts) except -1:
@@ -237,40 +305,39 @@ cdef int _check_options(object key, dict opts) except -1:
     a = opts.get("annotations")
     if a is not None and type(a) is not dict:
         raise ValueError(f"update-graph: annotations of {str(key)[:100]} must be a map")
-    p = opts.get("priority")
-    if p is not None and type(p) is not int and type(p) is not tuple:
-        raise ValueError(f"update-graph: the priority of {str(key)[:100]} must be an int or "
-                         f"a tuple, not {str(p)[:100]}")
+    _check_rank(key, opts.get("priority"))
     return 0
 
 
-cdef int _with_options(UpdateGraph ev, list records) except -1:
-    cdef list tasks = []
+cdef int _with_options(UpdateGraph ev, list options) except -1:
+    """Per-task options into the stimulus' mappings; a "priority" option becomes
+    the task's rank."""
     cdef dict workers = {}, resources = {}, retries = {}, annotations = {}
     cdef set aow = set()
-    for rec in records:
-        key, spec, deps, opts = rec
-        if opts:
-            if type(opts) is not dict:
-                raise ValueError(f"update-graph: options of {key!r} must be a map")
-            _check_options(key, <dict>opts)
-            if "priority" in opts:
-                tasks.append((key, spec, deps, opts["priority"]))
-            else:
-                tasks.append((key, spec, deps))
-            if "workers" in opts:
-                workers[key] = opts["workers"]
-                if opts.get("allow_other_workers"):
-                    aow.add(key)
-            if "resources" in opts:
-                resources[key] = opts["resources"]
-            if "retries" in opts:
-                retries[key] = opts["retries"]
-            if "annotations" in opts:
-                annotations[key] = opts["annotations"]
-        else:
-            tasks.append((key, spec, deps))
-    ev.tasks = tasks
+    cdef list keys = ev.task_keys
+    cdef Py_ssize_t i
+    for i in range(len(keys)):
+        opts = options[i]
+        if not opts:
+            continue
+        key = keys[i]
+        if type(opts) is not dict:
+            raise ValueError(f"update-graph: options of {key!r} must be a map")
+        _check_options(key, <dict>opts)
+        if "priority" in opts:
+            if ev.ranks is None:
+                ev.ranks = [None] * len(keys)
+            ev.ranks[i] = opts["priority"]
+        if "workers" in opts:
+            workers[key] = opts["workers"]
+            if opts.get("allow_other_workers"):
+                aow.add(key)
+        if "resources" in opts:
+            resources[key] = opts["resources"]
+        if "retries" in opts:
+            retries[key] = opts["retries"]
+        if "annotations" in opts:
+            annotations[key] = opts["annotations"]
     ev.workers = workers or None
     ev.allow_other_workers = aow or False
     ev.resources = resources or None

@@ -237,7 +237,11 @@ cdef class Stimulus:
 @cython.final
 cdef class UpdateGraph(Stimulus):
     cdef readonly str client
-    cdef readonly list tasks                # [(key, run_spec, dep keys[, priority])]
+    # The graph's tasks as columns (one entry per task, in submission order):
+    cdef readonly list task_keys
+    cdef readonly list specs                # run specs, opaque
+    cdef readonly list deps                 # dependency keys (a list/tuple, or None)
+    cdef readonly list ranks                # priority inside the graph, or None for all
     cdef readonly list keys                 # keys the client wants
     cdef readonly object workers            # {key: address/name or collection}
     cdef readonly object allow_other_workers  # bool or collection of keys

@@ -465,7 +465,9 @@ cdef class UpdateGraph(Stimulus):
 
     tasks: [(key, run_spec, dependency keys, priority)] -- the priority (an
         int, a tuple, or None for submission order) orders tasks inside the
-        graph; the 4th element may be omitted.
+        graph; the 4th element may be omitted. Held as columns: task_keys, specs,
+        deps and ranks (None when no task has a priority); `tasks` rebuilds the
+        tuples.
     keys: the keys the client wants (holds futures for).
     workers: {key: address/name or collection of them}.
     allow_other_workers: True (all restricted tasks) or a collection of keys.
@@ -481,7 +483,16 @@ cdef class UpdateGraph(Stimulus):
         self.kind = EV_UPDATE_GRAPH
         self.stimulus_id = stimulus_id
         self.client = client
-        self.tasks = _as_list(tasks)
+        self.task_keys, self.specs, self.deps, self.ranks = [], [], [], None
+        for i, t in enumerate(_as_list(tasks)):
+            self.task_keys.append(t[0])
+            self.specs.append(t[1])
+            self.deps.append(t[2])
+            p = t[3] if len(t) > 3 else None
+            if p is not None and self.ranks is None:
+                self.ranks = [None] * i
+            if self.ranks is not None:
+                self.ranks.append(p)
         self.keys = _as_list(keys)
         self.workers = workers
         self.allow_other_workers = allow_other_workers
@@ -489,6 +500,12 @@ cdef class UpdateGraph(Stimulus):
         self.retries = retries
         self.annotations = annotations
         self.priority = priority
+
+    @property
+    def tasks(self):
+        """[(key, run_spec, dependency keys, priority)] (for plugins and tests)."""
+        ranks = self.ranks if self.ranks is not None else [None] * len(self.task_keys)
+        return list(zip(self.task_keys, self.specs, self.deps, ranks))
 
 
 @cython.final
@@ -1823,7 +1840,8 @@ cdef class SchedulerState:
         cdef dict tasks = self.tasks
         cdef list new_tasks = []
         cdef list prios = []
-        cdef list items = ev.tasks
+        cdef list keys = ev.task_keys, specs = ev.specs, dep_lists = ev.deps
+        cdef list ranks = ev.ranks
         cdef TaskState ts, dts
         cdef Py_ssize_t i, j, n, first_id = self._next_task_id
         cdef int64_t gen = self._generation
@@ -1831,22 +1849,24 @@ cdef class SchedulerState:
         cdef bint all_int = True
         cdef PyObject* found
         cdef list missing
-        cdef object item, key, deps, dk, p, r
+        cdef object key, deps, dk, p, r
+        n = len(keys)
+        if len(specs) != n or len(dep_lists) != n or (ranks is not None and len(ranks) != n):
+            raise ValueError("update-graph: the task columns differ in length")
         self._generation += 1
 
         # Pass 1: records for the keys we do not know yet.  Known keys keep
         # their definition (same key = same computation).
-        for i in range(len(items)):
-            item = items[i]
-            key = item[0]
-            ts = self._alloc_task(key, item[1])
+        for i in range(n):
+            key = keys[i]
+            ts = self._alloc_task(key, specs[i])
             if <object>PyDict_SetDefault(tasks, key, ts) is not ts:
                 continue                            # known key (ts is discarded)
             self._register_task(ts)
-            ts._dep_keys = item[2]
+            ts._dep_keys = dep_lists[i]
             ts.prio_user = uprio
             ts.prio_gen = gen
-            p = item[3] if len(item) > 3 else None
+            p = ranks[i] if ranks is not None else None
             if p is None:
                 ts.prio_rank = len(new_tasks)
             elif type(p) is int:

@@ -17,6 +17,7 @@ cdef class WorkerDispatch:
     cdef dict funcs                     # pickled function bytes -> function
     cdef bytes last_pickle              # the last function's pickle and the function:
     cdef object last_function           # a map's tasks skip hashing the pickle again
+    cdef object last_serialized         # or its Serialized (one object per message)
     cdef public double inline_threshold        # inline tasks: average run time under this (s)
     cdef public double inline_budget           # inline tasks: at most this long per pass (s)
     cdef public Py_ssize_t inline_result_bytes # results up to this size ride along

@@ -328,6 +328,8 @@ cdef class WorkerDispatch:
                 return self.last_function
             k = fser
         elif t is Serialized:
+            if fser is self.last_serialized:
+                return self.last_function
             frames = (<Serialized>fser).frames
             if len(frames) != 1 or len(frames[0]) > 65536:
                 return fser.deserialize()
@@ -340,9 +342,14 @@ cdef class WorkerDispatch:
             if len(self.funcs) > 1000:
                 self.funcs.clear()
             self.funcs[k] = f
+        # one of the two is set: last_function belongs to it
         if t is bytes:
             self.last_pickle = <bytes>fser
-            self.last_function = f
+            self.last_serialized = None
+        else:
+            self.last_serialized = fser
+            self.last_pickle = None
+        self.last_function = f
         return f
 
     cpdef object run_spec(self, object key, object spec):
