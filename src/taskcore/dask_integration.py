@@ -39,14 +39,9 @@ Client side (`client_compute`, `client_persist`, `client_get`):
 The encoded form is what the worker runs. Unpickling dask's `Task` objects and
 evaluating them through `Task.__call__` costs more than most small tasks (a
 fused task calls `dask.order` on its subgraph every time it runs), so nodes are
-rewritten into plain tuples that a small evaluator (`_run`) runs:
-
-    (_CALL, func, args, kwargs, evaluate_args)   func(*args, **kwargs)
-    (_SUBGRAPH, ((key, encoded), ...), outkey, names, values)
-                                                 a fused task, in topological order,
-                                                 with `values` bound to `names` inside
-    (_INNER, key)                                a key of the enclosing subgraph
-    (_OPAQUE, node)                              any other GraphNode: node(values)
+rewritten into plain tuples (calls, fused subgraphs in topological order, inner
+references, opaque nodes: `taskcore.core.dask_nodes` lists the forms), made by its
+compiled `NodeEncoder` and run by its compiled `run_node`.
 
 References to other tasks (`TaskRef`, `Alias`) pickle as `_dep(key)`: the worker
 replaces them by the dependency's value while it unpickles the task (every
@@ -81,7 +76,7 @@ import weakref
 from collections.abc import Iterator, Mapping
 
 from taskcore.core.messages import release_keys, update_graph_columns
-from taskcore.core.dask_encode import NodeEncoder
+from taskcore.core.dask_nodes import _LEGACY, Marker, NodeEncoder, run_node
 from taskcore.core.serialize import Serialized
 from taskcore.core.templates import Templater, fill
 from taskcore.core.worker_dispatch import task_local
@@ -120,27 +115,6 @@ def _import_dask():
 # Worker side: load and run an encoded node
 # =============================================================================================
 
-class _Marker:
-    """A singleton tag at position 0 of an encoded tuple; pickles by name (a global)."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name):
-        self.name = name
-
-    def __reduce__(self):
-        return self.name
-
-    def __repr__(self):
-        return self.name
-
-
-_CALL = _Marker("_CALL")
-_SUBGRAPH = _Marker("_SUBGRAPH")
-_INNER = _Marker("_INNER")
-_OPAQUE = _Marker("_OPAQUE")
-_LEGACY = _Marker("_LEGACY")
-
 _tls = threading.local()         # .data: the running task's {key: value} store
 _FN_CACHE: dict = {}             # digest -> function, on workers
 _FN_CACHE_MAX = 4096
@@ -164,46 +138,6 @@ def _load_fn(digest, payload):
 
 class DaskTaskDeserializationError(Exception):
     """A dask task could not be unpickled on the worker (missing module, version skew...)."""
-
-
-def _v(x, local):
-    if type(x) is tuple and x and type(x[0]) is _Marker:
-        return _run(x, local)
-    return x
-
-
-def _run(x, local):
-    m = x[0]
-    if m is _CALL:
-        args = x[2]
-        kwargs = x[3]
-        if x[4]:
-            args = [_v(a, local) for a in args]
-            if kwargs:
-                kwargs = {k: _v(a, local) for k, a in kwargs.items()}
-        return x[1](*args, **kwargs) if kwargs else x[1](*args)
-    if m is _INNER:
-        return local[x[1]]
-    if m is _SUBGRAPH:
-        scope = {} if local is None else dict(local)
-        for key, dep in zip(x[3], x[4]):
-            scope[key] = _v(dep, local)
-        for key, enc in x[1]:
-            scope[key] = _v(enc, scope)
-        return scope[x[2]]
-    if m is _OPAQUE:
-        node = x[1]
-        data = _tls.data
-        values = {}
-        for k in node.dependencies:
-            values[k] = local[k] if local is not None and k in local else data[k]
-        return node(values)
-    if m is _LEGACY:
-        from dask.core import _execute_task
-
-        data = _tls.data
-        return _execute_task(x[1], {k: data[k] for k in x[2]})
-    raise ValueError(f"unknown encoded dask node {m!r}")
 
 
 _TEMPLATES_BY_ID: dict = {}      # id(payload) -> (payload, skeleton): one message's tasks
@@ -252,8 +186,8 @@ def execute_dask_node(payload, data, values=None):
         except Exception as e:
             raise DaskTaskDeserializationError(
                 f"could not deserialize a dask task: {type(e).__name__}: {e}") from e
-        if type(obj) is tuple and obj and type(obj[0]) is _Marker:
-            result = _run(obj, None)
+        if type(obj) is tuple and obj and type(obj[0]) is Marker:
+            result = run_node(obj, None, data)
         else:
             result = obj          # a DataNode's value, or an Alias resolved while loading
         if inspect.iscoroutine(result):      # an async def task function
@@ -310,13 +244,13 @@ def _ts():
 
 class _Encoder(NodeEncoder):
     """Turns graph nodes into task records; one per submitted graph (caches functions).
-    The walk over dask's nodes (`enc`) is compiled (`core/dask_encode.pyx`); this
+    The walk over dask's nodes (`enc`) is compiled (`core/dask_nodes.pyx`); this
     layer decides how functions travel (`func`) and pickles (`dumps`)."""
 
     def __init__(self, client):
         import cloudpickle
 
-        NodeEncoder.__init__(self, _ts(), _Dep, (_CALL, _SUBGRAPH, _INNER, _OPAQUE))
+        NodeEncoder.__init__(self, _ts(), _Dep)
         self.client = client
         self.cloudpickle = cloudpickle
         self.keep: list = []         # the functions, so their ids stay valid

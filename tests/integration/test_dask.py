@@ -252,27 +252,23 @@ def test_a_layer_holding_a_future_is_pickled_task_by_task(client, monkeypatch):
 
 
 def test_workers_unpickle_a_template_once(monkeypatch):
+    from taskcore.core.dask_nodes import _CALL
     from taskcore.core.serialize import Serialized
     from taskcore.core.templates import Templater
 
     enc = di._Encoder(None)
     tp = Templater(di._Dep)
-    node = (di._CALL, add, (di._Dep("a"), 5), None, False)
+    node = (_CALL, add, (di._Dep("a"), 5), None, False)
     tmpl, values = tp.split("layer", node)
     payload = enc.dumps(tmpl.skeleton, [])
-    loads = []
-    real = Serialized.deserialize
-
-    class Counting:
-        def __init__(self, frames):
-            self.frames = frames
-
     copy = Serialized(payload.kind, [bytes(f) for f in payload.frames])   # a later message
     monkeypatch.setattr(di, "_TEMPLATES", {})
     monkeypatch.setattr(di, "_TEMPLATES_BY_ID", {})
     for p in (payload, payload, copy):
         assert di.execute_dask_node(p, {"a": 10}, values) == 15
     assert len(di._TEMPLATES) == 1 and len(di._TEMPLATES_BY_ID) == 2
+    # the later message's equal bytes found the skeleton unpickled for the first
+    assert di._TEMPLATES_BY_ID[id(copy)][1] is di._TEMPLATES_BY_ID[id(payload)][1]
     with pytest.raises(di.DaskTaskDeserializationError, match="must be a list"):
         di.execute_dask_node(payload, {"a": 10}, ("a",))
     with pytest.raises(di.DaskTaskDeserializationError, match="has hole 0 but the task"):

@@ -1,7 +1,13 @@
-"""The compiled walk over dask's task-spec nodes (core/dask_encode.pyx)."""
+"""Dask tasks as plain tuples (core/dask_nodes.pyx): the client's walk, the worker's evaluator."""
 import operator
 
-from taskcore.core.dask_encode import NodeEncoder, toposort
+import pytest
+
+from taskcore.core.dask_nodes import _CALL as CALL
+from taskcore.core.dask_nodes import _INNER as INNER
+from taskcore.core.dask_nodes import _OPAQUE as OPAQUE
+from taskcore.core.dask_nodes import _SUBGRAPH as SUBGRAPH
+from taskcore.core.dask_nodes import Marker, NodeEncoder, toposort
 from taskcore.testing import import_required
 
 ts = import_required("dask._task_spec", "the [dask] extra")
@@ -17,11 +23,8 @@ class Dep:
         return f"Dep({self.key!r})"
 
 
-CALL, SUBGRAPH, INNER, OPAQUE = "CALL", "SUBGRAPH", "INNER", "OPAQUE"
-
-
 def encoder():
-    return NodeEncoder(ts, Dep, (CALL, SUBGRAPH, INNER, OPAQUE))
+    return NodeEncoder(ts, Dep)
 
 
 def test_calls_references_and_data():
@@ -86,7 +89,7 @@ def test_the_function_hook_and_the_shared_table():
             self.asked.append(f)
             return f
 
-    e = Sharing(ts, Dep, (CALL, SUBGRAPH, INNER, OPAQUE))
+    e = Sharing(ts, Dep)
     e.asked = []
     ref = object()
     e.fns[id(operator.add)] = ref
@@ -106,3 +109,35 @@ def test_toposort():
     order = toposort(g)
     assert sorted(order) == ["a", "b", "c", "d"]
     assert all(order.index(d) < order.index(k) for k in g for d in g[k].dependencies if d in g)
+
+
+# -- the worker's side --------------------------------------------------------------------
+
+def test_run_node_calls_subgraphs_and_references():
+    from taskcore.core.dask_nodes import run_node
+
+    _CALL, _INNER, _OPAQUE, _SUBGRAPH = CALL, INNER, OPAQUE, SUBGRAPH
+    assert run_node((_CALL, operator.add, (1, 2), None, False), None, {}) == 3
+    # evaluate_args: nested calls and keyword arguments are run first
+    inner = (_CALL, operator.mul, (3, 4), None, False)
+    assert run_node((_CALL, max, (inner, 5), {"key": None}, True), None, {}) == 12
+    fused = (_SUBGRAPH,
+             (("b", (_CALL, operator.add, ((_INNER, "n0"), 1), None, True)),
+              ("c", (_CALL, operator.mul, ((_INNER, "b"), (_INNER, "n1")), None, True))),
+             "c", ("n0", "n1"), (10, inner))
+    assert run_node(fused, None, {}) == (10 + 1) * 12
+    node = ts.Task("o", operator.sub, ts.TaskRef("x"), ts.TaskRef("y"))
+    assert run_node((_OPAQUE, node), {"x": 50}, {"y": 8}) == 42     # local first, then data
+    with pytest.raises(KeyError):
+        run_node((_OPAQUE, node), None, {"y": 8})
+    with pytest.raises(ValueError, match="unknown encoded dask node"):
+        run_node((Marker("_NOPE"), 1), None, {})
+
+
+def test_markers_pickle_by_name():
+    import pickle
+
+    from taskcore.core.dask_nodes import _CALL, _LEGACY
+
+    assert pickle.loads(pickle.dumps(_CALL)) is _CALL
+    assert pickle.loads(pickle.dumps((_LEGACY, 1))) == (_LEGACY, 1)

@@ -1,27 +1,102 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""The walk from dask's task-spec nodes to the plain tuples the worker runs.
+"""Dask tasks as plain tuples: the client's encoder and the worker's evaluator.
 
-Why compiled: the walk visits ~10 nodes per fused array task (the call, its
-arguments, the fused subgraph's inner tasks in topological order) and cost ~6 µs
-of client CPU per task in Python, the largest part of a record once templates
-took the pickling away (docs/scale-profile.md).
+Why compiled: dask's task-spec objects are slow to walk and to run. The client's
+walk from them to these tuples visited ~10 nodes per fused array task and cost
+~6.5 µs of client CPU per task in Python (3.3 compiled); the worker's evaluator of
+the tuples, ~6 µs per task run in Python (docs/scale-profile.md).
 
-`NodeEncoder.enc(node, scope)` returns `(encoded, needs_evaluation)`; the forms
-are those of `taskcore.dask_integration`'s evaluator:
+The forms, tagged by a `Marker` at position 0 (markers pickle by name):
 
-    (CALL, func, args, kwargs, evaluate_args)
-    (SUBGRAPH, ((key, encoded), ...), outkey, names, values)
-    (INNER, key)                          a key of the enclosing subgraph
-    (OPAQUE, node)                        any other GraphNode
-    Dep(key)                              another task's value
+    (_CALL, func, args, kwargs, evaluate_args)   func(*args, **kwargs)
+    (_SUBGRAPH, ((key, encoded), ...), outkey, names, values)
+                                                 a fused task, in topological order,
+                                                 with `values` bound to `names` inside
+    (_INNER, key)                                a key of the enclosing subgraph
+    (_OPAQUE, node)                              any other GraphNode: node(values)
+    (_LEGACY, task, dependency keys)             a tuple task of dask before the spec
+    Dep(key)                                     another task's value (client side;
+                                                 the worker sees the value itself)
     a DataNode's value, as itself
 
-It writes nothing itself beyond those tuples: the Python layer (`_Encoder` in
-dask_integration) subclasses it, supplies the markers and the dependency type,
-and overrides the hook `func(f)`, which decides how a callable travels (shared by
-a digest, or inline). The encoder's table of shared functions (`fns`, by id) is
-consulted here first, so a callable already shared costs no Python call.
+`NodeEncoder.enc(node, scope)` makes them on the client. It writes nothing itself
+beyond those tuples: the Python layer (`_Encoder` in dask_integration) subclasses
+it, supplies the dependency type, and overrides the hook `func(f)`, which decides
+how a callable travels (shared by a digest, or inline). The encoder's table of
+shared functions (`fns`, by id) is consulted here first, so a callable already
+shared costs no Python call. `run_node(x, local, data)` runs one on the worker.
 """
+
+
+cdef class Marker:
+    """A tag at position 0 of an encoded tuple; pickles by name (a global of this
+    module)."""
+    cdef readonly str name
+
+    def __init__(self, str name):
+        self.name = name
+
+    def __reduce__(self):
+        return self.name
+
+    def __repr__(self):
+        return self.name
+
+
+_CALL = Marker("_CALL")
+_SUBGRAPH = Marker("_SUBGRAPH")
+_INNER = Marker("_INNER")
+_OPAQUE = Marker("_OPAQUE")
+_LEGACY = Marker("_LEGACY")
+
+# C-level references to the same objects (module globals are dict lookups)
+cdef Marker CALL = _CALL, SUBGRAPH = _SUBGRAPH, INNER = _INNER, OPAQUE = _OPAQUE
+cdef Marker LEGACY = _LEGACY
+
+
+# -- the worker's side: running an encoded node ---------------------------------------------
+
+cdef inline object _v(object x, object local, object data):
+    if type(x) is tuple and len(<tuple>x) and type((<tuple>x)[0]) is Marker:
+        return run_node(<tuple>x, local, data)
+    return x
+
+
+cpdef object run_node(tuple x, object local, object data):
+    """The value of encoded node x; `local` holds the enclosing fused subgraph's
+    values (or None), `data` the task's dependencies."""
+    cdef object m = x[0]
+    cdef dict scope
+    if m is CALL:
+        func, args, kwargs = x[1], x[2], x[3]
+        if x[4]:
+            args = [_v(a, local, data) for a in args]
+            if kwargs:
+                kwargs = {k: _v(a, local, data) for k, a in kwargs.items()}
+        return func(*args, **kwargs) if kwargs else func(*args)
+    if m is INNER:
+        return local[x[1]]
+    if m is SUBGRAPH:
+        scope = {} if local is None else dict(local)
+        for key, dep in zip(x[3], x[4]):
+            scope[key] = _v(dep, local, data)
+        for key, enc in x[1]:
+            scope[key] = _v(enc, scope, data)
+        return scope[x[2]]
+    if m is OPAQUE:
+        node = x[1]
+        values = {}
+        for k in node.dependencies:
+            values[k] = local[k] if local is not None and k in local else data[k]
+        return node(values)
+    if m is LEGACY:
+        from dask.core import _execute_task
+
+        return _execute_task(x[1], {k: data[k] for k in x[2]})
+    raise ValueError(f"unknown encoded dask node {m!r}")
+
+
+# -- the client's side: encoding dask's nodes -------------------------------------------------
 
 cdef class NodeEncoder:
     """The compiled part of the client's dask-node encoder; see the module doc."""
@@ -31,19 +106,18 @@ cdef class NodeEncoder:
     cdef public object ts           # dask._task_spec, or None before it
     cdef public object TaskRef, Alias, DataNode, GraphNode, subgraph_fn
     cdef public frozenset task_types
-    cdef object _dep_type, _CALL, _SUBGRAPH, _INNER, _OPAQUE
+    cdef object _dep_type
     cdef object _Dict, _Tuple
     cdef tuple _node_types
 
-    def __init__(self, ts, dep_type, markers):
+    def __init__(self, ts, dep_type):
         """ts: dask._task_spec (or None); dep_type(key) makes a dependency
-        reference; markers: (CALL, SUBGRAPH, INNER, OPAQUE)."""
+        reference."""
         self.fns = {}
         self.used = {}
         self.aliases = {}
         self.ts = ts
         self._dep_type = dep_type
-        self._CALL, self._SUBGRAPH, self._INNER, self._OPAQUE = markers
         self.task_types = frozenset()
         if ts is not None:
             self.TaskRef = ts.TaskRef
@@ -92,7 +166,7 @@ cdef class NodeEncoder:
         if t is self.TaskRef or t is self.Alias:
             k = node.key if t is self.TaskRef else node.target
             if scope is not None and k in scope:
-                return (self._INNER, k), True
+                return (INNER, k), True
             if self.aliases:
                 k = self.aliases.get(k, k)
             return self._dep_type(k), False
@@ -130,12 +204,12 @@ cdef class NodeEncoder:
                 kwargs = kw2
             else:
                 kwargs = None
-            return (self._CALL, self._func(func), args if out is None else tuple(out),
+            return (CALL, self._func(func), args if out is None else tuple(out),
                     kwargs, ev), True
         if self.aliases and not node.dependencies.isdisjoint(self.aliases):
             node = node.substitute({k: self.aliases[k] for k in node.dependencies
                                     if k in self.aliases})
-        return (self._OPAQUE, node), True
+        return (OPAQUE, node), True
 
     cdef object _enc_subgraph(self, object node, object scope):
         cdef list steps
@@ -155,7 +229,7 @@ cdef class NodeEncoder:
         steps = []
         for k in toposort(inner):
             steps.append((k, self.enc(inner[k], inner_scope)[0]))
-        return (self._SUBGRAPH, tuple(steps), outkey, inkeys, depvals)
+        return (SUBGRAPH, tuple(steps), outkey, inkeys, depvals)
 
     cdef bint _mapping(self, object m):
         return type(m) is dict or (self._Dict is not None and type(m) is self._Dict)
