@@ -7,7 +7,6 @@ backend costs nothing unless used); third parties add schemes through the
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
 
 from taskcore.errors import AddressError
 
@@ -38,6 +37,10 @@ def get_backend(scheme: str):
     if scheme in _BUILTIN:
         backend = _load(_BUILTIN[scheme])
     else:
+        # Imported here: importlib.metadata costs every process ~12 ms at start-up,
+        # and only a third-party scheme needs it.
+        from importlib.metadata import entry_points
+
         eps = [ep for ep in entry_points(group="taskcore.transports") if ep.name == scheme]
         if not eps:
             known = sorted(set(_BUILTIN) | {ep.name for ep in entry_points(group="taskcore.transports")})
