@@ -1,10 +1,15 @@
 """Task templates (core/templates.pyx): split on the client, fill on the worker."""
+import operator
 import pickle
 import random
 
 import pytest
 
+from taskcore.core.dask_nodes import _CALL as CALL
+from taskcore.core.dask_nodes import _LEGACY as LEGACY
 from taskcore.core.templates import Hole, Node, Template, Templater, fill
+
+FN = operator.add          # a shared function: kept by identity, pickled by reference
 
 
 class Dep:
@@ -14,24 +19,6 @@ class Dep:
     def __init__(self, key):
         self.key = key
 
-
-class Marker:
-    """Stands for the encoder's markers and shared functions: kept by identity,
-    pickled by name."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __reduce__(self):
-        return self.name
-
-    def __repr__(self):
-        return self.name
-
-
-CALL = Marker("CALL")
-FN = Marker("FN")
-LEGACY = Marker("LEGACY")
 
 
 def task(i, j, dep_keys, shape=(10, 10)):
@@ -92,7 +79,7 @@ def test_a_differing_constant_generalizes_and_types_are_kept_apart():
 def test_a_different_object_or_structure_starts_a_new_template():
     tp = Templater(Dep)
     t1, _ = tp.split("p", (CALL, FN, 1))
-    other = Marker("CALL")
+    other = operator.sub
     t2, values = tp.split("p", (CALL, other, 1))          # a function kept by identity
     assert t2 is not t1 and fill(t2.skeleton, values, {})[1] is other
     t3, values = tp.split("p", (CALL, other, 1, 2))       # one more argument
