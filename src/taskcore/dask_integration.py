@@ -25,16 +25,17 @@ Client side (`client_compute`, `client_persist`, `client_get`):
    sent again: they become dependencies, and the graph is culled behind them.
    Aliases nobody asked for (`Alias(k -> target)`, or a key standing for a
    future) are not tasks either: references to them point at their targets.
-4. Each remaining node becomes one task record in a single pass. The node is
-   *encoded* (below); a task of a layer (a tuple key) is then split into its
-   layer's shared template and its own values (`taskcore.core.templates`):
-   `[key, ["dask-t", template, values], deps, opts]`, the template pickled once.
-   Other nodes, and the layers that do not template (each task holding its own
-   array, seed or callable), are pickled on their own with protocol 5 and a
-   buffer callback, so a numpy array or a DataFrame embedded in the graph
-   travels as out-of-band frames (zero copy), never inside the message header:
-   `[key, ["dask", Serialized], deps, opts]`. `dask.annotate(retries=,
-   workers=, resources=, allow_other_workers=)` become per-task options.
+4. Each remaining node becomes one task of the update-graph's columns (key, run
+   spec, dependencies, rank, options) in a single pass. The node is *encoded*
+   (below); a task of a layer (a tuple key) is then split into its layer's
+   shared template and its own values (`taskcore.core.templates`): the run spec
+   `["dask-t", template, values]`, the template pickled once. Other nodes, and
+   the layers that do not template (each task holding its own array, seed or
+   callable), are pickled on their own with protocol 5 and a buffer callback, so
+   a numpy array or a DataFrame embedded in the graph travels as out-of-band
+   frames (zero copy), never inside the message header: `["dask", Serialized]`.
+   `dask.annotate(retries=, workers=, resources=, allow_other_workers=)` become
+   per-task options.
 
 The encoded form is what the worker runs. Unpickling dask's `Task` objects and
 evaluating them through `Task.__call__` costs more than most small tasks (a
@@ -75,8 +76,8 @@ import types
 import weakref
 from collections.abc import Iterator, Mapping
 
-from taskcore.core.messages import release_keys, update_graph_columns
 from taskcore.core.dask_nodes import _LEGACY, Marker, NodeEncoder, run_node
+from taskcore.core.messages import release_keys, update_graph_columns
 from taskcore.core.serialize import Serialized
 from taskcore.core.templates import Templater, fill
 from taskcore.core.worker_dispatch import task_local
