@@ -726,7 +726,7 @@ class Client:
         if type(fser) is bytes and len(arglists) > 1:
             # One object for all the tasks: the message writes it once, and the scheduler
             # keeps one copy instead of a bytes object per task.
-            fser = Serialized(1, [fser])
+            fser = Serialized(1, [fser])               # kind 1: a pickle
         ftok = _func_token(func)
         opts = self._task_options(workers, resources, retries, priority, allow_other_workers)
         records = []

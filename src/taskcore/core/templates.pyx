@@ -169,16 +169,13 @@ cdef class Templater:
         """(Template, values) for one task, or None when its layer is not templated.
         A Template whose payload is None is new: the caller pickles its skeleton
         (or calls `disable(prefix)` when it cannot be shared)."""
-        cdef _Layer layer = self.layers.get(prefix)
+        cdef _Layer layer = self._layer(prefix)
         cdef list values
         cdef int r
         cdef Py_ssize_t i, n, near = -1
         cdef Template tmpl
         cdef object sk = _FAILED
-        if layer is None:
-            layer = _Layer()
-            self.layers[prefix] = layer
-        elif layer.disabled:
+        if layer.disabled:
             return None
         # A layer may have a few shapes (a reduction's edge blocks combine fewer
         # inputs): try each, most recently used first.
@@ -195,8 +192,7 @@ cdef class Templater:
             if r == GENERALIZE and near < 0:
                 near = i
         if layer.made >= self.budget:
-            layer.disabled = True
-            layer.templates = []
+            self.disable(prefix)
             return None
         if near >= 0:
             sk = self._merge((<Template>layer.templates[near]).skeleton, encoded)
@@ -217,12 +213,16 @@ cdef class Templater:
 
     def disable(self, prefix):
         """Stop templating this layer (its template could not be pickled on its own)."""
+        cdef _Layer layer = self._layer(prefix)
+        layer.disabled = True
+        layer.templates = []
+
+    cdef _Layer _layer(self, object prefix):
         cdef _Layer layer = self.layers.get(prefix)
         if layer is None:
             layer = _Layer()
             self.layers[prefix] = layer
-        layer.disabled = True
-        layer.templates = []
+        return layer
 
     cdef int _match(self, object x, object sk, list values) except -1:
         """Append x's values for the holes of sk; OK, GENERALIZE or FAIL."""
